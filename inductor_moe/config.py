@@ -1,0 +1,63 @@
+"""User knobs, in Inductor's style: ``inductor_moe.config.patch(...)``, environment variables,
+and the same keys through ``torch.compile(..., backend="inductor_moe", options={...})``.
+
+Every key that can change the generated graph is part of the pass ``uuid()``, so Inductor's
+FX graph cache never hands back a graph compiled under other settings.
+"""
+
+import sys
+from typing import Optional
+
+from torch.utils._config_module import Config, install_config_module
+
+# Rewrite MoE blocks into ``inductor_moe::moe_experts``.  Env: INDUCTOR_MOE_REWRITE=0 turns it off.
+moe_rewrite: bool = Config(default=True, env_name_force="INDUCTOR_MOE_REWRITE")
+
+# Rewrite block-scaled FP4 matmuls into ``inductor_moe::block_scaled_mm``.
+fp4_gemm_rewrite: bool = Config(default=True, env_name_force="INDUCTOR_MOE_FP4_GEMM_REWRITE")
+
+# Chain the GPU kernels with Programmatic Dependent Launch (sm_90+).
+pdl: bool = Config(default=True, env_name_force="INDUCTOR_MOE_PDL")
+
+# Allow the persistent single-launch "mega" MoE kernel where the plan says it wins.
+mega_kernel: bool = Config(default=True, env_name_force="INDUCTOR_MOE_MEGA_KERNEL")
+
+# Combine each token's k contributions in a fixed order (bitwise reproducible, no float atomics).
+deterministic: bool = Config(default=True, env_name_force="INDUCTOR_MOE_DETERMINISTIC")
+
+# What happens when a candidate region cannot be rewritten or a pass fails internally:
+# "silent" records it in the report, "warn" also warns once, "raise" makes compilation fail.
+fallback: str = Config(default="warn", env_name_force="INDUCTOR_MOE_FALLBACK")
+
+# Quantise bf16/fp16 expert weights once, at first use, to "fp8_block128", "mxfp4" or "nvfp4".
+# None keeps the model's numerics unchanged.
+moe_weight_format: Optional[str] = Config(default=None, env_name_force="INDUCTOR_MOE_WEIGHT_FORMAT")
+
+# Feed the expert GEMMs fp8 e4m3 activations: "fp8_block128" (fp32 scale per token per 128)
+# or "fp8_mx32" (e8m0 scale per 32). "dense" keeps the activation dtype.
+moe_act_format: str = Config(default="dense", env_name_force="INDUCTOR_MOE_ACT_FORMAT")
+
+# Quantise the weights of plain bf16 ``nn.Linear`` layers once to "mxfp4" or "nvfp4" and run
+# them through ``inductor_moe::block_scaled_mm``.  None leaves them alone.
+linear_weight_format: Optional[str] = Config(default=None, env_name_force="INDUCTOR_MOE_LINEAR_WEIGHT_FORMAT")
+
+def choices() -> dict:
+    """Allowed values of the keys that take one of a few names."""
+    return {
+        "fallback": ("silent", "warn", "raise"),
+        "moe_weight_format": (None, "fp8_block128", "mxfp4", "nvfp4"),
+        "moe_act_format": ("dense", "fp8_block128", "fp8_mx32"),
+        "linear_weight_format": (None, "mxfp4", "nvfp4"),
+    }
+
+
+def validate() -> None:
+    """Fail loudly, with the allowed values, on a misspelt setting."""
+    current = sys.modules[__name__]
+    for key, allowed in choices().items():
+        value = getattr(current, key)
+        if value not in allowed:
+            raise ValueError(f"inductor_moe.config.{key}={value!r}; allowed: {allowed}")
+
+
+install_config_module(sys.modules[__name__])

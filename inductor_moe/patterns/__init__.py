@@ -1,0 +1,22 @@
+"""The pattern library: idioms real models produce, rewritten into canonical ops.
+
+Each module exposes ``find(graph) -> list`` of candidate matches (``MoEMatch`` or callables
+that perform an FP4 rewrite) and never edits the graph itself; ``passes.py`` emits the
+canonical ops, counts them, and records every rejection with its reason.  Order matters
+only where two idioms could claim the same nodes: the more specific idiom comes first.
+"""
+
+import importlib
+
+# MoE idioms, most specific first.
+MOE_PATTERNS = (
+    "modulelist_loop",  # per-expert nn.Linear triples in a static loop, torch.where + index_add_
+)
+
+# Block-scaled FP4 matmul idioms.
+FP4_PATTERNS = ()
+
+
+def load(names):
+    """Import pattern modules lazily (only when a pass runs)."""
+    return [importlib.import_module(f"{__name__}.{name}") for name in names]

@@ -1,0 +1,95 @@
+"""What the backend did, and why it left things alone.
+
+``with inductor_moe.report() as r:`` collects every rewrite (``r.matches``) and every
+candidate region left to Inductor (``r.skipped``) while compiling inside the block.  The same
+events go to the ``inductor_moe`` logger (``TORCH_LOGS="+inductor_moe"``).
+
+Inductor's FX graph cache skips our passes on a hit, so a report turns that cache off for
+compiles inside its block: every pass runs and reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+log = logging.getLogger("inductor_moe")
+
+_active: list["Report"] = []
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Match:
+    kind: str  # "moe" or "fp4_gemm"
+    pattern: str  # the idiom that matched, e.g. "modulelist_loop", "hf_grouped_mm"
+    lowering: str  # what runs it, e.g. "triton_fused_pdl", "reference (cpu)"
+    detail: str = ""  # shapes and spec, for people
+
+    def __str__(self):
+        return f"{self.kind}: {self.pattern} -> {self.lowering}" + (f" [{self.detail}]" if self.detail else "")
+
+
+@dataclass(frozen=True)
+class Skip:
+    kind: str  # "moe" or "fp4_gemm"
+    pattern: str  # the idiom that was tried
+    reason: str  # why the region was left to Inductor, and what the user can do
+
+    def __str__(self):
+        return f"{self.kind}: {self.pattern} skipped: {self.reason}"
+
+
+@dataclass
+class Report:
+    matches: list[Match] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"inductor_moe: {len(self.matches)} rewritten, {len(self.skipped)} left to Inductor"]
+        lines += [f"  + {m}" for m in self.matches]
+        lines += [f"  - {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def report() -> Iterator[Report]:
+    """Collect what the backend matched and skipped while compiling inside this block."""
+    import torch._inductor.config as inductor_config
+
+    current = Report()
+    _active.append(current)
+    try:
+        with inductor_config.patch(fx_graph_cache=False):
+            yield current
+    finally:
+        _active.remove(current)
+
+
+def record_match(kind: str, pattern: str, lowering: str, detail: str = "") -> None:
+    match = Match(kind, pattern, lowering, detail)
+    log.info("%s", match)
+    for r in _active:
+        r.matches.append(match)
+
+
+def record_skip(kind: str, pattern: str, reason: str) -> None:
+    """Record a region left to Inductor; warns once per reason when the fallback policy says so."""
+    from . import config
+
+    skip = Skip(kind, pattern, reason)
+    log.info("%s", skip)
+    for r in _active:
+        r.skipped.append(skip)
+    if config.fallback == "raise":
+        raise FallbackError(str(skip))
+    if config.fallback == "warn" and str(skip) not in _warned:
+        _warned.add(str(skip))
+        warnings.warn(f"inductor_moe: {skip}", stacklevel=2)
+
+
+class FallbackError(RuntimeError):
+    """Raised instead of falling back when ``config.fallback == "raise"``."""
