@@ -1,0 +1,86 @@
+"""Helpers for tests: compile through the backend and print the rewritten regions in a
+normalised form that does not churn across torch versions (no node names, no symbol
+numbering, no decomposition details; just our canonical calls and what flows into them)."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+_OUR_NAMESPACE = "inductor_moe"
+
+
+def _describe(arg) -> str:
+    if isinstance(arg, fx.Node):
+        v = arg.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            shape = ",".join(re.sub(r"\b[su]\d+\b", "T", str(d)) for d in v.shape)
+            dtype = str(v.dtype).replace("torch.", "")
+            kind = "param" if arg.op == "placeholder" and _looks_like_weight(arg) else "act"
+            return f"{kind} {dtype}[{shape}]"
+        return "sym"
+    if isinstance(arg, (list, tuple)):
+        if not arg:
+            return "[]"
+        parts = [_describe(a) for a in arg]
+        if len(set(parts)) == 1:
+            return f"{len(parts)} x {parts[0]}"
+        return "[" + ", ".join(parts) + "]"
+    if isinstance(arg, str):
+        return repr(arg)
+    return str(arg)
+
+
+def _looks_like_weight(node: fx.Node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and not any(isinstance(d, torch.SymInt) for d in v.shape)
+
+
+def format_rewrites(graph: fx.Graph) -> str:
+    """One line per canonical op call: ``op(arg: kind dtype[shape], ..., spec='...')``."""
+    lines = []
+    for node in graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith(_OUR_NAMESPACE + "."):
+            continue
+        schema = node.target._schema
+        args = []
+        for i, formal in enumerate(schema.arguments):
+            if i < len(node.args):
+                value = node.args[i]
+            elif formal.name in node.kwargs:
+                value = node.kwargs[formal.name]
+            else:
+                continue
+            if value is None:
+                continue
+            args.append(f"{formal.name}={_describe(value)}")
+        name = str(node.target).split(".")[1]
+        lines.append(f"{name}(" + ", ".join(args) + ")")
+    return "\n".join(lines)
+
+
+def compile_and_capture(model: Callable, *inputs, **compile_kwargs) -> tuple[object, list[str]]:
+    """Run ``torch.compile(model, backend="inductor_moe")`` on ``inputs``; return the output and
+    the normalised rewrites of every graph compiled (one string per graph)."""
+    import torch._inductor.config as inductor_config
+
+    from .passes import InductorMoEPass
+
+    captured: list[str] = []
+    original_call = InductorMoEPass.__call__
+
+    def spy(self, graph):
+        original_call(self, graph)
+        captured.append(format_rewrites(graph))
+
+    torch._dynamo.reset()
+    InductorMoEPass.__call__ = spy
+    try:
+        with inductor_config.patch(fx_graph_cache=False):
+            out = torch.compile(model, backend="inductor_moe", **compile_kwargs)(*inputs)
+    finally:
+        InductorMoEPass.__call__ = original_call
+    return out, captured
