@@ -1,0 +1,225 @@
+"""Lowering of ``inductor_moe::moe_experts`` to the fused Triton kernels.
+
+# T: tokens, H: hidden, E: experts, k: experts per token, I: expert intermediate size, N = T*k
+Pipeline (templates/): align (route + pad per expert) -> L1 (dispatch x w13, SwiGLU epilogue,
+writes the one [N, I] intermediate) -> L2 (x w2, routing weight, writes [N, H] per-(token, slot)
+rows) -> combine (fixed-order fp32 sum over slots).  Chained with PDL on sm_90+.
+
+``register()`` installs the CUDA kernel of the op; anything the kernels do not cover runs the
+reference op, with the reason recorded in the report, never a wrong result.  No host syncs and
+no per-expert Python loops: every launch is sized from shapes alone, so the whole call is
+CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from .. import config as moe_config
+from .. import report
+from ..ops import weights as W
+from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs
+from ..spec import MoESpec
+from .moe_plan import MoEKernelConfig, choose_moe_config
+
+FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4")  # what the templates read
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_has_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        from ..templates.moe_common import HAS_GDC
+    except Exception:  # noqa: BLE001 - no NVIDIA backend
+        return False
+    return HAS_GDC and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """PDL chaining: config.pdl, a CUDA device of sm_90+, a triton with launch_pdl, no interpreter."""
+    if not moe_config.pdl or device.type != "cuda" or _interpreting() or not _triton_has_pdl():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def unsupported_reason(spec: MoESpec, device: torch.device, x_dtype: torch.dtype,
+                       w_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why the fused kernels cannot run this call (None when they can)."""
+    if device.type != "cuda" and not _interpreting():
+        return f"no Triton kernels on {device.type}"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "the fused MoE kernels need sm_80 or newer"
+    if x_dtype not in FORMAT_LABELS:
+        return f"activations of dtype {x_dtype} (the kernels take bfloat16/float16)"
+    if spec.act_format != "dense":
+        return f"act_format={spec.act_format!r} (fp8 activations) is not implemented in the fused kernels yet"
+    fmt = spec.effective_weight_format
+    if fmt not in KERNEL_WEIGHT_FORMATS:
+        return f"weight format {fmt!r} is not implemented in the fused kernels yet"
+    if fmt == "mxfp4" and x_dtype != torch.bfloat16:
+        return "mxfp4 weights need bfloat16 activations (tl.dot_scaled)"
+    if spec.weight_format == "dense" and spec.quantize_weights is None and w_dtype is not None and w_dtype != x_dtype:
+        return f"dense weights of dtype {w_dtype} with activations of dtype {x_dtype}"
+    return None
+
+
+def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidden, intermediate, top_k) -> str:
+    """Name what will run for such a call, without running anything."""
+    spec = MoESpec.from_str(spec) if isinstance(spec, str) else spec
+    device = torch.device(device)
+    if device.type != "cuda" and not _interpreting():
+        return f"reference ({device.type})"
+    reason = unsupported_reason(spec, device, x_dtype)
+    if reason is not None:
+        return f"reference ({reason})"
+    fmt = spec.effective_weight_format
+    label = FORMAT_LABELS[x_dtype] if fmt == "dense" else fmt
+    return f"triton_fused{'_pdl' if pdl_enabled(device) else ''}[{label}]"
+
+
+# ------------------------------------------------------------------------------ launcher
+
+def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
+    """(weight, scale-or-dummy, strides e/n/k of the weight, strides e/n/k of the scale)."""
+    if fmt == "dense":
+        if spec.transposed:  # [E, K, N]
+            strides = (w.stride(0), w.stride(2), w.stride(1))
+        else:  # [E, N, K]
+            strides = (w.stride(0), w.stride(1), w.stride(2))
+        return w, w, strides, (0, 0, 0)
+    if fmt == "mxfp4":
+        scale = scale.view(torch.uint8)
+    return w, scale, (w.stride(0), w.stride(1), w.stride(2)), (scale.stride(0), scale.stride(1), scale.stride(2))
+
+
+def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale=None, w2_scale=None,
+                      b13=None, b2=None, *, kernel_config: Optional[MoEKernelConfig] = None,
+                      use_pdl: Optional[bool] = None) -> torch.Tensor:
+    """Run the fused kernels (inputs already validated and supported).  Works on CUDA, and on CPU
+    under TRITON_INTERPRET=1."""
+    from ..templates.moe_align import moe_align_count, moe_align_offsets, moe_align_scatter, moe_align_single
+    from ..templates.moe_combine import moe_combine_kernel
+    from ..templates.moe_common import ACTIVATION_CODES
+    from ..templates.moe_gemm1 import moe_gemm1_kernel
+    from ..templates.moe_gemm2 import moe_gemm2_kernel
+    from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
+
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E = w13.shape[0]
+    I = W.intermediate_size(spec, w13, w2)
+    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    if T == 0 or k == 0:
+        return out.zero_()
+    fmt = spec.effective_weight_format
+    if spec.quantize_weights is not None:
+        (w13, w13_scale, _), (w2, w2_scale, _) = W.quantized_expert_weights(spec, w13, w2)
+        spec = MoESpec(**{**spec.__dict__, "quantize_weights": None, "weight_format": fmt, "transposed": False})
+    if use_pdl is None:
+        use_pdl = pdl_enabled(x.device)
+    cfg = kernel_config or choose_moe_config(T, k, E, H, I, fmt, _num_sms(x.device))
+    x = x if x.stride(1) == 1 else x.contiguous()
+    ids = topk_ids.contiguous()
+    tw = topk_weights.contiguous()
+    N = T * k
+    BM = cfg.block_m
+    max_blocks = (N + min(E, N) * (BM - 1)) // BM
+    e_p2 = max(16, 1 << (E - 1).bit_length())
+    chunk = cfg.align_chunk
+    num_chunks = -(-N // chunk)
+    scratch = torch.empty(2 * E + max_blocks * BM + max_blocks + (0 if cfg.align_single else num_chunks * e_p2),
+                          dtype=torch.int32, device=x.device)
+    expert_count, expert_start = scratch[:E], scratch[E:2 * E]
+    sorted_ids = scratch[2 * E:2 * E + max_blocks * BM]
+    block_expert = scratch[2 * E + max_blocks * BM:2 * E + max_blocks * BM + max_blocks]
+    pdl = {"launch_pdl": True} if use_pdl else {}
+    nb_chunk = max(16, 8192 // e_p2)
+
+    if cfg.align_single:
+        moe_align_single[(1,)](ids, N, E, max_blocks, expert_count, expert_start, sorted_ids, block_expert,
+                               BLOCK_M=BM, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk, USE_PDL=use_pdl,
+                               num_warps=4, **pdl)
+    else:
+        chunk_counts = scratch[2 * E + max_blocks * BM + max_blocks:]
+        moe_align_count[(num_chunks,)](ids, N, E, chunk_counts, E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl,
+                                       num_warps=4, **pdl)
+        moe_align_offsets[(1,)](chunk_counts, num_chunks, E, max_blocks, expert_count, expert_start, block_expert,
+                                BLOCK_M=BM, E_P2=e_p2, ROWS=max(1, 8192 // e_p2), NB_CHUNK=nb_chunk,
+                                USE_PDL=use_pdl, num_warps=4, **pdl)
+        moe_align_scatter[(num_chunks,)](ids, N, E, chunk_counts, expert_start, sorted_ids, E_P2=e_p2,
+                                         CHUNK=chunk, USE_PDL=use_pdl, num_warps=4, **pdl)
+
+    wf = WEIGHT_FORMAT_CODES[fmt]
+    w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
+    w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
+    inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
+    g1 = cfg.gemm1
+    moe_gemm1_kernel[(max_blocks, -(-I // g1.block_n))](
+        x, w13_t, s13, b13 if b13 is not None else x, tw, inter,
+        sorted_ids, block_expert, expert_start, expert_count,
+        H, I, k,
+        x.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
+        float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset),
+        ACTIVATION=ACTIVATION_CODES[spec.activation], HAS_LIMIT=spec.limit is not None, HAS_BIAS=b13 is not None,
+        INTERLEAVED=spec.gate_up == "interleaved", WEIGHT_BEFORE_DOWN=spec.weight_position == "before_down",
+        WEIGHT_FORMAT=wf, BLOCK_M=BM, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, EVEN_K=H % g1.block_k == 0,
+        USE_PDL=use_pdl, num_warps=g1.num_warps, num_stages=g1.num_stages, **pdl)
+
+    rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
+    g2 = cfg.gemm2
+    moe_gemm2_kernel[(max_blocks, -(-H // g2.block_n))](
+        inter, w2_t, s2, b2 if b2 is not None else x, tw, rows,
+        sorted_ids, block_expert, expert_start, expert_count,
+        H, I,
+        w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0,
+        HAS_BIAS=b2 is not None, WEIGHT_AFTER_DOWN=spec.weight_position == "after_down", WEIGHT_FORMAT=wf,
+        BLOCK_M=BM, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, EVEN_K=I % g2.block_k == 0,
+        USE_PDL=use_pdl, num_warps=g2.num_warps, num_stages=g2.num_stages, **pdl)
+
+    bt, bh = cfg.combine_block_t, cfg.combine_block_h
+    moe_combine_kernel[(-(-T // bt), -(-H // bh))](rows, ids, out, T, H, E, out.stride(0), TOP_K=k,
+                                                    BLOCK_T=bt, BLOCK_H=bh, USE_PDL=use_pdl, num_warps=4, **pdl)
+    return out
+
+
+# ------------------------------------------------------------------------------ the op's CUDA kernel
+
+def moe_experts_cuda(x, topk_ids, topk_weights, w13, w2, spec, w13_scale=None, w2_scale=None,
+                     w13_global_scale=None, w2_global_scale=None, b13=None, b2=None):
+    spec_obj = MoESpec.from_str(spec)
+    validate_moe_inputs(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale,
+                        w13_global_scale, w2_global_scale, b13, b2)
+    reason = unsupported_reason(spec_obj, x.device, x.dtype, w13.dtype)
+    if reason is not None:
+        report.record_skip("moe", "lowering", reason)
+        return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale,
+                                     w13_global_scale, w2_global_scale, b13, b2)
+    return fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale, b13, b2)
+
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    torch.library.register_kernel("inductor_moe::moe_experts", "cuda", moe_experts_cuda)
+    _registered = True

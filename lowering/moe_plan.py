@@ -1,0 +1,135 @@
+"""Tile choices for the fused MoE kernels: a pure function of the problem, testable without a GPU.
+
+# T: tokens, k: experts per token, E: experts, H: hidden, I: expert intermediate size, N = T*k
+# Regimes: decode (few rows per expert: weight-bandwidth bound, BLOCK_M 16, narrow N tiles so
+# every SM streams a slice of the active experts' weights), mid, and prefill (128-row tiles,
+# wgmma-sized, deep num_stages pipelining).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+ALIGN_SINGLE_MAX_ENTRIES = 1024  # up to this many (token, slot) entries one program aligns them all
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    block_n: int  # output columns per program (L1: intermediate columns, i.e. gate and up tiles each)
+    block_k: int  # reduction step
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be a power of two <= 16")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+@dataclass(frozen=True)
+class MoEKernelConfig:
+    block_m: int  # rows per M-block; every expert's rows are padded to a multiple of it
+    gemm1: GemmTiles  # L1: x @ w13 with the SwiGLU epilogue
+    gemm2: GemmTiles  # L2: intermediate @ w2
+    align_chunk: int  # entries per align step (a power of two)
+    align_single: bool  # one program aligns everything (small N) or count/offsets/scatter
+    combine_block_t: int  # tokens per combine program
+    combine_block_h: int  # hidden columns per combine program
+    regime: str  # "decode", "mid" or "prefill", for people and the report
+
+    def __post_init__(self):
+        if self.block_m not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_m={self.block_m} must be one of 16, 32, 64, 128, 256")
+        for name in ("align_chunk", "combine_block_t", "combine_block_h"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two")
+
+    def replace(self, **overrides) -> "MoEKernelConfig":
+        """A copy with fields replaced; unknown names fail loudly."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"MoEKernelConfig has no field(s) {sorted(unknown)}; fields: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+                      weight_format: str = "dense", num_sms: int = 132,
+                      overrides: Optional[dict] = None) -> MoEKernelConfig:
+    """Pick tiles for one MoE layer call.  ``weight_format`` is the format the GEMMs read."""
+    n_entries = max(num_tokens * top_k, 1)
+    active = min(num_experts, n_entries)
+    rows_per_expert = n_entries / active
+    e_p2 = _pow2_at_least(num_experts)
+
+    if rows_per_expert <= 16:
+        regime, block_m = "decode", 16
+    elif rows_per_expert <= 48:
+        regime, block_m = "mid", 32
+    elif rows_per_expert <= 96:
+        regime, block_m = "mid", 64
+    else:
+        regime, block_m = "prefill", 128
+
+    def tiles_for(n_out: int, k_dim: int, two_acc: bool) -> GemmTiles:
+        if regime == "prefill":
+            bn = 64 if two_acc else 128
+            return GemmTiles(block_n=bn, block_k=64, num_warps=8 if not two_acc else 4, num_stages=4)
+        # weight-bandwidth bound: enough programs for ~2 waves over the active experts
+        blocks_m = max(1, n_entries // block_m) if regime == "mid" else active
+        bn = 128 if not two_acc else 64
+        while bn > 32 and blocks_m * -(-n_out // bn) < 2 * num_sms:
+            bn //= 2
+        bk = 128 if k_dim >= 128 else _pow2_at_least(max(k_dim, 16))
+        stages = 4 if regime == "decode" else 3
+        return GemmTiles(block_n=bn, block_k=bk, num_warps=4, num_stages=stages)
+
+    bk_cap = 128 if weight_format == "fp8_block128" else 256
+    g1 = tiles_for(intermediate, hidden, two_acc=True)
+    g2 = tiles_for(hidden, intermediate, two_acc=False)
+    g1 = dataclasses.replace(g1, block_k=min(g1.block_k, bk_cap))
+    g2 = dataclasses.replace(g2, block_k=min(g2.block_k, bk_cap))
+    if weight_format in ("mxfp4",):
+        g1 = dataclasses.replace(g1, block_k=max(g1.block_k, 64))
+        g2 = dataclasses.replace(g2, block_k=max(g2.block_k, 64))
+
+    align_chunk = max(16, min(256, 16384 // e_p2))
+    cfg = MoEKernelConfig(
+        block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk,
+        align_single=n_entries <= ALIGN_SINGLE_MAX_ENTRIES,
+        combine_block_t=4 if num_tokens >= 4 else 1,
+        combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)
+    if overrides:
+        cfg = _apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _apply_overrides(cfg: MoEKernelConfig, overrides: dict) -> MoEKernelConfig:
+    """``{"block_m": 64, "gemm1.block_n": 32, ...}``; unknown keys fail loudly."""
+    top, g1, g2 = {}, {}, {}
+    for key, value in overrides.items():
+        head, _, tail = key.partition(".")
+        if head in ("gemm1", "gemm2") and tail:
+            (g1 if head == "gemm1" else g2)[tail] = value
+        else:
+            top[key] = value
+    if g1:
+        top["gemm1"] = dataclasses.replace(cfg.gemm1, **g1)
+    if g2:
+        top["gemm2"] = dataclasses.replace(cfg.gemm2, **g2)
+    return cfg.replace(**top)

@@ -1,0 +1,128 @@
+"""Route/align: group the (token, slot) entries by expert into BLOCK_M-aligned row ranges.
+
+# T: tokens, k: experts per token, E: experts, N = T*k routed entries (flat index t*k + j)
+# BLOCK_M: rows per GEMM M-block; each expert's rows start on a BLOCK_M boundary.
+# CHUNK: entries one program handles per step; E_P2: E rounded up to a power of two.
+#
+# Outputs (no host sync; buffers sized by the upper bound max_blocks = (N + E'(BLOCK_M-1)) // BLOCK_M):
+#   expert_count [E]          entries routed to each expert; ids outside [0, E) are skipped
+#   expert_start [E]          first (padded) row of each expert
+#   sorted_ids  [max_blocks * BLOCK_M]  flat entry index per row; rows past an expert's count
+#                             are padding, never written and masked by the GEMMs via expert_count
+#   block_expert [max_blocks] expert of each M-block, -1 for blocks past the last used one
+# Within an expert, entries keep their flat order (stable), so the layout is deterministic.
+
+Two forms: ``moe_align_single`` (one program, loops over chunks; decode and mid sizes) and
+``moe_align_count`` -> ``moe_align_offsets`` -> ``moe_align_scatter`` (one program per chunk
+for the histogram and the scatter; prefill sizes).
+"""
+
+import triton
+import triton.language as tl
+
+from .moe_common import pdl_launch_dependents, pdl_wait
+
+
+@triton.jit
+def _chunk_onehot(ids_ptr, c0, N, E, CHUNK: tl.constexpr, E_P2: tl.constexpr):
+    offs = c0 + tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
+    valid = (e >= 0) & (e < E) & (offs < N)
+    onehot = (e[:, None] == tl.arange(0, E_P2)[None, :]) & valid[:, None]
+    return offs, valid, onehot
+
+
+@triton.jit
+def _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr,
+                   BLOCK_M: tl.constexpr, E_P2: tl.constexpr, NB_CHUNK: tl.constexpr):
+    """counts [E_P2] -> expert_count, expert_start, block_expert; returns expert_start."""
+    experts = tl.arange(0, E_P2)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)
+    start = end - padded
+    tl.store(expert_count_ptr + experts, counts, mask=experts < E)
+    tl.store(expert_start_ptr + experts, start, mask=experts < E)
+    end_blocks = end // BLOCK_M  # experts past E have padded == 0, so end == total there
+    total_blocks = tl.sum(padded, axis=0) // BLOCK_M
+    for b0 in range(0, max_blocks, NB_CHUNK):
+        b = b0 + tl.arange(0, NB_CHUNK)
+        # the expert owning block b is the number of experts whose range ends at or before b
+        owner = tl.sum((end_blocks[None, :] <= b[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(b < total_blocks, owner, -1)
+        tl.store(block_expert_ptr + b, owner, mask=b < max_blocks)
+    return start
+
+
+@triton.jit
+def _scatter_chunk(ids_ptr, sorted_ids_ptr, c0, N, E, base,
+                   CHUNK: tl.constexpr, E_P2: tl.constexpr):
+    """Write the chunk's entries at base[e] + rank among the chunk's entries of expert e."""
+    offs, valid, onehot = _chunk_onehot(ids_ptr, c0, N, E, CHUNK, E_P2)
+    oh = onehot.to(tl.int32)
+    rank = tl.cumsum(oh, axis=0) - 1  # [CHUNK, E_P2] inclusive count - 1
+    pos = tl.sum(tl.where(onehot, rank + base[None, :], 0), axis=1)
+    tl.store(sorted_ids_ptr + pos, offs, mask=valid)
+    return tl.sum(oh, axis=0)
+
+
+@triton.jit
+def moe_align_single(ids_ptr, N, E, max_blocks,
+                     expert_count_ptr, expert_start_ptr, sorted_ids_ptr, block_expert_ptr,
+                     BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr,
+                     NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    tl.static_assert(E_P2 >= 1, "E_P2 is E rounded up to a power of two")
+    pdl_wait(USE_PDL)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for c0 in range(0, N, CHUNK):
+        _, _, onehot = _chunk_onehot(ids_ptr, c0, N, E, CHUNK, E_P2)
+        counts += tl.sum(onehot.to(tl.int32), axis=0)
+    start = _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr,
+                           BLOCK_M, E_P2, NB_CHUNK)
+    running = start
+    for c0 in range(0, N, CHUNK):
+        running += _scatter_chunk(ids_ptr, sorted_ids_ptr, c0, N, E, running, CHUNK, E_P2)
+    pdl_launch_dependents(USE_PDL)
+
+
+@triton.jit
+def moe_align_count(ids_ptr, N, E, chunk_counts_ptr,
+                    E_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    """chunk_counts[pid, e]: entries of expert e in chunk pid."""
+    pid = tl.program_id(0)
+    pdl_wait(USE_PDL)
+    _, _, onehot = _chunk_onehot(ids_ptr, pid * CHUNK, N, E, CHUNK, E_P2)
+    tl.store(chunk_counts_ptr + pid * E_P2 + tl.arange(0, E_P2), tl.sum(onehot.to(tl.int32), axis=0))
+    pdl_launch_dependents(USE_PDL)
+
+
+@triton.jit
+def moe_align_offsets(chunk_counts_ptr, num_chunks, E, max_blocks,
+                      expert_count_ptr, expert_start_ptr, block_expert_ptr,
+                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, ROWS: tl.constexpr,
+                      NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    """One program: chunk_counts [C, E_P2] -> exclusive prefix per chunk (in place) + offsets."""
+    pdl_wait(USE_PDL)
+    experts = tl.arange(0, E_P2)
+    carry = tl.zeros([E_P2], dtype=tl.int32)
+    for r0 in range(0, num_chunks, ROWS):
+        r = r0 + tl.arange(0, ROWS)
+        ptrs = chunk_counts_ptr + r[:, None] * E_P2 + experts[None, :]
+        c = tl.load(ptrs, mask=r[:, None] < num_chunks, other=0)
+        incl = tl.cumsum(c, axis=0)
+        tl.store(ptrs, incl - c + carry[None, :], mask=r[:, None] < num_chunks)
+        carry += tl.sum(c, axis=0)
+    start = _write_offsets(carry, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr,
+                           BLOCK_M, E_P2, NB_CHUNK)
+    pdl_launch_dependents(USE_PDL)
+
+
+@triton.jit
+def moe_align_scatter(ids_ptr, N, E, chunk_prefix_ptr, expert_start_ptr, sorted_ids_ptr,
+                      E_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    pdl_wait(USE_PDL)
+    experts = tl.arange(0, E_P2)
+    base = tl.load(chunk_prefix_ptr + pid * E_P2 + experts)
+    base += tl.load(expert_start_ptr + experts, mask=experts < E, other=0)
+    _scatter_chunk(ids_ptr, sorted_ids_ptr, pid * CHUNK, N, E, base, CHUNK, E_P2)
+    pdl_launch_dependents(USE_PDL)

@@ -1,0 +1,78 @@
+"""L1: gather token rows (dispatch) x w13 -> SwiGLU epilogue -> intermediate [T*k, I].
+
+# T: tokens, k: experts per token, H: hidden (the K of this GEMM), I: expert intermediate size
+# M-block b holds rows of one expert (block_expert[b]); row r's flat entry is sorted_ids[r] = t*k + j
+# and it reads x[t].  Each program computes BLOCK_N intermediate columns: a gate tile and an up
+# tile (two accumulators), so gate/up never leave registers; only h = act(gate)*(up+offset),
+# rounded to x's dtype, is written, at row t*k + j of the intermediate.
+# Grid: (max_blocks, cdiv(I, BLOCK_N)); blocks past the last used one exit at once.
+"""
+
+import triton
+import triton.language as tl
+
+from .moe_common import pdl_launch_dependents, pdl_wait, store_cast, swiglu_epilogue
+from .moe_tiles import weight_tile_dot
+
+
+@triton.jit
+def moe_gemm1_kernel(
+    x_ptr, w_ptr, w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
+    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
+    H, I, top_k,
+    stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+    alpha, limit, up_offset,
+    ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
+    tl.static_assert(WEIGHT_FORMAT != 2 or BLOCK_K % 32 == 0, "mxfp4 scales need 32 | BLOCK_K")
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pdl_wait(USE_PDL)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
+    row_mask = rows < row_end
+    entry = tl.load(sorted_ids_ptr + rows, mask=row_mask, other=0)
+    token = entry // top_k
+
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INTERLEAVED:
+        n_gate = 2 * n
+        n_up = 2 * n + 1
+    else:
+        n_gate = n
+        n_up = n + I
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    s_base = w_scale_ptr + e.to(tl.int64) * stride_se
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_xt
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(x_rows + k[None, :], mask=row_mask[:, None], other=0.0)
+        else:
+            a = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k[None, :] < H), other=0.0)
+        acc_gate = weight_tile_dot(acc_gate, a, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn, stride_wk,
+                                   stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+        acc_up = weight_tile_dot(acc_up, a, w_base, s_base, n_up, k0, H, 2 * I, stride_wn, stride_wk,
+                                 stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+    pdl_launch_dependents(USE_PDL)
+
+    n_mask = n < I
+    if HAS_BIAS:
+        b_base = b_ptr + e * stride_be
+        acc_gate += tl.load(b_base + n_gate, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(b_base + n_up, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    h = swiglu_epilogue(acc_gate, acc_up, alpha, limit, up_offset, ACTIVATION, HAS_LIMIT)
+    if WEIGHT_BEFORE_DOWN:
+        h *= tl.load(topk_weights_ptr + entry, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    out = inter_ptr + entry.to(tl.int64)[:, None] * I + n[None, :]
+    tl.store(out, store_cast(h, inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])

@@ -1,0 +1,60 @@
+"""L2: intermediate rows x w2 (+ b2), routing weight -> per-(token, slot) output rows [T*k, H].
+
+# T: tokens, k: experts per token, I: expert intermediate size (the K of this GEMM), H: hidden
+# M-block b holds rows of expert block_expert[b]; row r reads intermediate[sorted_ids[r]] and
+# writes rows_out[sorted_ids[r]], so every (token, slot) owns one output row and the combine
+# can add them in a fixed order.  Grid: (max_blocks, cdiv(H, BLOCK_N)).
+"""
+
+import triton
+import triton.language as tl
+
+from .moe_common import pdl_launch_dependents, pdl_wait, store_cast
+from .moe_tiles import weight_tile_dot
+
+
+@triton.jit
+def moe_gemm2_kernel(
+    inter_ptr, w_ptr, w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
+    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
+    H, I,
+    stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+    HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pdl_wait(USE_PDL)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
+    row_mask = rows < row_end
+    entry = tl.load(sorted_ids_ptr + rows, mask=row_mask, other=0)
+
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    s_base = w_scale_ptr + e.to(tl.int64) * stride_se
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    a_rows = inter_ptr + entry.to(tl.int64)[:, None] * I
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(a_rows + k[None, :], mask=row_mask[:, None], other=0.0)
+        else:
+            a = tl.load(a_rows + k[None, :], mask=row_mask[:, None] & (k[None, :] < I), other=0.0)
+        acc = weight_tile_dot(acc, a, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
+                              stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+    pdl_launch_dependents(USE_PDL)
+
+    n_mask = n < H
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e * stride_be + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if WEIGHT_AFTER_DOWN:
+        acc *= tl.load(topk_weights_ptr + entry, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    out = rows_out_ptr + entry.to(tl.int64)[:, None] * H + n[None, :]
+    tl.store(out, store_cast(acc, rows_out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
