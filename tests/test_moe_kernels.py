@@ -288,6 +288,9 @@ def test_gpu_random_shapes(seed):
     H = rng.choice([256, 512, 1024, 2880])
     I = rng.choice([128, 256, 384, 768, 2880])
     T = rng.choice([1, 3, 17, 200, 999, 4096])
+    while E * H * I > 2 ** 27 and E > 8:  # keep the float64 reference's weights under ~3 GiB
+        E //= 2
+    k = min(k, E)
     fmt = rng.choice(["dense", "fp8_block128", "mxfp4"])
     spec_extra = rng.choice(["", "activation=gelu", "gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0",
                              "weight_position=before_down", "activation=gelu_tanh,limit=10.0"])

@@ -1,0 +1,257 @@
+"""MoE experts layer benchmark: ``python -m benchmarks.moe [--quick] [--layers qwen3,...] [--tokens 1,16]``.
+
+# T: tokens, E: experts, k: experts per token, H: hidden, I: expert intermediate size, N = T*k
+Times, as the median of CUDA-graph replays (each graph holds REPEAT back-to-back calls), our
+fused op per weight format with PDL on and off, an HF-style grouped_mm layer (sort -> 2x
+torch._grouped_mm with SwiGLU between -> unsort -> sum) eager and under torch.compile, the two
+grouped_mm calls alone, and the floor max(FLOPs / 700e12, bytes / 3.0e12).  Prints one table,
+and writes moe_bench.md and moe_bench.png under $OUT (or ./out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+LAYERS = {  # name: (E, k, H, I)
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "dsv4-flash": (256, 6, 4096, 2048),
+    "gpt-oss-120b": (128, 4, 2880, 2880),
+}
+TOKENS = (1, 16, 128, 1024, 4096, 16384)
+QUICK = {"qwen3-30b-a3b": (1, 16, 128, 1024, 4096, 16384), "dsv4-flash": (1, 128, 4096),
+         "gpt-oss-120b": (1, 128, 4096)}
+MMA_RATE, BANDWIDTH = 700e12, 3.0e12
+REPEAT = 10  # calls per graph replay
+
+
+def floor_us(T, E, k, H, I, bytes_per_weight):
+    active = E * (1 - (1 - k / E) ** T)  # expected experts hit by random top-k routing
+    flops = 6.0 * T * k * H * I
+    nbytes = active * 3 * H * I * bytes_per_weight + 2 * T * H * 2
+    return max(flops / MMA_RATE, nbytes / BANDWIDTH) * 1e6
+
+
+# ----------------------------------------------------------------------------- contenders
+
+def hf_grouped_mm(x, ids, tw, w13, w2):
+    """What transformers v5's grouped_mm experts path does, in plain torch."""
+    T, H = x.shape
+    k = ids.shape[1]
+    E = w13.shape[0]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    xs = x[order // k]
+    offs = torch.histc(flat.float(), bins=E, min=0, max=E - 1).cumsum(0).to(torch.int32)
+    h13 = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
+    gate, up = h13.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    y = y * tw.reshape(-1)[order, None].to(y.dtype)
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y
+    return unsorted.view(T, k, H).sum(1)
+
+
+def grouped_mm_only(xs, h, offs, w13, w2):
+    torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
+    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+
+
+def time_graph(fn, reps=15):
+    """Median microseconds per call: graph of REPEAT calls, replayed ``reps`` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPEAT):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / REPEAT)
+    del graph
+    return statistics.median(times)
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+# ----------------------------------------------------------------------------- main
+
+def header() -> str:
+    import triton
+
+    commit = os.environ.get("INDUCTOR_MOE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except Exception:  # noqa: BLE001
+            commit = "unknown"
+    return (f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
+            f"| commit {commit} | median of CUDA-graph replays, us per layer call")
+
+
+def run(layers, tokens_for, formats, with_compile, log):
+    from inductor_moe import config
+    from inductor_moe.lowering import moe
+    from inductor_moe.ops import weights as W
+
+    moe.register()
+    op = torch.ops.inductor_moe.moe_experts
+    rows = []
+    for name in layers:
+        E, k, H, I = LAYERS[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
+        w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
+        quant = {}
+        for fmt in formats:
+            if fmt != "dense":
+                (q13, s13, _), (q2, s2, _) = W.quantize_weight(fmt, w13), W.quantize_weight(fmt, w2)
+                quant[fmt] = (q13, q2, dict(w13_scale=s13, w2_scale=s2))
+        hf_compiled = torch.compile(hf_grouped_mm, dynamic=True) if with_compile else None
+        for T in tokens_for[name]:
+            x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+            scores = torch.randn(T, E, device="cuda", generator=g).softmax(-1)
+            tw, ids = scores.topk(k, dim=-1)
+            tw = (tw / tw.sum(-1, keepdim=True)).float()
+            ids = ids.int()
+            r = dict(layer=name, T=T, floor=floor_us(T, E, k, H, I, 2.0),
+                     floor_fp4=floor_us(T, E, k, H, I, 0.5 + 1 / 32))
+            t0 = time.time()
+            for fmt in formats:
+                wa, wb, kw = (w13, w2, {}) if fmt == "dense" else quant[fmt]
+                spec = "" if fmt == "dense" else f"weight_format={fmt}"
+                for pdl in ((True, False) if fmt == "dense" else (True,)):
+                    with config.patch(pdl=pdl):
+                        fn = lambda: op(x, ids, tw, wa, wb, spec, **kw)  # noqa: E731
+                        try:
+                            r[f"{fmt}{'' if pdl else '_nopdl'}"] = time_graph(fn)
+                        except Exception as e:  # noqa: BLE001
+                            log(f"  {name} T={T} {fmt} pdl={pdl}: {type(e).__name__}: {e}")
+            r["mem"] = peak_mib(lambda: op(x, ids, tw, w13, w2, ""))
+            r["hf"] = time_graph(lambda: hf_grouped_mm(x, ids, tw, w13, w2))
+            r["hf_mem"] = peak_mib(lambda: hf_grouped_mm(x, ids, tw, w13, w2))
+            if hf_compiled is not None:
+                try:
+                    r["hf_compiled"] = time_graph(lambda: hf_compiled(x, ids, tw, w13, w2))
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {name} T={T} hf compiled: {type(e).__name__}: {e}")
+            flat = ids.reshape(-1)
+            order = flat.argsort(stable=True)
+            xs = x[order // k]
+            offs = torch.histc(flat.float(), bins=E, min=0, max=E - 1).cumsum(0).to(torch.int32)
+            h = torch.randn(T * k, I, device="cuda", generator=g).bfloat16()
+            r["grouped_mm"] = time_graph(lambda: grouped_mm_only(xs, h, offs, w13, w2))
+            log(f"{name} T={T}: " + " ".join(f"{key}={v:.1f}" for key, v in r.items() if isinstance(v, float))
+                + f" ({time.time() - t0:.0f}s)")
+            rows.append(r)
+        del w13, w2, quant
+        torch.cuda.empty_cache()
+    return rows
+
+
+COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "ours bf16 no-PDL"),
+           ("fp8_block128", "ours fp8"), ("mxfp4", "ours mxfp4"), ("floor_fp4", "floor fp4"),
+           ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2")]
+
+
+def table(rows) -> str:
+    head = ["layer", "T"] + [c[1] for c in COLUMNS] + ["bf16 frac floor", "mxfp4 frac fp4 floor",
+                                                      "vs HF compiled", "peak MiB ours / HF"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["layer"], str(r["T"])]
+        cells += [f"{r[key]:.1f}" if key in r else "-" for key, _ in COLUMNS]
+        cells.append(f"{r['floor'] / r['dense']:.2f}" if "dense" in r else "-")
+        cells.append(f"{r['floor_fp4'] / r['mxfp4']:.2f}" if "mxfp4" in r else "-")
+        cells.append(f"{r['hf_compiled'] / r['dense']:.2f}x" if "hf_compiled" in r and "dense" in r else "-")
+        cells.append(f"{r['mem']:.0f} / {r['hf_mem']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({r["layer"] for r in rows}, key=list(LAYERS).index)
+    fig, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], layers):
+        sub = [r for r in rows if r["layer"] == name]
+        for key, label in COLUMNS:
+            pts = [(r["T"], r[key]) for r in sub if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if "floor" in key else "-")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("us per layer call")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a subset of layers x token counts")
+    p.add_argument("--layers", default=",".join(LAYERS))
+    p.add_argument("--tokens", default=None, help="comma-separated token counts (overrides --quick)")
+    p.add_argument("--formats", default="dense,fp8_block128,mxfp4")
+    p.add_argument("--no-compile", action="store_true", help="skip HF under torch.compile")
+    args = p.parse_args(argv)
+    layers = args.layers.split(",")
+    if args.tokens:
+        tokens_for = {n: tuple(int(t) for t in args.tokens.split(",")) for n in layers}
+    else:
+        tokens_for = {n: (QUICK[n] if args.quick else TOKENS) for n in layers}
+    out_dir = os.environ.get("OUT") or "out"
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, "moe_bench.log"), "a")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+        print(msg, file=log_file, flush=True)
+
+    rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log)
+    text = header() + "\n\n" + table(rows)
+    with open(os.path.join(out_dir, "moe_bench.md"), "w") as f:
+        f.write(text + "\n")
+    try:
+        plot(rows, os.path.join(out_dir, "moe_bench.png"))
+    except Exception as e:  # noqa: BLE001
+        log(f"plot failed: {type(e).__name__}: {e}")
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
