@@ -18,6 +18,7 @@ import operator
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from ..spec import MoESpec
@@ -64,7 +65,13 @@ def _chains(graph: fx.Graph) -> list[list[_Link]]:
 
 
 def _selection(token: fx.Node):
-    """(topk_ids node, expert id, token node, slot node) for ``torch.where(ids == e)``."""
+    """(topk_ids node, expert id, nonzero node, slot node) for the two ways a loop selects the
+    rows routed to expert ``e``:
+
+    - ``token, slot = torch.where(topk_ids == e)``: nonzero(eq(ids, e)), token is column 0;
+    - Mixtral's ``mask = one_hot(ids, E).permute(2, 1, 0); slot, token = torch.where(mask[e])``:
+      nonzero(select(permute(eq(ids[..., None], arange(E)), [2, 1, 0]), 0, e)), token is column 1.
+    """
     def column(n, which):
         if is_op(n, operator.getitem) and is_op(n.args[0], aten.unbind) and n.args[0].args[1] == 1:
             return n.args[0].args[0] if n.args[1] == which else None
@@ -72,18 +79,53 @@ def _selection(token: fx.Node):
             return n.args[0]
         return None
 
-    nz = column(token, 0)
-    if nz is None or not is_op(nz, aten.nonzero) or not is_op(nz.args[0], aten.eq):
-        raise RegionRejected("tokens are not selected by torch.where(topk_ids == e)")
-    ids, expert = nz.args[0].args
-    if not isinstance(expert, int):
-        raise RegionRejected("expert id compared against is not a constant")
-    slot = next((u for u in nz.users if column(u, 1) is nz), None)
+    for token_col in (0, 1):
+        nz = column(token, token_col)
+        if nz is None or not is_op(nz, aten.nonzero):
+            continue
+        found = _compare_eq(nz.args[0]) if token_col == 0 else _one_hot_column(nz.args[0])
+        if found is not None:
+            break
+    else:
+        raise RegionRejected("tokens are not selected by torch.where(topk_ids == e) or one_hot(topk_ids)[..., e]")
+    ids, expert = found
+    slot_col = 1 - token_col
+    slot = next((u for u in nz.users if column(u, slot_col) is nz), None)
     if slot is None:
         # unbind form: the slot column is the other getitem of the same unbind
         slot = next((u for ub in nz.users if is_op(ub, aten.unbind) for u in ub.users
-                     if is_op(u, operator.getitem) and u.args[1] == 1), None)
+                     if is_op(u, operator.getitem) and u.args[1] == slot_col), None)
     return ids, expert, nz, slot
+
+
+def _compare_eq(node):
+    """(ids, e) for ``ids == e`` with a constant ``e``."""
+    if not is_op(node, aten.eq):
+        return None
+    ids, expert = node.args
+    if not isinstance(expert, int):
+        raise RegionRejected("expert id compared against is not a constant")
+    return ids, expert
+
+
+def _one_hot_column(node):
+    """(ids, e) for ``one_hot(ids, E).permute(2, 1, 0)[e]`` (decomposed: eq(ids[..., None], iota(E)))."""
+    if not (is_op(node, aten.select) and node.args[1] == 0 and isinstance(node.args[2], int)):
+        return None
+    expert, mask = node.args[2], node.args[0]
+    if not (is_op(mask, aten.permute) and list(mask.args[1]) == [2, 1, 0]):
+        return None
+    hot = mask.args[0]
+    while is_op(hot, torch_convert()):
+        hot = hot.args[0]
+    if not is_op(hot, aten.eq) or not is_op(hot.args[0], aten.unsqueeze) or hot.args[0].args[1] not in (-1, 2):
+        return None
+    classes = hot.args[1]
+    if not (is_op(classes, torch.ops.prims.iota) and classes.kwargs.get("start", 0) == 0
+            and classes.kwargs.get("step", 1) == 1 and expert < classes.args[0]):
+        return None
+    ids = hot.args[0].args[0]
+    return (ids, expert) if val(ids) is not None and val(ids).dim() == 2 else None
 
 
 def _routing_weight(node, token, slot) -> Optional[fx.Node]:
