@@ -19,28 +19,25 @@ def _describe(arg) -> str:
         if isinstance(v, torch.Tensor):
             shape = ",".join(re.sub(r"\b[su]\d+\b", "T", str(d)) for d in v.shape)
             dtype = str(v.dtype).replace("torch.", "")
-            kind = "param" if arg.op == "placeholder" and _looks_like_weight(arg) else "act"
-            return f"{kind} {dtype}[{shape}]"
+            return f"{dtype}[{shape}]"
         return "sym"
     if isinstance(arg, (list, tuple)):
         if not arg:
             return "[]"
-        parts = [_describe(a) for a in arg]
-        if len(set(parts)) == 1:
-            return f"{len(parts)} x {parts[0]}"
-        return "[" + ", ".join(parts) + "]"
+        runs: list[list] = []  # run-length groups keep per-expert lists short: "10 x f32[32] + 5 x f32[64]"
+        for part in (_describe(a) for a in arg):
+            if runs and runs[-1][1] == part:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, part])
+        return " + ".join(f"{n} x {p}" for n, p in runs)
     if isinstance(arg, str):
         return repr(arg)
     return str(arg)
 
 
-def _looks_like_weight(node: fx.Node) -> bool:
-    v = node.meta.get("val")
-    return isinstance(v, torch.Tensor) and not any(isinstance(d, torch.SymInt) for d in v.shape)
-
-
 def format_rewrites(graph: fx.Graph) -> str:
-    """One line per canonical op call: ``op(arg: kind dtype[shape], ..., spec='...')``."""
+    """One line per canonical op call: ``op(arg=dtype[shape], ..., spec='...')``."""
     lines = []
     for node in graph.nodes:
         if node.op != "call_function" or not str(node.target).startswith(_OUR_NAMESPACE + "."):
