@@ -1,0 +1,233 @@
+"""``python -m inductor_moe.isa``: compile every Triton template ahead of time for sm_90a and
+sm_100a and print the MMA instruction kinds in its PTX, one line per template and target.
+
+Needs no GPU and no ptxas: the pipeline stops at PTX (stages ttir -> ttgir -> llir -> ptx) with
+the PTX ISA version given explicitly.  Templates register themselves: every module in
+``inductor_moe.templates`` may expose ``ISA_SPECS``, a list of
+``(label, kernel, signature, constexprs, options)``; ``options["expect_sm100"] = "block_scale"``
+marks a template whose sm_100a PTX must hold tcgen05 block-scaled MMA (``--check`` fails
+otherwise); the other options go to the compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import pkgutil
+import re
+import sys
+from dataclasses import dataclass
+
+TARGETS = (90, 100)
+PTX_VERSION = 87  # PTX ISA 8.7 (CUDA 12.8): the first with sm_100a
+
+
+@dataclass
+class IsaResult:
+    label: str
+    arch: int
+    mma_kinds: tuple  # sorted unique instruction kinds found in the PTX
+    ptx: str = ""
+    error: str = ""
+    expect: str = ""  # "block_scale": sm_100a must show tcgen05 block-scaled MMA
+
+    @property
+    def block_scaled_tcgen05(self) -> bool:
+        return any(k.startswith("tcgen05.mma") and "block_scale" in k for k in self.mma_kinds)
+
+    def line(self) -> str:
+        target = f"sm_{self.arch}a"
+        if self.error:
+            return f"{self.label:60s} {target:8s} ERROR {self.error}"
+        return f"{self.label:60s} {target:8s} {', '.join(self.mma_kinds) or 'no MMA'}"
+
+
+def mma_kinds(ptx: str) -> tuple:
+    """The MMA instruction kinds in a PTX text, e.g. ``tcgen05.mma kind::mxf4.block_scale``."""
+    kinds = set()
+    for line in ptx.splitlines():
+        s = re.sub(r"^@!?%\w+\s+", "", line.strip())  # drop a predicate guard
+        if s.startswith("tcgen05.mma"):
+            m = re.match(r"tcgen05\.mma(\.ws)?(\.cta_group::\d)?(\.kind::[\w]+)?(\.block_scale)?", s)
+            kind = "tcgen05.mma" + (f" kind::{m.group(3)[7:]}" if m.group(3) else "") + \
+                   (".block_scale" if m.group(4) or ".block_scale" in s.split()[0] else "")
+            kinds.add(kind)
+        elif s.startswith("wgmma.mma_async"):
+            m = re.match(r"wgmma\.mma_async\.(?:sp\.)?sync\.aligned\.m\d+n\d+k\d+\.(\w+)\.(\w+)(?:\.(\w+))?", s)
+            kinds.add("wgmma" + (f" {'.'.join(g for g in m.groups() if g)}" if m else ""))
+        elif s.startswith("mma.sync"):
+            kinds.add("mma.sync")
+    return tuple(sorted(kinds))
+
+
+def auto_signature(kernel, pointers: dict, constexprs: dict, floats=()) -> dict:
+    """A signature for ``kernel``: ``pointers`` maps pointer args to types ("*bf16"); ``floats``
+    names fp32 scalars; every other non-constexpr argument is an i32."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32"
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+def _moe_fallback_specs(module_name: str):
+    """Specs for the MoE expert GEMMs while their modules do not expose ISA_SPECS themselves
+    (their owners may move these into the modules; a module's own ISA_SPECS wins)."""
+    from .templates.moe_tiles import WEIGHT_FORMAT_CODES
+
+    specs = []
+    if module_name == "moe_gemm1":
+        from .templates.moe_gemm1 import moe_gemm1_kernel as kernel
+        common = dict(ACTIVATION=0, HAS_LIMIT=False, HAS_BIAS=False, INTERLEAVED=False, WEIGHT_BEFORE_DOWN=False)
+        ptrs = {"x_ptr": "*bf16", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "inter_ptr": "*bf16"}
+        floats = ("alpha", "limit", "up_offset")
+    elif module_name == "moe_gemm2":
+        from .templates.moe_gemm2 import moe_gemm2_kernel as kernel
+        common = dict(HAS_BIAS=False, WEIGHT_AFTER_DOWN=True)
+        ptrs = {"inter_ptr": "*bf16", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16"}
+        floats = ()
+    else:
+        return specs
+    for fmt, w, s in (("dense", "*bf16", "*bf16"), ("mxfp4", "*u8", "*u8")):
+        const = dict(common, WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=64, BLOCK_N=128, BLOCK_K=64,
+                     EVEN_K=True, USE_PDL=True)
+        sig = auto_signature(kernel, {**ptrs, "w_ptr": w, "w_scale_ptr": s}, const, floats)
+        specs.append((f"{module_name}[bf16 x {fmt}]", kernel, sig, const, {"num_warps": 4, "num_stages": 3}))
+    return specs
+
+
+def discover_specs():
+    """[(module name, spec)] over every module of ``inductor_moe.templates`` with ISA_SPECS."""
+    from . import templates
+
+    found, missing = [], []
+    for info in sorted(pkgutil.iter_modules(templates.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{templates.__name__}.{info.name}")
+        specs = getattr(module, "ISA_SPECS", None)
+        if specs is None:
+            specs = _moe_fallback_specs(info.name) or None
+        if specs is None:
+            if any(getattr(v, "__module__", None) == module.__name__ and type(v).__name__ == "JITFunction"
+                   for v in vars(module).values()):
+                missing.append(info.name)
+            continue
+        found += [(info.name, spec) for spec in specs]
+    return found, missing
+
+
+def compile_to_ptx(kernel, signature: dict, constexprs: dict, arch: int, options: dict | None = None) -> str:
+    """Run Triton's NVIDIA pipeline up to PTX for ``sm_{arch}a`` (no GPU, no ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton._C.libtriton import ir
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=_constexpr_keys(kernel, constexprs))
+    opts = dict(options or {})
+    fields = getattr(type(backend.parse_options({})), "__dataclass_fields__", {})
+    if "ptx_version" in fields:
+        opts.setdefault("ptx_version", PTX_VERSION)
+    extra = src.parse_options() if hasattr(src, "parse_options") else {}
+    options = backend.parse_options({**opts, **extra})
+    metadata = {"hash": "isa", "target": target, **options.__dict__}
+    stages: dict = {}
+    add = backend.add_stages
+    if len(inspect.signature(add).parameters) >= 3:
+        add(stages, options, getattr(src, "language", None))
+    else:  # pragma: no cover - older triton
+        add(stages, options)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    codegen_fns = backend.get_codegen_implementation(options)
+    module_map = backend.get_module_map() if hasattr(backend, "get_module_map") else {}
+    params = inspect.signature(src.make_ir).parameters
+    if "target" in params:
+        module = src.make_ir(target, options, codegen_fns, module_map, context)
+    else:  # pragma: no cover - older triton
+        module = src.make_ir(options, codegen_fns, module_map, context)
+    for name, stage in stages.items():
+        module = stage(module, metadata)
+        if name == "ptx":
+            return module
+    raise RuntimeError("this Triton has no ptx stage")
+
+
+def _constexpr_keys(kernel, constexprs: dict) -> dict:
+    """ASTSource wants constexprs keyed by (argument index,) in newer Triton versions."""
+    names = kernel.arg_names
+    try:
+        from triton.compiler import ASTSource  # noqa: F401
+        sig = inspect.signature(ASTSource.__init__)
+        del sig
+    except Exception:  # pragma: no cover
+        pass
+    return {(names.index(k),): v for k, v in constexprs.items()}
+
+
+def compile_all(targets=TARGETS, only: str | None = None) -> list[IsaResult]:
+    specs, missing = discover_specs()
+    results = []
+    for module_name, (label, kernel, signature, constexprs, options) in specs:
+        if only and only not in label and only not in module_name:
+            continue
+        options = dict(options or {})
+        expect = options.pop("expect_sm100", "")
+        for arch in targets:
+            try:
+                ptx = compile_to_ptx(kernel, signature, constexprs, arch, options)
+                results.append(IsaResult(label, arch, mma_kinds(ptx), ptx, expect=expect))
+            except Exception as e:  # report and go on with the other templates
+                while e.__cause__ is not None:  # the innermost error says what went wrong
+                    e = e.__cause__
+                msg = str(e).strip().splitlines()
+                results.append(IsaResult(label, arch, (), error=f"{type(e).__name__}: {msg[-1] if msg else ''}"[:200]))
+    for name in missing:
+        if only and only not in name:
+            continue
+        for arch in targets:
+            results.append(IsaResult(f"{name} (exposes no ISA_SPECS)", arch, ("skipped",)))
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="compile templates whose label or module contains this")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless every template marked block_scale shows tcgen05 block-scaled MMA on sm_100a")
+    parser.add_argument("--dump", metavar="DIR", help="write each PTX to DIR")
+    args = parser.parse_args(argv)
+    import triton
+
+    print(f"# triton {triton.__version__}; PTX ISA {PTX_VERSION / 10:.1f}; MMA kinds per template and target")
+    results = compile_all(only=args.only)
+    failed = False
+    for r in results:
+        print(r.line())
+        if args.dump and r.ptx:
+            import pathlib
+
+            path = pathlib.Path(args.dump)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', r.label)}.sm_{r.arch}a.ptx").write_text(r.ptx)
+        if r.expect == "block_scale" and r.arch >= 100 and not r.block_scaled_tcgen05:
+            failed = True
+    if args.check and failed:
+        print("FAIL: a template marked block_scale has no tcgen05 block-scaled MMA on sm_100a", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The block-scaled GEMM kernel: ``out = act(global_scale * (A @ B^T) + bias)``.
+
+# M: rows of A (tokens), N: output features (rows of the weight B), K: reduction dim
+# A [M, K]: dense (bf16/fp16/fp32), fp8 e4m3 with an e8m0 scale per 32 of K, or e2m1 packed two
+#           per byte along K (low nibble first) with an e8m0 scale per 32 (MX) / e4m3 per 16 (NV)
+# B [N, K/2]: e2m1 packed along K, scale [N, K/32] e8m0 (MXFP4) or [N, K/16] e4m3 (NVFP4)
+# Grid: (tiles_m * tiles_n, SPLIT_K).  Tiles are visited in groups of GROUP_M rows of tiles so
+# neighbouring programs share weight tiles in L2.  With SPLIT_K > 1 each program reduces one
+# K range into an fp32 workspace slice; the last program to finish a tile (an acq_rel counter)
+# sums the slices in a fixed order (deterministic) and runs the epilogue, then re-arms the counter.
+# DOT_SCALED: use tl.dot_scaled (tcgen05 block-scaled MMA on sm_100; emulated on sm_90);
+# otherwise each tile is dequantised to the MMA dtype in registers and fed to tl.dot.
+"""
+
+import triton
+import triton.language as tl
+
+from ..moe_common import pdl_launch_dependents, pdl_wait
+from .fp_codes import apply_block_scale, e2m1_to_f32, e4m3_to_f32, e8m0_to_f32, unpack_e2m1_rows
+
+# operand format codes (constexpr A_FORMAT / B_FORMAT)
+DENSE, FP8_MX32, MXFP4, NVFP4 = 0, 1, 2, 3
+# epilogue activation codes (constexpr ACTIVATION)
+NO_ACTIVATION, SILU, GELU, GELU_TANH, RELU = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _scale_block(ptr, rows, row_mask, stride_r, stride_k, k0, K, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """Raw scale bytes [ROWS, BLOCK_K // GROUP] (int32) for K range k0 .. k0 + BLOCK_K."""
+    ks = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    s = tl.load(ptr + rows[:, None] * stride_r + ks[None, :] * stride_k,
+                mask=row_mask[:, None] & (ks[None, :] < K // GROUP), other=0)
+    return s.to(tl.int32)
+
+
+@triton.jit
+def _decode_fp4_tile(packed, scale_bytes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, FORMAT: tl.constexpr):
+    """Packed e2m1 [ROWS, BLOCK_K // 2] + block scales -> float32 [ROWS, BLOCK_K]."""
+    values = e2m1_to_f32(unpack_e2m1_rows(packed, ROWS, BLOCK_K // 2))
+    if FORMAT == 2:
+        out = apply_block_scale(values, e8m0_to_f32(scale_bytes), ROWS, BLOCK_K, 32)
+    else:
+        out = apply_block_scale(values, e4m3_to_f32(scale_bytes), ROWS, BLOCK_K, 16)
+    return out
+
+
+@triton.jit
+def _activation(y, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        y = y * tl.sigmoid(y)
+    elif ACTIVATION == 2:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == 3:  # tanh form; tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y * tl.sigmoid(2.0 * z)
+    elif ACTIVATION == 4:
+        y = tl.maximum(y, 0.0)
+    return y
+
+
+@triton.jit
+def block_scaled_gemm_kernel(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, out_ptr, bias_ptr, global_scale_ptr, ws_ptr, counter_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+    stride_om, stride_on,
+    A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, DOT_SCALED: tl.constexpr, MMA_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GLOBAL_SCALE: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    tl.static_assert(B_FORMAT == 2 or B_FORMAT == 3, "the weight operand is MXFP4 or NVFP4")
+    tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole scale blocks (multiple of 32)")
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
+    A_GROUP: tl.constexpr = 16 if A_FORMAT == 3 else 32
+    B_GROUP: tl.constexpr = 16 if B_FORMAT == 3 else 32
+    # MMA_FP32: fp32 activations, and TRITON_INTERPRET (whose dot of in-register bf16 casts is wrong)
+    MMA_DTYPE: tl.constexpr = tl.float32 if MMA_FP32 else tl.bfloat16
+
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = min(k_start + K_PER_SPLIT, K)
+
+    pdl_wait(USE_PDL)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        # weight tile: packed bytes [BLOCK_N, BLOCK_K // 2] and its scales
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b_ptrs = b_ptr + rn64[:, None] * stride_bn + kb[None, :] * stride_bk
+        if EVEN_K:
+            b = tl.load(b_ptrs, mask=n_mask[:, None], other=0)
+        else:
+            b = tl.load(b_ptrs, mask=n_mask[:, None] & (kb[None, :] < K // 2), other=0)
+        bs = _scale_block(b_scale_ptr, rn64, n_mask, stride_bsn, stride_bsk, k0, K, BLOCK_K, B_GROUP)
+        # activation tile
+        if A_FORMAT == 2 or A_FORMAT == 3:
+            ka = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            a_lim = K // 2
+        else:
+            ka = k0 + tl.arange(0, BLOCK_K)
+            a_lim = K
+        a_ptrs = a_ptr + rm64[:, None] * stride_am + ka[None, :] * stride_ak
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0)
+        else:
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & (ka[None, :] < a_lim), other=0)
+        if A_FORMAT != 0:
+            a_s = _scale_block(a_scale_ptr, rm64, m_mask, stride_asm, stride_ask, k0, K, BLOCK_K, A_GROUP)
+
+        if DOT_SCALED:
+            if B_FORMAT == 2:
+                b_sc = bs.to(tl.uint8)
+            else:
+                b_sc = bs.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+            if A_FORMAT == 0:
+                acc = tl.dot_scaled(a, None, "bf16", tl.trans(b), b_sc, "e2m1", acc)
+            elif A_FORMAT == 1:
+                acc = tl.dot_scaled(a, a_s.to(tl.uint8), "e4m3", tl.trans(b), b_sc, "e2m1", acc)
+            elif A_FORMAT == 2:
+                acc = tl.dot_scaled(a, a_s.to(tl.uint8), "e2m1", tl.trans(b), b_sc, "e2m1", acc)
+            else:
+                a_sc = a_s.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+                acc = tl.dot_scaled(a, a_sc, "e2m1", tl.trans(b), b_sc, "e2m1", acc)
+        else:
+            w = _decode_fp4_tile(b, bs, BLOCK_N, BLOCK_K, B_FORMAT).to(MMA_DTYPE)
+            if A_FORMAT == 0:
+                x = a.to(MMA_DTYPE)
+            elif A_FORMAT == 1:
+                x = apply_block_scale(e4m3_to_f32(a.to(tl.int32)), e8m0_to_f32(a_s), BLOCK_M, BLOCK_K, 32)
+                x = x.to(MMA_DTYPE)
+            else:
+                x = _decode_fp4_tile(a, a_s, BLOCK_M, BLOCK_K, A_FORMAT).to(MMA_DTYPE)
+            acc = tl.dot(x, tl.trans(w), acc)
+    pdl_launch_dependents(USE_PDL)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        tile = rm64[:, None] * N + rn64[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=out_mask)
+        counter = counter_ptr + pid_m * tiles_n + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived != SPLIT_K - 1:
+            return
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(SPLIT_K):  # fixed order: bitwise reproducible
+            acc += tl.load(ws_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+        tl.store(counter, 0)  # re-arm for the next launch (CUDA-graph replays included)
+
+    if HAS_GLOBAL_SCALE:
+        acc = acc * tl.load(global_scale_ptr)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _activation(acc, ACTIVATION)
+    out_ptrs = out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -1,0 +1,209 @@
+"""Host side of the block-scaled GEMM template: tile choice, workspace, launch, ISA specs.
+
+# M: rows of A (tokens), N: output features, K: reduction dim
+``block_scaled_gemm(a, b, b_scale, spec, ...)`` computes exactly what the reference op
+``inductor_moe::block_scaled_mm`` defines, on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+Tiles come from ``choose_gemm_config`` (a pure function, testable without a GPU):
+  * decode (small M): weight-bandwidth bound.  Narrow N tiles and split-K put every SM on the
+    weight stream; the split partials are summed in a fixed order (deterministic).
+  * prefill (large M): MMA bound.  128 x 128 tiles, grouped ordering for L2 reuse.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from ..spec import GemmSpec
+from ._details._block_scaled_gemm import (DENSE, FP8_MX32, GELU, GELU_TANH, MXFP4, NO_ACTIVATION, NVFP4, RELU,
+                                          SILU, block_scaled_gemm_kernel)
+
+FORMAT_CODES = {"dense": DENSE, "fp8_mx32": FP8_MX32, "mxfp4": MXFP4, "nvfp4": NVFP4}
+ACTIVATION_CODES = {None: NO_ACTIVATION, "silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU}
+_PACKED = ("mxfp4", "nvfp4")
+
+
+@dataclass(frozen=True)
+class GemmKernelConfig:
+    """One launch of ``block_scaled_gemm_kernel``."""
+
+    block_m: int  # rows of A per program (>= 16)
+    block_n: int  # weight rows per program
+    block_k: int  # K per main-loop step (multiple of 32)
+    split_k: int = 1  # programs sharing one output tile along K (fp32 workspace + ordered sum)
+    group_m: int = 8  # tile rows visited together (L2 reuse of weight tiles)
+    num_warps: int = 4
+    num_stages: int = 3
+    dot_scaled: bool = False  # tl.dot_scaled (native block-scaled MMA on sm_100) vs in-register dequant
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= 16")
+        if self.block_k < 32 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k={self.block_k} must be a power of two >= 32")
+        if self.split_k < 1:
+            raise ValueError(f"split_k={self.split_k} must be >= 1")
+
+
+def _pow2_at_least(x: int, lo: int) -> int:
+    return max(lo, 1 << max(0, (x - 1).bit_length()))
+
+
+def dot_scaled_fits(spec: GemmSpec, a_dtype: torch.dtype, arch: int) -> bool:
+    """Whether tl.dot_scaled can take these operands (else the in-register dequant path runs).
+    NV scales (e4m3 per 16) go through dot_scaled only on sm_100, where Triton lowers them natively."""
+    if spec.a_format == "dense" and a_dtype not in (torch.bfloat16,):
+        return False
+    if "nvfp4" in (spec.a_format, spec.b_format):
+        return arch >= 100 and spec.a_format in ("dense", "nvfp4") and spec.b_format == "nvfp4"
+    return True
+
+
+def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype, num_sms: int,
+                       arch: int = 90) -> GemmKernelConfig:
+    """Tiles for one call; pure, so tests can check it without a GPU."""
+    use_dot_scaled = dot_scaled_fits(spec, a_dtype, arch) and (arch >= 100 or os.environ.get(
+        "INDUCTOR_MOE_FP4_DOT_SCALED", "0") == "1")
+    if m <= 64:
+        # Decode: stream the weight with every SM.  BLOCK_N 64 (or less for small N) and enough
+        # K splits to give ~2 programs per SM, each still running >= 4 K steps.
+        block_m = _pow2_at_least(m, 16)
+        block_k = 256 if k >= 1024 else max(32, _pow2_at_least(min(k, 256), 32))
+        block_n = 64 if n >= 64 * num_sms // 2 else 32
+        tiles = -(-m // block_m) * -(-n // block_n)
+        steps = -(-k // block_k)
+        split = 1
+        while tiles * split * 2 <= 2 * num_sms and steps // (split * 2) >= 4:
+            split *= 2
+        return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4,
+                                dot_scaled=use_dot_scaled)
+    if m <= 256:
+        return GemmKernelConfig(64, 128, 128, num_warps=4, num_stages=4, dot_scaled=use_dot_scaled)
+    return GemmKernelConfig(128, 128, 128, num_warps=8, num_stages=3, dot_scaled=use_dot_scaled)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_counters: dict = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-device split-K arrival counters, zero between launches (each launch re-arms its own).
+    Launches on concurrent streams must not share them: kernels here run on one stream."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _counters[device] = buf
+    return buf
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Packed fp4 / fp8 / e8m0 storage as uint8 (Triton reads the raw codes)."""
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+
+def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=None, bias=None, *,
+                      config: Optional[GemmKernelConfig] = None, use_pdl: bool = False) -> torch.Tensor:
+    """``act(global_scale * (A @ B^T) + bias)`` with the Triton kernel; inputs already validated."""
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, a.shape[-1])
+    if a2.stride(-1) != 1:
+        a2 = a2.contiguous()
+    M, N = a2.shape[0], b.shape[0]
+    K = b.shape[1] * 2
+    out = torch.empty((M, N), dtype=getattr(torch, spec.out_dtype), device=a.device)
+    if M == 0 or N == 0:
+        return out.reshape(*lead, N)
+    if K == 0:
+        out.zero_()
+        return out.reshape(*lead, N)
+    arch = _arch(a.device)
+    cfg = config or choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch)
+    if cfg.dot_scaled and not dot_scaled_fits(spec, a2.dtype, arch):
+        cfg = replace(cfg, dot_scaled=False)
+    a_fmt = spec.a_format
+    a_t = a2 if a_fmt == "dense" else _as_bytes(a2)
+    a_s = _as_bytes(a_scale.reshape(-1, a_scale.shape[-1])) if a_scale is not None else a_t
+    b_t, b_s = _as_bytes(b), _as_bytes(b_scale)
+    # K splits are whole BLOCK_K steps
+    steps = -(-K // cfg.block_k)
+    split = min(cfg.split_k, steps)
+    k_per_split = -(-steps // split) * cfg.block_k
+    split = -(-K // k_per_split)
+    tiles_m, tiles_n = -(-M // cfg.block_m), -(-N // cfg.block_n)
+    if split > 1:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=a.device)
+        counters = _tile_counters(a.device, tiles_m * tiles_n)
+    else:
+        ws = counters = out
+    use_pdl = use_pdl and not _interpreting()
+    pdl = {"launch_pdl": True} if use_pdl else {}
+    block_scaled_gemm_kernel[(tiles_m * tiles_n, split)](
+        a_t, a_s, b_t, b_s, out, bias if bias is not None else out,
+        global_scale if global_scale is not None else out, ws, counters,
+        M, N, K, k_per_split,
+        a_t.stride(0), a_t.stride(1), a_s.stride(0), a_s.stride(1) if a_s.dim() > 1 else 1,
+        b_t.stride(0), b_t.stride(1), b_s.stride(0), b_s.stride(1), out.stride(0), out.stride(1),
+        A_FORMAT=FORMAT_CODES[a_fmt], B_FORMAT=FORMAT_CODES[spec.b_format], DOT_SCALED=cfg.dot_scaled,
+        MMA_FP32=(a_fmt == "dense" and a2.dtype == torch.float32) or _interpreting(),
+        HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None,
+        ACTIVATION=ACTIVATION_CODES[spec.activation],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
+        EVEN_K=K % cfg.block_k == 0, USE_PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+    return out.reshape(*lead, N)
+
+
+# --- what ``python -m inductor_moe.isa`` compiles --------------------------------------------
+
+def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect=""):
+    sig = {"a_ptr": "*u8" if a_fmt != "dense" else a_dtype, "a_scale_ptr": "*u8", "b_ptr": "*u8",
+           "b_scale_ptr": "*u8", "out_ptr": "*bf16", "bias_ptr": "*bf16", "global_scale_ptr": "*fp32",
+           "ws_ptr": "*fp32", "counter_ptr": "*i32"}
+    sig.update({name: "i32" for name in ("M", "N", "K", "K_PER_SPLIT", "stride_am", "stride_ak", "stride_asm",
+                                          "stride_ask", "stride_bn", "stride_bk", "stride_bsn", "stride_bsk",
+                                          "stride_om", "stride_on")})
+    const = dict(A_FORMAT=FORMAT_CODES[a_fmt], B_FORMAT=FORMAT_CODES[b_fmt], DOT_SCALED=dot_scaled, MMA_FP32=False,
+                 HAS_BIAS=True, HAS_GLOBAL_SCALE=b_fmt == "nvfp4", ACTIVATION=SILU, BLOCK_M=m, BLOCK_N=128,
+                 BLOCK_K=128, GROUP_M=8, SPLIT_K=1, EVEN_K=True, USE_PDL=True)
+    for name in const:
+        sig[name] = "constexpr"
+    options = {"num_warps": 8 if m >= 128 else 4, "num_stages": 3}
+    if expect:
+        options["expect_sm100"] = expect
+    return (label, block_scaled_gemm_kernel, sig, const, options)
+
+
+# (label, kernel, signature, constexprs, options); options["expect_sm100"] = "block_scale" marks
+# the variants whose sm_100a PTX must hold tcgen05 block-scaled MMA (both operands scaled: with
+# bf16 activations Triton upcasts the weight and issues kind::f16).
+ISA_SPECS = [
+    _isa_spec("block_scaled_gemm[mxfp4 x mxfp4, dot_scaled]", "mxfp4", "mxfp4", True, expect="block_scale"),
+    _isa_spec("block_scaled_gemm[fp8_mx32 x mxfp4, dot_scaled]", "fp8_mx32", "mxfp4", True, expect="block_scale"),
+    _isa_spec("block_scaled_gemm[nvfp4 x nvfp4, dot_scaled]", "nvfp4", "nvfp4", True, expect="block_scale"),
+    _isa_spec("block_scaled_gemm[bf16 x mxfp4, dot_scaled]", "dense", "mxfp4", True),
+    _isa_spec("block_scaled_gemm[bf16 x mxfp4, dequant]", "dense", "mxfp4", False),
+    _isa_spec("block_scaled_gemm[bf16 x nvfp4, dequant]", "dense", "nvfp4", False),
+]

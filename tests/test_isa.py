@@ -1,0 +1,43 @@
+"""Blackwell readiness without a Blackwell GPU: the FP4 templates compile (to PTX only: no GPU,
+no ptxas) for sm_100a with tcgen05 block-scaled MMA, and for sm_90a with wgmma."""
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from inductor_moe import isa  # noqa: E402
+from inductor_moe.templates.block_scaled_gemm import ISA_SPECS  # noqa: E402
+
+
+def _marked():
+    return [s for s in ISA_SPECS if s[4].get("expect_sm100") == "block_scale"]
+
+
+def test_registry_finds_the_fp4_templates():
+    specs, _ = isa.discover_specs()
+    labels = [label for _, (label, *_rest) in specs]
+    assert sum("block_scaled_gemm" in label for label in labels) == len(ISA_SPECS)
+    assert len(_marked()) >= 2
+
+
+@pytest.mark.parametrize("spec", _marked(), ids=lambda s: s[0])
+def test_fp4_template_uses_tcgen05_block_scaled_mma_on_sm100(spec):
+    label, kernel, signature, constexprs, options = spec
+    options = {k: v for k, v in options.items() if k != "expect_sm100"}
+    ptx = isa.compile_to_ptx(kernel, signature, constexprs, 100, options)
+    kinds = isa.mma_kinds(ptx)
+    assert any(k.startswith("tcgen05.mma kind::mx") and k.endswith(".block_scale") for k in kinds), kinds
+
+
+def test_dequant_template_uses_wgmma_on_sm90():
+    label, kernel, signature, constexprs, options = next(s for s in ISA_SPECS if "dequant" in s[0])
+    ptx = isa.compile_to_ptx(kernel, signature, constexprs, 90, options)
+    assert any(k.startswith("wgmma") for k in isa.mma_kinds(ptx))
+
+
+def test_mma_kind_parser():
+    ptx = """
+    @%p1 tcgen05.mma.cta_group::1.kind::mxf4.block_scale.scale_vec::2X [%r1], %rd2, %rd3, %r4, [%r5], [%r6], %p7;
+    wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;
+    """
+    assert isa.mma_kinds(ptx) == ("tcgen05.mma kind::mxf4.block_scale", "wgmma f32.bf16.bf16")
