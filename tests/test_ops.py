@@ -190,3 +190,9 @@ def test_fake_impl_serves_dynamic_token_counts():
         xs, i, ww, *_ = make_inputs(T=T)
         assert rel(compiled(xs, i, ww), 2 * loop_golden(xs, i, ww, w13, w2)) < 1e-5
     assert len(compiles) == 1  # one graph serves every T
+
+
+def test_tensors_on_different_devices_are_rejected():
+    x, ids, w, w13, w2 = make_inputs()
+    with pytest.raises(ValueError, match="one device"):
+        moe(x, ids, w, w13.to("meta"), w2, "")
