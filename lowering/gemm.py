@@ -1,11 +1,69 @@
-"""Lowering of ``inductor_moe::block_scaled_mm`` (placeholder until the Triton template lands)."""
+"""Lowering of ``inductor_moe::block_scaled_mm`` to the Triton block-scaled GEMM template.
+
+# M: rows of A (tokens), N: output features, K: reduction dim
+``register()`` installs the CUDA kernel of the op (``templates/block_scaled_gemm.py``); what the
+template does not cover runs the reference op with the reason recorded in the report, never a
+wrong result.  The launch is sized from shapes alone (no host syncs), so it is CUDA-graph
+capturable; with PDL on sm_90+ its prologue overlaps the previous kernel's tail.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
 
 import torch
 
+from .. import report
+from ..ops.block_scaled_mm import block_scaled_mm_reference, validate_gemm_inputs
+from ..spec import GemmSpec
 
-def describe_gemm_lowering(spec, device: torch.device, m, n, k) -> str:
-    return f"reference ({device.type})"
+DENSE_A_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unsupported_reason(spec: GemmSpec, device: torch.device, a_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why the Triton template cannot run this call (None when it can)."""
+    if device.type != "cuda" and not _interpreting():
+        return f"no Triton kernels on {device.type}"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "the block-scaled GEMM template needs sm_80 or newer"
+    if spec.a_format == "dense" and a_dtype is not None and a_dtype not in DENSE_A_DTYPES:
+        return f"dense activations of dtype {a_dtype}"
+    return None
+
+
+def describe_gemm_lowering(spec, device: torch.device, m=None, n=None, k=None) -> str:
+    """The implementation a call will use, for the report (nothing runs)."""
+    spec = GemmSpec.from_str(spec) if isinstance(spec, str) else spec
+    reason = unsupported_reason(spec, device)
+    if reason is not None:
+        return f"reference ({device.type})"
+    return f"triton block_scaled_gemm ({spec.a_format} x {spec.b_format})"
+
+
+def block_scaled_mm_cuda(a, b, b_scale, spec, a_scale=None, global_scale=None, bias=None):
+    from ..templates.block_scaled_gemm import block_scaled_gemm
+    from .moe import pdl_enabled
+
+    s = GemmSpec.from_str(spec)
+    validate_gemm_inputs(a, b, b_scale, s, a_scale, global_scale, bias)
+    reason = unsupported_reason(s, a.device, a.dtype)
+    if reason is not None:
+        report.record_skip("fp4_gemm", "lowering", reason)
+        return block_scaled_mm_reference(a, b, b_scale, s, a_scale, global_scale, bias)
+    return block_scaled_gemm(a, b, b_scale, s, a_scale, global_scale, bias, use_pdl=pdl_enabled(a.device))
+
+
+_registered = False
 
 
 def register() -> None:
-    pass
+    global _registered
+    if _registered:
+        return
+    torch.library.register_kernel("inductor_moe::block_scaled_mm", "cuda", block_scaled_mm_cuda)
+    _registered = True

@@ -1,0 +1,175 @@
+"""FP4 weight GEMM: our block-scaled Triton kernel vs what users get otherwise.
+
+    python -m benchmarks.fp4_gemm [--quick] [--formats mxfp4,nvfp4] [--out FILE.md]
+
+Per shape: median GPU time of CUDA-graph replay (µs) of
+  ours        inductor_moe::block_scaled_mm's CUDA kernel (bf16 activations, packed FP4 weights)
+  ours/ds     the same with tl.dot_scaled instead of in-register dequantisation (MXFP4 only)
+  deq+mm      dequantise to bf16 + torch.matmul, compiled by Inductor (what an unmatched graph runs)
+  fp8 rw      torch._scaled_mm, fp8 e4m3 row-wise scales (operands pre-quantised)
+  bf16 mm     torch.mm with a bf16 weight (our "bf16 GEMM" reference for large M)
+floor = max(packed weight + scale + activation bytes / HBM BW, FLOPs / bf16 MMA peak); frac =
+floor / ours.  call MiB = device memory one call allocates beyond its inputs (output, workspace,
+temporaries: the unmatched graph's bf16 copy of the weight shows here), beside the packed weight's MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+
+from inductor_moe import formats
+from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+from inductor_moe.spec import GemmSpec
+from inductor_moe.templates.block_scaled_gemm import _num_sms, block_scaled_gemm, choose_gemm_config
+
+BF16_PEAK = 700e12  # FLOP/s, H100 SXM dense bf16 as measured in TARGETS.md
+MS = (1, 16, 128, 1024, 4096)
+NKS = ((4096, 4096), (2880, 2880), (8192, 8192), (14336, 4096))
+
+
+def graph_time_us(fn, reps=20, inner=10) -> float:
+    """Median µs per call over `reps` replays of a CUDA graph holding `inner` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / inner)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    us = graph_time_us(lambda: y.copy_(x), reps=10, inner=5)
+    return 2 * x.numel() / (us * 1e-6)
+
+
+def call_mib(fn) -> float:
+    """Device memory one call allocates beyond its inputs (output, workspace, temporaries)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--formats", default="mxfp4,nvfp4")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "fp4_gemm.md"))
+    args = p.parse_args(argv)
+    import triton
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    bw = copy_bandwidth()
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:  # noqa: BLE001
+        commit = "?"
+    header = (f"# FP4 GEMM — {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+              f"commit {commit}\n\nmeasured copy bandwidth {bw / 1e12:.2f} TB/s; bf16 peak taken as "
+              f"{BF16_PEAK / 1e12:.0f} TFLOP/s; times are µs (median of CUDA-graph replays)\n")
+    cols = ["fmt", "M", "N", "K", "ours", "ours/ds", "deq+mm", "fp8 rw", "bf16 mm", "floor", "frac floor",
+            "ours/bf16", "rel err", "packed MiB", "call MiB ours", "call MiB deq+mm", "config"]
+    rows = []
+    deq_fns = {}
+    nks = NKS[:2] if args.quick else NKS
+    for fmt in args.formats.split(","):
+        for (n, k) in nks:
+            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.05
+            if fmt == "mxfp4":
+                q, s = formats.quantize_mxfp4(w)
+                g = None
+            else:
+                q, s, g = formats.quantize_nvfp4(w)
+                g = g.reshape(1).float()
+            w_bf16 = w.clone()
+            w8 = (w.float() / (w.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
+            w8_scale = (w.float().abs().amax(1, keepdim=True) / 448).reshape(1, n)
+            if fmt not in deq_fns:
+                def deq(x, q, s, g=None, fmt=fmt):
+                    if fmt == "mxfp4":
+                        wd = formats.dequantize_mxfp4(q, s, dtype=torch.bfloat16)
+                    else:
+                        wd = formats.dequantize_nvfp4(q, s, g.reshape(()), dtype=torch.bfloat16)
+                    return x @ wd.T
+                deq_fns[fmt] = torch.compile(deq, dynamic=True)
+            for m in MS:
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                spec = GemmSpec(b_format=fmt)
+                ours = lambda: block_scaled_gemm(x, q, s, spec, global_scale=g, use_pdl=False)  # noqa: E731
+                ref = block_scaled_mm_reference(x.double(), q, s, spec, global_scale=g)
+                err = ((ours().double() - ref).norm() / ref.norm()).item()
+                t_ours = graph_time_us(ours)
+                cfg = choose_gemm_config(m, n, k, spec, x.dtype, _num_sms(dev), 90)
+                t_ds = float("nan")
+                if fmt == "mxfp4":
+                    from dataclasses import replace
+                    cfg_ds = replace(cfg, dot_scaled=True)
+                    try:
+                        t_ds = graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, config=cfg_ds))
+                    except Exception as e:  # noqa: BLE001
+                        print("dot_scaled failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
+                deq_call = lambda: deq_fns[fmt](x, q, s, g)  # noqa: E731
+                try:
+                    t_deq = graph_time_us(deq_call)
+                    mem_deq = call_mib(deq_call)
+                except Exception as e:  # noqa: BLE001
+                    print("deq+mm failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
+                    t_deq = mem_deq = float("nan")
+                x8 = (x.float() / (x.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
+                x8_scale = x.float().abs().amax(1, keepdim=True) / 448
+                try:
+                    t_fp8 = graph_time_us(lambda: torch._scaled_mm(x8, w8.t(), x8_scale, w8_scale,
+                                                                   out_dtype=torch.bfloat16))
+                except Exception as e:  # noqa: BLE001
+                    print("fp8 failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
+                    t_fp8 = float("nan")
+                t_bf16 = graph_time_us(lambda: x @ w_bf16.T)
+                mem_ours = call_mib(ours)
+                weight_bytes = q.numel() + s.numel()
+                floor = max((weight_bytes + x.numel() * 2 + m * n * 2) / bw, 2 * m * n * k / BF16_PEAK) * 1e6
+                rows.append([fmt, m, n, k, f"{t_ours:.1f}", f"{t_ds:.1f}", f"{t_deq:.1f}", f"{t_fp8:.1f}",
+                             f"{t_bf16:.1f}", f"{floor:.1f}", f"{floor / t_ours:.2f}", f"{t_ours / t_bf16:.2f}",
+                             f"{err:.1e}", f"{weight_bytes / 2**20:.1f}", f"{mem_ours:.1f}", f"{mem_deq:.1f}",
+                             f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} sk{cfg.split_k}"])
+                print(" | ".join(str(c) for c in rows[-1]), flush=True)
+                del x, x8
+            del w, w_bf16, q, s, w8
+            torch.cuda.empty_cache()
+    table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    table += "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
+    text = header + "\n" + table
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
