@@ -64,6 +64,15 @@ def grouped_mm_only(xs, h, offs, w13, w2):
     return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
 
 
+def quantize_chunked(fmt, w, group=16):
+    """W.quantize_weight over slices of experts (the quantisers work in fp32: bounded temporaries)."""
+    from inductor_moe.ops import weights as W
+
+    parts = [W.quantize_weight(fmt, w[i:i + group]) for i in range(0, w.shape[0], group)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1].view(torch.uint8) if p[1].dtype != torch.float32
+                                                        else p[1] for p in parts]).view(parts[0][1].dtype)
+
+
 def time_graph(fn, reps=15):
     """Median microseconds per call: graph of REPEAT calls, replayed ``reps`` times."""
     stream = torch.cuda.Stream()
@@ -132,7 +141,7 @@ def run(layers, tokens_for, formats, with_compile, log):
         quant = {}
         for fmt in formats:
             if fmt != "dense":
-                (q13, s13, _), (q2, s2, _) = W.quantize_weight(fmt, w13), W.quantize_weight(fmt, w2)
+                (q13, s13), (q2, s2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
                 quant[fmt] = (q13, q2, dict(w13_scale=s13, w2_scale=s2))
         hf_compiled = torch.compile(hf_grouped_mm, dynamic=True) if with_compile else None
         for T in tokens_for[name]:
@@ -221,6 +230,82 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+# ----------------------------------------------------------------------------- tile sweep
+
+SWEEP_POINTS = [("qwen3-30b-a3b", 16384), ("qwen3-30b-a3b", 4096), ("gpt-oss-120b", 4096), ("dsv4-flash", 4096),
+                ("qwen3-30b-a3b", 1024), ("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 16), ("dsv4-flash", 1)]
+# (block_m or None, L1 (one_dot, block_n, block_k, warps, stages), L2 (block_n, block_k, warps, stages))
+SWEEP_BIG = [(None, None, None),
+             (None, (True, 64, 64, 8, 4), (128, 64, 4, 4)),
+             (None, (True, 128, 64, 8, 3), (256, 64, 8, 3)),
+             (None, (False, 64, 64, 4, 4), (128, 128, 8, 3)),
+             (None, (True, 64, 128, 8, 3), (64, 64, 4, 4)),
+             (64, (True, 64, 64, 4, 4), (128, 64, 4, 4))]
+SWEEP_SMALL = [(None, None, None),
+               (None, (True, 16, 128, 4, 4), (64, 128, 4, 4)),
+               (None, (True, 32, 256, 4, 4), (32, 256, 4, 4)),
+               (None, (True, 64, 128, 4, 6), (128, 128, 4, 6)),
+               (None, (False, 32, 128, 4, 4), (32, 128, 4, 4))]
+
+
+def kernel_times(fn, iters=5):
+    """Mean device microseconds per call of each of our kernels, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        name = ev.key
+        if not name.startswith("moe_"):
+            continue
+        total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        short = "align" if name.startswith("moe_align") else name.split("_kernel")[0].replace("moe_", "")
+        out[short] = out.get(short, 0.0) + total / iters
+    return out
+
+
+def sweep(log):
+    from inductor_moe.lowering.moe import fused_moe_experts, _num_sms
+    from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
+    from inductor_moe.spec import MoESpec
+
+    spec = MoESpec()
+    for name, T in SWEEP_POINTS:
+        E, k, H, I = LAYERS[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
+        w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
+        x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        tw, ids = torch.randn(T, E, device="cuda", generator=g).softmax(-1).topk(k, dim=-1)
+        ids = ids.int()
+        base = choose_moe_config(T, k, E, H, I, "dense", _num_sms(x.device))
+        for bm, v1, v2 in (SWEEP_BIG if base.regime != "decode" else SWEEP_SMALL):
+            cfg = base
+            if bm:
+                cfg = cfg.replace(block_m=bm)
+            if v1:
+                cfg = cfg.replace(gate_up_one_dot=v1[0], gemm1=GemmTiles(*v1[1:]))
+            if v2:
+                cfg = cfg.replace(gemm2=GemmTiles(*v2))
+            fn = lambda: fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg)  # noqa: E731
+            try:
+                kt = kernel_times(fn)
+                total = time_graph(fn, reps=5)
+            except Exception as e:  # noqa: BLE001
+                log(f"sweep {name} T={T} {cfg}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            log(f"sweep {name} T={T} total={total:.1f} " + " ".join(f"{a}={b:.1f}" for a, b in kt.items())
+                + f" | bm={cfg.block_m} one_dot={cfg.gate_up_one_dot} g1={tuple(cfg.gemm1.__dict__.values())}"
+                + f" g2={tuple(cfg.gemm2.__dict__.values())}")
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a subset of layers x token counts")
@@ -228,6 +313,7 @@ def main(argv=None):
     p.add_argument("--tokens", default=None, help="comma-separated token counts (overrides --quick)")
     p.add_argument("--formats", default="dense,fp8_block128,mxfp4")
     p.add_argument("--no-compile", action="store_true", help="skip HF under torch.compile")
+    p.add_argument("--sweep", action="store_true", help="time tile variants per kernel, then exit")
     args = p.parse_args(argv)
     layers = args.layers.split(",")
     if args.tokens:
@@ -242,6 +328,9 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
         print(msg, file=log_file, flush=True)
 
+    if args.sweep:
+        sweep(log)
+        return
     rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log)
     text = header() + "\n\n" + table(rows)
     with open(os.path.join(out_dir, "moe_bench.md"), "w") as f:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import config as moe_config
-from .. import report
+from ..report import record_skip
 from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs
 from ..spec import MoESpec
@@ -171,7 +171,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
     g1 = cfg.gemm1
-    moe_gemm1_kernel[(max_blocks, -(-I // g1.block_n))](
+    moe_gemm1_kernel[(max_blocks * -(-I // g1.block_n),)](
         x, w13_t, s13, b13 if b13 is not None else x, tw, inter,
         sorted_ids, block_expert, expert_start, expert_count,
         H, I, k,
@@ -180,11 +180,11 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         ACTIVATION=ACTIVATION_CODES[spec.activation], HAS_LIMIT=spec.limit is not None, HAS_BIAS=b13 is not None,
         INTERLEAVED=spec.gate_up == "interleaved", WEIGHT_BEFORE_DOWN=spec.weight_position == "before_down",
         WEIGHT_FORMAT=wf, BLOCK_M=BM, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, EVEN_K=H % g1.block_k == 0,
-        USE_PDL=use_pdl, num_warps=g1.num_warps, num_stages=g1.num_stages, **pdl)
+        GATE_UP_ONE_DOT=cfg.gate_up_one_dot, USE_PDL=use_pdl, num_warps=g1.num_warps, num_stages=g1.num_stages, **pdl)
 
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     g2 = cfg.gemm2
-    moe_gemm2_kernel[(max_blocks, -(-H // g2.block_n))](
+    moe_gemm2_kernel[(max_blocks * -(-H // g2.block_n),)](
         inter, w2_t, s2, b2 if b2 is not None else x, tw, rows,
         sorted_ids, block_expert, expert_start, expert_count,
         H, I,
@@ -208,7 +208,7 @@ def moe_experts_cuda(x, topk_ids, topk_weights, w13, w2, spec, w13_scale=None, w
                         w13_global_scale, w2_global_scale, b13, b2)
     reason = unsupported_reason(spec_obj, x.device, x.dtype, w13.dtype)
     if reason is not None:
-        report.record_skip("moe", "lowering", reason)
+        record_skip("moe", "lowering", reason)
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale,
                                      w13_global_scale, w2_global_scale, b13, b2)
     return fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale, b13, b2)

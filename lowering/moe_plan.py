@@ -43,6 +43,7 @@ class MoEKernelConfig:
     combine_block_t: int  # tokens per combine program
     combine_block_h: int  # hidden columns per combine program
     regime: str  # "decode", "mid" or "prefill", for people and the report
+    gate_up_one_dot: bool = True  # L1: one [BK, 2*block_n] weight tile (gate/up alternating) per step
 
     def __post_init__(self):
         if self.block_m not in (16, 32, 64, 128, 256):

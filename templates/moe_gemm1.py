@@ -5,7 +5,10 @@
 # and it reads x[t].  Each program computes BLOCK_N intermediate columns: a gate tile and an up
 # tile (two accumulators), so gate/up never leave registers; only h = act(gate)*(up+offset),
 # rounded to x's dtype, is written, at row t*k + j of the intermediate.
-# Grid: (max_blocks, cdiv(I, BLOCK_N)); blocks past the last used one exit at once.
+# GATE_UP_ONE_DOT: one [BK, 2*BLOCK_N] weight tile per step with gate and up columns alternating,
+# one wider MMA, then split; else two [BK, BLOCK_N] tiles and two accumulators.
+# Grid: (cdiv(I, BLOCK_N) * max_blocks,), N tiles fastest, so the programs running together share
+# one M-block's gathered rows (read once from DRAM, then from L2); blocks past the last exit at once.
 """
 
 import triton
@@ -25,13 +28,14 @@ def moe_gemm1_kernel(
     ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    GATE_UP_ONE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(WEIGHT_FORMAT != 2 or BLOCK_K % 32 == 0, "mxfp4 scales need 32 | BLOCK_K")
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
     pdl_wait(USE_PDL)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
@@ -51,19 +55,34 @@ def moe_gemm1_kernel(
         n_up = n + I
     w_base = w_ptr + e.to(tl.int64) * stride_we
     s_base = w_scale_ptr + e.to(tl.int64) * stride_se
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_xt
+    if GATE_UP_ONE_DOT:
+        j = tl.arange(0, 2 * BLOCK_N)
+        col = pid_n * BLOCK_N + j // 2
+        if INTERLEAVED:
+            n_cat = 2 * col + j % 2
+        else:
+            n_cat = col + (j % 2) * I
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    else:
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             a = tl.load(x_rows + k[None, :], mask=row_mask[:, None], other=0.0)
         else:
             a = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k[None, :] < H), other=0.0)
-        acc_gate = weight_tile_dot(acc_gate, a, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn, stride_wk,
-                                   stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
-        acc_up = weight_tile_dot(acc_up, a, w_base, s_base, n_up, k0, H, 2 * I, stride_wn, stride_wk,
-                                 stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+        if GATE_UP_ONE_DOT:
+            acc = weight_tile_dot(acc, a, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
+                                  stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+        else:
+            acc_gate = weight_tile_dot(acc_gate, a, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn, stride_wk,
+                                       stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+            acc_up = weight_tile_dot(acc_up, a, w_base, s_base, n_up, k0, H, 2 * I, stride_wn, stride_wk,
+                                     stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+    if GATE_UP_ONE_DOT:
+        acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
     pdl_launch_dependents(USE_PDL)
 
     n_mask = n < I

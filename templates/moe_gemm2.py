@@ -3,7 +3,7 @@
 # T: tokens, k: experts per token, I: expert intermediate size (the K of this GEMM), H: hidden
 # M-block b holds rows of expert block_expert[b]; row r reads intermediate[sorted_ids[r]] and
 # writes rows_out[sorted_ids[r]], so every (token, slot) owns one output row and the combine
-# can add them in a fixed order.  Grid: (max_blocks, cdiv(H, BLOCK_N)).
+# can add them in a fixed order.  Grid: (cdiv(H, BLOCK_N) * max_blocks,), N tiles fastest.
 """
 
 import triton
@@ -25,8 +25,9 @@ def moe_gemm2_kernel(
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(H, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
     pdl_wait(USE_PDL)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:

@@ -35,6 +35,9 @@ CASES = [
     _case("t5_k2", T=5, k=2),
     _case("t33_k6_e8", T=33, k=6, I=48),
     _case("t33_k2_e4_i64", T=33, E=4, k=2, I=64),
+    _case("two_dot_gate_up", T=33, k=2, I=48, overrides={"gate_up_one_dot": False}),
+    _case("two_dot_interleaved_transposed", T=5, k=6, spec="gate_up=interleaved,transposed=True",
+          overrides={"gate_up_one_dot": False}),
     _case("gpt_oss", T=33, k=2, spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved,transposed=True",
           bias=True),
     _case("gelu", T=5, k=2, spec="activation=gelu"),
@@ -199,6 +202,23 @@ def test_plan_regimes_and_overrides():
         choose_moe_config(1, 8, 128, 2048, 768, overrides={"block_m": 48})
 
 
+def test_cuda_impl_falls_back_on_cpu_with_reason():
+    from inductor_moe import config
+    from inductor_moe.lowering.moe import moe_experts_cuda
+    from inductor_moe.ops.moe_experts import moe_experts_reference
+    from inductor_moe.report import report
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16, generator=gen)
+    ids = torch.tensor([[0, 1], [1, -1], [2, 0]])
+    tw = torch.rand(3, 2, generator=gen)
+    w13, w2 = torch.randn(3, 16, 16, generator=gen), torch.randn(3, 16, 8, generator=gen)
+    with config.patch(fallback="silent"), report() as r:
+        out = moe_experts_cuda(x, ids, tw, w13, w2, "")
+    assert any("cpu" in s.reason for s in r.skipped)
+    torch.testing.assert_close(out, moe_experts_reference(x, ids, tw, w13, w2, ""))
+
+
 def test_describe_on_cpu_names_reference():
     from inductor_moe.lowering.moe import describe_moe_lowering
 
@@ -325,14 +345,15 @@ def test_gpu_pdl_on_off_bitwise_equal_and_graph_capturable():
 @pytest.mark.gpu
 @gpu
 def test_gpu_unsupported_falls_back_with_reason():
-    from inductor_moe import config, report
+    from inductor_moe import config
     from inductor_moe.lowering import moe
     from inductor_moe.ops.moe_experts import moe_experts_reference
+    from inductor_moe.report import report
 
     moe.register()
     spec, x, ids, tw, w13, w2, kw = _gpu_inputs(4, 8, 256, 128, 2, "dense")
     spec = "act_format=fp8_block128"
-    with config.patch(fallback="silent"), report.report() as r:
+    with config.patch(fallback="silent"), report() as r:
         out = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec)
     assert any("act_format" in s.reason for s in r.skipped)
     torch.testing.assert_close(out, moe_experts_reference(x, ids, tw, w13, w2, spec))
