@@ -10,11 +10,15 @@ import importlib
 
 # MoE idioms, most specific first.
 MOE_PATTERNS = (
+    "hf_grouped_mm",  # 3-D expert params, tokens sorted by expert, _grouped_mm / transformers fallback op
+    "hf_batched_mm",  # 3-D expert params gathered per row (w[ids]) and applied with bmm / einsum
     "modulelist_loop",  # per-expert nn.Linear triples in a static loop, torch.where + index_add_
 )
 
 # Block-scaled FP4 matmul idioms.
-FP4_PATTERNS = ()
+FP4_PATTERNS = (
+    "fp4_dequant_matmul",  # unpack nibbles -> e2m1 -> x block scale -> linear / mm / bmm
+)
 
 
 def load(names):

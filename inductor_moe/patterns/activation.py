@@ -90,7 +90,18 @@ def identify_glu(gate: fx.Node, up: fx.Node, h: fx.Node) -> dict:
         raise ActivationUnknown(f"could not evaluate the activation sub-graph ({type(e).__name__})") from e
     if got.shape != gg.shape:
         raise ActivationUnknown(f"activation changes the shape (gate {tuple(gate_shape)})")
-    consts = _constants(nodes)
+    found = _match_variant(got, gg, uu, _constants(nodes))
+    if found is None:
+        raise ActivationUnknown(_UNSUPPORTED)
+    return found
+
+
+_UNSUPPORTED = ("the expert activation is not a supported gated form "
+                "(silu/gelu/gelu_tanh, optional alpha, clamp limit, up+1)")
+
+
+def _match_variant(got, gg, uu, consts) -> Optional[dict]:
+    """The activation fields whose ``apply_activation(gg, uu)`` equals ``got``, or None."""
     alphas = [1.0] + sorted(c for c in consts if c not in (0.0, 1.0))
     limits = [None] + sorted(c for c in consts if c > 1.0)
     for activation, alpha, limit, up_offset in itertools.product(("silu", "gelu", "gelu_tanh"), alphas, limits,
@@ -99,10 +110,43 @@ def identify_glu(gate: fx.Node, up: fx.Node, h: fx.Node) -> dict:
             continue
         spec = MoESpec(activation=activation, alpha=alpha, limit=limit, up_offset=up_offset)
         want = apply_activation(gg, uu, spec)
-        if torch.allclose(got, want, rtol=1e-9, atol=1e-9, equal_nan=False):
+        if got.shape == want.shape and torch.allclose(got, want, rtol=1e-9, atol=1e-9, equal_nan=False):
             return {"activation": activation, "alpha": alpha, "limit": limit, "up_offset": up_offset}
-    raise ActivationUnknown("the expert activation is not a supported gated form "
-                            "(silu/gelu/gelu_tanh, optional alpha, clamp limit, up+1)")
+    return None
+
+
+def identify_packed_glu(h13: fx.Node, h: fx.Node) -> dict:
+    """Like ``identify_glu`` when gate and up come packed in one tensor ``h13 [..., 2I]`` (a fused
+    gate_up projection) and ``h = f(h13)`` splits it itself: also finds the layout, ``gate_up``
+    "concat" (``chunk(2, -1)``) or "interleaved" (``[..., ::2]`` / ``[..., 1::2]``)."""
+    nodes = _subgraph([h13], h)
+    shape = h13.meta["val"].shape
+    if len(shape) < 2 or not isinstance(shape[-1], int) or shape[-1] % 2 or any(d != 1 for d in shape[1:-1]):
+        raise ActivationUnknown(f"gate/up projection output has shape {tuple(shape)}")
+    inter = shape[-1] // 2
+    g = torch.linspace(-24.0, 24.0, _PROBE_POINTS, dtype=torch.float64)
+    gg, uu = torch.meshgrid(g, torch.linspace(-13.0, 13.0, 53, dtype=torch.float64), indexing="ij")
+    gg, uu = gg.reshape(-1), uu.reshape(-1)
+    rows = -(-gg.numel() // inter)
+    pad = rows * inter - gg.numel()
+    ones = (1,) * (len(shape) - 2)  # rows first, then the size-1 dims the graph carries ([S, 1, 2I])
+    gg = torch.cat([gg, gg[:pad]]).reshape(rows, *ones, inter)
+    uu = torch.cat([uu, uu[:pad]]).reshape(rows, *ones, inter)
+    consts = _constants(nodes)
+    for layout in ("concat", "interleaved"):
+        packed = torch.cat([gg, uu], -1) if layout == "concat" else torch.stack([gg, uu], -1).flatten(-2)
+        try:
+            got = _evaluate(nodes, [h13], h, [packed])
+        except ActivationUnknown:
+            raise
+        except Exception as e:
+            raise ActivationUnknown(f"could not evaluate the activation sub-graph ({type(e).__name__})") from e
+        if got.numel() == gg.numel():  # size-1 dims may be squeezed away inside the activation
+            got = got.reshape(gg.shape)
+        found = _match_variant(got, gg, uu, consts)
+        if found is not None:
+            return {**found, "gate_up": layout}
+    raise ActivationUnknown(_UNSUPPORTED)
 
 
 def identify_unary(gate: fx.Node, act: fx.Node) -> Optional[str]:
