@@ -7,19 +7,18 @@ import triton
 import triton.language as tl
 
 # fp32 bit patterns used below
-_F32_HALF = tl.constexpr(252 << 22)  # 0.5 = 2^-1: biased exponent 126 in bits 23..30
+_TWO_POW_126 = tl.constexpr(2.0**126)  # rescales e2m1 bits placed at the bottom of the fp32 exponent
 _F32_SUBNORMAL_2M127 = tl.constexpr(0x00400000)  # 2^-127, the value of e8m0 byte 0
 
 
 @triton.jit
 def e2m1_to_f32(code):
-    """e2m1 code (sign << 3 | exponent << 1 | mantissa) -> float32.
-    Magnitude index x = 2e + m: x >= 2 is 2^(e-1) * (1 + m/2), whose fp32 bits are (x + 252) << 22;
-    x == 1 is 0.5; x == 0 is 0."""
-    mag = code & 7
-    bits = tl.where(mag > 1, (mag + 252) << 22, tl.where(mag == 1, _F32_HALF, 0))
-    bits = bits | ((code & 8) << 28)
-    return bits.to(tl.float32, bitcast=True)
+    """e2m1 code (sign << 3 | exponent << 1 | mantissa) -> float32, in five integer ops and one
+    multiply: placing the 3 magnitude bits at fp32 bits 22..24 gives 2^(e-127) * (1 + m/2), or the
+    subnormal m * 2^-127 for e == 0; times 2^126 that is exactly the e2m1 value (IEEE multiply,
+    subnormal input kept: Triton does not flush fp32 multiplies to zero)."""
+    bits = ((code & 7) << 22) | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * _TWO_POW_126
 
 
 @triton.jit
