@@ -19,6 +19,7 @@ MOE_PATTERNS = (
 FP4_PATTERNS = (
     "fp4_scaled_mm",  # torch._scaled_mm / F.scaled_mm with float4_e2m1fn_x2 operands and block scales
     "fp4_dequant_matmul",  # unpack nibbles -> e2m1 -> x block scale -> linear / mm / bmm
+    "fp4_linear_quantized",  # opt-in (config.linear_weight_format): bf16 nn.Linear quantised once
 )
 
 

@@ -144,6 +144,8 @@ def _plan(graph, node, x, operand, bias, sub, batched):
     block = formats.MX_BLOCK if ident.fmt == "mxfp4" else formats.NV_BLOCK
 
     def rewrite(graph: fx.Graph):
+        # re-read the activation (and bias): an earlier rewrite may have replaced the node feeding us
+        x, bias = (node.args[1], node.args[0]) if is_op(node, aten.addmm) else (node.args[0], None)
         output, act, extra = epilogue_activation(node)
         spec = GemmSpec(b_format=ident.fmt, out_dtype=_OUT_DTYPES[val(node).dtype], activation=act)
         region = [*sub.nodes, node, *extra]
