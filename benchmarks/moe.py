@@ -65,12 +65,19 @@ def grouped_mm_only(xs, h, offs, w13, w2):
 
 
 def quantize_chunked(fmt, w, group=16):
-    """W.quantize_weight over slices of experts (the quantisers work in fp32: bounded temporaries)."""
+    """W.quantize_weight over slices of experts (the quantisers work in fp32: bounded temporaries).
+    Returns the keyword arguments of the op for one weight: (weight, {"scale": .., "global_scale": ..})."""
     from inductor_moe.ops import weights as W
 
     parts = [W.quantize_weight(fmt, w[i:i + group]) for i in range(0, w.shape[0], group)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1].view(torch.uint8) if p[1].dtype != torch.float32
-                                                        else p[1] for p in parts]).view(parts[0][1].dtype)
+    q = torch.cat([p[0] for p in parts])
+    sdt = parts[0][1].dtype
+    scale = torch.cat([p[1].view(torch.uint8) if p[1].element_size() == 1 else p[1] for p in parts])
+    scale = scale.view(sdt) if scale.dtype != sdt else scale
+    extra = {"scale": scale}
+    if parts[0][2] is not None:
+        extra["global_scale"] = torch.cat([p[2] for p in parts])
+    return q, extra
 
 
 def time_graph(fn, reps=15):
@@ -141,8 +148,9 @@ def run(layers, tokens_for, formats, with_compile, log):
         quant = {}
         for fmt in formats:
             if fmt != "dense":
-                (q13, s13), (q2, s2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
-                quant[fmt] = (q13, q2, dict(w13_scale=s13, w2_scale=s2))
+                (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
+                kw = {f"w13_{key}": v for key, v in e13.items()} | {f"w2_{key}": v for key, v in e2.items()}
+                quant[fmt] = (q13, q2, kw)
         hf_compiled = torch.compile(hf_grouped_mm, dynamic=True) if with_compile else None
         for T in tokens_for[name]:
             x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
@@ -186,19 +194,20 @@ def run(layers, tokens_for, formats, with_compile, log):
 
 
 COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "ours bf16 no-PDL"),
-           ("fp8_block128", "ours fp8"), ("mxfp4", "ours mxfp4"), ("floor_fp4", "floor fp4"),
+           ("fp8_block128", "ours fp8"), ("mxfp4", "ours mxfp4"), ("nvfp4", "ours nvfp4"), ("floor_fp4", "floor fp4"),
            ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2")]
 
 
 def table(rows) -> str:
-    head = ["layer", "T"] + [c[1] for c in COLUMNS] + ["bf16 frac floor", "mxfp4 frac fp4 floor",
+    head = ["layer", "T"] + [c[1] for c in COLUMNS] + ["bf16 frac floor", "best fp4 frac fp4 floor",
                                                       "vs HF compiled", "peak MiB ours / HF"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["layer"], str(r["T"])]
         cells += [f"{r[key]:.1f}" if key in r else "-" for key, _ in COLUMNS]
         cells.append(f"{r['floor'] / r['dense']:.2f}" if "dense" in r else "-")
-        cells.append(f"{r['floor_fp4'] / r['mxfp4']:.2f}" if "mxfp4" in r else "-")
+        fp4 = [r[f] for f in ("mxfp4", "nvfp4") if f in r]
+        cells.append(f"{r['floor_fp4'] / min(fp4):.2f}" if fp4 else "-")
         cells.append(f"{r['hf_compiled'] / r['dense']:.2f}x" if "hf_compiled" in r and "dense" in r else "-")
         cells.append(f"{r['mem']:.0f} / {r['hf_mem']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -269,6 +278,51 @@ def kernel_times(fn, iters=5):
     return out
 
 
+FP4_SWEEP_POINTS = [("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 16), ("qwen3-30b-a3b", 1024), ("qwen3-30b-a3b", 4096),
+                    ("gpt-oss-120b", 1)]
+
+
+def sweep_fp4(log):
+    """mxfp4 through tl.dot_scaled vs e2m1 decoded in registers; nvfp4; per kernel."""
+    from inductor_moe.lowering.moe import _num_sms, fused_moe_experts
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.spec import MoESpec
+
+    for name, T in FP4_SWEEP_POINTS:
+        E, k, H, I = LAYERS[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
+        w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
+        x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        tw, ids = torch.randn(T, E, device="cuda", generator=g).softmax(-1).topk(k, dim=-1)
+        ids = ids.int()
+        for fmt in ("mxfp4", "nvfp4"):
+            (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
+            kw = dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),
+                      w2_global_scale=e2.get("global_scale"))
+            base = choose_moe_config(T, k, E, H, I, fmt, _num_sms(x.device))
+            variants = [base, base.replace(fp4_dot_scaled=True)] if fmt == "mxfp4" else [base]
+            if base.regime == "decode":
+                variants.append(base.replace(gemm1=base.gemm1.__class__(16, 256, 4, 4),
+                                             gemm2=base.gemm2.__class__(32, 256, 4, 4)))
+            for cfg in variants:
+                spec = MoESpec(weight_format=fmt)
+                fn = lambda: fused_moe_experts(x, ids, tw, q13, q2, spec, kernel_config=cfg, **kw)  # noqa: E731
+                try:
+                    kt = kernel_times(fn)
+                    total = time_graph(fn, reps=5)
+                except Exception as e:  # noqa: BLE001
+                    log(f"sweep-fp4 {name} T={T} {fmt}: {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                log(f"sweep-fp4 {name} T={T} {fmt} total={total:.1f} "
+                    + " ".join(f"{a}={b:.1f}" for a, b in kt.items())
+                    + f" | dot_scaled={cfg.fp4_dot_scaled} bm={cfg.block_m} g1={tuple(cfg.gemm1.__dict__.values())}"
+                    + f" g2={tuple(cfg.gemm2.__dict__.values())}")
+            del q13, q2, kw
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
 def sweep(log):
     from inductor_moe.lowering.moe import fused_moe_experts, _num_sms
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
@@ -311,9 +365,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a subset of layers x token counts")
     p.add_argument("--layers", default=",".join(LAYERS))
     p.add_argument("--tokens", default=None, help="comma-separated token counts (overrides --quick)")
-    p.add_argument("--formats", default="dense,fp8_block128,mxfp4")
+    p.add_argument("--formats", default="dense,fp8_block128,mxfp4,nvfp4")
     p.add_argument("--no-compile", action="store_true", help="skip HF under torch.compile")
     p.add_argument("--sweep", action="store_true", help="time tile variants per kernel, then exit")
+    p.add_argument("--sweep-fp4", action="store_true", help="time fp4 kernel variants, then exit")
     args = p.parse_args(argv)
     layers = args.layers.split(",")
     if args.tokens:
@@ -328,8 +383,8 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
         print(msg, file=log_file, flush=True)
 
-    if args.sweep:
-        sweep(log)
+    if args.sweep or args.sweep_fp4:
+        sweep(log) if args.sweep else sweep_fp4(log)
         return
     rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log)
     text = header() + "\n\n" + table(rows)

@@ -27,7 +27,7 @@ from ..spec import MoESpec
 from .moe_plan import MoEKernelConfig, choose_moe_config
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4")  # what the templates read
+KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4", "nvfp4")  # what the templates read
 
 
 def _interpreting() -> bool:
@@ -73,8 +73,6 @@ def unsupported_reason(spec: MoESpec, device: torch.device, x_dtype: torch.dtype
     fmt = spec.effective_weight_format
     if fmt not in KERNEL_WEIGHT_FORMATS:
         return f"weight format {fmt!r} is not implemented in the fused kernels yet"
-    if fmt == "mxfp4" and x_dtype != torch.bfloat16:
-        return "mxfp4 weights need bfloat16 activations (tl.dot_scaled)"
     if spec.weight_format == "dense" and spec.quantize_weights is None and w_dtype is not None and w_dtype != x_dtype:
         return f"dense weights of dtype {w_dtype} with activations of dtype {x_dtype}"
     return None
@@ -105,12 +103,12 @@ def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
             strides = (w.stride(0), w.stride(1), w.stride(2))
         return w, w, strides, (0, 0, 0)
     if fmt == "mxfp4":
-        scale = scale.view(torch.uint8)
+        scale = scale.view(torch.uint8)  # e8m0 bytes
     return w, scale, (w.stride(0), w.stride(1), w.stride(2)), (scale.stride(0), scale.stride(1), scale.stride(2))
 
 
 def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale=None, w2_scale=None,
-                      b13=None, b2=None, *, kernel_config: Optional[MoEKernelConfig] = None,
+                      b13=None, b2=None, w13_global_scale=None, w2_global_scale=None, *, kernel_config: Optional[MoEKernelConfig] = None,
                       use_pdl: Optional[bool] = None) -> torch.Tensor:
     """Run the fused kernels (inputs already validated and supported).  Works on CUDA, and on CPU
     under TRITON_INTERPRET=1."""
@@ -130,7 +128,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         return out.zero_()
     fmt = spec.effective_weight_format
     if spec.quantize_weights is not None:
-        (w13, w13_scale, _), (w2, w2_scale, _) = W.quantized_expert_weights(spec, w13, w2)
+        (w13, w13_scale, w13_global_scale), (w2, w2_scale, w2_global_scale) = W.quantized_expert_weights(
+            spec, w13, w2)
         spec = MoESpec(**{**spec.__dict__, "quantize_weights": None, "weight_format": fmt, "transposed": False})
     if use_pdl is None:
         use_pdl = pdl_enabled(x.device)
@@ -169,10 +168,13 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     wf = WEIGHT_FORMAT_CODES[fmt]
     w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
+    g13 = w13_global_scale if w13_global_scale is not None else x
+    g2s = w2_global_scale if w2_global_scale is not None else x
+    fp4_dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and x.dtype == torch.bfloat16
     inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
     g1 = cfg.gemm1
     moe_gemm1_kernel[(max_blocks * -(-I // g1.block_n),)](
-        x, w13_t, s13, b13 if b13 is not None else x, tw, inter,
+        x, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
         sorted_ids, block_expert, expert_start, expert_count,
         H, I, k,
         x.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
@@ -180,18 +182,18 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         ACTIVATION=ACTIVATION_CODES[spec.activation], HAS_LIMIT=spec.limit is not None, HAS_BIAS=b13 is not None,
         INTERLEAVED=spec.gate_up == "interleaved", WEIGHT_BEFORE_DOWN=spec.weight_position == "before_down",
         WEIGHT_FORMAT=wf, BLOCK_M=BM, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, EVEN_K=H % g1.block_k == 0,
-        GATE_UP_ONE_DOT=cfg.gate_up_one_dot, USE_PDL=use_pdl, num_warps=g1.num_warps, num_stages=g1.num_stages, **pdl)
+        GATE_UP_ONE_DOT=cfg.gate_up_one_dot, FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, num_warps=g1.num_warps, num_stages=g1.num_stages, **pdl)
 
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     g2 = cfg.gemm2
     moe_gemm2_kernel[(max_blocks * -(-H // g2.block_n),)](
-        inter, w2_t, s2, b2 if b2 is not None else x, tw, rows,
+        inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
         sorted_ids, block_expert, expert_start, expert_count,
         H, I,
         w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0,
         HAS_BIAS=b2 is not None, WEIGHT_AFTER_DOWN=spec.weight_position == "after_down", WEIGHT_FORMAT=wf,
         BLOCK_M=BM, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, EVEN_K=I % g2.block_k == 0,
-        USE_PDL=use_pdl, num_warps=g2.num_warps, num_stages=g2.num_stages, **pdl)
+        FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, num_warps=g2.num_warps, num_stages=g2.num_stages, **pdl)
 
     bt, bh = cfg.combine_block_t, cfg.combine_block_h
     moe_combine_kernel[(-(-T // bt), -(-H // bh))](rows, ids, out, T, H, E, out.stride(0), TOP_K=k,
@@ -211,7 +213,8 @@ def moe_experts_cuda(x, topk_ids, topk_weights, w13, w2, spec, w13_scale=None, w
         record_skip("moe", "lowering", reason)
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale,
                                      w13_global_scale, w2_global_scale, b13, b2)
-    return fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale, b13, b2)
+    return fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale, b13, b2,
+                             w13_global_scale, w2_global_scale)
 
 
 _registered = False

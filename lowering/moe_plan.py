@@ -44,6 +44,7 @@ class MoEKernelConfig:
     combine_block_h: int  # hidden columns per combine program
     regime: str  # "decode", "mid" or "prefill", for people and the report
     gate_up_one_dot: bool = True  # L1: one [BK, 2*block_n] weight tile (gate/up alternating) per step
+    fp4_dot_scaled: bool = False  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
 
     def __post_init__(self):
         if self.block_m not in (16, 32, 64, 128, 256):
@@ -88,15 +89,19 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         regime, block_m = "prefill", 128
 
     def tiles_for(n_out: int, k_dim: int, two_acc: bool) -> GemmTiles:
-        if regime == "prefill":
-            bn = 64 if two_acc else 128
-            return GemmTiles(block_n=bn, block_k=64, num_warps=8 if not two_acc else 4, num_stages=4)
+        # measured on H100 (benchmarks/NOTES.md, sweep at d67d346)
+        if regime == "prefill":  # L1: 128 x (2*128) MMA tile; L2: 128 x 256
+            return GemmTiles(block_n=128 if two_acc else 256, block_k=64, num_warps=8, num_stages=3)
+        if block_m == 64:
+            return GemmTiles(block_n=64 if two_acc else 128, block_k=64, num_warps=4, num_stages=4)
         # weight-bandwidth bound: enough programs for ~2 waves over the active experts
         blocks_m = max(1, n_entries // block_m) if regime == "mid" else active
         bn = 128 if not two_acc else 64
         while bn > 32 and blocks_m * -(-n_out // bn) < 2 * num_sms:
             bn //= 2
         bk = 128 if k_dim >= 128 else _pow2_at_least(max(k_dim, 16))
+        if weight_format in ("mxfp4", "nvfp4") and k_dim >= 256:
+            bk = 256  # half the bytes per K step: keep as many bytes in flight as bf16 does
         stages = 4 if regime == "decode" else 3
         return GemmTiles(block_n=bn, block_k=bk, num_warps=4, num_stages=stages)
 
@@ -105,11 +110,11 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
     g2 = tiles_for(hidden, intermediate, two_acc=False)
     g1 = dataclasses.replace(g1, block_k=min(g1.block_k, bk_cap))
     g2 = dataclasses.replace(g2, block_k=min(g2.block_k, bk_cap))
-    if weight_format in ("mxfp4",):
+    if weight_format in ("mxfp4", "nvfp4"):
         g1 = dataclasses.replace(g1, block_k=max(g1.block_k, 64))
         g2 = dataclasses.replace(g2, block_k=max(g2.block_k, 64))
 
-    align_chunk = max(16, min(256, 16384 // e_p2))
+    align_chunk = max(16, min(256, 16384 // e_p2, _pow2_at_least(n_entries)))
     cfg = MoEKernelConfig(
         block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk,
         align_single=n_entries <= ALIGN_SINGLE_MAX_ENTRIES,

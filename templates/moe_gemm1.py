@@ -20,7 +20,7 @@ from .moe_tiles import weight_tile_dot
 
 @triton.jit
 def moe_gemm1_kernel(
-    x_ptr, w_ptr, w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
+    x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
     sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
     H, I, top_k,
     stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
@@ -28,11 +28,11 @@ def moe_gemm1_kernel(
     ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    GATE_UP_ONE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
+    GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
-    tl.static_assert(WEIGHT_FORMAT != 2 or BLOCK_K % 32 == 0, "mxfp4 scales need 32 | BLOCK_K")
+    tl.static_assert(WEIGHT_FORMAT < 2 or BLOCK_K % 32 == 0, "fp4 scales need 32 | BLOCK_K")
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
@@ -75,14 +75,18 @@ def moe_gemm1_kernel(
             a = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k[None, :] < H), other=0.0)
         if GATE_UP_ONE_DOT:
             acc = weight_tile_dot(acc, a, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
-                                  stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+                                  stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
         else:
             acc_gate = weight_tile_dot(acc_gate, a, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn, stride_wk,
-                                       stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+                                       stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
             acc_up = weight_tile_dot(acc_up, a, w_base, s_base, n_up, k0, H, 2 * I, stride_wn, stride_wk,
-                                     stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+                                     stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
     if GATE_UP_ONE_DOT:
         acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once
+        gscale = tl.load(w_gscale_ptr + e)
+        acc_gate *= gscale
+        acc_up *= gscale
     pdl_launch_dependents(USE_PDL)
 
     n_mask = n < I

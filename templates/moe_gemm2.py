@@ -15,13 +15,13 @@ from .moe_tiles import weight_tile_dot
 
 @triton.jit
 def moe_gemm2_kernel(
-    inter_ptr, w_ptr, w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
+    inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
     sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
     H, I,
     stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
@@ -49,10 +49,12 @@ def moe_gemm2_kernel(
         else:
             a = tl.load(a_rows + k[None, :], mask=row_mask[:, None] & (k[None, :] < I), other=0.0)
         acc = weight_tile_dot(acc, a, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
-                              stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+                              stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
     pdl_launch_dependents(USE_PDL)
 
     n_mask = n < H
+    if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once
+        acc *= tl.load(w_gscale_ptr + e)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * stride_be + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if WEIGHT_AFTER_DOWN:

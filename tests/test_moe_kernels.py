@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2}
+TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
@@ -56,6 +56,12 @@ CASES = [
           spec="gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True),
     _case("mxfp4", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True),
     _case("mxfp4_interleaved", T=5, k=6, I=64, weight_format="mxfp4", spec="gate_up=interleaved"),
+    _case("mxfp4_dot_scaled", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
+          overrides={"fp4_dot_scaled": True}),
+    _case("mxfp4_fp16_bias", T=5, k=2, I=64, H=128, dtype="float16", weight_format="mxfp4", bias=True),
+    _case("nvfp4", T=33, k=6, I=64, weight_format="nvfp4", bad_ids=True),
+    _case("nvfp4_gpt_oss", T=5, k=2, I=32, weight_format="nvfp4",
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", bias=True),
     _case("quantize_fp8", T=5, k=2, I=64, spec="quantize_weights=fp8_block128"),
 ]
 
@@ -92,6 +98,8 @@ def _inputs(case, gen):
     else:
         (w13, s13, g13), (w2, s2, g2) = W.quantize_weight(fmt, w13), W.quantize_weight(fmt, w2)
         extra = dict(w13_scale=s13, w2_scale=s2)
+        if g13 is not None:
+            extra.update(w13_global_scale=g13, w2_global_scale=g2)
     b13 = (torch.randn(E, 2 * I, generator=gen) * 0.1).to(dtype) if case["bias"] else None
     b2 = (torch.randn(E, H, generator=gen) * 0.1).to(dtype) if case["bias"] else None
     return s, spec, x, ids, tw, w13, w2, extra, b13, b2
@@ -252,8 +260,10 @@ def _gpu_inputs(T, E, H, I, k, fmt, spec_extra="", bias=False, seed=0, bad_ids=F
             w13, w2 = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
         w13, w2 = w13.bfloat16(), w2.bfloat16()
     else:
-        (w13, s13, _), (w2, s2, _) = W.quantize_weight(fmt, w13), W.quantize_weight(fmt, w2)
+        (w13, s13, g13), (w2, s2, g2) = W.quantize_weight(fmt, w13), W.quantize_weight(fmt, w2)
         kw = dict(w13_scale=s13, w2_scale=s2)
+        if g13 is not None:
+            kw.update(w13_global_scale=g13, w2_global_scale=g2)
     if bias:
         kw["b13"] = (torch.randn(E, 2 * I, device=dev, generator=g) * 0.1).bfloat16()
         kw["b2"] = (torch.randn(E, H, device=dev, generator=g) * 0.1).bfloat16()
@@ -282,7 +292,7 @@ def _check_gpu(T, E, H, I, k, fmt="dense", spec_extra="", bias=False, seed=0, ba
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("T", [0, 1, 16, 128, 1024])
-@pytest.mark.parametrize("fmt", ["dense", "fp8_block128", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["dense", "fp8_block128", "mxfp4", "nvfp4"])
 def test_gpu_qwen3_layer(T, fmt):
     if T == 0:
         from inductor_moe.lowering import moe
@@ -311,7 +321,7 @@ def test_gpu_random_shapes(seed):
     while E * H * I > 2 ** 27 and E > 8:  # keep the float64 reference's weights under ~3 GiB
         E //= 2
     k = min(k, E)
-    fmt = rng.choice(["dense", "fp8_block128", "mxfp4"])
+    fmt = rng.choice(["dense", "fp8_block128", "mxfp4", "nvfp4"])
     spec_extra = rng.choice(["", "activation=gelu", "gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0",
                              "weight_position=before_down", "activation=gelu_tanh,limit=10.0"])
     if fmt == "dense" and rng.random() < 0.5:
