@@ -170,9 +170,9 @@ class StackedMoE(nn.Module):
     weights), "einsum" (gathered weights), or "grouped_mm" (sorted tokens, offsets)."""
 
     def __init__(self, hidden=H, inter=I, num_experts=E, top_k=2, via="bmm", router="softmax_topk",
-                 shared=False, combine="weighted_sum"):
+                 shared=False, combine="weighted_sum", leak=False):
         super().__init__()
-        self.E, self.k, self.via, self.combine = num_experts, top_k, via, combine
+        self.E, self.k, self.via, self.combine, self.leak = num_experts, top_k, via, combine, leak
         self.router = Router(hidden, num_experts, top_k, router)
         self.w13 = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) * hidden ** -0.5)
         self.w2 = nn.Parameter(torch.randn(num_experts, hidden, inter) * inter ** -0.5)
@@ -205,9 +205,13 @@ class StackedMoE(nn.Module):
 
     def forward(self, x):
         w, ids = self.router(x)
-        y = self.experts(x, ids).view(x.shape[0], self.k, -1)
+        rows = self.experts(x, ids)
+        y = rows.view(x.shape[0], self.k, x.shape[1])
         if self.combine == "weighted_sum":
             out = (y * w.unsqueeze(-1)).sum(1)
-        else:  # a max over the top-k: not a weighted sum
+        elif self.combine == "max":  # a max over the top-k: not a weighted sum
             out = (y * w.unsqueeze(-1)).amax(1)
-        return out + self.shared(x) if self.shared is not None else out
+        else:  # "unweighted": the routing weights never reach the output
+            out = y.sum(1)
+        out = out + self.shared(x) if self.shared is not None else out
+        return (out, rows) if self.leak else out  # leak: the experts' rows are also a model output

@@ -13,6 +13,7 @@ MOE_PATTERNS = (
     "hf_grouped_mm",  # 3-D expert params, tokens sorted by expert, _grouped_mm / transformers fallback op
     "hf_batched_mm",  # 3-D expert params gathered per row (w[ids]) and applied with bmm / einsum
     "modulelist_loop",  # per-expert nn.Linear triples in a static loop, torch.where + index_add_
+    "hf_eager_loop",  # HF experts_implementation="eager": never one graph; reported as skipped, with the fix
 )
 
 # Block-scaled FP4 matmul idioms.
