@@ -8,6 +8,8 @@ its version counter), never per call:
 * ``inductor_moe::block_scaled_mm_relayout(a, b, b_scale, spec, layout, ...)``: FP4 weights
   stored high nibble first, and/or scales in the swizzled 128x4 layout that cuBLAS's
   ``_scaled_mm`` reads; weights are re-laid out once (cached), activation scales per call.
+  Plain scales of another shape (one row per operand row, e.g. gpt-oss's or flat ones) are
+  reshaped inside the op, so graphs never view e8m0 tensors (Inductor's CPU codegen has no e8m0).
 
 Both are defined by their references, which call ``block_scaled_mm``; on CUDA that dispatches
 to its Triton lowering.
@@ -130,6 +132,11 @@ def canonical_operands(a, b, b_scale, spec: str, layout: str, a_scale=None):
     if "a_scale_swizzled" in items and a_scale is not None:
         rows = a.numel() // a.shape[-1]
         a_scale = unswizzle_128x4(a_scale, rows, k // BLOCKS[s.a_format]).reshape(*a.shape[:-1], -1)
+    # plain scales of any shape holding one row per operand row (e.g. flat): [rows, K / block]
+    if b_scale.dim() != 2 or b_scale.shape[0] != n:
+        b_scale = b_scale.reshape(n, -1)
+    if a_scale is not None and a_scale.shape[:-1] != a.shape[:-1]:
+        a_scale = a_scale.reshape(*a.shape[:-1], -1)
     return a, b, b_scale, a_scale
 
 

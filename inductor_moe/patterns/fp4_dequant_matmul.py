@@ -95,6 +95,7 @@ def identify(sub: WeightSubgraph, operand: fx.Node, graph: fx.Graph, n: int, k: 
         raise RegionRejected(f"K={k} is not a multiple of the mxfp4 block 32")
     if not val(packed).is_contiguous():
         raise RegionRejected(f"packed FP4 weight {packed.name} is not contiguous; call .contiguous() once at load")
+    unknown = None
     for fmt, scale in candidates:
         others = [l for l in rest if l is not scale and l.op == "placeholder"]
         glob = None
@@ -102,8 +103,10 @@ def identify(sub: WeightSubgraph, operand: fx.Node, graph: fx.Graph, n: int, k: 
             glob = others[0]
             gv = val(glob)
             if len(others) > 1 or gv is None or gv.numel() != 1 or gv.dtype != torch.float32:
+                unknown = next(o for o in others if o is not glob or gv is None or gv.numel() != 1)
                 continue
         elif others:
+            unknown = others[0]
             continue
         inputs = _probe_inputs(packed, scale, glob, fmt)
         try:
@@ -120,6 +123,12 @@ def identify(sub: WeightSubgraph, operand: fx.Node, graph: fx.Graph, n: int, k: 
             want = _expected(fmt, bytes_, inputs[scale].reshape(-1), inputs.get(glob), n, k, batch)
             if got.shape == want.shape and torch.allclose(got, want, rtol=1e-2, atol=0.0, equal_nan=True):
                 return _Identified(fmt, high, packed, scale, glob)
+    if unknown is not None:
+        uv = val(unknown)
+        raise RegionRejected(f"the dequantisation also reads graph input {unknown.name} "
+                             f"({uv.dtype if uv is not None else '?'}{list(uv.shape) if uv is not None else ''}), "
+                             "whose values are unknown at compile time; build lookup tables inline "
+                             "(torch.tensor(...) in forward) so they are constants")
     raise RegionRejected("the weight subgraph reads FP4 bytes and block scales but does not compute an "
                          "MXFP4/NVFP4 dequantisation this pass knows (checked on probe values)")
 
@@ -153,18 +162,23 @@ def _plan(graph, node, x, operand, bias, sub, batched):
         b = insert_call(graph, output, aten.view.default, (ident.packed, [*lead, n, k // 2]), {})
         if val(b).dtype != torch.uint8:
             b = insert_call(graph, output, aten.view.dtype, (b, torch.uint8), {})
-        s = insert_call(graph, output, aten.view.default, (ident.scale, [*lead, n, k // block]), {})
+        s = ident.scale
+        reshape_in_op = tuple(val(s).shape) != (*lead, n, k // block)
+        if reshape_in_op and val(s).dtype == torch.uint8:
+            s, reshape_in_op = insert_call(graph, output, aten.view.default, (s, [*lead, n, k // block]), {}), False
         kwargs = {"global_scale": ident.global_scale, "bias": bias}
         if ident.global_scale is not None and val(ident.global_scale).dim() != 0:
             kwargs["global_scale"] = insert_call(graph, output, aten.view.default, (ident.global_scale, [1]), {})
         if not batched:
             layout = "b_high_nibble_first" if ident.high_nibble_first else ""
-            if layout:
+            if layout or reshape_in_op:  # relayout op: cached repack, and scales reshaped inside the op
                 emit_relayout(graph, NAME, output, x, b, s, spec, layout, kwargs, region)
             else:
                 emit_gemm(graph, NAME, output, (x, b, s), {k_: v for k_, v in kwargs.items() if v is not None},
                           spec, region)
             return
+        if reshape_in_op:
+            raise RegionRejected(f"bmm with {val(s).dtype} scales of shape {tuple(val(s).shape)}")
         _emit_batched(graph, output, x, b, s, spec, kwargs, region, batch, ident)
 
     return rewrite
@@ -189,8 +203,8 @@ def _emit_batched(graph, output, x, b, s, spec, kwargs, region, batch, ident):
         else:
             yi = insert_call(graph, output, torch.ops.inductor_moe.block_scaled_mm.default,
                              (xi, bi, si, spec.to_str()), kw)
-        outs.append(yi)
-    stacked = insert_call(graph, output, aten.stack.default, (outs, 0), {})
+        outs.append(insert_call(graph, output, aten.unsqueeze.default, (yi, 0), {}))
+    stacked = insert_call(graph, output, aten.cat.default, (outs, 0), {})  # stack has no post-grad lowering
     if tuple(val(stacked).shape) != tuple(val(output).shape):
         stacked = insert_call(graph, output, aten.view.default, (stacked, list(val(output).shape)), {})
     output.replace_all_uses_with(stacked)

@@ -77,10 +77,7 @@ def _plan(node, a, mat2, scale_a, scale_b, bias, out_dtype, swizzled: bool, glob
         spec = GemmSpec(a_format=fmt, b_format=fmt, out_dtype=_OUT[out_dtype], activation=act)
         b = w if problem is None else insert_call(graph, output, aten.permute.default, (mat2, [1, 0]), {})
         layout = "a_scale_swizzled,b_scale_swizzled" if swizzled else ""
-        a_scale, b_scale = scale_a, scale_b
-        if not swizzled:  # plain [M, K/block] / [N, K/block]
-            a_scale = insert_call(graph, output, aten.view.default, (scale_a, [av.shape[0], k // block]), {})
-            b_scale = insert_call(graph, output, aten.view.default, (scale_b, [bv.shape[1], k // block]), {})
+        a_scale, b_scale = scale_a, scale_b  # plain ones of another shape are reshaped inside the op
         glob = None
         if globals_:
             ga, gb = globals_
