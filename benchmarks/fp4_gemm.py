@@ -4,8 +4,10 @@
 
 Per shape: median GPU time of CUDA-graph replay (µs) of
   ours        inductor_moe::block_scaled_mm's CUDA kernel (bf16 activations, packed FP4 weights)
-  ours/ds     the same with tl.dot_scaled instead of in-register dequantisation (MXFP4 only)
-  deq+mm      dequantise to bf16 + torch.matmul, compiled by Inductor (what an unmatched graph runs)
+  ours best   with --sweep: the fastest of a few tile configs (named in "best config"; ds = dot_scaled)
+  ours/ds     the default tiles with tl.dot_scaled instead of in-register dequantisation (MXFP4 only)
+  deq+mm      dequantise to bf16 + torch.matmul, compiled by Inductor (what an unmatched graph runs;
+              eager if that compile fails, marked)
   fp8 rw      torch._scaled_mm, fp8 e4m3 row-wise scales (operands pre-quantised)
   bf16 mm     torch.mm with a bf16 weight (our "bf16 GEMM" reference for large M)
 floor = max(packed weight + scale + activation bytes / HBM BW, FLOPs / bf16 MMA peak); frac =
@@ -58,6 +60,32 @@ def graph_time_us(fn, reps=20, inner=10) -> float:
     return times[len(times) // 2]
 
 
+def _cfg_str(c) -> str:
+    return (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
+            + (" ds" if c.dot_scaled else ""))
+
+
+def sweep_configs(m: int, fmt: str):
+    """A few tile configs around the default, per regime (``--sweep``)."""
+    from inductor_moe.templates.block_scaled_gemm import GemmKernelConfig as C
+
+    bm = 16 if m <= 16 else 64
+    if m <= 16:
+        cands = [C(bm, 32, 256, 8, num_warps=4, num_stages=2), C(bm, 64, 512, 8, num_warps=4, num_stages=2),
+                 C(bm, 16, 512, 4, num_warps=4, num_stages=2), C(bm, 64, 256, 16, num_warps=8, num_stages=2),
+                 C(bm, 32, 128, 16, num_warps=4, num_stages=3)]
+    elif m <= 256:
+        cands = [C(64, 64, 256, 2, num_warps=4, num_stages=3), C(32, 128, 256, 4, num_warps=4, num_stages=2),
+                 C(128, 128, 128, 1, num_warps=8, num_stages=3)]
+    else:
+        cands = [C(128, 256, 64, num_warps=8, num_stages=3), C(256, 128, 64, num_warps=8, num_stages=3),
+                 C(128, 128, 64, num_warps=4, num_stages=4), C(128, 256, 128, num_warps=8, num_stages=2)]
+    if fmt == "mxfp4":
+        from dataclasses import replace
+        cands += [replace(c, dot_scaled=True) for c in cands[:2]]
+    return cands
+
+
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -81,6 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--formats", default="mxfp4,nvfp4")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "fp4_gemm.md"))
+    p.add_argument("--shapes", help="NxK,NxK,... (default: a fixed list)")
+    p.add_argument("--ms", help="M values, comma separated")
+    p.add_argument("--sweep", action="store_true", help="also time a few tile configs; report the best")
     args = p.parse_args(argv)
     import triton
 
@@ -94,11 +125,14 @@ def main(argv=None) -> int:
     header = (f"# FP4 GEMM — {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"commit {commit}\n\nmeasured copy bandwidth {bw / 1e12:.2f} TB/s; bf16 peak taken as "
               f"{BF16_PEAK / 1e12:.0f} TFLOP/s; times are µs (median of CUDA-graph replays)\n")
-    cols = ["fmt", "M", "N", "K", "ours", "ours/ds", "deq+mm", "fp8 rw", "bf16 mm", "floor", "frac floor",
-            "ours/bf16", "rel err", "packed MiB", "call MiB ours", "call MiB deq+mm", "config"]
+    cols = ["fmt", "M", "N", "K", "ours", "ours best", "best config", "ours/ds", "deq+mm", "fp8 rw", "bf16 mm", "floor", "frac floor (best)",
+            "best/bf16", "rel err", "packed MiB", "call MiB ours", "call MiB deq+mm", "config"]
     rows = []
     deq_fns = {}
     nks = NKS[:2] if args.quick else NKS
+    if args.shapes:
+        nks = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
     for fmt in args.formats.split(","):
         for (n, k) in nks:
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.05
@@ -113,13 +147,13 @@ def main(argv=None) -> int:
             w8_scale = (w.float().abs().amax(1, keepdim=True) / 448).reshape(1, n)
             if fmt not in deq_fns:
                 def deq(x, q, s, g=None, fmt=fmt):
-                    if fmt == "mxfp4":
-                        wd = formats.dequantize_mxfp4(q, s, dtype=torch.bfloat16)
+                    if fmt == "mxfp4":  # uint8 scales: Inductor has no e8m0 codegen
+                        wd = formats.dequantize_mxfp4(q, s.view(torch.uint8), dtype=torch.bfloat16)
                     else:
                         wd = formats.dequantize_nvfp4(q, s, g.reshape(()), dtype=torch.bfloat16)
                     return x @ wd.T
-                deq_fns[fmt] = torch.compile(deq, dynamic=True)
-            for m in MS:
+                deq_fns[fmt] = (torch.compile(deq), deq)
+            for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 spec = GemmSpec(b_format=fmt)
                 ours = lambda: block_scaled_gemm(x, q, s, spec, global_scale=g, use_pdl=False)  # noqa: E731
@@ -135,13 +169,17 @@ def main(argv=None) -> int:
                         t_ds = graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, config=cfg_ds))
                     except Exception as e:  # noqa: BLE001
                         print("dot_scaled failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
-                deq_call = lambda: deq_fns[fmt](x, q, s, g)  # noqa: E731
-                try:
-                    t_deq = graph_time_us(deq_call)
-                    mem_deq = call_mib(deq_call)
-                except Exception as e:  # noqa: BLE001
-                    print("deq+mm failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
-                    t_deq = mem_deq = float("nan")
+                t_deq = mem_deq = float("nan")
+                for variant, fn in zip(("compiled", "eager"), deq_fns[fmt]):
+                    deq_call = lambda: fn(x, q, s, g)  # noqa: E731
+                    try:
+                        t_deq = graph_time_us(deq_call)
+                        mem_deq = call_mib(deq_call)
+                        deq_kind = variant
+                        break
+                    except Exception as e:  # noqa: BLE001
+                        print(f"deq+mm ({variant}) failed:", type(e).__name__, str(e)[:300], file=sys.stderr)
+                        deq_kind = "failed"
                 x8 = (x.float() / (x.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
                 x8_scale = x.float().abs().amax(1, keepdim=True) / 448
                 try:
@@ -151,13 +189,24 @@ def main(argv=None) -> int:
                     print("fp8 failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
                     t_fp8 = float("nan")
                 t_bf16 = graph_time_us(lambda: x @ w_bf16.T)
+                best = (t_ours, cfg)
+                if args.sweep:
+                    for cand in sweep_configs(m, fmt):
+                        try:
+                            t = graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, global_scale=g, config=cand))
+                        except Exception as e:  # noqa: BLE001
+                            print("config failed:", cand, type(e).__name__, str(e)[:200], file=sys.stderr)
+                            continue
+                        if t < best[0]:
+                            best = (t, cand)
                 mem_ours = call_mib(ours)
                 weight_bytes = q.numel() + s.numel()
                 floor = max((weight_bytes + x.numel() * 2 + m * n * 2) / bw, 2 * m * n * k / BF16_PEAK) * 1e6
-                rows.append([fmt, m, n, k, f"{t_ours:.1f}", f"{t_ds:.1f}", f"{t_deq:.1f}", f"{t_fp8:.1f}",
-                             f"{t_bf16:.1f}", f"{floor:.1f}", f"{floor / t_ours:.2f}", f"{t_ours / t_bf16:.2f}",
+                rows.append([fmt, m, n, k, f"{t_ours:.1f}", f"{best[0]:.1f}", _cfg_str(best[1]), f"{t_ds:.1f}",
+                             f"{t_deq:.1f} ({deq_kind})", f"{t_fp8:.1f}",
+                             f"{t_bf16:.1f}", f"{floor:.1f}", f"{floor / best[0]:.2f}", f"{best[0] / t_bf16:.2f}",
                              f"{err:.1e}", f"{weight_bytes / 2**20:.1f}", f"{mem_ours:.1f}", f"{mem_deq:.1f}",
-                             f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} sk{cfg.split_k}"])
+                             _cfg_str(cfg)])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
                 del x, x8
             del w, w_bf16, q, s, w8
