@@ -74,9 +74,15 @@ def hf_available(name: str) -> bool:
         return False
 
 
-def hf_model(name: str, experts_implementation: str = "grouped_mm", dtype=torch.float32, seed: int = 0):
+def hf_model(name: str, experts_implementation: str = "grouped_mm", dtype=torch.float32, seed: int = 0,
+             layers: int | None = None):
     """A tiny ``*ForCausalLM`` with random weights, in eval mode, in ``dtype``."""
     cls, config = HF_MODELS[name]()
+    if layers is not None:
+        config.num_hidden_layers = layers
+        for key in ("layer_types", "mlp_layer_types"):
+            if isinstance(getattr(config, key, None), list):
+                setattr(config, key, getattr(config, key)[:layers])
     config._experts_implementation = experts_implementation
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -215,3 +221,29 @@ class StackedMoE(nn.Module):
             out = y.sum(1)
         out = out + self.shared(x) if self.shared is not None else out
         return (out, rows) if self.leak else out  # leak: the experts' rows are also a model output
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (NaN never passes: it propagates into the result)."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def moe_matches(report, pattern=None) -> list:
+    return [m for m in report.matches if m.kind == "moe" and (pattern is None or m.pattern == pattern)]
+
+
+def compile_counted(model, **compile_kwargs):
+    """``torch.compile(model, backend=inductor_moe)`` and a list that grows by one per graph compiled."""
+    from inductor_moe.backend import inductor_moe_backend
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return inductor_moe_backend(gm, example_inputs)
+
+    return torch.compile(model, backend=counting, **compile_kwargs), graphs
