@@ -176,9 +176,9 @@ class StackedMoE(nn.Module):
     weights), "einsum" (gathered weights), or "grouped_mm" (sorted tokens, offsets)."""
 
     def __init__(self, hidden=H, inter=I, num_experts=E, top_k=2, via="bmm", router="softmax_topk",
-                 shared=False, combine="weighted_sum", leak=False):
+                 shared=False, combine="weighted_sum", leak=False, act="silu"):
         super().__init__()
-        self.E, self.k, self.via, self.combine, self.leak = num_experts, top_k, via, combine, leak
+        self.E, self.k, self.via, self.combine, self.leak, self.act = num_experts, top_k, via, combine, leak, act
         self.router = Router(hidden, num_experts, top_k, router)
         self.w13 = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) * hidden ** -0.5)
         self.w2 = nn.Parameter(torch.randn(num_experts, hidden, inter) * inter ** -0.5)
@@ -199,7 +199,7 @@ class StackedMoE(nn.Module):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             h13 = torch._grouped_mm(x[order // k], self.w13.transpose(1, 2), offs=offs)
         g, u = h13.chunk(2, dim=-1)
-        h = F.silu(g) * u
+        h = (F.relu(g).square() if self.act == "relu2" else F.silu(g)) * u
         if self.via == "bmm":
             y = torch.bmm(self.w2[flat], h.unsqueeze(-1)).squeeze(-1)
         elif self.via == "einsum":
