@@ -44,7 +44,7 @@ class MoEKernelConfig:
     combine_block_h: int  # hidden columns per combine program
     regime: str  # "decode", "mid" or "prefill", for people and the report
     gate_up_one_dot: bool = True  # L1: one [BK, 2*block_n] weight tile (gate/up alternating) per step
-    fp4_dot_scaled: bool = False  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
+    fp4_dot_scaled: bool = True  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
 
     def __post_init__(self):
         if self.block_m not in (16, 32, 64, 128, 256):

@@ -55,7 +55,7 @@ else:  # pragma: no cover
 
 @triton.jit
 def store_cast(x, dtype: tl.constexpr):
-    """fp32 -> storage dtype, round to nearest even on every backend."""
+    """fp32 -> bf16/fp16 (for a store or an MMA operand), round to nearest even on every backend."""
     if INTERPRET:
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)

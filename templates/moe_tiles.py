@@ -15,26 +15,21 @@
 import triton
 import triton.language as tl
 
-from .moe_common import INTERPRET
+from .moe_common import INTERPRET, store_cast
 
 DENSE, FP8_BLOCK128, MXFP4, NVFP4 = 0, 1, 2, 3
 WEIGHT_FORMAT_CODES = {"dense": DENSE, "fp8_block128": FP8_BLOCK128, "mxfp4": MXFP4, "nvfp4": NVFP4}
 
 
 @triton.jit
-def decode_fp4_tile(packed, scale, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """packed [BK/2, BN] uint8 (two e2m1 along K, low nibble first), scale [BK/GROUP, BN] fp32
-    -> values [BK, BN] fp32 = e2m1 * scale."""
-    codes = tl.join(packed & 0xF, packed >> 4)  # [BK/2, BN, 2]
-    codes = tl.reshape(tl.permute(codes, (0, 2, 1)), [BLOCK_K, BLOCK_N]).to(tl.int32)
+def decode_e2m1(codes):
+    """e2m1 codes (low 4 bits of an int32 tensor) -> fp32 values, exactly."""
     mag = codes & 7
-    e = mag >> 1
-    m = mag & 1
-    normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)  # 2^(e-1) * (1 + m/2)
-    val = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
-    val = tl.where((codes & 8) != 0, -val, val)
-    val = tl.reshape(val, [BLOCK_K // GROUP, GROUP, BLOCK_N]) * scale[:, None, :]
-    return tl.reshape(val, [BLOCK_K, BLOCK_N])
+    # e = mag >> 1, m = mag & 1: for e >= 1 the value is 2^(e-1) * (1 + m/2), i.e. fp32 bits
+    # (e + 126) << 23 | m << 22 == (mag << 22) + (126 << 23); mag 0 and 1 are 0 and 0.5
+    normal = ((mag << 22) + (126 << 23)).to(tl.float32, bitcast=True)
+    val = tl.where(mag < 2, mag.to(tl.float32) * 0.5, normal)
+    return tl.where((codes & 8) != 0, -val, val)
 
 
 @triton.jit
@@ -55,19 +50,27 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
                          mask=n_mask[:, None] & (ks[None, :] < K // GROUP), other=0)
             acc = tl.dot_scaled(a, None, "bf16", b, bs, "e2m1", acc)
         else:
-            s_ptrs = s_ptr + ks[:, None] * stride_sk + n[None, :] * stride_sn
-            s_mask = n_mask[None, :] & (ks[:, None] < K // GROUP)
+            # K split into even and odd elements: low nibbles pair with a[:, 0::2], high nibbles
+            # with a[:, 1::2], so no register shuffle of the weight tile is needed
+            kp = tl.arange(0, BLOCK_K // 2)
+            s_ptrs = s_ptr + ((k0 + 2 * kp) // GROUP)[:, None] * stride_sk + n[None, :] * stride_sn
+            s_mask = n_mask[None, :] & (kb[:, None] < K // 2)
             if WEIGHT_FORMAT == 2:  # e8m0: 2^(s-127); 255 is NaN
                 sbits = tl.load(s_ptrs, mask=s_mask, other=0).to(tl.int32)
                 scale = (sbits << 23).to(tl.float32, bitcast=True)
                 scale = tl.where(sbits == 255, float("nan"), scale)
             else:  # e4m3 block scale (exact in bf16 with the e2m1 value); the caller applies the
                 scale = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)  # fp32 global scale
-            w = decode_fp4_tile(b, scale, BLOCK_K, n.shape[0], GROUP).to(a.dtype)
+            codes = b.to(tl.int32)
+            w_even = (decode_e2m1(codes & 0xF) * scale).to(a.dtype)
+            w_odd = (decode_e2m1(codes >> 4) * scale).to(a.dtype)
+            a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
             if INTERPRET:  # see moe_common.INTERPRET
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+                acc = tl.dot(a_even.to(tl.float32), w_even.to(tl.float32), acc)
+                acc = tl.dot(a_odd.to(tl.float32), w_odd.to(tl.float32), acc)
             else:
-                acc = tl.dot(a, w, acc)
+                acc = tl.dot(a_even, w_even, acc)
+                acc = tl.dot(a_odd, w_odd, acc)
     else:
         k = k0 + tl.arange(0, BLOCK_K)
         ptrs = w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn
@@ -75,15 +78,14 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
             b = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
         else:
             b = tl.load(ptrs, mask=n_mask[None, :] & (k[:, None] < K), other=0.0)
-        if WEIGHT_FORMAT != 0:
-            b = b.to(a.dtype)
+        if WEIGHT_FORMAT == 1:
+            # one fp32 scale per 128x128 tile (BLOCK_K divides 128, so uniform along this K step),
+            # applied to the weight tile in registers: the MMAs keep accumulating asynchronously
+            # (the scaled weight is rounded once to the activation dtype, within fp8 tolerance)
+            s = tl.load(s_ptr + (n // 128) * stride_sn + (k0 // 128) * stride_sk, mask=n_mask, other=0.0)
+            b = store_cast(b.to(tl.float32) * s[None, :], a.dtype)
         if INTERPRET:  # see moe_common.INTERPRET
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if WEIGHT_FORMAT == 0:
-            acc = tl.dot(a, b, acc)
-        else:
-            # one fp32 scale per 128x128 tile; BLOCK_K divides 128 so the K block is uniform
-            s = tl.load(s_ptr + (n // 128) * stride_sn + (k0 // 128) * stride_sk, mask=n_mask, other=0.0)
-            acc += tl.dot(a, b) * s[None, :]
+        acc = tl.dot(a, b, acc)
     return acc
