@@ -4,7 +4,8 @@
 
 Per shape: median GPU time of CUDA-graph replay (µs) of
   ours        inductor_moe::block_scaled_mm's CUDA kernel (bf16 activations, packed FP4 weights)
-  ours best   with --sweep: the fastest of a few tile configs (named in "best config"; ds = dot_scaled)
+  ours best   with --sweep: the fastest of a few tile configs (named in "best config"; ds = dot_scaled,
+              pf = register prefetch of the next K step)
   ours/ds     the default tiles with tl.dot_scaled instead of in-register dequantisation (MXFP4 only)
   deq+mm      dequantise to bf16 + torch.matmul, compiled by Inductor (what an unmatched graph runs;
               eager if that compile fails, marked)
@@ -62,7 +63,7 @@ def graph_time_us(fn, reps=20, inner=10) -> float:
 
 def _cfg_str(c) -> str:
     return (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
-            + (" ds" if c.dot_scaled else ""))
+            + (" ds" if c.dot_scaled else "") + (" pf" if c.prefetch else ""))
 
 
 def sweep_configs(m: int, fmt: str):
@@ -80,8 +81,10 @@ def sweep_configs(m: int, fmt: str):
     else:
         cands = [C(128, 256, 64, num_warps=8, num_stages=3), C(256, 128, 64, num_warps=8, num_stages=3),
                  C(128, 128, 64, num_warps=4, num_stages=4), C(128, 256, 128, num_warps=8, num_stages=2)]
+    from dataclasses import replace
+
+    cands += [replace(c, prefetch=True) for c in cands]
     if fmt == "mxfp4":
-        from dataclasses import replace
         cands += [replace(c, dot_scaled=True) for c in cands[:2]]
     return cands
 

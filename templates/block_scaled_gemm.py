@@ -39,6 +39,7 @@ class GemmKernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     dot_scaled: bool = False  # tl.dot_scaled (native block-scaled MMA on sm_100) vs in-register dequant
+    prefetch: bool = False  # double-buffer the K loop's loads in registers (see the kernel's notes)
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -172,13 +173,13 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None,
         ACTIVATION=ACTIVATION_CODES[spec.activation],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
-        EVEN_K=K % cfg.block_k == 0, USE_PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+        USE_PDL=use_pdl, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     return out.reshape(*lead, N)
 
 
 # --- what ``python -m inductor_moe.isa`` compiles --------------------------------------------
 
-def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect=""):
+def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect="", prefetch=False):
     sig = {"a_ptr": "*u8" if a_fmt != "dense" else a_dtype, "a_scale_ptr": "*u8", "b_ptr": "*u8",
            "b_scale_ptr": "*u8", "out_ptr": "*bf16", "bias_ptr": "*bf16", "global_scale_ptr": "*fp32",
            "ws_ptr": "*fp32", "counter_ptr": "*i32"}
@@ -187,7 +188,7 @@ def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect=""
                                           "stride_om", "stride_on")})
     const = dict(A_FORMAT=FORMAT_CODES[a_fmt], B_FORMAT=FORMAT_CODES[b_fmt], DOT_SCALED=dot_scaled, MMA_FP32=False,
                  HAS_BIAS=True, HAS_GLOBAL_SCALE=b_fmt == "nvfp4", ACTIVATION=SILU, BLOCK_M=m, BLOCK_N=128,
-                 BLOCK_K=128, GROUP_M=8, SPLIT_K=1, EVEN_K=True, USE_PDL=True)
+                 BLOCK_K=128, GROUP_M=8, SPLIT_K=1, USE_PDL=True, PREFETCH=prefetch)
     for name in const:
         sig[name] = "constexpr"
     options = {"num_warps": 8 if m >= 128 else 4, "num_stages": 3}
@@ -206,4 +207,6 @@ ISA_SPECS = [
     _isa_spec("block_scaled_gemm[bf16 x mxfp4, dot_scaled]", "dense", "mxfp4", True),
     _isa_spec("block_scaled_gemm[bf16 x mxfp4, dequant]", "dense", "mxfp4", False),
     _isa_spec("block_scaled_gemm[bf16 x nvfp4, dequant]", "dense", "nvfp4", False),
+    _isa_spec("block_scaled_gemm[bf16 x mxfp4, dequant, decode tiles, prefetch]", "dense", "mxfp4", False, m=16,
+              prefetch=True),
 ]

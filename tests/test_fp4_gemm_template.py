@@ -65,7 +65,7 @@ _INTERPRETED = textwrap.dedent("""
         spec = GemmSpec(a_format=fa, b_format=fb, activation=act)
         a_ref = a.double() if fa == "dense" else a
         ref = block_scaled_mm_reference(a_ref, q, s, spec, a_s, gs, bias)
-        cfg = GemmKernelConfig(16, 16, 32, split_k=sk, dot_scaled=ds)
+        cfg = GemmKernelConfig(16, 16, 32, split_k=sk, dot_scaled=ds, prefetch=i % 2 == 1)
         out = block_scaled_gemm(a, q, s, spec, a_s, gs, bias, config=cfg)
         assert out.dtype == torch.bfloat16 and out.shape == (5, 40)
         err = rel_err(out, ref)
@@ -75,12 +75,12 @@ _INTERPRETED = textwrap.dedent("""
     a, _, q, s, _, _ = make_operands("dense", "mxfp4", 6, 32, 64)
     a3 = a.reshape(2, 3, 64).float()
     spec = GemmSpec(out_dtype="float32")
-    out = block_scaled_gemm(a3, q, s, spec, config=GemmKernelConfig(16, 16, 64, split_k=1))
+    out = block_scaled_gemm(a3, q, s, spec, config=GemmKernelConfig(16, 16, 32, split_k=1, prefetch=True))
     ref = block_scaled_mm_reference(a3.double(), q, s, spec)
     assert out.shape == (2, 3, 32) and rel_err(out, ref) <= 2e-2
     # split-K is deterministic: same inputs, bitwise same output
     a, _, q, s, _, _ = make_operands("dense", "mxfp4", 3, 16, 128)
-    cfg = GemmKernelConfig(16, 16, 32, split_k=4)
+    cfg = GemmKernelConfig(16, 16, 32, split_k=4, prefetch=True)
     assert torch.equal(block_scaled_gemm(a, q, s, GemmSpec(), config=cfg), block_scaled_gemm(a, q, s, GemmSpec(), config=cfg))
     print("worst", worst)
 """)

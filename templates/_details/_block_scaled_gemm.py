@@ -10,6 +10,9 @@
 # sums the slices in a fixed order (deterministic) and runs the epilogue, then re-arms the counter.
 # DOT_SCALED: use tl.dot_scaled (tcgen05 block-scaled MMA on sm_100; emulated on sm_90);
 # otherwise each tile is dequantised to the MMA dtype in registers and fed to tl.dot.
+# PREFETCH: issue step k+1's loads before step k's math.  Triton's pipeliner only stages loads
+# that feed a dot directly; ours go through the fp4 decode first, so without this every step
+# waits a full memory latency.
 """
 
 import triton
@@ -45,6 +48,64 @@ def _decode_fp4_tile(packed, scale_bytes, ROWS: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
+def _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k0, k_end,
+               stride_am, stride_ak, stride_asm, stride_ask, stride_bn, stride_bk, stride_bsn, stride_bsk,
+               A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Raw tiles of K step k0 .. k0 + BLOCK_K (nothing at or past k_end): A [BLOCK_M, BLOCK_K (or /2
+    packed)], its scales (B's, unused, for dense A), packed B [BLOCK_N, BLOCK_K // 2], B's scales."""
+    A_GROUP: tl.constexpr = 16 if A_FORMAT == 3 else 32
+    B_GROUP: tl.constexpr = 16 if B_FORMAT == 3 else 32
+    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(b_ptr + rn64[:, None] * stride_bn + kb[None, :] * stride_bk,
+                mask=n_mask[:, None] & (kb[None, :] < k_end // 2), other=0)
+    bs = _scale_block(b_scale_ptr, rn64, n_mask, stride_bsn, stride_bsk, k0, k_end, BLOCK_K, B_GROUP)
+    if A_FORMAT == 2 or A_FORMAT == 3:
+        ka = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        a_lim = k_end // 2
+    else:
+        ka = k0 + tl.arange(0, BLOCK_K)
+        a_lim = k_end
+    a = tl.load(a_ptr + rm64[:, None] * stride_am + ka[None, :] * stride_ak,
+                mask=m_mask[:, None] & (ka[None, :] < a_lim), other=0)
+    if A_FORMAT != 0:
+        a_s = _scale_block(a_scale_ptr, rm64, m_mask, stride_asm, stride_ask, k0, k_end, BLOCK_K, A_GROUP)
+    else:
+        a_s = bs
+    return a, a_s, b, bs
+
+
+@triton.jit
+def _mma_step(acc, a, a_s, b, bs, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, DOT_SCALED: tl.constexpr,
+              MMA_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A_tile @ B_tile^T for one K step, by tl.dot_scaled or in-register dequantisation."""
+    if DOT_SCALED:
+        if B_FORMAT == 2:
+            b_sc = bs.to(tl.uint8)
+        else:
+            b_sc = bs.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        if A_FORMAT == 0:
+            acc = tl.dot_scaled(a, None, "bf16", tl.trans(b), b_sc, "e2m1", acc)
+        elif A_FORMAT == 1:
+            acc = tl.dot_scaled(a, a_s.to(tl.uint8), "e4m3", tl.trans(b), b_sc, "e2m1", acc)
+        elif A_FORMAT == 2:
+            acc = tl.dot_scaled(a, a_s.to(tl.uint8), "e2m1", tl.trans(b), b_sc, "e2m1", acc)
+        else:
+            a_sc = a_s.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+            acc = tl.dot_scaled(a, a_sc, "e2m1", tl.trans(b), b_sc, "e2m1", acc)
+    else:
+        w = _decode_fp4_tile(b, bs, BLOCK_N, BLOCK_K, B_FORMAT).to(MMA_DTYPE)
+        if A_FORMAT == 0:
+            x = a.to(MMA_DTYPE)
+        elif A_FORMAT == 1:
+            x = apply_block_scale(e4m3_to_f32(a.to(tl.int32)), e8m0_to_f32(a_s), BLOCK_M, BLOCK_K, 32)
+            x = x.to(MMA_DTYPE)
+        else:
+            x = _decode_fp4_tile(a, a_s, BLOCK_M, BLOCK_K, A_FORMAT).to(MMA_DTYPE)
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def _activation(y, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
         y = y * tl.sigmoid(y)
@@ -67,7 +128,7 @@ def block_scaled_gemm_kernel(
     A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, DOT_SCALED: tl.constexpr, MMA_FP32: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GLOBAL_SCALE: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     tl.static_assert(B_FORMAT == 2 or B_FORMAT == 3, "the weight operand is MXFP4 or NVFP4")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole scale blocks (multiple of 32)")
@@ -98,54 +159,26 @@ def block_scaled_gemm_kernel(
 
     pdl_wait(USE_PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:  # registers double-buffered: step k + 1's loads are in flight while step k computes
+        a, a_s, b, bs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k_start,
+                                   k_end, stride_am, stride_ak, stride_asm, stride_ask,
+                                   stride_bn, stride_bk, stride_bsn, stride_bsk,
+                                   A_FORMAT, B_FORMAT, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        # weight tile: packed bytes [BLOCK_N, BLOCK_K // 2] and its scales
-        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b_ptrs = b_ptr + rn64[:, None] * stride_bn + kb[None, :] * stride_bk
-        if EVEN_K:
-            b = tl.load(b_ptrs, mask=n_mask[:, None], other=0)
+        if PREFETCH:
+            k1 = k0 + BLOCK_K
+            na, na_s, nb, nbs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k1,
+                                           k_end, stride_am, stride_ak, stride_asm, stride_ask,
+                                           stride_bn, stride_bk, stride_bsn, stride_bsk,
+                                           A_FORMAT, B_FORMAT, BLOCK_K)
+            acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+            a, a_s, b, bs = na, na_s, nb, nbs
         else:
-            b = tl.load(b_ptrs, mask=n_mask[:, None] & (kb[None, :] < K // 2), other=0)
-        bs = _scale_block(b_scale_ptr, rn64, n_mask, stride_bsn, stride_bsk, k0, K, BLOCK_K, B_GROUP)
-        # activation tile
-        if A_FORMAT == 2 or A_FORMAT == 3:
-            ka = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            a_lim = K // 2
-        else:
-            ka = k0 + tl.arange(0, BLOCK_K)
-            a_lim = K
-        a_ptrs = a_ptr + rm64[:, None] * stride_am + ka[None, :] * stride_ak
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0)
-        else:
-            a = tl.load(a_ptrs, mask=m_mask[:, None] & (ka[None, :] < a_lim), other=0)
-        if A_FORMAT != 0:
-            a_s = _scale_block(a_scale_ptr, rm64, m_mask, stride_asm, stride_ask, k0, K, BLOCK_K, A_GROUP)
-
-        if DOT_SCALED:
-            if B_FORMAT == 2:
-                b_sc = bs.to(tl.uint8)
-            else:
-                b_sc = bs.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-            if A_FORMAT == 0:
-                acc = tl.dot_scaled(a, None, "bf16", tl.trans(b), b_sc, "e2m1", acc)
-            elif A_FORMAT == 1:
-                acc = tl.dot_scaled(a, a_s.to(tl.uint8), "e4m3", tl.trans(b), b_sc, "e2m1", acc)
-            elif A_FORMAT == 2:
-                acc = tl.dot_scaled(a, a_s.to(tl.uint8), "e2m1", tl.trans(b), b_sc, "e2m1", acc)
-            else:
-                a_sc = a_s.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-                acc = tl.dot_scaled(a, a_sc, "e2m1", tl.trans(b), b_sc, "e2m1", acc)
-        else:
-            w = _decode_fp4_tile(b, bs, BLOCK_N, BLOCK_K, B_FORMAT).to(MMA_DTYPE)
-            if A_FORMAT == 0:
-                x = a.to(MMA_DTYPE)
-            elif A_FORMAT == 1:
-                x = apply_block_scale(e4m3_to_f32(a.to(tl.int32)), e8m0_to_f32(a_s), BLOCK_M, BLOCK_K, 32)
-                x = x.to(MMA_DTYPE)
-            else:
-                x = _decode_fp4_tile(a, a_s, BLOCK_M, BLOCK_K, A_FORMAT).to(MMA_DTYPE)
-            acc = tl.dot(x, tl.trans(w), acc)
+            a, a_s, b, bs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k0,
+                                       k_end, stride_am, stride_ak, stride_asm, stride_ask,
+                                       stride_bn, stride_bk, stride_bsn, stride_bsk,
+                                       A_FORMAT, B_FORMAT, BLOCK_K)
+            acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
     pdl_launch_dependents(USE_PDL)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
