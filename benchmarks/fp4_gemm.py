@@ -3,7 +3,8 @@
     python -m benchmarks.fp4_gemm [--quick] [--formats mxfp4,nvfp4] [--out FILE.md]
 
 Per shape: median GPU time of CUDA-graph replay (µs) of
-  ours        inductor_moe::block_scaled_mm's CUDA kernel (bf16 activations, packed FP4 weights)
+  ours        inductor_moe::block_scaled_mm's CUDA kernel (bf16 activations, packed FP4 weights), with
+              its default strategy: the fused Triton kernel, or at large M on sm_90 "dequant_chunks"
   ours best   with --sweep: the fastest of a few tile configs (named in "best config"; ds = dot_scaled,
               pf = register prefetch of the next K step)
   ours/ds     the default tiles with tl.dot_scaled instead of in-register dequantisation (MXFP4 only)
@@ -28,7 +29,8 @@ import torch
 from inductor_moe import formats
 from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
 from inductor_moe.spec import GemmSpec
-from inductor_moe.templates.block_scaled_gemm import _num_sms, block_scaled_gemm, choose_gemm_config
+from inductor_moe.templates.block_scaled_gemm import (_num_sms, block_scaled_gemm, choose_gemm_config,
+                                                      choose_strategy)
 
 BF16_PEAK = 700e12  # FLOP/s, H100 SXM dense bf16 as measured in TARGETS.md
 MS = (1, 16, 128, 1024, 4096)
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
               f"commit {commit}\n\nmeasured copy bandwidth {bw / 1e12:.2f} TB/s; bf16 peak taken as "
               f"{BF16_PEAK / 1e12:.0f} TFLOP/s; times are µs (median of CUDA-graph replays)\n")
     cols = ["fmt", "M", "N", "K", "ours", "ours best", "best config", "ours/ds", "deq+mm", "fp8 rw", "bf16 mm", "floor", "frac floor (best)",
-            "best/bf16", "rel err", "packed MiB", "call MiB ours", "call MiB deq+mm", "config"]
+            "best/bf16", "rel err", "packed MiB", "call MiB ours", "call MiB deq+mm", "default (strategy or tiles)"]
     rows = []
     deq_fns = {}
     nks = NKS[:2] if args.quick else NKS
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
                 err = ((ours().double() - ref).norm() / ref.norm()).item()
                 t_ours = graph_time_us(ours)
                 cfg = choose_gemm_config(m, n, k, spec, x.dtype, _num_sms(dev), 90)
+                strategy = choose_strategy(m, n, k, spec, x.dtype, 90)
                 t_ds = float("nan")
                 if fmt == "mxfp4":
                     from dataclasses import replace
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
                              f"{t_deq:.1f} ({deq_kind})", f"{t_fp8:.1f}",
                              f"{t_bf16:.1f}", f"{floor:.1f}", f"{floor / best[0]:.2f}", f"{best[0] / t_bf16:.2f}",
                              f"{err:.1e}", f"{weight_bytes / 2**20:.1f}", f"{mem_ours:.1f}", f"{mem_deq:.1f}",
-                             _cfg_str(cfg)])
+                             strategy if strategy != "fused" else _cfg_str(cfg)])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
                 del x, x8
             del w, w_bf16, q, s, w8

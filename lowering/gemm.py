@@ -1,8 +1,10 @@
 """Lowering of ``inductor_moe::block_scaled_mm`` to the Triton block-scaled GEMM template.
 
 # M: rows of A (tokens), N: output features, K: reduction dim
-``register()`` installs the CUDA kernel of the op (``templates/block_scaled_gemm.py``); what the
-template does not cover runs the reference op with the reason recorded in the report, never a
+``register()`` installs the CUDA kernel of the op (``templates/block_scaled_gemm.py``), which picks
+per call between the fused Triton kernel and, at large M on sm_90 (no FP4 MMA), decoding weight
+row chunks into a bounded bf16 workspace for cuBLAS (``choose_strategy``); what the template does
+not cover runs the reference op with the reason recorded in the report, never a
 wrong result.  The launch is sized from shapes alone (no host syncs), so it is CUDA-graph
 capturable; with PDL on sm_90+ its prologue overlaps the previous kernel's tail.
 """

@@ -82,6 +82,13 @@ _INTERPRETED = textwrap.dedent("""
     a, _, q, s, _, _ = make_operands("dense", "mxfp4", 3, 16, 128)
     cfg = GemmKernelConfig(16, 16, 32, split_k=4, prefetch=True)
     assert torch.equal(block_scaled_gemm(a, q, s, GemmSpec(), config=cfg), block_scaled_gemm(a, q, s, GemmSpec(), config=cfg))
+    # the large-M strategy: weight rows decoded chunk by chunk (3 chunks here), then cuBLAS / torch.mm
+    from inductor_moe.templates.block_scaled_gemm import dequant_chunks_gemm
+    for i, fb in enumerate(("mxfp4", "nvfp4")):
+        a, _, q, s, gs, bias = make_operands("dense", fb, 5, 300, 96, seed=10 + i)
+        spec = GemmSpec(b_format=fb, activation="silu" if i else None)
+        out = dequant_chunks_gemm(a, q, s, spec, gs, bias, chunk_bytes=128 * 96 * 2)
+        assert rel_err(out, block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)) <= 2e-2
     print("worst", worst)
 """)
 
@@ -105,6 +112,16 @@ def test_config_choice_is_pure_and_sane():
     assert prefill.block_m >= 64 and prefill.split_k == 1
     with pytest.raises(ValueError):
         GemmKernelConfig(16, 16, 48)
+
+
+def test_strategy_choice():
+    from inductor_moe.templates.block_scaled_gemm import choose_strategy
+
+    spec = GemmSpec()
+    assert choose_strategy(16, 4096, 4096, spec, torch.bfloat16, 90) == "fused"  # decode: stream fp4 bytes
+    assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"  # no fp4 MMA
+    assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 100) == "fused"  # native block-scaled MMA
+    assert choose_strategy(4096, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,7 +16,7 @@ def _marked():
 def test_registry_finds_the_fp4_templates():
     specs, _ = isa.discover_specs()
     labels = [label for _, (label, *_rest) in specs]
-    assert sum("block_scaled_gemm" in label for label in labels) == len(ISA_SPECS)
+    assert all(spec[0] in labels for spec in ISA_SPECS)
     assert len(_marked()) >= 2
 
 
