@@ -34,6 +34,7 @@ from .fp4_common import WeightSubgraph, emit_relayout, epilogue_activation, eval
 
 NAME = "fp4_dequant_matmul"
 MAX_BMM_BATCH = 64  # bmm over more batches than this is left to Inductor (one GEMM call per batch)
+MAX_PROBE_ELEMENTS = 1 << 27  # weights above this many values are not evaluated on the CPU at compile time
 _PACKED_DTYPES = (torch.uint8, torch.float4_e2m1fn_x2)
 _E8M0 = (torch.float8_e8m0fnu, torch.uint8)
 _OUT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -93,6 +94,9 @@ def identify(sub: WeightSubgraph, operand: fx.Node, graph: fx.Graph, n: int, k: 
         raise RegionRejected("no block-scale input of the expected size (e8m0 per 32 or e4m3 per 16 along K)")
     if k % formats.MX_BLOCK and candidates[0][0] == "mxfp4":
         raise RegionRejected(f"K={k} is not a multiple of the mxfp4 block 32")
+    if count * k > MAX_PROBE_ELEMENTS:
+        raise RegionRejected(f"weight of {count * k} values is too large to verify by probing at compile time "
+                             f"(limit {MAX_PROBE_ELEMENTS})")
     if not val(packed).is_contiguous():
         raise RegionRejected(f"packed FP4 weight {packed.name} is not contiguous; call .contiguous() once at load")
     unknown = None
