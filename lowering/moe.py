@@ -213,8 +213,25 @@ def moe_experts_cuda(x, topk_ids, topk_weights, w13, w2, spec, w13_scale=None, w
         record_skip("moe", "lowering", reason)
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale,
                                      w13_global_scale, w2_global_scale, b13, b2)
-    return fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale, b13, b2,
-                             w13_global_scale, w2_global_scale)
+    try:
+        return fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale, b13, b2,
+                                 w13_global_scale, w2_global_scale)
+    except _compile_errors() as e:  # a template this triton cannot build: never a wrong result
+        record_skip("moe", "lowering", f"Triton could not compile the fused kernels: {type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''}")
+        return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale,
+                                     w13_global_scale, w2_global_scale, b13, b2)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_errors() -> tuple:
+    """Exception types that mean "this template does not compile here" (nothing ran yet)."""
+    try:
+        from triton.compiler.errors import CompilationError
+
+        return (CompilationError,)
+    except ImportError:  # pragma: no cover
+        return ()
 
 
 _registered = False

@@ -233,6 +233,55 @@ def test_describe_on_cpu_names_reference():
     assert describe_moe_lowering("", torch.device("cpu"), torch.bfloat16, 8, 64, 32, 2) == "reference (cpu)"
 
 
+def _aot_compile(fn, pointer_types, constexprs, arch):
+    """Compile a template for an NVIDIA target without a GPU; returns the PTX."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*bf16")
+        else:
+            signature[name] = "fp32" if name in ("alpha", "limit", "up_offset") else "i32"
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 128 if arch == 90 else 32)).asm["ptx"]
+
+
+@pytest.mark.parametrize("case", ["bf16_prefill", "fp8_prefill", "nvfp4_decode"])
+def test_templates_compile_for_sm90(case):
+    """CI has no GPU: build the GEMM templates for sm_90 and check the MMA kind in the PTX."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("templates are interpreted in this process")
+    from inductor_moe.templates.moe_gemm1 import moe_gemm1_kernel
+    from inductor_moe.templates.moe_gemm2 import moe_gemm2_kernel
+
+    ints = {n: "*i32" for n in ("sorted_ids_ptr", "block_expert_ptr", "expert_start_ptr", "expert_count_ptr")}
+    ints.update(topk_weights_ptr="*fp32", w_gscale_ptr="*fp32")
+    fmt, tiles, ptrs, mma = {
+        "bf16_prefill": (0, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), {}, "wgmma"),
+        "fp8_prefill": (1, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+                        {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}, "wgmma"),
+        "nvfp4_decode": (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256),
+                         {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "mma.sync"),
+    }[case]
+    common = dict(WEIGHT_FORMAT=fmt, EVEN_K=True, FP4_DOT_SCALED=False, USE_PDL=True, **tiles)
+    l1 = dict(ACTIVATION=0, HAS_LIMIT=True, HAS_BIAS=True, INTERLEAVED=False, WEIGHT_BEFORE_DOWN=False,
+              GATE_UP_ONE_DOT=True, **common)
+    l2 = dict(HAS_BIAS=True, WEIGHT_AFTER_DOWN=True, **common)
+    for fn, consts in ((moe_gemm1_kernel, l1), (moe_gemm2_kernel, l2)):
+        try:
+            ptx = _aot_compile(fn, {**ints, **ptrs}, consts, 90)
+        except ImportError as e:  # a triton without the NVIDIA backend
+            pytest.skip(str(e))
+        assert mma in ptx, f"{fn.__name__}: no {mma} in the sm_90 PTX"
+        assert "griddepcontrol" in ptx, f"{fn.__name__}: PDL hooks missing"
+
+
 # ----------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
