@@ -91,5 +91,20 @@ def record_skip(kind: str, pattern: str, reason: str) -> None:
         warnings.warn(f"inductor_moe: {skip}", stacklevel=2)
 
 
+def record_runtime_fallback(kind: str, reason: str) -> None:
+    """A kernel handing a call to the reference op at run time.  Recorded and warned like a
+    skip, but never raised: raising inside compiled code would crash the user's model (the
+    compile-time report already named the reference as the lowering)."""
+    skip = Skip(kind, "lowering", reason)
+    log.info("%s", skip)
+    for r in _active:
+        r.skipped.append(skip)
+    from . import config
+
+    if config.fallback == "warn" and str(skip) not in _warned:
+        _warned.add(str(skip))
+        warnings.warn(f"inductor_moe: {skip}", stacklevel=2)
+
+
 class FallbackError(RuntimeError):
     """Raised instead of falling back when ``config.fallback == "raise"``."""

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import config as moe_config
-from ..report import record_skip
+from ..report import record_runtime_fallback
 from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs
 from ..spec import MoESpec
@@ -210,14 +210,14 @@ def moe_experts_cuda(x, topk_ids, topk_weights, w13, w2, spec, w13_scale=None, w
                         w13_global_scale, w2_global_scale, b13, b2)
     reason = unsupported_reason(spec_obj, x.device, x.dtype, w13.dtype)
     if reason is not None:
-        record_skip("moe", "lowering", reason)
+        record_runtime_fallback("moe", reason)
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale,
                                      w13_global_scale, w2_global_scale, b13, b2)
     try:
         return fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale, b13, b2,
                                  w13_global_scale, w2_global_scale)
     except _compile_errors() as e:  # a template this triton cannot build: never a wrong result
-        record_skip("moe", "lowering", f"Triton could not compile the fused kernels: {type(e).__name__}: "
+        record_runtime_fallback("moe", f"Triton could not compile the fused kernels: {type(e).__name__}: "
                                        f"{str(e).splitlines()[0] if str(e) else ''}")
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale,
                                      w13_global_scale, w2_global_scale, b13, b2)
