@@ -30,7 +30,7 @@ from inductor_moe import formats
 from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
 from inductor_moe.spec import GemmSpec
 from inductor_moe.templates.block_scaled_gemm import (_num_sms, block_scaled_gemm, choose_gemm_config,
-                                                      choose_strategy)
+                                                      choose_gemv_config, choose_strategy)
 
 BF16_PEAK = 700e12  # FLOP/s, H100 SXM dense bf16 as measured in TARGETS.md
 MS = (1, 16, 128, 1024, 4096)
@@ -64,30 +64,43 @@ def graph_time_us(fn, reps=20, inner=10) -> float:
 
 
 def _cfg_str(c) -> str:
+    from inductor_moe.templates.block_scaled_gemm import GemvConfig
+
+    if isinstance(c, str):
+        return c
+    if isinstance(c, GemvConfig):
+        return f"gemv {c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps}" + (" words" if c.words else "")
     return (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
             + (" ds" if c.dot_scaled else "") + (" pf" if c.prefetch else ""))
 
 
 def sweep_configs(m: int, fmt: str):
-    """A few tile configs around the default, per regime (``--sweep``)."""
-    from inductor_moe.templates.block_scaled_gemm import GemmKernelConfig as C
-
-    bm = 16 if m <= 16 else 64
-    if m <= 16:
-        cands = [C(bm, 32, 256, 8, num_warps=4, num_stages=2), C(bm, 64, 512, 8, num_warps=4, num_stages=2),
-                 C(bm, 16, 512, 4, num_warps=4, num_stages=2), C(bm, 64, 256, 16, num_warps=8, num_stages=2),
-                 C(bm, 32, 128, 16, num_warps=4, num_stages=3)]
-    elif m <= 256:
-        cands = [C(64, 64, 256, 2, num_warps=4, num_stages=3), C(32, 128, 256, 4, num_warps=4, num_stages=2),
-                 C(128, 128, 128, 1, num_warps=8, num_stages=3)]
-    else:
-        cands = [C(128, 256, 64, num_warps=8, num_stages=3), C(256, 128, 64, num_warps=8, num_stages=3),
-                 C(128, 128, 64, num_warps=4, num_stages=4), C(128, 256, 128, num_warps=8, num_stages=2)]
+    """Candidates per regime (``--sweep``): GemvConfig (decode GEMV), GemmKernelConfig (fused
+    kernel), or the strategy name "dequant_chunks"."""
     from dataclasses import replace
 
-    cands += [replace(c, prefetch=True) for c in cands]
-    if fmt == "mxfp4":
-        cands += [replace(c, dot_scaled=True) for c in cands[:2]]
+    from inductor_moe.templates.block_scaled_gemm import GemmKernelConfig as C
+    from inductor_moe.templates.block_scaled_gemm import GemvConfig as V
+
+    if m <= 16:
+        gemv = [V(32, 512, 8), V(32, 512, 4), V(16, 512, 8), V(32, 256, 16), V(64, 256, 8), V(32, 1024, 4, 8),
+                V(16, 256, 16, 2)]
+        cands = gemv + [replace(c, words=True) for c in gemv[:3]]
+        cands += [C(16, 32, 256, 16, num_warps=4, num_stages=1), C(16, 32, 512, 8, num_warps=4, num_stages=1),
+                  C(16, 64, 256, 8, num_warps=4, num_stages=1), C(16, 16, 512, 8, num_warps=4, num_stages=1)]
+    elif m <= 64:
+        cands = [C(64, 32, 256, 16, num_warps=4, num_stages=1), C(64, 32, 512, 8, num_warps=4, num_stages=1),
+                 C(64, 64, 256, 8, num_warps=4, num_stages=1)]
+    elif m <= 256:
+        cands = [C(128, 64, 128, 8, num_warps=8, num_stages=1), C(128, 32, 256, 8, num_warps=4, num_stages=1),
+                 C(128, 64, 256, 4, num_warps=8, num_stages=1), C(64, 64, 256, 8, num_warps=4, num_stages=1),
+                 C(128, 128, 128, 4, num_warps=8, num_stages=1), C(128, 64, 128, 8, num_warps=8, num_stages=1,
+                                                                   prefetch=True), "dequant_chunks"]
+    else:
+        cands = [C(128, 256, 64, num_warps=8, num_stages=3), C(128, 128, 64, num_warps=4, num_stages=4),
+                 C(128, 128, 128, num_warps=8, num_stages=2, prefetch=True), "dequant_chunks"]
+    if fmt == "mxfp4" and m > 16:
+        cands += [replace(cands[0], dot_scaled=True)]
     return cands
 
 
@@ -117,6 +130,10 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", help="NxK,NxK,... (default: a fixed list)")
     p.add_argument("--ms", help="M values, comma separated")
     p.add_argument("--sweep", action="store_true", help="also time a few tile configs; report the best")
+    p.add_argument("--no-deq", action="store_true", help="skip the compiled dequantise + matmul baseline")
+    p.add_argument("--no-ds", action="store_true", help="skip the ours/ds column")
+    p.add_argument("--log", default=os.path.join(os.environ.get("OUT", "."), "fp4_sweep.log"),
+                   help="every swept candidate's time")
     args = p.parse_args(argv)
     import triton
 
@@ -168,7 +185,7 @@ def main(argv=None) -> int:
                 cfg = choose_gemm_config(m, n, k, spec, x.dtype, _num_sms(dev), 90)
                 strategy = choose_strategy(m, n, k, spec, x.dtype, 90)
                 t_ds = float("nan")
-                if fmt == "mxfp4":
+                if fmt == "mxfp4" and not args.no_ds and strategy == "fused":
                     from dataclasses import replace
                     cfg_ds = replace(cfg, dot_scaled=True)
                     try:
@@ -176,7 +193,8 @@ def main(argv=None) -> int:
                     except Exception as e:  # noqa: BLE001
                         print("dot_scaled failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
                 t_deq = mem_deq = float("nan")
-                for variant, fn in zip(("compiled", "eager"), deq_fns[fmt]):
+                deq_kind = "skipped"
+                for variant, fn in zip(("compiled", "eager"), deq_fns[fmt] if not args.no_deq else ()):
                     deq_call = lambda: fn(x, q, s, g)  # noqa: E731
                     try:
                         t_deq = graph_time_us(deq_call)
@@ -195,13 +213,25 @@ def main(argv=None) -> int:
                     print("fp8 failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
                     t_fp8 = float("nan")
                 t_bf16 = graph_time_us(lambda: x @ w_bf16.T)
-                best = (t_ours, cfg)
+                default = strategy if strategy == "dequant_chunks" else (
+                    choose_gemv_config(m, n, k, _num_sms(dev)) if strategy == "gemv" else cfg)
+                best = (t_ours, default)
                 if args.sweep:
                     for cand in sweep_configs(m, fmt):
+                        kw = {"strategy": cand} if isinstance(cand, str) else {"config": cand}
                         try:
-                            t = graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, global_scale=g, config=cand))
+                            fn = lambda: block_scaled_gemm(x, q, s, spec, global_scale=g, **kw)  # noqa: E731
+                            e_c = ((fn().double() - ref).norm() / ref.norm()).item()
+                            t = graph_time_us(fn)
                         except Exception as e:  # noqa: BLE001
                             print("config failed:", cand, type(e).__name__, str(e)[:200], file=sys.stderr)
+                            continue
+                        line = f"{fmt} M={m} N={n} K={k} {_cfg_str(cand)}: {t:.2f} us err {e_c:.1e}"
+                        print(line, flush=True)
+                        with open(args.log, "a") as lf:
+                            lf.write(line + "\n")
+                        if e_c > 2e-2:
+                            print("  WRONG RESULT, ignored", flush=True)
                             continue
                         if t < best[0]:
                             best = (t, cand)
@@ -212,7 +242,7 @@ def main(argv=None) -> int:
                              f"{t_deq:.1f} ({deq_kind})", f"{t_fp8:.1f}",
                              f"{t_bf16:.1f}", f"{floor:.1f}", f"{floor / best[0]:.2f}", f"{best[0] / t_bf16:.2f}",
                              f"{err:.1e}", f"{weight_bytes / 2**20:.1f}", f"{mem_ours:.1f}", f"{mem_deq:.1f}",
-                             strategy if strategy != "fused" else _cfg_str(cfg)])
+                             f"{strategy}: {_cfg_str(default)}"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
                 del x, x8
             del w, w_bf16, q, s, w8
@@ -220,7 +250,13 @@ def main(argv=None) -> int:
     table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     table += "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
     text = header + "\n" + table
-    print(text)
+    keep = ["fmt", "M", "N", "K", "ours", "ours best", "best config", "fp8 rw", "bf16 mm", "floor", "frac floor (best)",
+            "best/bf16"]
+    idx = [cols.index(c) for c in keep]
+    compact = "| " + " | ".join(keep) + " |\n|" + "---|" * len(keep) + "\n"
+    compact += "".join("| " + " | ".join(str(r[i]) for i in idx) + " |\n" for r in rows)
+    text += "\n" + compact
+    print(header + "\n" + table + "\n(compact)\n" + compact)
     with open(args.out, "w") as f:
         f.write(text)
     return 0

@@ -7,7 +7,10 @@ Tiles come from ``choose_gemm_config`` (a pure function, testable without a GPU)
   * decode (small M): weight-bandwidth bound.  Narrow N tiles and split-K put every SM on the
     weight stream; the split partials are summed in a fixed order (deterministic).
   * prefill (large M): MMA bound.  128 x 128 tiles, grouped ordering for L2 reuse.
-``choose_strategy`` picks, per call, between that kernel ("fused") and "dequant_chunks": on GPUs
+``choose_strategy`` picks, per call, between "gemv" (M <= ``GEMV_MAX_M``, dense activations: a
+tl.dot-free kernel that decodes each weight slice once into fp32 registers, many small programs
+with split-K for bytes in flight; ``templates/_details/_fp4_gemv.py``), that kernel ("fused") and
+"dequant_chunks": on GPUs
 without FP4 MMA (Hopper) at large M the fused kernel re-decodes every weight tile once per M tile,
 so instead chunks of weight rows are decoded once into a bounded bf16 workspace
 (``DEQUANT_CHUNK_BYTES``, reused chunk after chunk; the whole dequantised weight never exists)
@@ -36,6 +39,43 @@ DEQUANT_CHUNK_BYTES = 16 << 20  # bf16 workspace of the "dequant_chunks" strateg
 # at M <= 16 it streams 3.9x fewer bytes than any dequantise-first path; "dequant_chunks" costs
 # about torch.mm bf16 plus one decode pass over the weight (an estimate: not yet timed there).
 DEQUANT_CHUNKS_MIN_M = 128
+# Rows of A up to which the decode GEMV runs (dense activations; it decodes the weight once and
+# loops over the rows in registers, so its FMA work grows with M while its bytes do not).
+GEMV_MAX_M = 16
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch of ``fp4_gemv_kernel``: BLOCK_N weight rows x BLOCK_K per step, SPLIT_K programs
+    per N tile (whole BLOCK_K steps each), ROWS = next power of two >= M (set at launch)."""
+
+    block_n: int = 32
+    block_k: int = 512
+    split_k: int = 8
+    num_warps: int = 4
+    words: bool = False  # decode from 32-bit words with x pre-scaled by 2^64 (|x| < 2^64; kernel notes)
+
+    def __post_init__(self):
+        if self.block_n < 1 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n={self.block_n} must be a power of two")
+        if self.block_k < 32 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k={self.block_k} must be a power of two >= 32")
+        if self.split_k < 1:
+            raise ValueError(f"split_k={self.split_k} must be >= 1")
+
+
+def choose_gemv_config(m: int, n: int, k: int, num_sms: int) -> GemvConfig:
+    """Decode GEMV tiles: ~8 programs per SM, each one or two BLOCK_K steps of its K range (the
+    loads of a step are all issued before its math; nothing is pipelined across steps)."""
+    block_k = 512 if m <= 4 else 256
+    block_k = min(block_k, _pow2_at_least(k, 32))
+    steps = -(-k // block_k)
+    block_n = 32
+    while block_n > 16 and -(-n // block_n) * steps < 8 * num_sms:
+        block_n //= 2
+    tiles = -(-n // block_n)
+    split = max(1, min(steps, -(-8 * num_sms // tiles)))
+    return GemvConfig(block_n, block_k, split, num_warps=4)
 
 
 @dataclass(frozen=True)
@@ -83,34 +123,52 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
     use_dot_scaled = dot_scaled_fits(spec, a_dtype, arch) and (arch >= 100 or os.environ.get(
         "INDUCTOR_MOE_FP4_DOT_SCALED", "0") == "1")
     if m <= 64:
-        # Decode: stream the weight with every SM.  BLOCK_N 64 (or less for small N) and enough
-        # K splits to give ~2 programs per SM, each still running >= 4 K steps.
+        # Decode / small M: the loads feeding the in-register decode are not pipelined by Triton,
+        # so bytes in flight come from occupancy: narrow N tiles, big K steps, and enough K splits
+        # for ~8 programs per SM, each running one or two K steps.
         block_m = _pow2_at_least(m, 16)
-        block_k = 256 if k >= 1024 else max(32, _pow2_at_least(min(k, 256), 32))
-        block_n = 64 if n >= 64 * num_sms // 2 else 32
+        block_k = 256 if k >= 256 else max(32, _pow2_at_least(k, 32))
+        block_n = 32
         tiles = -(-m // block_m) * -(-n // block_n)
         steps = -(-k // block_k)
         split = 1
-        while tiles * split * 2 <= 2 * num_sms and steps // (split * 2) >= 4:
+        while tiles * split < 8 * num_sms and split * 2 <= steps:
             split *= 2
-        return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=4,
+        return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=1,
                                 dot_scaled=use_dot_scaled)
     if m <= 256:
-        return GemmKernelConfig(64, 128, 128, num_warps=4, num_stages=4, dot_scaled=use_dot_scaled)
+        # one M tile: each weight tile is decoded once; split-K for occupancy
+        block_m = _pow2_at_least(m, 16)
+        tiles = -(-n // 64)
+        steps = -(-k // 128)
+        split = 1
+        while tiles * split < 4 * num_sms and split * 2 <= steps // 2:
+            split *= 2
+        return GemmKernelConfig(block_m, 64, 128, split_k=split, num_warps=8, num_stages=1, dot_scaled=use_dot_scaled)
     return GemmKernelConfig(128, 128, 128, num_warps=8, num_stages=3, dot_scaled=use_dot_scaled)
 
 
+def gemv_fits(m: int, spec: GemmSpec, a_dtype: torch.dtype) -> bool:
+    return (spec.a_format == "dense" and a_dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and spec.b_format in _PACKED and m <= 16)
+
+
 def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype, arch: int) -> str:
-    """"fused" (the Triton kernel) or "dequant_chunks" (decode weight row chunks to bf16 once, then
-    cuBLAS).  ``INDUCTOR_MOE_FP4_STRATEGY=fused|dequant_chunks`` overrides where both apply."""
-    fits = (spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.out_dtype == "bfloat16"
-            and spec.activation in (None, "relu", "silu", "gelu", "gelu_tanh"))
+    """"gemv" (decode, no tl.dot), "fused" (the Triton GEMM kernel) or "dequant_chunks" (decode
+    weight row chunks to bf16 once, then cuBLAS).  ``INDUCTOR_MOE_FP4_STRATEGY=gemv|fused|
+    dequant_chunks`` overrides where the forced one applies (else the default choice stands)."""
+    chunks_fit = (spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.out_dtype == "bfloat16"
+                  and spec.activation in (None, "relu", "silu", "gelu", "gelu_tanh"))
     forced = os.environ.get("INDUCTOR_MOE_FP4_STRATEGY")
     if forced is not None:
-        if forced not in ("fused", "dequant_chunks"):
-            raise ValueError(f"INDUCTOR_MOE_FP4_STRATEGY={forced!r}; allowed: fused, dequant_chunks")
-        return forced if fits else "fused"
-    return "dequant_chunks" if fits and arch < 100 and m >= DEQUANT_CHUNKS_MIN_M else "fused"
+        if forced not in ("gemv", "fused", "dequant_chunks"):
+            raise ValueError(f"INDUCTOR_MOE_FP4_STRATEGY={forced!r}; allowed: gemv, fused, dequant_chunks")
+        if forced == "fused" or (forced == "gemv" and gemv_fits(m, spec, a_dtype)) or (
+                forced == "dequant_chunks" and chunks_fit):
+            return forced
+    if gemv_fits(m, spec, a_dtype) and m <= GEMV_MAX_M:
+        return "gemv"
+    return "dequant_chunks" if chunks_fit and arch < 100 and m >= DEQUANT_CHUNKS_MIN_M else "fused"
 
 
 def _interpreting() -> bool:
@@ -183,8 +241,36 @@ def dequant_chunks_gemm(a, b, b_scale, spec: GemmSpec, global_scale=None, bias=N
     return out.reshape(*lead, N)
 
 
+def _launch_gemv(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: GemvConfig, use_pdl: bool):
+    from ._details._fp4_gemv import fp4_gemv_kernel
+
+    M, N, K = a2.shape[0], b.shape[0], b.shape[1] * 2
+    steps = -(-K // cfg.block_k)
+    split = min(cfg.split_k, steps)
+    k_per_split = -(-steps // split) * cfg.block_k
+    split = -(-K // k_per_split)
+    tiles_n = -(-N // cfg.block_n)
+    if split > 1:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=a2.device)
+        counters = _tile_counters(a2.device, tiles_n)
+    else:
+        ws = counters = out
+    use_pdl = use_pdl and not _interpreting()
+    pdl = {"launch_pdl": True} if use_pdl else {}
+    b_t, b_s = _as_bytes(b), _as_bytes(b_scale)
+    fp4_gemv_kernel[(tiles_n, split)](
+        a2, b_t, b_s, out, bias if bias is not None else out,
+        global_scale if global_scale is not None else out, ws, counters,
+        M, N, K, k_per_split, a2.stride(0), b_t.stride(0), b_s.stride(0), out.stride(0),
+        NV=spec.b_format == "nvfp4", HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None,
+        ACTIVATION=ACTIVATION_CODES[spec.activation], ROWS=_pow2_at_least(M, 1), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, SPLIT_K=split, USE_PDL=use_pdl, WORDS=cfg.words, num_warps=cfg.num_warps, num_stages=1,
+        **pdl)
+    return out
+
+
 def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=None, bias=None, *,
-                      config: Optional[GemmKernelConfig] = None, use_pdl: bool = False,
+                      config=None, use_pdl: bool = False,
                       strategy: Optional[str] = None) -> torch.Tensor:
     """``act(global_scale * (A @ B^T) + bias)``; inputs already validated.  ``strategy`` (default:
     ``choose_strategy``) is "fused" (the Triton kernel, tiles from ``config``) or "dequant_chunks"."""
@@ -203,8 +289,15 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
     arch = _arch(a.device)
     if strategy is None:
         strategy = "fused" if config is not None else choose_strategy(M, N, K, spec, a2.dtype, arch)
+    if isinstance(config, GemvConfig):
+        strategy = "gemv"
     if strategy == "dequant_chunks":
         return dequant_chunks_gemm(a, b, b_scale, spec, global_scale, bias)
+    if strategy == "gemv":
+        if not gemv_fits(M, spec, a2.dtype):
+            raise ValueError(f"the gemv strategy takes dense activations and M <= 16 (M={M}, {spec.a_format})")
+        gcfg = config if isinstance(config, GemvConfig) else choose_gemv_config(M, N, K, _num_sms(a.device))
+        return _launch_gemv(a2, b, b_scale, spec, global_scale, bias, out, gcfg, use_pdl).reshape(*lead, N)
     cfg = config or choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch)
     if cfg.dot_scaled and not dot_scaled_fits(spec, a2.dtype, arch):
         cfg = replace(cfg, dot_scaled=False)

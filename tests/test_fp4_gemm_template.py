@@ -89,6 +89,26 @@ _INTERPRETED = textwrap.dedent("""
         spec = GemmSpec(b_format=fb, activation="silu" if i else None)
         out = dequant_chunks_gemm(a, q, s, spec, gs, bias, chunk_bytes=128 * 96 * 2)
         assert rel_err(out, block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)) <= 2e-2
+    # the decode GEMV (no tl.dot): M = 1..16 rows in one program, split-K with a K tail, both decodes
+    from inductor_moe.templates.block_scaled_gemm import GemvConfig
+    gemv_cases = [("mxfp4", None, 1, 1, 64, False), ("nvfp4", "silu", 5, 2, 64, True), ("mxfp4", "gelu", 16, 4, 32, True),
+                  ("mxfp4", None, 3, 3, 64, False), ("nvfp4", "relu", 2, 1, 128, False)]
+    for i, (fb, act, m, sk, bk, words) in enumerate(gemv_cases):
+        a, _, q, s, gs, bias = make_operands("dense", fb, m, 40, 160, seed=20 + i)
+        spec = GemmSpec(b_format=fb, activation=act)
+        ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+        cfg = GemvConfig(16, bk, sk, words=words)
+        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
+        assert out.shape == (m, 40)
+        err = rel_err(out, ref)
+        assert err <= 2e-2, ("gemv", fb, act, m, sk, words, err)
+        worst = max(worst, err)
+        if sk > 1:
+            assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
+    # default strategy at decode M is the GEMV
+    a, _, q, s, _, _ = make_operands("dense", "mxfp4", 4, 64, 256, seed=30)
+    out = block_scaled_gemm(a, q, s, GemmSpec())
+    assert rel_err(out, block_scaled_mm_reference(a.double(), q, s, GemmSpec())) <= 2e-2
     print("worst", worst)
 """)
 
@@ -112,19 +132,31 @@ def test_config_choice_is_pure_and_sane():
     assert prefill.block_m >= 64 and prefill.split_k == 1
     with pytest.raises(ValueError):
         GemmKernelConfig(16, 16, 48)
+    from inductor_moe.templates.block_scaled_gemm import choose_gemv_config
+
+    for (m, n, k) in ((1, 4096, 4096), (16, 8192, 8192), (1, 2880, 2880)):
+        g = choose_gemv_config(m, n, k, 132)
+        assert -(-n // g.block_n) * g.split_k >= 4 * 132, "decode must put several programs on every SM"
+        assert g.split_k * g.block_k <= -(-k // g.block_k) * g.block_k
 
 
 def test_strategy_choice():
     from inductor_moe.templates.block_scaled_gemm import choose_strategy
 
     spec = GemmSpec()
-    assert choose_strategy(16, 4096, 4096, spec, torch.bfloat16, 90) == "fused"  # decode: stream fp4 bytes
+    assert choose_strategy(16, 4096, 4096, spec, torch.bfloat16, 90) == "gemv"  # decode: stream fp4 bytes
+    assert choose_strategy(1, 4096, 4096, spec, torch.bfloat16, 100) == "gemv"
+    assert choose_strategy(16, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"  # no fp4 MMA
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 100) == "fused"  # native block-scaled MMA
     assert choose_strategy(4096, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda(fn):
+    return pytest.mark.gpu(_skip(fn))
 
 
 @cuda
@@ -165,3 +197,26 @@ def test_cuda_dot_scaled_path_and_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out)
+
+
+@cuda
+@pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_cuda_gemv_matches_reference_and_is_deterministic(fb, m):
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.block_scaled_gemm import GemvConfig, block_scaled_gemm, choose_gemv_config
+
+    a, _, q, s, gs, bias = make_operands("dense", fb, m, 2880, 2880, device="cuda", seed=m)
+    spec = GemmSpec(b_format=fb, activation="gelu")
+    ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+    for cfg in (choose_gemv_config(m, 2880, 2880, 132), GemvConfig(32, 512, 8, words=True), GemvConfig(16, 256, 16)):
+        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
+        assert rel_err(out, ref) <= TOL, cfg
+        assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = block_scaled_gemm(a, q, s, spec, None, gs, bias, use_pdl=True)
+    g.replay()
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(captured, ref) <= TOL
