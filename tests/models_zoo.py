@@ -33,6 +33,14 @@ def _qwen3_moe():
                                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
 
 
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM, Qwen2MoeConfig(**_COMMON, intermediate_size=2 * I, moe_intermediate_size=I,
+                                               shared_expert_intermediate_size=2 * I, num_experts=E,
+                                               num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+
+
 def _deepseek_v3():
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -62,7 +70,7 @@ def _gpt_oss():
                                            layer_types=["sliding_attention", "full_attention"])
 
 
-HF_MODELS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3,
+HF_MODELS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3,
              "deepseek_v4": _deepseek_v4, "gpt_oss": _gpt_oss}
 
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(not Z.hf_available("mixtral"), reason="needs tra
 WHOLE = [
     ("mixtral", "grouped_mm", torch.bfloat16, "hf_grouped_mm"),
     ("mixtral", "grouped_mm", torch.float32, "hf_grouped_mm"),
+    ("qwen2_moe", "grouped_mm", torch.float32, "hf_grouped_mm"),
     ("qwen3_moe", "grouped_mm", torch.bfloat16, "hf_grouped_mm"),
     ("qwen3_moe", "batched_mm", torch.float32, "hf_batched_mm"),
     ("deepseek_v3", "grouped_mm", torch.bfloat16, "hf_grouped_mm"),
@@ -39,7 +40,7 @@ WHOLE = [
 
 # spec fields each family must come out with (besides the defaults)
 SPECS = {
-    "mixtral": "", "qwen3_moe": "", "deepseek_v3": "",
+    "mixtral": "", "qwen2_moe": "", "qwen3_moe": "", "deepseek_v3": "",
     "deepseek_v4": "limit=10.0",
     "gpt_oss": "alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved,transposed=True",
 }
@@ -139,3 +140,26 @@ def test_no_graph_breaks_beyond_plain_inductor(impl):
             plain = torch._dynamo.explain(model)(tokens)
     assert ours.graph_break_count <= plain.graph_break_count
     assert ours.graph_count == 1
+
+
+@pytest.mark.parametrize("family,impl,dtype", [("mixtral", "grouped_mm", torch.bfloat16),
+                                               ("gpt_oss", "batched_mm", torch.float32)])
+def test_expert_parallel_sentinel_masks(family, impl, dtype):
+    """With ``_is_expert_parallel`` (and always in transformers 5.x before ~5.20) HF masks rows of
+    sentinel ids (>= E) and clamps gather ids; the op skips such ids, so the block still matches
+    and agrees with HF (which expects zero routing weight at sentinel slots)."""
+    model = Z.hf_model(family, impl, dtype, layers=1)
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    experts._is_expert_parallel = True
+    k = model.config.num_experts_per_tok
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, Z.H, generator=g).to(dtype)
+    ids = torch.randint(0, Z.E, (12, k), generator=g)
+    ids[0, 0] = ids[5, 1] = Z.E  # sentinels
+    w = torch.rand(12, k, generator=g).to(dtype)
+    w_hf = w.masked_fill(ids >= Z.E, 0)
+    with torch.no_grad(), inductor_moe.report() as r:
+        out = torch.compile(experts, backend="inductor_moe")(x, ids, w)
+        ref = experts(x, ids, w_hf)
+    assert len(Z.moe_matches(r)) == 1, r.summary()
+    assert Z.rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)

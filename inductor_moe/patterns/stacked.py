@@ -69,10 +69,48 @@ def _identity_permute(node) -> bool:
 
 
 def peel(node):
-    """Through dtype casts and layout-only ops (views, unsqueeze/squeeze, clone, identity permute)."""
-    while is_op(node, prims.convert_element_type, *_SHAPE_ONLY) or _identity_permute(node):
-        node = node.args[0]
-    return node
+    """Through dtype casts, layout-only ops (views, unsqueeze/squeeze, clone, identity permute) and
+    expert-parallel sentinel masks (``sentinel_mask`` below)."""
+    while True:
+        if is_op(node, prims.convert_element_type, *_SHAPE_ONLY) or _identity_permute(node):
+            node = node.args[0]
+        elif sentinel_mask(node) is not None:
+            node = node.args[2]
+        else:
+            return node
+
+
+def sentinel_mask(node) -> Optional[int]:
+    """``E`` when ``node`` is ``t.masked_fill((expert_ids >= E)[..., None], 0)``, i.e.
+    ``where(ge(ids, E).unsqueeze(-1), 0, t)``: the rows of expert-parallel sentinel ids zeroed
+    (transformers 5.x before ~5.20 always emits it).  For ids in [0, E) it is the identity, and
+    ``moe_experts`` skips ids outside [0, E) anyway; ``_Walk.run`` checks E."""
+    if not (is_op(node, aten.where) and len(node.args) == 3):
+        return None
+    cond, zero = node.args[0], node.args[1]
+    zero_ok = zero == 0 or (is_op(zero, aten.full) and list(zero.args[0]) == [] and zero.args[1] == 0)
+    if not zero_ok:
+        return None
+    ge = cond.args[0] if is_op(cond, aten.unsqueeze) and cond.args[1] in (-1, 1) else cond
+    if is_op(ge, aten.ge) and isinstance(ge.args[1], int) and val(ge.args[0]) is not None \
+            and not val(ge.args[0]).dtype.is_floating_point:
+        return ge.args[1]
+    return None
+
+
+def unclamp_ids(node, num_experts: int):
+    """``ids`` for ``ids.clamp(0, E - 1)`` / ``ids.clamp(max=E - 1)`` (sentinel ids kept in bounds
+    for a gather; the identity on the ids a router produces), else ``node``."""
+    while True:
+        node = strip_convert(node)
+        if is_op(node, aten.clamp_max) and node.args[1] == num_experts - 1:
+            node = node.args[0]
+        elif is_op(node, aten.clamp_min) and node.args[1] == 0:
+            node = node.args[0]
+        elif is_op(node, aten.clamp) and node.args[1:3] in ((0, num_experts - 1), (None, num_experts - 1)):
+            node = node.args[0]
+        else:
+            return node
 
 
 def find_shaped(node, *dims):
@@ -164,7 +202,8 @@ def _gemm_output(gemm: Gemm) -> tuple[fx.Node, Optional[fx.Node], Optional[fx.No
     node, bias, bias_ids = gemm.node, None, None
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if is_op(user, prims.convert_element_type, *_SHAPE_ONLY) or _identity_permute(user):
+        if is_op(user, prims.convert_element_type, *_SHAPE_ONLY) or _identity_permute(user) \
+                or (sentinel_mask(user) is not None and user.args[2] is node):
             node = user
             continue
         if bias is None and is_op(user, aten.add) and len(user.args) == 2:
@@ -193,7 +232,8 @@ def _gemm_ancestor(h: fx.Node, rows) -> Optional[Gemm]:
                 found.append(gemm)
             continue
         v = val(n)
-        if is_op(n, aten.index) or (v is not None and (not v.dtype.is_floating_point or not same(v.shape[0], rows))):
+        if is_op(n, aten.index) or (v is not None and (not v.dtype.is_floating_point or v.dim() == 0
+                                                       or not same(v.shape[0], rows))):
             continue
         queue.extend(n.all_input_nodes)
     return found[0] if len(found) == 1 else None
@@ -345,6 +385,9 @@ class _Walk:
         spec = MoESpec(transposed=up.transposed, weight_position=position, **act)
         stop = {x, ids, tw, w13, w2, *(b for b in (b13, b2) if b is not None)}
         region, foreign = _region(c.output, stop)
+        num_experts = val(w13).shape[0]
+        if any(sentinel_mask(n) not in (None, num_experts) for n in region):
+            self.reject(f"rows are masked by expert id >= a bound other than the {num_experts} experts")
         if foreign:
             self.reject(f"the region reads {foreign[0].name}, which is not x, the routing or an expert weight")
         return MoEMatch(pattern=self.name, output=c.output, x=x, topk_ids=ids, topk_weights=tw, spec=spec,
@@ -359,8 +402,10 @@ class _Walk:
             w = w.args[0]
         return find_shaped(w, self.T, self.k)
 
-    def flat_ids(self, node):
-        """topk_ids [T, k] when ``node`` is ``topk_ids.view(-1)``."""
+    def flat_ids(self, node, num_experts=None):
+        """topk_ids [T, k] when ``node`` is ``topk_ids.view(-1)`` (clamped to [0, E) if given)."""
+        if num_experts is not None:
+            node = unclamp_ids(node, num_experts)
         ids = find_shaped(node, self.T, self.k)
         v = val(ids)
         return ids if v is not None and v.dtype in (torch.int32, torch.int64) else None
@@ -382,11 +427,13 @@ class _Walk:
                 self.reject("the two grouped GEMMs use different offsets")
             self.check_offsets(up.offsets, ids, sorted_ids, val(up.weight).shape[0])
             for b in bias_ids:
-                if b not in sorted_ids:
+                if unclamp_ids(b, val(up.weight).shape[0]) not in sorted_ids:
                     self.reject("expert biases are not gathered by the sorted expert ids")
             return x, ids
-        ids = self.flat_ids(up.gather_ids)
-        if ids is None or self.flat_ids(down.gather_ids) is not ids or any(self.flat_ids(b) is not ids for b in bias_ids):
+        E = val(up.weight).shape[0]
+        ids = self.flat_ids(up.gather_ids, E)
+        if ids is None or self.flat_ids(down.gather_ids, E) is not ids \
+                or any(self.flat_ids(b, E) is not ids for b in bias_ids):
             self.reject("expert weights are not gathered by topk_ids.view(-1)")
         x = self.repeated_rows(up.rows)
         if x is None:
