@@ -92,7 +92,7 @@ def sweep_configs(m: int, fmt: str):
         cands = [C(64, 32, 256, 16, num_warps=4, num_stages=1), C(64, 32, 512, 8, num_warps=4, num_stages=1),
                  C(64, 64, 256, 8, num_warps=4, num_stages=1)]
     elif m <= 256:
-        cands = [C(128, 64, 128, 8, num_warps=8, num_stages=1), C(128, 32, 256, 8, num_warps=4, num_stages=1),
+        cands = [C(128, 64, 128, 8, num_warps=8, num_stages=1), C(64, 64, 128, 8, num_warps=4, num_stages=1),
                  C(128, 64, 256, 4, num_warps=8, num_stages=1), C(64, 64, 256, 8, num_warps=4, num_stages=1),
                  C(128, 128, 128, 4, num_warps=8, num_stages=1), C(128, 64, 128, 8, num_warps=8, num_stages=1,
                                                                    prefetch=True), "dequant_chunks"]
