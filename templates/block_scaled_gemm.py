@@ -137,8 +137,8 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=1,
                                 dot_scaled=use_dot_scaled)
     if m <= 256:
-        # one M tile: each weight tile is decoded once; split-K for occupancy
-        block_m = _pow2_at_least(m, 16)
+        # one or two M tiles: each weight tile is decoded once or twice; split-K for occupancy
+        block_m = min(128, _pow2_at_least(m, 16))
         tiles = -(-n // 64)
         steps = -(-k // 128)
         split = 1
