@@ -77,36 +77,13 @@ def auto_signature(kernel, pointers: dict, constexprs: dict, floats=()) -> dict:
     return sig
 
 
-def _moe_fallback_specs(module_name: str):
-    """Specs for the MoE expert GEMMs while their modules do not expose ISA_SPECS themselves
-    (their owners may move these into the modules; a module's own ISA_SPECS wins)."""
-    from .templates.moe_tiles import WEIGHT_FORMAT_CODES
-
-    specs = []
-    if module_name == "moe_gemm1":
-        from .templates.moe_gemm1 import moe_gemm1_kernel as kernel
-        common = dict(ACTIVATION=0, HAS_LIMIT=False, HAS_BIAS=False, INTERLEAVED=False, WEIGHT_BEFORE_DOWN=False)
-        ptrs = {"x_ptr": "*bf16", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "inter_ptr": "*bf16"}
-        floats = ("alpha", "limit", "up_offset")
-    elif module_name == "moe_gemm2":
-        from .templates.moe_gemm2 import moe_gemm2_kernel as kernel
-        common = dict(HAS_BIAS=False, WEIGHT_AFTER_DOWN=True)
-        ptrs = {"inter_ptr": "*bf16", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16"}
-        floats = ()
-    else:
-        return specs
-    for fmt, w, s in (("dense", "*bf16", "*bf16"), ("mxfp4", "*u8", "*u8")):
-        const = dict(common, WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=64, BLOCK_N=128, BLOCK_K=64,
-                     EVEN_K=True, USE_PDL=True)
-        sig = auto_signature(kernel, {**ptrs, "w_ptr": w, "w_scale_ptr": s}, const, floats)
-        specs.append((f"{module_name}[bf16 x {fmt}]", kernel, sig, const, {"num_warps": 4, "num_stages": 3}))
-    return specs
-
-
 def discover_specs():
     """[(module name, spec)] over every module of ``inductor_moe.templates`` with ISA_SPECS."""
     from . import templates
 
+    from .lowering.moe import isa_specs
+
+    lowering_specs = isa_specs()  # templates whose compile-time arguments the lowering builds
     found, missing = [], []
     for info in sorted(pkgutil.iter_modules(templates.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
@@ -114,7 +91,7 @@ def discover_specs():
         module = importlib.import_module(f"{templates.__name__}.{info.name}")
         specs = getattr(module, "ISA_SPECS", None)
         if specs is None:
-            specs = _moe_fallback_specs(info.name) or None
+            specs = lowering_specs.get(info.name)
         if specs is None:
             if any(getattr(v, "__module__", None) == module.__name__ and type(v).__name__ == "JITFunction"
                    for v in vars(module).values()):

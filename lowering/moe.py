@@ -94,6 +94,61 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
 
 # ------------------------------------------------------------------------------ launcher
 
+def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
+                     hidden: int, use_pdl: bool) -> dict:
+    """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing."""
+    from ..templates.moe_common import ACTIVATION_CODES
+    from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
+
+    g1 = cfg.gemm1
+    return dict(ACTIVATION=ACTIVATION_CODES[spec.activation], HAS_LIMIT=spec.limit is not None, HAS_BIAS=has_bias,
+                INTERLEAVED=spec.gate_up == "interleaved", WEIGHT_BEFORE_DOWN=spec.weight_position == "before_down",
+                WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n,
+                BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
+                FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, num_warps=g1.num_warps, num_stages=g1.num_stages)
+
+
+def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
+                     intermediate: int, use_pdl: bool) -> dict:
+    """Compile-time arguments (and launch options) of L2; shared by the launcher and the ISA listing."""
+    from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
+
+    g2 = cfg.gemm2
+    return dict(HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=spec.weight_position == "after_down",
+                WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n,
+                BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0, FP4_DOT_SCALED=fp4_dot_scaled,
+                USE_PDL=use_pdl, num_warps=g2.num_warps, num_stages=g2.num_stages)
+
+
+def isa_specs() -> dict:
+    """{template module: [(label, kernel, signature, constexprs, options)]} for ``inductor_moe.isa``:
+    the expert GEMMs exactly as the launcher builds them for a qwen3-30b-a3b prefill call
+    (T=4096, E=128, k=8, H=2048, I=768) in every weight format the kernels read."""
+    from ..isa import auto_signature
+    from ..templates.moe_gemm1 import moe_gemm1_kernel
+    from ..templates.moe_gemm2 import moe_gemm2_kernel
+
+    wtypes = {"dense": ("*bf16", "*bf16"), "fp8_block128": ("*fp8e4nv", "*fp32"), "mxfp4": ("*u8", "*u8"),
+              "nvfp4": ("*u8", "*fp8e4nv")}
+    specs: dict = {"moe_gemm1": [], "moe_gemm2": []}
+    for fmt in KERNEL_WEIGHT_FORMATS:
+        cfg = choose_moe_config(4096, 8, 128, 2048, 768, fmt, 132)
+        dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4"
+        w, s = wtypes[fmt]
+        for name, kernel, build, ptrs, floats, k_dim in (
+                ("moe_gemm1", moe_gemm1_kernel, gemm1_constexprs,
+                 {"x_ptr": "*bf16", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "inter_ptr": "*bf16"},
+                 ("alpha", "limit", "up_offset"), 2048),
+                ("moe_gemm2", moe_gemm2_kernel, gemm2_constexprs,
+                 {"inter_ptr": "*bf16", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16"},
+                 (), 768)):
+            const = build(MoESpec(), cfg, fmt, dot_scaled, False, k_dim, True)
+            options = {"num_warps": const.pop("num_warps"), "num_stages": const.pop("num_stages")}
+            ptr_types = {**ptrs, "w_ptr": w, "w_scale_ptr": s, "w_gscale_ptr": "*fp32"}
+            sig = auto_signature(kernel, ptr_types, const, floats)
+            specs[name].append((f"{name}[bf16 x {fmt}]", kernel, sig, const, options))
+    return specs
+
 def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
     """(weight, scale-or-dummy, strides e/n/k of the weight, strides e/n/k of the scale)."""
     if fmt == "dense":
@@ -179,10 +234,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         H, I, k,
         x.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
         float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset),
-        ACTIVATION=ACTIVATION_CODES[spec.activation], HAS_LIMIT=spec.limit is not None, HAS_BIAS=b13 is not None,
-        INTERLEAVED=spec.gate_up == "interleaved", WEIGHT_BEFORE_DOWN=spec.weight_position == "before_down",
-        WEIGHT_FORMAT=wf, BLOCK_M=BM, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, EVEN_K=H % g1.block_k == 0,
-        GATE_UP_ONE_DOT=cfg.gate_up_one_dot, FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, num_warps=g1.num_warps, num_stages=g1.num_stages, **pdl)
+        **gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl), **pdl)
 
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     g2 = cfg.gemm2
@@ -191,9 +243,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         sorted_ids, block_expert, expert_start, expert_count,
         H, I,
         w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0,
-        HAS_BIAS=b2 is not None, WEIGHT_AFTER_DOWN=spec.weight_position == "after_down", WEIGHT_FORMAT=wf,
-        BLOCK_M=BM, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, EVEN_K=I % g2.block_k == 0,
-        FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, num_warps=g2.num_warps, num_stages=g2.num_stages, **pdl)
+        **gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl), **pdl)
 
     bt, bh = cfg.combine_block_t, cfg.combine_block_h
     moe_combine_kernel[(-(-T // bt), -(-H // bh))](rows, ids, out, T, H, E, out.stride(0), TOP_K=k,

@@ -41,3 +41,12 @@ def test_mma_kind_parser():
     wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;
     """
     assert isa.mma_kinds(ptx) == ("tcgen05.mma kind::mxf4.block_scale", "wgmma f32.bf16.bf16")
+
+
+def test_every_template_compiles_for_hopper_and_blackwell():
+    """The listing covers every template exactly as it is launched; a stale spec is an error."""
+    results = isa.compile_all()
+    errors = [r.line() for r in results if r.error]
+    assert not errors, "\n".join(errors)
+    moe = [r for r in results if r.label.startswith("moe_gemm") and r.arch == 90]
+    assert moe and all(any(k.startswith("wgmma") for k in r.mma_kinds) for r in moe)
