@@ -184,16 +184,17 @@ class StackedMoE(nn.Module):
     weights), "einsum" (gathered weights), or "grouped_mm" (sorted tokens, offsets)."""
 
     def __init__(self, hidden=H, inter=I, num_experts=E, top_k=2, via="bmm", router="softmax_topk",
-                 shared=False, combine="weighted_sum", leak=False, act="silu"):
+                 shared=False, combine="weighted_sum", leak=False, act="silu", weigh="after_down"):
         super().__init__()
         self.E, self.k, self.via, self.combine, self.leak, self.act = num_experts, top_k, via, combine, leak, act
+        self.weigh = weigh  # "before_down": routing weights scale the activation, not the output
         self.router = Router(hidden, num_experts, top_k, router)
         self.w13 = nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) * hidden ** -0.5)
         self.w2 = nn.Parameter(torch.randn(num_experts, hidden, inter) * inter ** -0.5)
         self.shared = SwiGLU(hidden, 2 * inter) if shared else None
 
-    def experts(self, x, ids):
-        """Per-(token, slot) rows [T*k, H], in token-major order."""
+    def experts(self, x, ids, w=None):
+        """Per-(token, slot) rows [T*k, H], in token-major order (``w``: weights applied to h)."""
         T, k = ids.shape
         flat = ids.reshape(-1)
         xs = x.repeat_interleave(k, dim=0)
@@ -208,6 +209,8 @@ class StackedMoE(nn.Module):
             h13 = torch._grouped_mm(x[order // k], self.w13.transpose(1, 2), offs=offs)
         g, u = h13.chunk(2, dim=-1)
         h = (F.relu(g).square() if self.act == "relu2" else F.silu(g)) * u
+        if w is not None:
+            h = h * (w.reshape(-1, 1) if self.via != "grouped_mm" else w.reshape(-1)[order, None])
         if self.via == "bmm":
             y = torch.bmm(self.w2[flat], h.unsqueeze(-1)).squeeze(-1)
         elif self.via == "einsum":
@@ -219,9 +222,11 @@ class StackedMoE(nn.Module):
 
     def forward(self, x):
         w, ids = self.router(x)
-        rows = self.experts(x, ids)
+        rows = self.experts(x, ids, w if self.weigh == "before_down" else None)
         y = rows.view(x.shape[0], self.k, x.shape[1])
-        if self.combine == "weighted_sum":
+        if self.weigh == "before_down":
+            out = y.sum(1)
+        elif self.combine == "weighted_sum":
             out = (y * w.unsqueeze(-1)).sum(1)
         elif self.combine == "max":  # a max over the top-k: not a weighted sum
             out = (y * w.unsqueeze(-1)).amax(1)

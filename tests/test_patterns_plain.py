@@ -13,6 +13,14 @@ import inductor_moe
 import models_zoo as Z
 
 
+@pytest.fixture(autouse=True)
+def _silent_fallback():
+    """Skips are asserted through the report; "warn" would also mark each reason as warned-once
+    for the whole process and hide it from later tests."""
+    with inductor_moe.config.patch(fallback="silent"):
+        yield
+
+
 def _run(model, x):
     with torch.no_grad(), inductor_moe.report() as r:
         out = torch.compile(model, backend="inductor_moe")(x)
@@ -75,6 +83,17 @@ def test_stacked_grouped_mm(top_k, router):
     golden = copy.deepcopy(model)
     golden.via = "bmm"
     _check(model, "hf_grouped_mm", dtype=torch.bfloat16, golden=golden.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("via,dtype", [("einsum", torch.float32), ("grouped_mm", torch.bfloat16)])
+def test_stacked_weights_before_down_top1(via, dtype):
+    """Routing weights scaling the activation (before the down projection), top-1."""
+    model = Z.StackedMoE(via=via, top_k=1, router="topk_softmax", weigh="before_down")
+    golden = copy.deepcopy(model)
+    golden.via = "bmm"
+    r = _check(model, "hf_batched_mm" if via == "einsum" else "hf_grouped_mm", dtype=dtype,
+               golden=golden.to(dtype))
+    assert "weight_position=before_down" in Z.moe_matches(r)[0].detail
 
 
 # ------------------------------------------------------------------------ dynamic token count

@@ -380,8 +380,6 @@ class _Walk:
         w13, w2 = up.weight, down.weight
         x, ids = self.check_inputs(kind, up, down, perm, [i for i in (b13_ids, b2_ids) if i is not None])
         self.check_shapes(w13, w2, b13, b2, up.transposed, x)
-        if (b13 is None) != (b2 is None):
-            self.reject("only one of the two expert projections has a bias")
         spec = MoESpec(transposed=up.transposed, weight_position=position, **act)
         stop = {x, ids, tw, w13, w2, *(b for b in (b13, b2) if b is not None)}
         region, foreign = _region(c.output, stop)
@@ -514,8 +512,9 @@ def find(graph: fx.Graph, kind: str, name: str) -> list:
 
 def _kind_hint(combine: Combine) -> Optional[str]:
     """Which idiom a combine belongs to, judged only by the expert GEMMs beneath it (None: not MoE)."""
+    rows = val(combine.rows).shape[0]
     seen, queue = set(), collections.deque([combine.rows])
-    while queue:
+    while queue and len(seen) < 64:
         n = queue.popleft()
         if n in seen or not isinstance(n, fx.Node) or n.op != "call_function":
             continue
@@ -523,7 +522,7 @@ def _kind_hint(combine: Combine) -> Optional[str]:
         gemm = match_gemm(n) if n is peel(n) else None
         if gemm is not None:
             return gemm.kind
-        if len(seen) > 64:
-            return None
-        queue.extend(n.all_input_nodes)
+        v = val(n)
+        if v is not None and v.dtype.is_floating_point and v.dim() > 0 and same(v.shape[0], rows):
+            queue.extend(n.all_input_nodes)  # only through per-row tensors: never into other layers
     return None
