@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .common import RegionRejected, aten, is_op
-from .stacked import strip_convert
+from .expert_gemms import strip_convert
 
 NAME = "hf_eager_loop"
 
