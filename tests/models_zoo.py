@@ -260,3 +260,23 @@ def compile_counted(model, **compile_kwargs):
         return inductor_moe_backend(gm, example_inputs)
 
     return torch.compile(model, backend=counting, **compile_kwargs), graphs
+
+
+class TolistLoopMoE(LoopMoE):
+    """Tokens sorted by expert, then a Python loop over ``counts.tolist()``: a data-dependent trip
+    count, which Dynamo cannot keep in one graph."""
+
+    def forward(self, x):
+        w, ids = self.router(x)
+        flat = ids.reshape(-1)
+        order = flat.argsort()
+        counts = torch.histc(flat.float(), bins=self.E, min=0, max=self.E - 1).int().tolist()
+        xs, outs, start = x[order // ids.shape[1]], [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            outs.append(self.experts[e](xs[start:start + n]))
+            start += n
+        rows = torch.empty_like(xs)
+        rows[order] = torch.cat(outs)
+        return (rows.view(x.shape[0], -1, x.shape[1]) * w.unsqueeze(-1)).sum(1)

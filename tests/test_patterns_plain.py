@@ -144,3 +144,13 @@ def test_no_graph_breaks_beyond_plain_inductor():
             plain = torch._dynamo.explain(model)(x)
     assert ours.graph_break_count <= plain.graph_break_count
     assert ours.graph_break_count == 0
+
+
+def test_tolist_loop_is_reported_as_split():
+    """A loop over ``.tolist()`` counts cannot be one graph: nothing fused, the report says why."""
+    model = Z.TolistLoopMoE().eval()
+    x = torch.randn(16, Z.H)
+    out, ref, r = _run(model, x)
+    assert not Z.moe_matches(r)
+    assert any(s.pattern == "split_block" and "tolist" in s.reason for s in r.skipped), r.summary()
+    assert Z.rel_err(out, ref) < 1e-5
