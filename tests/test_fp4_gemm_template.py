@@ -144,8 +144,9 @@ def test_strategy_choice():
     from inductor_moe.templates.block_scaled_gemm import choose_strategy
 
     spec = GemmSpec()
-    assert choose_strategy(16, 4096, 4096, spec, torch.bfloat16, 90) == "gemv"  # decode: stream fp4 bytes
+    assert choose_strategy(1, 4096, 4096, spec, torch.bfloat16, 90) == "gemv"  # decode: stream fp4 bytes
     assert choose_strategy(1, 4096, 4096, spec, torch.bfloat16, 100) == "gemv"
+    assert choose_strategy(16, 4096, 4096, spec, torch.bfloat16, 90) == "fused"  # GEMV work grows with M
     assert choose_strategy(16, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"  # no fp4 MMA
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 100) == "fused"  # native block-scaled MMA
