@@ -28,6 +28,9 @@ from .moe_plan import MoEKernelConfig, choose_moe_config
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4", "nvfp4")  # what the templates read
+# weight formats the templates pair with fp8 activations (act_format fp8_block128 / fp8_mx32);
+# fp8_mx32 x mxfp4 is the block-scaled FP8 x FP4 MMA (tl.dot_scaled e4m3 x e2m1)
+FP8_ACT_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4")
 
 
 def _interpreting() -> bool:
@@ -68,11 +71,12 @@ def unsupported_reason(spec: MoESpec, device: torch.device, x_dtype: torch.dtype
         return "the fused MoE kernels need sm_80 or newer"
     if x_dtype not in FORMAT_LABELS:
         return f"activations of dtype {x_dtype} (the kernels take bfloat16/float16)"
-    if spec.act_format != "dense":
-        return f"act_format={spec.act_format!r} (fp8 activations) is not implemented in the fused kernels yet"
     fmt = spec.effective_weight_format
     if fmt not in KERNEL_WEIGHT_FORMATS:
         return f"weight format {fmt!r} is not implemented in the fused kernels yet"
+    if spec.act_format != "dense" and fmt not in FP8_ACT_WEIGHT_FORMATS:
+        return (f"act_format={spec.act_format!r} (fp8 activations) with weight format {fmt!r} is not "
+                f"implemented in the fused kernels (they take {', '.join(FP8_ACT_WEIGHT_FORMATS)} weights)")
     if spec.weight_format == "dense" and spec.quantize_weights is None and w_dtype is not None and w_dtype != x_dtype:
         return f"dense weights of dtype {w_dtype} with activations of dtype {x_dtype}"
     return None
@@ -89,6 +93,8 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
         return f"reference ({reason})"
     fmt = spec.effective_weight_format
     label = FORMAT_LABELS[x_dtype] if fmt == "dense" else fmt
+    if spec.act_format != "dense":
+        label = f"{spec.act_format} x {label}"
     return f"triton_fused{'_pdl' if pdl_enabled(device) else ''}[{label}]"
 
 
@@ -97,7 +103,7 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
                      hidden: int, use_pdl: bool) -> dict:
     """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing."""
-    from ..templates.moe_common import ACTIVATION_CODES
+    from ..templates.moe_common import ACT_FORMAT_CODES, ACTIVATION_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
     g1 = cfg.gemm1
@@ -105,49 +111,64 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 INTERLEAVED=spec.gate_up == "interleaved", WEIGHT_BEFORE_DOWN=spec.weight_position == "before_down",
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n,
                 BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
-                FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, num_warps=g1.num_warps, num_stages=g1.num_stages)
+                FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
+                num_warps=g1.num_warps, num_stages=g1.num_stages)
 
 
 def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
                      intermediate: int, use_pdl: bool) -> dict:
     """Compile-time arguments (and launch options) of L2; shared by the launcher and the ISA listing."""
+    from ..templates.moe_common import ACT_FORMAT_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
     g2 = cfg.gemm2
     return dict(HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=spec.weight_position == "after_down",
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n,
                 BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0, FP4_DOT_SCALED=fp4_dot_scaled,
-                USE_PDL=use_pdl, num_warps=g2.num_warps, num_stages=g2.num_stages)
+                USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
+                num_warps=g2.num_warps, num_stages=g2.num_stages)
 
 
 def isa_specs() -> dict:
     """{template module: [(label, kernel, signature, constexprs, options)]} for ``inductor_moe.isa``:
     the expert GEMMs exactly as the launcher builds them for a qwen3-30b-a3b prefill call
-    (T=4096, E=128, k=8, H=2048, I=768) in every weight format the kernels read."""
+    (T=4096, E=128, k=8, H=2048, I=768) in every weight format the kernels read, with bf16
+    activations, plus the fp8-activation pairs (``act x weight``)."""
     from ..isa import auto_signature
     from ..templates.moe_gemm1 import moe_gemm1_kernel
     from ..templates.moe_gemm2 import moe_gemm2_kernel
 
     wtypes = {"dense": ("*bf16", "*bf16"), "fp8_block128": ("*fp8e4nv", "*fp32"), "mxfp4": ("*u8", "*u8"),
               "nvfp4": ("*u8", "*fp8e4nv")}
+    act_scale = {"dense": "*bf16", "fp8_block128": "*fp32", "fp8_mx32": "*u8"}
+    combos = [("dense", fmt) for fmt in KERNEL_WEIGHT_FORMATS] + [
+        ("fp8_block128", "dense"), ("fp8_block128", "fp8_block128"), ("fp8_mx32", "mxfp4")]
     specs: dict = {"moe_gemm1": [], "moe_gemm2": []}
-    for fmt in KERNEL_WEIGHT_FORMATS:
-        cfg = choose_moe_config(4096, 8, 128, 2048, 768, fmt, 132)
+    for act, fmt in combos:
+        spec = MoESpec(act_format=act)
+        cfg = choose_moe_config(4096, 8, 128, 2048, 768, fmt, 132, act_format=act)
         dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4"
         w, s = wtypes[fmt]
+        a = "*bf16" if act == "dense" else "*fp8e4nv"
         for name, kernel, build, ptrs, floats, k_dim in (
                 ("moe_gemm1", moe_gemm1_kernel, gemm1_constexprs,
-                 {"x_ptr": "*bf16", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "inter_ptr": "*bf16"},
+                 {"x_ptr": a, "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "inter_ptr": a,
+                  "x_scale_ptr": act_scale[act], "inter_scale_ptr": act_scale[act]},
                  ("alpha", "limit", "up_offset"), 2048),
                 ("moe_gemm2", moe_gemm2_kernel, gemm2_constexprs,
-                 {"inter_ptr": "*bf16", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16"},
+                 {"inter_ptr": a, "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16",
+                  "inter_scale_ptr": act_scale[act]},
                  (), 768)):
-            const = build(MoESpec(), cfg, fmt, dot_scaled, False, k_dim, True)
+            const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True)
             options = {"num_warps": const.pop("num_warps"), "num_stages": const.pop("num_stages")}
+            if act == "fp8_mx32" and dot_scaled:  # e4m3 x e2m1 through tl.dot_scaled: CI checks the MMA
+                options["expect_sm100"] = "block_scale"
             ptr_types = {**ptrs, "w_ptr": w, "w_scale_ptr": s, "w_gscale_ptr": "*fp32"}
             sig = auto_signature(kernel, ptr_types, const, floats)
-            specs[name].append((f"{name}[bf16 x {fmt}]", kernel, sig, const, options))
+            label = f"{name}[bf16 x {fmt}]" if act == "dense" else f"{name}[{act} x {fmt}]"
+            specs[name].append((label, kernel, sig, const, options))
     return specs
+
 
 def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
     """(weight, scale-or-dummy, strides e/n/k of the weight, strides e/n/k of the scale)."""
@@ -169,7 +190,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     under TRITON_INTERPRET=1."""
     from ..templates.moe_align import moe_align_count, moe_align_offsets, moe_align_scatter, moe_align_single
     from ..templates.moe_combine import moe_combine_kernel
-    from ..templates.moe_common import ACTIVATION_CODES
+    from ..templates.moe_common import ACT_FORMAT_CODES, ACT_GROUPS, moe_quant_act_kernel
     from ..templates.moe_gemm1 import moe_gemm1_kernel
     from ..templates.moe_gemm2 import moe_gemm2_kernel
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
@@ -188,7 +209,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         spec = MoESpec(**{**spec.__dict__, "quantize_weights": None, "weight_format": fmt, "transposed": False})
     if use_pdl is None:
         use_pdl = pdl_enabled(x.device)
-    cfg = kernel_config or choose_moe_config(T, k, E, H, I, fmt, _num_sms(x.device))
+    cfg = kernel_config or choose_moe_config(T, k, E, H, I, fmt, _num_sms(x.device), act_format=spec.act_format)
     x = x if x.stride(1) == 1 else x.contiguous()
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()
@@ -205,6 +226,23 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     block_expert = scratch[2 * E + max_blocks * BM:2 * E + max_blocks * BM + max_blocks]
     pdl = {"launch_pdl": True} if use_pdl else {}
     nb_chunk = max(16, 8192 // e_p2)
+    act = ACT_FORMAT_CODES[spec.act_format]
+    if act:  # fp8 activations: x -> e4m3 + per-token group scales, once (not per L1 tile)
+        G = ACT_GROUPS[act]
+        s_dtype = torch.float32 if spec.act_format == "fp8_block128" else torch.uint8
+        xq = torch.empty((T, H), dtype=torch.float8_e4m3fn, device=x.device)
+        x_s = torch.empty((T, -(-H // G)), dtype=s_dtype, device=x.device)
+        bt = 16
+        bk = max(G, min(512, 1 << (H - 1).bit_length()))
+        moe_quant_act_kernel[(-(-T // bt), -(-H // bk))](x, xq, x_s, T, H, x.stride(0), x_s.stride(0),
+                                                          ACT_FORMAT=act, BLOCK_T=bt, BLOCK_K=bk, USE_PDL=use_pdl,
+                                                          num_warps=4, **pdl)
+        inter = torch.empty((N, I), dtype=torch.float8_e4m3fn, device=x.device)
+        inter_s = torch.empty((N, -(-I // G)), dtype=s_dtype, device=x.device)
+        a1, a1_s, inter_s_stride = xq, x_s, inter_s.stride(0)
+    else:
+        inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
+        a1, a1_s, inter_s, inter_s_stride = x, x, x, 0
 
     if cfg.align_single:
         moe_align_single[(1,)](ids, N, E, max_blocks, expert_count, expert_start, sorted_ids, block_expert,
@@ -225,14 +263,14 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     g13 = w13_global_scale if w13_global_scale is not None else x
     g2s = w2_global_scale if w2_global_scale is not None else x
-    fp4_dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and x.dtype == torch.bfloat16
-    inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
+    fp4_dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
     g1 = cfg.gemm1
     moe_gemm1_kernel[(max_blocks * -(-I // g1.block_n),)](
-        x, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
-        sorted_ids, block_expert, expert_start, expert_count,
+        a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
+        sorted_ids, block_expert, expert_start, expert_count, a1_s, inter_s,
         H, I, k,
-        x.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
+        a1.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
+        a1_s.stride(0) if act else 0, inter_s_stride,
         float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset),
         **gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl), **pdl)
 
@@ -240,9 +278,9 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     g2 = cfg.gemm2
     moe_gemm2_kernel[(max_blocks * -(-H // g2.block_n),)](
         inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
-        sorted_ids, block_expert, expert_start, expert_count,
+        sorted_ids, block_expert, expert_start, expert_count, inter_s,
         H, I,
-        w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0,
+        w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0, inter_s_stride,
         **gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl), **pdl)
 
     bt, bh = cfg.combine_block_t, cfg.combine_block_h

@@ -82,10 +82,26 @@ def _nvfp4_register_budget(g1: GemmTiles, g2: GemmTiles, regime: str) -> tuple[G
             dataclasses.replace(g2, block_n=min(g2.block_n, 64), block_k=64))
 
 
+def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str) -> tuple[GemmTiles, GemmTiles]:
+    """fp8 activations: the L1 epilogue quantises whole scale groups of h per tile, so L1's
+    block_n is a multiple of the group (128 or 32); block-128 scales need block_k | 128 (one
+    scale per row per K step), mx32 scales 32 | block_k.  Unmeasured on a GPU (CPU-validated)."""
+    group = 128 if act_format == "fp8_block128" else 32
+    g1 = dataclasses.replace(g1, block_n=max(g1.block_n, group))
+    if act_format == "fp8_block128":
+        g1 = dataclasses.replace(g1, block_k=min(g1.block_k, 128))
+        g2 = dataclasses.replace(g2, block_k=min(g2.block_k, 128))
+    else:
+        g1 = dataclasses.replace(g1, block_k=max(g1.block_k, 32))
+        g2 = dataclasses.replace(g2, block_k=max(g2.block_k, 32))
+    return g1, g2
+
+
 def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                       weight_format: str = "dense", num_sms: int = 132,
-                      overrides: Optional[dict] = None) -> MoEKernelConfig:
-    """Pick tiles for one MoE layer call.  ``weight_format`` is the format the GEMMs read."""
+                      overrides: Optional[dict] = None, act_format: str = "dense") -> MoEKernelConfig:
+    """Pick tiles for one MoE layer call.  ``weight_format`` is the format the GEMMs read,
+    ``act_format`` the activations' (dense, or fp8 e4m3 with per-128 / per-32 scales)."""
     n_entries = max(num_tokens * top_k, 1)
     active = min(num_experts, n_entries)
     rows_per_expert = n_entries / active
@@ -128,6 +144,8 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
 
     if weight_format == "nvfp4":
         g1, g2 = _nvfp4_register_budget(g1, g2, regime)
+    if act_format != "dense":
+        g1, g2 = _fp8_act_tiles(g1, g2, act_format)
 
     align_chunk = max(16, min(256, 16384 // e_p2, _pow2_at_least(n_entries)))
     cfg = MoEKernelConfig(

@@ -79,3 +79,80 @@ def swiglu_epilogue(gate, up, alpha, limit, up_offset,
         z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         act = 0.5 * gate * (2.0 * tl.sigmoid(2.0 * z))
     return act * (up + up_offset)
+
+
+# ------------------------------------------------------------------------------ fp8 activations
+# ACT_FORMAT (constexpr): 0 dense (bf16/fp16 activations), 1 e4m3 with one fp32 scale per row per
+# 128 (amax / 448, 1.0 for an all-zero group), 2 e4m3 with one e8m0 scale per row per 32
+# (2^ceil(log2(amax / 448)), stored as its byte).  Numerics as formats.quantize_fp8_per_token /
+# quantize_fp8_mx32 define them; the fp32 values are quantised (never a bf16-rounded copy).
+ACT_DENSE, ACT_FP8_BLOCK128, ACT_FP8_MX32 = 0, 1, 2
+ACT_FORMAT_CODES = {"dense": ACT_DENSE, "fp8_block128": ACT_FP8_BLOCK128, "fp8_mx32": ACT_FP8_MX32}
+ACT_GROUPS = {ACT_FP8_BLOCK128: 128, ACT_FP8_MX32: 32}
+
+
+@triton.jit
+def round_e4m3(x):
+    """fp32 in [-448, 448] -> e4m3, round to nearest even on every backend (the interpreter's
+    cast rounds ties away; there the value is first rounded to the e4m3 grid by hand)."""
+    if INTERPRET:
+        bits = x.to(tl.int32, bitcast=True)
+        e = tl.maximum((bits >> 23) & 0xFF, 121)  # below 2^-6 e4m3 is subnormal: step 2^-9
+        ulp = ((e - 3) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3)
+        magic = ulp * 12582912.0  # 1.5 * 2^23 ulps: the fp32 add rounds to a multiple of ulp (RNE)
+        x = (x + magic) - magic
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def e8m0_to_fp32(byte):
+    """e8m0 byte (int32) -> 2^(byte - 127) in fp32; byte 0 is 2^-127 (subnormal), 255 is NaN."""
+    val = tl.where(byte == 0, 0x00400000, byte << 23).to(tl.float32, bitcast=True)
+    return tl.where(byte == 255, float("nan"), val)
+
+
+@triton.jit
+def quantize_fp8_groups(h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT_FORMAT: tl.constexpr):
+    """h [BLOCK_M, BLOCK_N] fp32 (masked entries already 0) -> (e4m3 [BLOCK_M, BLOCK_N],
+    scales [BLOCK_M, BLOCK_N // G]: fp32 for ACT_FORMAT 1, e8m0 bytes (uint8) for 2)."""
+    G: tl.constexpr = 128 if ACT_FORMAT == 1 else 32
+    tl.static_assert(BLOCK_N % G == 0, "fp8 activation groups must not straddle tiles")
+    hg = tl.reshape(h, [BLOCK_M, BLOCK_N // G, G])
+    amax = tl.max(tl.abs(hg), axis=2)
+    if ACT_FORMAT == 1:
+        scale = amax / 448.0
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        stored = scale
+    else:
+        r = amax / 448.0
+        bits = r.to(tl.int32, bitcast=True)
+        ex = (bits >> 23) & 0xFF
+        mant = bits & 0x7FFFFF
+        # smallest power of two >= r, read off the bits (exact powers of two are not bumped)
+        byte = tl.where(ex == 0, tl.where(mant > 0x400000, 1, 0), ex + (mant != 0).to(tl.int32))
+        byte = tl.minimum(byte, 254)
+        byte = tl.where(r != r, 255, byte)
+        scale = e8m0_to_fp32(byte)
+        stored = byte.to(tl.uint8)
+    q = tl.minimum(tl.maximum(hg / scale[:, :, None], -448.0), 448.0)
+    q = round_e4m3(tl.reshape(q, [BLOCK_M, BLOCK_N]))
+    return q, stored
+
+
+@triton.jit
+def moe_quant_act_kernel(x_ptr, q_ptr, s_ptr, T, K, stride_xt, stride_st,
+                         ACT_FORMAT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    """x [T, K] -> e4m3 q [T, K] (row stride K) + per-row group scales s [T, cdiv(K, G)]."""
+    G: tl.constexpr = 128 if ACT_FORMAT == 1 else 32
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (t[:, None] < T) & (kk[None, :] < K)
+    pdl_wait(USE_PDL)
+    x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xt + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+    pdl_launch_dependents(USE_PDL)
+    q, s = quantize_fp8_groups(x, BLOCK_T, BLOCK_K, ACT_FORMAT)
+    tl.store(q_ptr + t.to(tl.int64)[:, None] * K + kk[None, :], q, mask=mask)
+    g = tl.program_id(1) * (BLOCK_K // G) + tl.arange(0, BLOCK_K // G)
+    tl.store(s_ptr + t.to(tl.int64)[:, None] * stride_st + g[None, :], s,
+             mask=(t[:, None] < T) & (g[None, :] < tl.cdiv(K, G)))

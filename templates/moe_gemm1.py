@@ -7,6 +7,9 @@
 # rounded to x's dtype, is written, at row t*k + j of the intermediate.
 # GATE_UP_ONE_DOT: one [BK, 2*BLOCK_N] weight tile per step with gate and up columns alternating,
 # one wider MMA, then split; else two [BK, BLOCK_N] tiles and two accumulators.
+# ACT_FORMAT 1/2 (fp8 activations): x_ptr is e4m3 x with per-row scales at x_scale_ptr (quantised
+# once by moe_quant_act_kernel), and the epilogue quantises the fp32 h per row per group of I
+# (128, fp32 scales / 32, e8m0 bytes) into the e4m3 intermediate + inter_scale_ptr.
 # Grid: (cdiv(I, BLOCK_N) * max_blocks,), N tiles fastest, so the programs running together share
 # one M-block's gathered rows (read once from DRAM, then from L2); blocks past the last exit at once.
 """
@@ -14,25 +17,29 @@
 import triton
 import triton.language as tl
 
-from .moe_common import pdl_launch_dependents, pdl_wait, store_cast, swiglu_epilogue
-from .moe_tiles import weight_tile_dot
+from .moe_common import pdl_launch_dependents, pdl_wait, quantize_fp8_groups, store_cast, swiglu_epilogue
+from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
 @triton.jit
 def moe_gemm1_kernel(
     x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
-    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
+    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
     H, I, top_k,
     stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+    stride_xst, stride_ist,
     alpha, limit, up_offset,
     ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
+    ACT_FORMAT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(WEIGHT_FORMAT < 2 or BLOCK_K % 32 == 0, "fp4 scales need 32 | BLOCK_K")
+    tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
+    tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
@@ -56,6 +63,7 @@ def moe_gemm1_kernel(
     w_base = w_ptr + e.to(tl.int64) * stride_we
     s_base = w_scale_ptr + e.to(tl.int64) * stride_se
     x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_xt
+    xs_rows = x_scale_ptr + token.to(tl.int64) * stride_xst  # fp8 activations: the row's scales
     if GATE_UP_ONE_DOT:
         j = tl.arange(0, 2 * BLOCK_N)
         col = pid_n * BLOCK_N + j // 2
@@ -68,19 +76,18 @@ def moe_gemm1_kernel(
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            a = tl.load(x_rows + k[None, :], mask=row_mask[:, None], other=0.0)
-        else:
-            a = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k[None, :] < H), other=0.0)
+        a, a_s = load_act_tile(x_rows, xs_rows, row_mask, k0, H, BLOCK_K, ACT_FORMAT, EVEN_K)
         if GATE_UP_ONE_DOT:
-            acc = weight_tile_dot(acc, a, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
-                                  stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
+            acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
+                                      stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K,
+                                      FP4_DOT_SCALED)
         else:
-            acc_gate = weight_tile_dot(acc_gate, a, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn, stride_wk,
-                                       stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
-            acc_up = weight_tile_dot(acc_up, a, w_base, s_base, n_up, k0, H, 2 * I, stride_wn, stride_wk,
-                                     stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
+            acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn,
+                                           stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
+                                           EVEN_K, FP4_DOT_SCALED)
+            acc_up = act_weight_tile_dot(acc_up, a, a_s, w_base, s_base, n_up, k0, H, 2 * I, stride_wn,
+                                         stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
+                                         EVEN_K, FP4_DOT_SCALED)
     if GATE_UP_ONE_DOT:
         acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
     if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once
@@ -98,4 +105,13 @@ def moe_gemm1_kernel(
     if WEIGHT_BEFORE_DOWN:
         h *= tl.load(topk_weights_ptr + entry, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     out = inter_ptr + entry.to(tl.int64)[:, None] * I + n[None, :]
-    tl.store(out, store_cast(h, inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    if ACT_FORMAT == 0:
+        tl.store(out, store_cast(h, inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    else:  # fp8 intermediate: e4m3 + one scale per row per group of I (BLOCK_N holds whole groups)
+        G: tl.constexpr = 128 if ACT_FORMAT == 1 else 32
+        h = tl.where(row_mask[:, None] & n_mask[None, :], h, 0.0)
+        q, s = quantize_fp8_groups(h, BLOCK_M, BLOCK_N, ACT_FORMAT)
+        tl.store(out, q, mask=row_mask[:, None] & n_mask[None, :])
+        g = pid_n * (BLOCK_N // G) + tl.arange(0, BLOCK_N // G)
+        tl.store(inter_scale_ptr + entry.to(tl.int64)[:, None] * stride_ist + g[None, :], s,
+                 mask=row_mask[:, None] & (g[None, :] < tl.cdiv(I, G)))

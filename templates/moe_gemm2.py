@@ -3,28 +3,31 @@
 # T: tokens, k: experts per token, I: expert intermediate size (the K of this GEMM), H: hidden
 # M-block b holds rows of expert block_expert[b]; row r reads intermediate[sorted_ids[r]] and
 # writes rows_out[sorted_ids[r]], so every (token, slot) owns one output row and the combine
-# can add them in a fixed order.  Grid: (cdiv(H, BLOCK_N) * max_blocks,), N tiles fastest.
+# can add them in a fixed order.  ACT_FORMAT 1/2: the intermediate is e4m3 with per-row scales
+# at inter_scale_ptr (see moe_gemm1).  Grid: (cdiv(H, BLOCK_N) * max_blocks,), N tiles fastest.
 """
 
 import triton
 import triton.language as tl
 
 from .moe_common import pdl_launch_dependents, pdl_wait, store_cast
-from .moe_tiles import weight_tile_dot
+from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
 @triton.jit
 def moe_gemm2_kernel(
     inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
-    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
+    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
     H, I,
-    stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+    stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
+    FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
+    tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
+    tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
     num_n = tl.cdiv(H, BLOCK_N)
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
@@ -42,14 +45,11 @@ def moe_gemm2_kernel(
     s_base = w_scale_ptr + e.to(tl.int64) * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_rows = inter_ptr + entry.to(tl.int64)[:, None] * I
+    as_rows = inter_scale_ptr + entry.to(tl.int64) * stride_ist  # fp8 intermediate: the row's scales
     for k0 in range(0, I, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            a = tl.load(a_rows + k[None, :], mask=row_mask[:, None], other=0.0)
-        else:
-            a = tl.load(a_rows + k[None, :], mask=row_mask[:, None] & (k[None, :] < I), other=0.0)
-        acc = weight_tile_dot(acc, a, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
-                              stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
+        a, a_s = load_act_tile(a_rows, as_rows, row_mask, k0, I, BLOCK_K, ACT_FORMAT, EVEN_K)
+        acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
+                                  stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED)
     pdl_launch_dependents(USE_PDL)
 
     n_mask = n < H

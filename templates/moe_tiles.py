@@ -15,7 +15,7 @@
 import triton
 import triton.language as tl
 
-from .moe_common import INTERPRET, store_cast
+from .moe_common import INTERPRET, e8m0_to_fp32, store_cast
 
 DENSE, FP8_BLOCK128, MXFP4, NVFP4 = 0, 1, 2, 3
 WEIGHT_FORMAT_CODES = {"dense": DENSE, "fp8_block128": FP8_BLOCK128, "mxfp4": MXFP4, "nvfp4": NVFP4}
@@ -88,4 +88,74 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def load_act_tile(a_rows, s_rows, row_mask, k0, K, BLOCK_K: tl.constexpr, ACT_FORMAT: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    """The A tile of one K step ([BM, BK], as stored) and its activation scales: ACT_FORMAT 0: a
+    dummy; 1: [BM] fp32 (BK divides 128, so one scale per row per step); 2: [BM, BK // 32] e8m0 bytes."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        a = tl.load(a_rows + k[None, :], mask=row_mask[:, None], other=0.0)
+    else:
+        a = tl.load(a_rows + k[None, :], mask=row_mask[:, None] & (k[None, :] < K), other=0.0)
+    if ACT_FORMAT == 1:
+        a_s = tl.load(s_rows + k0 // 128, mask=row_mask, other=0.0)
+    elif ACT_FORMAT == 2:
+        ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        a_s = tl.load(s_rows[:, None] + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < K // 32), other=0)
+    else:
+        a_s = 0.0
+    return a, a_s
+
+
+@triton.jit
+def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
+                        BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
+                        EVEN_K: tl.constexpr, FP4_DOT_SCALED: tl.constexpr):
+    """acc += dequant(a, a_s) [BM, BK] @ w[n, k0:k0+BK]^T for any activation format.
+
+    fp8_mx32 x mxfp4 with FP4_DOT_SCALED: one tl.dot_scaled(e4m3, e8m0, e2m1, e8m0) -- tcgen05
+    ``kind::mxf8f6f4.block_scale`` on sm_100.  fp8_block128 x fp8_block128 (DeepSeek): an e4m3 x
+    e4m3 MMA per K step (BK divides 128: both scales uniform on it), promoted into the fp32
+    accumulator times (activation row scale x weight tile scale).  Otherwise the e4m3 tile is
+    dequantised in registers to bf16 (exact for mx32: e4m3 x 2^s; rounded once for block128)
+    and handed to weight_tile_dot."""
+    if ACT_FORMAT == 0:
+        acc = weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
+                              BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
+    elif ACT_FORMAT == 2 and WEIGHT_FORMAT == 2 and FP4_DOT_SCALED:
+        n_mask = n < N
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(w_ptr + kb[:, None] * stride_wk + n[None, :] * stride_wn,
+                    mask=n_mask[None, :] & (kb[:, None] < K // 2), other=0)
+        ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        bs = tl.load(s_ptr + n[:, None] * stride_sn + ks[None, :] * stride_sk,
+                     mask=n_mask[:, None] & (ks[None, :] < K // 32), other=0)
+        acc = tl.dot_scaled(a, a_s, "e4m3", b, bs, "e2m1", acc)
+    elif ACT_FORMAT == 1 and WEIGHT_FORMAT == 1:
+        n_mask = n < N
+        k = k0 + tl.arange(0, BLOCK_K)
+        ptrs = w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn
+        if EVEN_K:
+            b = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            b = tl.load(ptrs, mask=n_mask[None, :] & (k[:, None] < K), other=0.0)
+        w_s = tl.load(s_ptr + (n // 128) * stride_sn + (k0 // 128) * stride_sk, mask=n_mask, other=0.0)
+        if INTERPRET:
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            part = tl.dot(a, b)
+        acc += part * a_s[:, None] * w_s[None, :]
+    else:
+        if ACT_FORMAT == 1:
+            a = store_cast(a.to(tl.float32) * a_s[:, None], tl.bfloat16)
+        else:
+            BM: tl.constexpr = a.shape[0]
+            a3 = tl.reshape(a.to(tl.float32), [BM, BLOCK_K // 32, 32])
+            a = tl.reshape(a3 * e8m0_to_fp32(a_s.to(tl.int32))[:, :, None], [BM, BLOCK_K]).to(tl.bfloat16)
+        acc = weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
+                              BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
     return acc

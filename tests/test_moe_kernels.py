@@ -24,9 +24,13 @@ TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
-          overrides=None, weight_format="dense"):
+          overrides=None, weight_format="dense", act="dense"):
     return dict(name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
-                overrides=overrides or {}, weight_format=weight_format)
+                overrides=overrides or {}, weight_format=weight_format, act=act)
+
+
+def _tol(case):
+    return TOL[case["weight_format"]] if case["act"] == "dense" else 2e-2
 
 
 CASES = [
@@ -63,6 +67,24 @@ CASES = [
     _case("nvfp4_gpt_oss", T=5, k=2, I=32, weight_format="nvfp4",
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", bias=True),
     _case("quantize_fp8", T=5, k=2, I=64, spec="quantize_weights=fp8_block128"),
+    # fp8 activations (x quantised per token once, the intermediate quantised in L1's epilogue)
+    _case("a128_dense_t0", T=0, act="fp8_block128"),
+    _case("a128_dense_t1_k1", T=1, k=1, act="fp8_block128"),
+    _case("a128_dense_t33_k6_gpt_oss", T=33, k=6, I=64, H=192, act="fp8_block128", bias=True, bad_ids=True,
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved,transposed=True"),
+    _case("a128_fp8w_t33_k2", T=33, k=2, I=160, H=128, act="fp8_block128", weight_format="fp8_block128",
+          bad_ids=True),
+    _case("a128_fp8w_t5_k6_before_down", T=5, k=6, I=64, act="fp8_block128", weight_format="fp8_block128",
+          spec="weight_position=before_down", bias=True),
+    _case("a128_mxfp4_t5_k2", T=5, k=2, I=64, act="fp8_block128", weight_format="mxfp4"),
+    _case("mx32_dense_t0", T=0, act="fp8_mx32", weight_format="mxfp4"),
+    _case("mx32_dense_t5_k6", T=5, k=6, act="fp8_mx32", overrides={"gate_up_one_dot": False}),
+    _case("mx32_fp8w_t1_k1", T=1, k=1, I=64, act="fp8_mx32", weight_format="fp8_block128"),
+    _case("mx32_mxfp4_t33_k2", T=33, k=2, I=96, act="fp8_mx32", weight_format="mxfp4", bad_ids=True),
+    _case("mx32_mxfp4_t5_k6_gpt_oss", T=5, k=6, I=64, act="fp8_mx32", weight_format="mxfp4", bias=True,
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved"),
+    _case("mx32_mxfp4_in_registers_t33_k1", T=33, k=1, I=64, act="fp8_mx32", weight_format="mxfp4",
+          overrides={"fp4_dot_scaled": False}),
 ]
 
 
@@ -77,6 +99,8 @@ def _inputs(case, gen):
     fmt = case["weight_format"]
     if fmt != "dense":
         spec_parts.append(f"weight_format={fmt}")
+    if case.get("act", "dense") != "dense":
+        spec_parts.append(f"act_format={case['act']}")
     spec = ",".join(spec_parts)
     from inductor_moe.spec import MoESpec
 
@@ -135,7 +159,8 @@ def run_case(case) -> dict:
     s, spec, x, ids, tw, w13, w2, extra, b13, b2 = _inputs(case, gen)
     T, E, H, k = case["T"], case["E"], case["H"], case["k"]
     I = W.intermediate_size(s, w13, w2)
-    cfg = choose_moe_config(T, k, E, H, I, s.effective_weight_format, 4, overrides=case["overrides"] or None)
+    cfg = choose_moe_config(T, k, E, H, I, s.effective_weight_format, 4, overrides=case["overrides"] or None,
+                            act_format=s.act_format)
     outs = []
     for _ in range(2):
         with _Poison():
@@ -191,7 +216,7 @@ def test_interpreted_kernels_match_reference(interpreted, case):
     assert r["shape"] == [case["T"], case["H"]]
     assert not r["nan"], "NaN in output (an unwritten or poisoned buffer was read)"
     assert r["deterministic"], "two runs differ bitwise"
-    assert r["err"] <= TOL[case["weight_format"]], f"rel err {r['err']:.3g} ({r['config']})"
+    assert r["err"] <= _tol(case), f"rel err {r['err']:.3g} ({r['config']})"
 
 
 def test_plan_regimes_and_overrides():
@@ -269,7 +294,7 @@ def test_templates_compile_for_sm90(case):
         "nvfp4_decode": (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256),
                          {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "mma.sync"),
     }[case]
-    common = dict(WEIGHT_FORMAT=fmt, EVEN_K=True, FP4_DOT_SCALED=False, USE_PDL=True, **tiles)
+    common = dict(WEIGHT_FORMAT=fmt, EVEN_K=True, FP4_DOT_SCALED=False, USE_PDL=True, ACT_FORMAT=0, **tiles)
     l1 = dict(ACTIVATION=0, HAS_LIMIT=True, HAS_BIAS=True, INTERLEAVED=False, WEIGHT_BEFORE_DOWN=False,
               GATE_UP_ONE_DOT=True, **common)
     l2 = dict(HAS_BIAS=True, WEIGHT_AFTER_DOWN=True, **common)
@@ -410,12 +435,12 @@ def test_gpu_unsupported_falls_back_with_reason():
     from inductor_moe.report import report
 
     moe.register()
-    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(4, 8, 256, 128, 2, "dense")
-    spec = "act_format=fp8_block128"
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(4, 8, 256, 128, 2, "nvfp4")
+    spec = spec + ",act_format=fp8_block128"  # fp8 activations x nvfp4 weights: not in the kernels
     with config.patch(fallback="silent"), report() as r:
-        out = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec)
+        out = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec, **kw)
     assert any("act_format" in s.reason for s in r.skipped)
-    torch.testing.assert_close(out, moe_experts_reference(x, ids, tw, w13, w2, spec))
+    torch.testing.assert_close(out, moe_experts_reference(x, ids, tw, w13, w2, spec, **kw))
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--interpret":
