@@ -103,6 +103,26 @@ class E8M0PowMXFP4(nn.Module):
         return torch.mm(x, (w * sc.unsqueeze(-1)).reshape(self.packed.shape[0], -1).t().to(x.dtype))
 
 
+class SwizzledScalesMXFP4(nn.Module):
+    """MXFP4 with its e8m0 scales stored (as bytes) in cuBLAS's padded 128x4 layout and
+    un-swizzled in forward, as torchao's MXTensor / NVFP4Tensor dequantise."""
+
+    def __init__(self, n, k):
+        super().__init__()
+        q, s = formats.quantize_mxfp4(torch.randn(n, k))
+        self.register_buffer("packed", q)
+        self.register_buffer("scales_swizzled", swizzle_128x4(s.view(torch.uint8)))
+        self.n, self.k = n, k
+
+    def forward(self, x):
+        s = unswizzle_128x4(self.scales_swizzled, self.n, self.k // 32)
+        lut = torch.tensor(E2M1)
+        p = self.packed.long()
+        w = torch.stack((lut[p & 15], lut[p >> 4]), -1).reshape(self.n, -1, 32)
+        w = w * torch.exp2(s.float() - 127).unsqueeze(-1)
+        return F.linear(x, w.reshape(self.n, self.k).to(x.dtype))
+
+
 class Int4NotFP4(nn.Module):
     """Signed int4 with per-32 scales: reads bytes and scales like MXFP4 but is not e2m1."""
 
@@ -157,6 +177,15 @@ class TestFP4Patterns(TestCase):
             out, graph, r = run(m, x)
         self.assertEqual(graph, "")
         self.assertIn("whose values are unknown at compile time", r.skipped[0].reason)
+
+    def test_swizzled_scales_are_unswizzled_once(self):
+        m = SwizzledScalesMXFP4(64, 96)  # 64 rows, 3 blocks: padded to one 128x4 tile
+        x = torch.randn(5, 96, dtype=torch.bfloat16)
+        out, graph, r = run(m, x)
+        self.assertEqual(len(r.matches), 1)
+        self.assertIn("layout='b_scale_swizzled'", graph)
+        ref = block_scaled_mm_reference(x.double(), m.packed, unswizzle_128x4(m.scales_swizzled, 64, 3), "")
+        self.assertLessEqual(rel(out, ref), 2e-2)
 
     def test_high_nibble_first_is_repacked_once(self):
         m = GptOssMXFP4Linear(32, 64, high_first=True)
@@ -291,13 +320,6 @@ def test_swizzle_matches_cublas_blocked_layout(rows, cols):
     s = torch.randint(0, 255, (rows, cols), dtype=torch.uint8)
     assert torch.equal(swizzle_128x4(s), to_blocked(s))
     assert torch.equal(unswizzle_128x4(to_blocked(s), rows, cols), s)
-
-
-def test_torchao_weight_subclass():
-    torchao = pytest.importorskip("torchao")  # optional dependency
-    mx = pytest.importorskip("torchao.prototype.mx_formats")
-    del torchao, mx
-    pytest.skip("torchao present: its MX tensors flatten to _scaled_mm / dequant + mm, covered above")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

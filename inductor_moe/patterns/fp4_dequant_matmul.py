@@ -14,8 +14,11 @@ The idiom is recognised by what it computes, not how it is spelled: the matmul's
 must depend on graph inputs only (a packed uint8 tensor, one block-scale tensor, optionally a
 one-element global scale and constants such as a table), and evaluating that subgraph on random
 probe bytes must reproduce ``formats.dequantize_mxfp4`` / ``dequantize_nvfp4`` of the same bytes
-(low nibble first, or high nibble first: then the weight is repacked once, cached).  Anything
-else is left to Inductor with the reason recorded.
+(low nibble first, or high nibble first: then the weight is repacked once, cached).  The block
+scales may also be stored in cuBLAS's swizzled 128x4 layout, padded to whole tiles, and
+un-swizzled inside the subgraph (torchao's ``MXTensor`` / ``NVFP4Tensor`` with
+``is_swizzled_scales=True`` dequantise that way): then the scales are un-swizzled once, cached.
+Anything else is left to Inductor with the reason recorded.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ class _Identified:
     packed: fx.Node
     scale: fx.Node
     global_scale: Optional[fx.Node]
+    scale_swizzled: bool = False  # scales stored in the padded 128x4 layout (2-D weights only)
+
+
+def _swizzled_numel(rows: int, cols: int) -> int:
+    return -(-rows // 128) * 128 * -(-cols // 4) * 4
 
 
 def _probe_inputs(packed, scale, glob, fmt):
@@ -63,8 +71,12 @@ def _probe_inputs(packed, scale, glob, fmt):
     return inputs
 
 
-def _expected(fmt, p_bytes, s, g, n, k, batch):
+def _expected(fmt, p_bytes, s, g, n, k, batch, swizzled=False):
     lead = (batch,) if batch else ()
+    if swizzled:
+        from ..ops.linear_quantized import unswizzle_128x4
+
+        s = unswizzle_128x4(s, n, k // (formats.MX_BLOCK if fmt == "mxfp4" else formats.NV_BLOCK))
     s = s.reshape(*lead, n, -1)
     if fmt == "mxfp4":
         return formats.dequantize_mxfp4(p_bytes, s)
@@ -86,13 +98,17 @@ def identify(sub: WeightSubgraph, operand: fx.Node, graph: fx.Graph, n: int, k: 
         sv = val(s)
         if sv is None:
             continue
-        if sv.dtype in _E8M0 and sv.numel() * formats.MX_BLOCK == count * k:
-            candidates.append(("mxfp4", s))
-        if sv.dtype == torch.float8_e4m3fn and sv.numel() * formats.NV_BLOCK == count * k:
-            candidates.append(("nvfp4", s))
+        for fmt, dtypes, block in (("mxfp4", _E8M0, formats.MX_BLOCK),
+                                   ("nvfp4", (torch.float8_e4m3fn,), formats.NV_BLOCK)):
+            if sv.dtype not in dtypes:
+                continue
+            if sv.numel() * block == count * k:
+                candidates.append((fmt, s, False))
+            if not batch and k % block == 0 and sv.numel() == _swizzled_numel(n, k // block):
+                candidates.append((fmt, s, True))
     if not candidates:
         raise RegionRejected("no block-scale input of the expected size (e8m0 per 32 or e4m3 per 16 along K)")
-    if k % formats.MX_BLOCK and candidates[0][0] == "mxfp4":
+    if k % formats.MX_BLOCK and all(c[0] == "mxfp4" for c in candidates):
         raise RegionRejected(f"K={k} is not a multiple of the mxfp4 block 32")
     if count * k > MAX_PROBE_ELEMENTS:
         raise RegionRejected(f"weight of {count * k} values is too large to verify by probing at compile time "
@@ -100,7 +116,9 @@ def identify(sub: WeightSubgraph, operand: fx.Node, graph: fx.Graph, n: int, k: 
     if not val(packed).is_contiguous():
         raise RegionRejected(f"packed FP4 weight {packed.name} is not contiguous; call .contiguous() once at load")
     unknown = None
-    for fmt, scale in candidates:
+    for fmt, scale, swizzled in candidates:
+        if fmt == "mxfp4" and k % formats.MX_BLOCK:
+            continue
         others = [l for l in rest if l is not scale and l.op == "placeholder"]
         glob = None
         if fmt == "nvfp4" and others:
@@ -124,9 +142,9 @@ def identify(sub: WeightSubgraph, operand: fx.Node, graph: fx.Graph, n: int, k: 
         p_bytes = inputs[packed].view(torch.uint8).reshape(*lead, n, k // 2)
         for high in (False, True):
             bytes_ = ((p_bytes << 4) | (p_bytes >> 4)) if high else p_bytes
-            want = _expected(fmt, bytes_, inputs[scale].reshape(-1), inputs.get(glob), n, k, batch)
+            want = _expected(fmt, bytes_, inputs[scale].reshape(-1), inputs.get(glob), n, k, batch, swizzled)
             if got.shape == want.shape and torch.allclose(got, want, rtol=1e-2, atol=0.0, equal_nan=True):
-                return _Identified(fmt, high, packed, scale, glob)
+                return _Identified(fmt, high, packed, scale, glob, swizzled)
     if unknown is not None:
         uv = val(unknown)
         raise RegionRejected(f"the dequantisation also reads graph input {unknown.name} "
@@ -168,13 +186,14 @@ def _plan(graph, node, x, operand, bias, sub, batched):
             b = insert_call(graph, output, aten.view.dtype, (b, torch.uint8), {})
         s = ident.scale
         reshape_in_op = tuple(val(s).shape) != (*lead, n, k // block)
-        if reshape_in_op and val(s).dtype == torch.uint8:
+        if reshape_in_op and val(s).dtype == torch.uint8 and not ident.scale_swizzled:
             s, reshape_in_op = insert_call(graph, output, aten.view.default, (s, [*lead, n, k // block]), {}), False
         kwargs = {"global_scale": ident.global_scale, "bias": bias}
         if ident.global_scale is not None and val(ident.global_scale).dim() != 0:
             kwargs["global_scale"] = insert_call(graph, output, aten.view.default, (ident.global_scale, [1]), {})
         if not batched:
-            layout = "b_high_nibble_first" if ident.high_nibble_first else ""
+            layout = ",".join(item for item, on in (("b_high_nibble_first", ident.high_nibble_first),
+                                                     ("b_scale_swizzled", ident.scale_swizzled)) if on)
             if layout or reshape_in_op:  # relayout op: cached repack, and scales reshaped inside the op
                 emit_relayout(graph, NAME, output, x, b, s, spec, layout, kwargs, region)
             else:
