@@ -122,6 +122,31 @@ def call_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def make_deq(fmt: str, device) -> callable:
+    """The "deq+mm" baseline: dequantise the FP4 weight to bf16 (as ``formats.dequantize_*``
+    computes it: fp32 products, then cast) and ``x @ w.T``.
+
+    The e2m1 table is put on ``device`` here, once, outside any CUDA-graph capture:
+    ``formats.e2m1_to_float`` copies its CPU table to the codes' device on every call, which a
+    capture rejects ("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless
+    the CPU tensor is pinned"), eager and compiled alike (Dynamo lifts the CPU table as a
+    constant and keeps the ``.to(device)`` copy in the graph)."""
+    lut = formats.E2M1_VALUES.to(device)  # 16 fp32 values, indexed by the 4-bit code
+    block = formats.MX_BLOCK if fmt == "mxfp4" else formats.NV_BLOCK
+
+    def deq(x, q, s, g=None):
+        n, k = q.shape[0], q.shape[1] * 2
+        codes = torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(n, k // block, block)  # low nibble first
+        values = lut[codes.long()]
+        if fmt == "mxfp4":  # pass the scales as uint8 bytes: Inductor's CPU codegen has no e8m0 type
+            w = values * formats.e8m0_to_float(s).unsqueeze(-1)
+        else:
+            w = values * s.to(torch.float32).unsqueeze(-1) * g.reshape(()).float()
+        return x @ w.reshape(n, k).to(torch.bfloat16).T
+
+    return deq
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer shapes")
@@ -168,12 +193,7 @@ def main(argv=None) -> int:
             w8 = (w.float() / (w.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
             w8_scale = (w.float().abs().amax(1, keepdim=True) / 448).reshape(1, n)
             if fmt not in deq_fns:
-                def deq(x, q, s, g=None, fmt=fmt):
-                    if fmt == "mxfp4":  # uint8 scales: Inductor has no e8m0 codegen
-                        wd = formats.dequantize_mxfp4(q, s.view(torch.uint8), dtype=torch.bfloat16)
-                    else:
-                        wd = formats.dequantize_nvfp4(q, s, g.reshape(()), dtype=torch.bfloat16)
-                    return x @ wd.T
+                deq = make_deq(fmt, dev)
                 deq_fns[fmt] = (torch.compile(deq), deq)
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -195,7 +215,8 @@ def main(argv=None) -> int:
                 t_deq = mem_deq = float("nan")
                 deq_kind = "skipped"
                 for variant, fn in zip(("compiled", "eager"), deq_fns[fmt] if not args.no_deq else ()):
-                    deq_call = lambda: fn(x, q, s, g)  # noqa: E731
+                    s_deq = s.view(torch.uint8) if fmt == "mxfp4" else s  # a view, outside the call
+                    deq_call = lambda: fn(x, q, s_deq, g)  # noqa: E731
                     try:
                         t_deq = graph_time_us(deq_call)
                         mem_deq = call_mib(deq_call)
