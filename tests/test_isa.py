@@ -82,3 +82,29 @@ def test_nvfp4_moe_decode_tiles_do_not_spill(tokens, tmp_path):
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "0 bytes spill stores" in out.stderr, (label, out.stderr[-600:])
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled with triton's NVIDIA backend)")
+@pytest.mark.parametrize("act,fmt", [("fp8_block128", "dense"), ("fp8_block128", "fp8_block128"),
+                                     ("fp8_mx32", "mxfp4")])
+def test_fp8_act_moe_decode_tiles_do_not_spill(act, fmt, tmp_path):
+    """fp8-activation expert GEMMs at decode (qwen3 shape, T=16) on sm_90a: no register spills."""
+    import subprocess
+
+    from inductor_moe.lowering.moe import gemm1_constexprs, gemm2_constexprs, isa_specs
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.spec import MoESpec
+
+    cfg = choose_moe_config(16, 8, 128, 2048, 768, fmt, 132, act_format=act)
+    specs = {label: spec for name, group in isa_specs().items() for (label, *spec) in group}
+    for label, build, k_dim in ((f"moe_gemm1[{act} x {fmt}]", gemm1_constexprs, 2048),
+                                (f"moe_gemm2[{act} x {fmt}]", gemm2_constexprs, 768)):
+        kernel, signature, _, _ = specs[label]
+        const = build(MoESpec(act_format=act), cfg, fmt, cfg.fp4_dot_scaled and fmt == "mxfp4", False, k_dim, True)
+        options = {"num_warps": const.pop("num_warps"), "num_stages": const.pop("num_stages")}
+        ptx = tmp_path / "k.ptx"
+        ptx.write_text(isa.compile_to_ptx(kernel, signature, const, 90, options))
+        out = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "0 bytes spill stores" in out.stderr, (label, out.stderr[-600:])

@@ -69,7 +69,7 @@ CASES = [
     _case("quantize_fp8", T=5, k=2, I=64, spec="quantize_weights=fp8_block128"),
     # fp8 activations (x quantised per token once, the intermediate quantised in L1's epilogue)
     _case("a128_dense_t0", T=0, act="fp8_block128"),
-    _case("a128_dense_t1_k1", T=1, k=1, act="fp8_block128"),
+    _case("a128_dense_t1_k1", T=1, k=1, H=128, I=128, act="fp8_block128"),
     _case("a128_dense_t33_k6_gpt_oss", T=33, k=6, I=64, H=192, act="fp8_block128", bias=True, bad_ids=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved,transposed=True"),
     _case("a128_fp8w_t33_k2", T=33, k=2, I=160, H=128, act="fp8_block128", weight_format="fp8_block128",
