@@ -192,10 +192,22 @@ def float_to_e2m1(x: Tensor) -> Tensor:
     return torch.where(torch.isnan(x), torch.zeros_like(codes), codes)
 
 
+_decode_tables: dict = {}
+
+
+def _decode_table(device: torch.device) -> Tensor:
+    """The 256-entry decode table on ``device``, copied there once: a per-call host-to-device
+    copy would also break CUDA-graph capture of anything that decodes (the reference fallback)."""
+    table = _decode_tables.get(device)
+    if table is None:
+        table = _decode_tables[device] = _E2M1_DECODE_256.to(device)
+    return table
+
+
 def e2m1_to_float(codes: Tensor) -> Tensor:
     """Decode e2m1 codes (uint8) to float32. Bytes above 15 are not codes and decode to NaN."""
     _check_dtype("codes", codes, (torch.uint8,))
-    return _E2M1_DECODE_256.to(codes.device)[codes.long()]
+    return _decode_table(codes.device)[codes.long()]
 
 
 def pack_fp4(codes: Tensor) -> Tensor:
