@@ -29,38 +29,14 @@ import torch
 from inductor_moe import formats
 from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
 from inductor_moe.spec import GemmSpec
+
+from .timing import graph_time_us
 from inductor_moe.templates.block_scaled_gemm import (_num_sms, block_scaled_gemm, choose_gemm_config,
                                                       choose_gemv_config, choose_strategy)
 
 BF16_PEAK = 700e12  # FLOP/s, H100 SXM dense bf16 as measured in TARGETS.md
 MS = (1, 16, 128, 1024, 4096)
 NKS = ((4096, 4096), (2880, 2880), (8192, 8192), (14336, 4096))
-
-
-def graph_time_us(fn, reps=20, inner=10) -> float:
-    """Median µs per call over `reps` replays of a CUDA graph holding `inner` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / inner)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def _cfg_str(c) -> str:

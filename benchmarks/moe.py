@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .timing import graph_time_us
+
 LAYERS = {  # name: (E, k, H, I)
     "qwen3-30b-a3b": (128, 8, 2048, 768),
     "dsv4-flash": (256, 6, 4096, 2048),
@@ -82,29 +84,7 @@ def quantize_chunked(fmt, w, group=16):
 
 def time_graph(fn, reps=15):
     """Median microseconds per call: graph of REPEAT calls, replayed ``reps`` times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPEAT):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / REPEAT)
-    del graph
-    return statistics.median(times)
+    return graph_time_us(fn, reps=reps, inner=REPEAT)
 
 
 def peak_mib(fn):

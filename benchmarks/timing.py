@@ -1,0 +1,35 @@
+"""How every benchmark here times: CUDA-graph replays, median, per call."""
+
+import statistics
+
+import torch
+
+
+def graph_time_us(fn, reps: int = 20, inner: int = 10) -> float:
+    """Median µs per call over ``reps`` replays of a CUDA graph holding ``inner`` calls of ``fn``.
+
+    Warm-up runs on a side stream first (module load, autotuning, weight caches stay out of the
+    graph and the numbers)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    del graph
+    return statistics.median(times)
