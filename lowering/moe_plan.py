@@ -82,22 +82,27 @@ def _nvfp4_register_budget(g1: GemmTiles, g2: GemmTiles, regime: str) -> tuple[G
             dataclasses.replace(g2, block_n=min(g2.block_n, 64), block_k=64))
 
 
-def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, regime: str) -> tuple[GemmTiles, GemmTiles]:
+def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format: str,
+                   regime: str) -> tuple[GemmTiles, GemmTiles]:
     """fp8 activations: the L1 epilogue quantises whole scale groups of h per tile, so L1's
     block_n is a multiple of the group (128 or 32); block-128 scales need block_k | 128 (one
-    scale per row per K step), mx32 scales 32 | block_k.  Unmeasured on a GPU (CPU-validated)."""
+    scale per row per K step), mx32 scales 32 | block_k.  Decode/mid tiles sized so that ptxas
+    (sm_90a, triton 3.9, qwen3-30b-a3b shape) reports no spills; unmeasured on a GPU.  Prefill
+    tiles still spill (benchmarks/NOTES.md)."""
     group = 128 if act_format == "fp8_block128" else 32
     g1 = dataclasses.replace(g1, block_n=max(g1.block_n, group))
     if act_format == "fp8_block128":
         g1 = dataclasses.replace(g1, block_k=min(g1.block_k, 128))
         g2 = dataclasses.replace(g2, block_k=min(g2.block_k, 128))
-        if regime != "prefill":  # ptxas sm_90a: L1 16 x 128 x 128 spills 7.4 KB (dense w), 16 x 128 x 32
-            # and L2 16 x 64 do not (prefill tiles still spill: benchmarks/NOTES.md)
-            g1 = dataclasses.replace(g1, block_k=min(g1.block_k, 32))
+        if regime != "prefill":  # L1 16 x 128 x 128 spilled 7.4 KB with dense weights
+            g1 = dataclasses.replace(g1, block_k=min(g1.block_k, 16 if weight_format == "dense" else 32))
             g2 = dataclasses.replace(g2, block_n=min(g2.block_n, 64))
     else:
         g1 = dataclasses.replace(g1, block_k=max(g1.block_k, 32))
         g2 = dataclasses.replace(g2, block_k=max(g2.block_k, 32))
+        if regime != "prefill" and weight_format != "mxfp4":  # in-register dequant of the A tile
+            g1 = dataclasses.replace(g1, block_k=32)
+            g2 = dataclasses.replace(g2, block_k=min(g2.block_k, 64))
     return g1, g2
 
 
@@ -149,7 +154,7 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
     if weight_format == "nvfp4":
         g1, g2 = _nvfp4_register_budget(g1, g2, regime)
     if act_format != "dense":
-        g1, g2 = _fp8_act_tiles(g1, g2, act_format, regime)
+        g1, g2 = _fp8_act_tiles(g1, g2, act_format, weight_format, regime)
 
     align_chunk = max(16, min(256, 16384 // e_p2, _pow2_at_least(n_entries)))
     cfg = MoEKernelConfig(

@@ -112,6 +112,14 @@ def load_act_tile(a_rows, s_rows, row_mask, k0, K, BLOCK_K: tl.constexpr, ACT_FO
 
 
 @triton.jit
+def dequant_mx32_tile(a, a_s, BLOCK_K: tl.constexpr):
+    """e4m3 [BM, BK] x e8m0 bytes [BM, BK // 32] -> bf16 (exact: 4 significant bits x a power of two)."""
+    BM: tl.constexpr = a.shape[0]
+    a3 = tl.reshape(a.to(tl.float32), [BM, BLOCK_K // 32, 32])
+    return tl.reshape(a3 * e8m0_to_fp32(a_s.to(tl.int32))[:, :, None], [BM, BLOCK_K]).to(tl.bfloat16)
+
+
+@triton.jit
 def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                         BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
                         EVEN_K: tl.constexpr, FP4_DOT_SCALED: tl.constexpr):
@@ -120,9 +128,11 @@ def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, strid
     fp8_mx32 x mxfp4 with FP4_DOT_SCALED: one tl.dot_scaled(e4m3, e8m0, e2m1, e8m0) -- tcgen05
     ``kind::mxf8f6f4.block_scale`` on sm_100.  fp8_block128 x fp8_block128 (DeepSeek): an e4m3 x
     e4m3 MMA per K step (BK divides 128: both scales uniform on it), promoted into the fp32
-    accumulator times (activation row scale x weight tile scale).  Otherwise the e4m3 tile is
-    dequantised in registers to bf16 (exact for mx32: e4m3 x 2^s; rounded once for block128)
-    and handed to weight_tile_dot."""
+    accumulator times (activation row scale x weight tile scale).  Otherwise the operands reach
+    the MMA exactly (e4m3 as bf16, mx32 as e4m3 x 2^s in bf16) and any non-power-of-two scale
+    (block-128 activation row scale, fp8 weight tile scale) multiplies the fp32 partial of the
+    K step: rounding a scaled operand to bf16 (2^-9) would flip e4m3 roundings of the
+    intermediate (2^-4) often enough to cost ~1e-2 of error on small layers."""
     if ACT_FORMAT == 0:
         acc = weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                               BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
@@ -149,13 +159,31 @@ def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, strid
         else:
             part = tl.dot(a, b)
         acc += part * a_s[:, None] * w_s[None, :]
-    else:
-        if ACT_FORMAT == 1:
-            a = store_cast(a.to(tl.float32) * a_s[:, None], tl.bfloat16)
+    elif ACT_FORMAT == 2 and WEIGHT_FORMAT == 1:
+        # mx32 x fp8 weights: both operands exact in bf16; the weight tile's scale (uniform on this
+        # K step) goes on the fp32 partial, never rounded into the operand
+        n_mask = n < N
+        k = k0 + tl.arange(0, BLOCK_K)
+        ptrs = w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn
+        if EVEN_K:
+            b = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
         else:
-            BM: tl.constexpr = a.shape[0]
-            a3 = tl.reshape(a.to(tl.float32), [BM, BLOCK_K // 32, 32])
-            a = tl.reshape(a3 * e8m0_to_fp32(a_s.to(tl.int32))[:, :, None], [BM, BLOCK_K]).to(tl.bfloat16)
+            b = tl.load(ptrs, mask=n_mask[None, :] & (k[:, None] < K), other=0.0)
+        w_s = tl.load(s_ptr + (n // 128) * stride_sn + (k0 // 128) * stride_sk, mask=n_mask, other=0.0)
+        a = dequant_mx32_tile(a, a_s, BLOCK_K)
+        if INTERPRET:
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            part = tl.dot(a, b.to(tl.bfloat16))
+        acc += part * w_s[None, :]
+    elif ACT_FORMAT == 1:
+        # per-128 activation scale: uniform per row on this K step (BLOCK_K | 128), so the e4m3
+        # values go to the MMA exactly (as bf16) and the row scale multiplies the fp32 partial
+        part = weight_tile_dot(tl.zeros_like(acc), a.to(tl.bfloat16), w_ptr, s_ptr, n, k0, K, N, stride_wn,
+                               stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
+        acc += part * a_s[:, None]
+    else:  # mx32 with dense / mxfp4-in-registers weights: e4m3 x 2^s is exact in bf16
+        a = dequant_mx32_tile(a, a_s, BLOCK_K)
         acc = weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                               BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
     return acc

@@ -229,6 +229,12 @@ def test_plan_regimes_and_overrides():
     fp8 = choose_moe_config(1, 8, 128, 2048, 768, "fp8_block128")
     assert fp8.gemm1.block_k <= 128 and 128 % fp8.gemm1.block_k == 0
     assert choose_moe_config(1, 8, 128, 2048, 768, overrides={"gemm1.block_n": 32}).gemm1.block_n == 32
+    for act, group in (("fp8_block128", 128), ("fp8_mx32", 32)):
+        for T in (1, 16384):
+            c = choose_moe_config(T, 8, 128, 2048, 768, "mxfp4", act_format=act)
+            assert c.gemm1.block_n % group == 0  # L1's epilogue quantises whole groups of h
+            for g in (c.gemm1, c.gemm2):
+                assert (128 % g.block_k == 0) if act == "fp8_block128" else (g.block_k % 32 == 0)
     with pytest.raises(ValueError, match="no field"):
         choose_moe_config(1, 8, 128, 2048, 768, overrides={"blockm": 32})
     with pytest.raises(ValueError, match="block_m"):
