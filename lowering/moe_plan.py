@@ -86,9 +86,9 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
                    regime: str) -> tuple[GemmTiles, GemmTiles]:
     """fp8 activations: the L1 epilogue quantises whole scale groups of h per tile, so L1's
     block_n is a multiple of the group (128 or 32); block-128 scales need block_k | 128 (one
-    scale per row per K step), mx32 scales 32 | block_k.  Decode/mid tiles sized so that ptxas
-    (sm_90a, triton 3.9, qwen3-30b-a3b shape) reports no spills; unmeasured on a GPU.  Prefill
-    tiles still spill (benchmarks/NOTES.md)."""
+    scale per row per K step), mx32 scales 32 | block_k.  Tiles sized so that ptxas (sm_90a,
+    triton 3.9, qwen3-30b-a3b shape) reports no spills (except fp8_block128 x mxfp4 at prefill:
+    88 B in L1); a register-budget choice, unmeasured on a GPU."""
     group = 128 if act_format == "fp8_block128" else 32
     g1 = dataclasses.replace(g1, block_n=max(g1.block_n, group))
     if act_format == "fp8_block128":
@@ -97,12 +97,20 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
         if regime != "prefill":  # L1 16 x 128 x 128 spilled 7.4 KB with dense weights
             g1 = dataclasses.replace(g1, block_k=min(g1.block_k, 16 if weight_format == "dense" else 32))
             g2 = dataclasses.replace(g2, block_n=min(g2.block_n, 64))
+        else:  # with block_m 64 (choose_moe_config); 128-row tiles spilled 0.7-2.6 KB
+            g1 = dataclasses.replace(g1, block_k=32)
     else:
         g1 = dataclasses.replace(g1, block_k=max(g1.block_k, 32))
         g2 = dataclasses.replace(g2, block_k=max(g2.block_k, 32))
         if regime != "prefill" and weight_format != "mxfp4":  # in-register dequant of the A tile
             g1 = dataclasses.replace(g1, block_k=32)
             g2 = dataclasses.replace(g2, block_k=min(g2.block_k, 64))
+        elif regime == "prefill" and weight_format == "mxfp4":  # 128-row tiles (see choose_moe_config)
+            g1 = dataclasses.replace(g1, block_n=64, block_k=32, num_stages=3)
+        elif regime == "prefill":
+            g1 = dataclasses.replace(g1, block_n=64, block_k=64, num_stages=2)
+    if regime == "prefill":
+        g2 = dataclasses.replace(g2, block_n=64, block_k=64)
     return g1, g2
 
 
@@ -155,6 +163,10 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         g1, g2 = _nvfp4_register_budget(g1, g2, regime)
     if act_format != "dense":
         g1, g2 = _fp8_act_tiles(g1, g2, act_format, weight_format, regime)
+        if regime == "prefill" and not (act_format == "fp8_mx32" and weight_format == "mxfp4"):
+            block_m = 64  # register budget of the fp8 paths (see _fp8_act_tiles); fp8_mx32 x mxfp4
+            # keeps 128 rows: Triton lowers tl.dot_scaled to the sm_100 block-scaled tcgen05 MMA
+            # (kind::mxf8f6f4.block_scale) only for 128-row tiles (64 gives kind::f16)
 
     align_chunk = max(16, min(256, 16384 // e_p2, _pow2_at_least(n_entries)))
     cfg = MoEKernelConfig(

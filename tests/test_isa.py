@@ -85,17 +85,18 @@ def test_nvfp4_moe_decode_tiles_do_not_spill(tokens, tmp_path):
 
 
 @pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled with triton's NVIDIA backend)")
-@pytest.mark.parametrize("act,fmt", [("fp8_block128", "dense"), ("fp8_block128", "fp8_block128"),
-                                     ("fp8_mx32", "mxfp4"), ("fp8_mx32", "dense")])
-def test_fp8_act_moe_decode_tiles_do_not_spill(act, fmt, tmp_path):
-    """fp8-activation expert GEMMs at decode (qwen3 shape, T=16) on sm_90a: no register spills."""
+@pytest.mark.parametrize("act,fmt,tokens", [("fp8_block128", "dense", 16), ("fp8_block128", "fp8_block128", 16),
+                                            ("fp8_mx32", "mxfp4", 16), ("fp8_mx32", "dense", 16),
+                                            ("fp8_block128", "fp8_block128", 4096), ("fp8_mx32", "mxfp4", 4096)])
+def test_fp8_act_moe_tiles_do_not_spill(act, fmt, tokens, tmp_path):
+    """fp8-activation expert GEMMs (qwen3 shape, decode T=16 and prefill T=4096) on sm_90a: no spills."""
     import subprocess
 
     from inductor_moe.lowering.moe import gemm1_constexprs, gemm2_constexprs, isa_specs
     from inductor_moe.lowering.moe_plan import choose_moe_config
     from inductor_moe.spec import MoESpec
 
-    cfg = choose_moe_config(16, 8, 128, 2048, 768, fmt, 132, act_format=act)
+    cfg = choose_moe_config(tokens, 8, 128, 2048, 768, fmt, 132, act_format=act)
     specs = {label: spec for name, group in isa_specs().items() for (label, *spec) in group}
     for label, build, k_dim in ((f"moe_gemm1[{act} x {fmt}]", gemm1_constexprs, 2048),
                                 (f"moe_gemm2[{act} x {fmt}]", gemm2_constexprs, 768)):
@@ -112,3 +113,17 @@ def test_fp8_act_moe_decode_tiles_do_not_spill(act, fmt, tmp_path):
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "0 bytes spill stores" in out.stderr, (label, out.stderr[-600:])
+
+
+@pytest.mark.parametrize("name", ["moe_gemm1", "moe_gemm2"])
+def test_fp8_mx32_moe_uses_tcgen05_block_scaled_mma_on_sm100(name):
+    """FP8 x FP4 (DeepSeek Mega MoE) expert GEMMs: e4m3 x e2m1 tl.dot_scaled must lower to the
+    block-scaled tcgen05 MMA on sm_100a (Triton 3.9 does so only for 128-row tiles; 64 gives kind::f16)."""
+    from inductor_moe.lowering.moe import isa_specs
+
+    (label, kernel, signature, constexprs, options), = [
+        s for s in isa_specs()[name] if s[0] == f"{name}[fp8_mx32 x mxfp4]"]
+    assert options.get("expect_sm100") == "block_scale"
+    options = {k: v for k, v in options.items() if k != "expect_sm100"}
+    kinds = isa.mma_kinds(isa.compile_to_ptx(kernel, signature, constexprs, 100, options))
+    assert "tcgen05.mma kind::mxf8f6f4.block_scale" in kinds, kinds

@@ -83,6 +83,12 @@ CASES = [
     _case("mx32_mxfp4_t33_k2", T=33, k=2, I=96, act="fp8_mx32", weight_format="mxfp4", bad_ids=True),
     _case("mx32_mxfp4_t5_k6_gpt_oss", T=5, k=6, I=64, act="fp8_mx32", weight_format="mxfp4", bias=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved"),
+    _case("a128_fp8w_prefill_tiles", T=33, k=2, I=128, H=128, act="fp8_block128", weight_format="fp8_block128",
+          overrides={"block_m": 64, "gemm1.block_n": 128, "gemm1.block_k": 32, "gemm1.num_warps": 8,
+                     "gemm2.block_n": 64, "gemm2.block_k": 64}),
+    _case("mx32_mxfp4_prefill_tiles", T=33, k=2, I=64, H=128, act="fp8_mx32", weight_format="mxfp4",
+          overrides={"block_m": 128, "gemm1.block_n": 64, "gemm1.block_k": 32, "gemm1.num_warps": 8,
+                     "gemm2.block_n": 64, "gemm2.block_k": 64}),
     _case("mx32_mxfp4_in_registers_t33_k1", T=33, k=1, I=64, act="fp8_mx32", weight_format="mxfp4",
           overrides={"fp4_dot_scaled": False}),
 ]
