@@ -11,6 +11,8 @@ capturable; with PDL on sm_90+ its prologue overlaps the previous kernel's tail.
 
 from __future__ import annotations
 
+import functools
+
 import os
 from typing import Optional
 
@@ -55,17 +57,12 @@ def block_scaled_mm_cuda(a, b, b_scale, spec, a_scale=None, global_scale=None, b
     validate_gemm_inputs(a, b, b_scale, s, a_scale, global_scale, bias)
     reason = unsupported_reason(s, a.device, a.dtype)
     if reason is not None:
-        report.record_skip("fp4_gemm", "lowering", reason)
+        report.record_runtime_fallback("fp4_gemm", reason)
         return block_scaled_mm_reference(a, b, b_scale, s, a_scale, global_scale, bias)
     return block_scaled_gemm(a, b, b_scale, s, a_scale, global_scale, bias, use_pdl=pdl_enabled(a.device))
 
 
-_registered = False
-
-
+@functools.cache
 def register() -> None:
-    global _registered
-    if _registered:
-        return
+    """Install the CUDA kernel of ``inductor_moe::block_scaled_mm`` (once)."""
     torch.library.register_kernel("inductor_moe::block_scaled_mm", "cuda", block_scaled_mm_cuda)
-    _registered = True

@@ -322,12 +322,7 @@ def _compile_errors() -> tuple:
         return ()
 
 
-_registered = False
-
-
+@functools.cache
 def register() -> None:
-    global _registered
-    if _registered:
-        return
+    """Install the CUDA kernel of ``inductor_moe::moe_experts`` (once)."""
     torch.library.register_kernel("inductor_moe::moe_experts", "cuda", moe_experts_cuda)
-    _registered = True
