@@ -260,6 +260,16 @@ def kernel_times(fn, iters=5):
 FP4_SWEEP_POINTS = [("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 4096), ("gpt-oss-120b", 1)]
 
 
+def sweep_inputs(T, E, k, H, I):
+    """One layer's random bf16 inputs for the tile sweeps (softmax top-k routing)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
+    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    tw, ids = torch.randn(T, E, device="cuda", generator=g).softmax(-1).topk(k, dim=-1)
+    return x, ids.int(), tw, w13, w2
+
+
 def sweep_fp4(log):
     """mxfp4 through tl.dot_scaled vs e2m1 decoded in registers; nvfp4; per kernel."""
     from inductor_moe.lowering.moe import _num_sms, fused_moe_experts
@@ -268,12 +278,7 @@ def sweep_fp4(log):
 
     for name, T in FP4_SWEEP_POINTS:
         E, k, H, I = LAYERS[name]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
-        w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
-        x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-        tw, ids = torch.randn(T, E, device="cuda", generator=g).softmax(-1).topk(k, dim=-1)
-        ids = ids.int()
+        x, ids, tw, w13, w2 = sweep_inputs(T, E, k, H, I)
         for fmt in ("mxfp4", "nvfp4"):
             (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
             kw = dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),
@@ -309,12 +314,7 @@ def sweep(log):
     spec = MoESpec()
     for name, T in SWEEP_POINTS:
         E, k, H, I = LAYERS[name]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
-        w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
-        x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-        tw, ids = torch.randn(T, E, device="cuda", generator=g).softmax(-1).topk(k, dim=-1)
-        ids = ids.int()
+        x, ids, tw, w13, w2 = sweep_inputs(T, E, k, H, I)
         base = choose_moe_config(T, k, E, H, I, "dense", _num_sms(x.device))
         for bm, v1, v2 in (SWEEP_BIG if base.regime != "decode" else SWEEP_SMALL):
             cfg = base

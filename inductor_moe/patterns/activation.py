@@ -147,18 +147,3 @@ def identify_packed_glu(h13: fx.Node, h: fx.Node) -> dict:
         if found is not None:
             return {**found, "gate_up": layout}
     raise ActivationUnknown(_UNSUPPORTED)
-
-
-def identify_unary(gate: fx.Node, act: fx.Node) -> Optional[str]:
-    """For ``h = act(gate) * up`` spelt as a product: the name of ``act`` or None."""
-    nodes = _subgraph([gate], act)
-    g = torch.linspace(-24.0, 24.0, _PROBE_POINTS, dtype=torch.float64)
-    try:
-        got = _evaluate(nodes, [gate], act, [g])
-    except Exception:
-        return None
-    for name in ("silu", "gelu", "gelu_tanh"):
-        want = apply_activation(g, torch.ones_like(g), MoESpec(activation=name))
-        if got.shape == g.shape and torch.allclose(got, want, rtol=1e-9, atol=1e-9):
-            return name
-    return None
