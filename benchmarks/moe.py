@@ -4,7 +4,8 @@
 Times, as the median of CUDA-graph replays (each graph holds REPEAT back-to-back calls), our
 fused op per weight format with PDL on and off, an HF-style grouped_mm layer (sort -> 2x
 torch._grouped_mm with SwiGLU between -> unsort -> sum) eager and under torch.compile, the two
-grouped_mm calls alone, and the floor max(FLOPs / 700e12, bytes / 3.0e12).  Prints one table,
+grouped_mm calls alone, OpenAI triton_kernels matmul_ogs bf16 and mxfp4 (benchmarks/tk_baseline.py;
+"n/a" where it cannot run), and the floor max(FLOPs / 700e12, bytes / 3.0e12).  Prints one table,
 and writes moe_bench.md and moe_bench.png under $OUT (or ./out).
 """
 
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .timing import graph_time_us
+from .tk_baseline import TKColumns
+from .tk_baseline import version as tk_version
 
 LAYERS = {  # name: (E, k, H, I)
     "qwen3-30b-a3b": (128, 8, 2048, 768),
@@ -108,16 +111,17 @@ def header() -> str:
         except Exception:  # noqa: BLE001
             commit = "unknown"
     return (f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
-            f"| commit {commit} | median of CUDA-graph replays, us per layer call")
+            f"| commit {commit} | {tk_version()} | median of CUDA-graph replays, us per layer call")
 
 
-def run(layers, tokens_for, formats, with_compile, log):
+def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
     from inductor_moe import config
     from inductor_moe.lowering import moe
     from inductor_moe.ops import weights as W
 
     moe.register()
     op = torch.ops.inductor_moe.moe_experts
+    tk = TKColumns(log, enabled=with_tk)
     rows = []
     for name in layers:
         E, k, H, I = LAYERS[name]
@@ -130,6 +134,7 @@ def run(layers, tokens_for, formats, with_compile, log):
                 (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
                 kw = {f"w13_{key}": v for key, v in e13.items()} | {f"w2_{key}": v for key, v in e2.items()}
                 quant[fmt] = (q13, q2, kw)
+        tk.prepare(name, w13, w2, k)
         hf_compiled = torch.compile(hf_grouped_mm, dynamic=True) if with_compile else None
         for T in tokens_for[name]:
             x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
@@ -164,17 +169,20 @@ def run(layers, tokens_for, formats, with_compile, log):
             offs = torch.histc(flat.float(), bins=E, min=0, max=E - 1).cumsum(0).to(torch.int32)
             h = torch.randn(T * k, I, device="cuda", generator=g).bfloat16()
             r["grouped_mm"] = time_graph(lambda: grouped_mm_only(xs, h, offs, w13, w2))
+            tk.time(r, x, ids, tw, time_graph)
             log(f"{name} T={T}: " + " ".join(f"{key}={v:.1f}" for key, v in r.items() if isinstance(v, float))
                 + f" ({time.time() - t0:.0f}s)")
             rows.append(r)
         del w13, w2, quant
+        tk.release()
         torch.cuda.empty_cache()
     return rows
 
 
 COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "ours bf16 no-PDL"),
            ("fp8_block128", "ours fp8"), ("mxfp4", "ours mxfp4"), ("nvfp4", "ours nvfp4"), ("floor_fp4", "floor fp4"),
-           ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2")]
+           ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2"),
+           ("tk_bf16", "TK bf16"), ("tk_mxfp4", "TK mxfp4")]
 
 
 def table(rows) -> str:
@@ -183,7 +191,7 @@ def table(rows) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["layer"], str(r["T"])]
-        cells += [f"{r[key]:.1f}" if key in r else "-" for key, _ in COLUMNS]
+        cells += [f"{r[key]:.1f}" if isinstance(r.get(key), float) else r.get(key, "-") for key, _ in COLUMNS]
         cells.append(f"{r['floor'] / r['dense']:.2f}" if "dense" in r else "-")
         fp4 = [r[f] for f in ("mxfp4", "nvfp4") if f in r]
         cells.append(f"{r['floor_fp4'] / min(fp4):.2f}" if fp4 else "-")
@@ -204,7 +212,7 @@ def plot(rows, path):
     for ax, name in zip(axes[0], layers):
         sub = [r for r in rows if r["layer"] == name]
         for key, label in COLUMNS:
-            pts = [(r["T"], r[key]) for r in sub if key in r]
+            pts = [(r["T"], r[key]) for r in sub if isinstance(r.get(key), float)]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if "floor" in key else "-")
         ax.set_xscale("log")
@@ -345,6 +353,7 @@ def main(argv=None):
     p.add_argument("--tokens", default=None, help="comma-separated token counts (overrides --quick)")
     p.add_argument("--formats", default="dense,fp8_block128,mxfp4,nvfp4")
     p.add_argument("--no-compile", action="store_true", help="skip HF under torch.compile")
+    p.add_argument("--no-tk", action="store_true", help="skip the OpenAI triton_kernels columns")
     p.add_argument("--sweep", action="store_true", help="time tile variants per kernel, then exit")
     p.add_argument("--sweep-fp4", action="store_true", help="time fp4 kernel variants, then exit")
     args = p.parse_args(argv)
@@ -364,7 +373,7 @@ def main(argv=None):
     if args.sweep or args.sweep_fp4:
         sweep(log) if args.sweep else sweep_fp4(log)
         return
-    rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log)
+    rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log, with_tk=not args.no_tk)
     text = header() + "\n\n" + table(rows)
     with open(os.path.join(out_dir, "moe_bench.md"), "w") as f:
         f.write(text + "\n")
