@@ -15,6 +15,7 @@
 import triton
 import triton.language as tl
 
+from ._details.fp_codes import e2m1_pairs_to_bf16, e8m0_to_bf16, mul_bf16
 from .moe_common import INTERPRET, e8m0_to_fp32, store_cast
 
 DENSE, FP8_BLOCK128, MXFP4, NVFP4 = 0, 1, 2, 3
@@ -42,16 +43,50 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
         GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
         # e2m1 pairs along K: BK // 2 bytes; one scale per GROUP of K
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(w_ptr + kb[:, None] * stride_wk + n[None, :] * stride_wn,
-                    mask=n_mask[None, :] & (kb[:, None] < K // 2), other=0)
         ks = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
         if WEIGHT_FORMAT == 2 and FP4_DOT_SCALED:
+            b = tl.load(w_ptr + kb[:, None] * stride_wk + n[None, :] * stride_wn,
+                        mask=n_mask[None, :] & (kb[:, None] < K // 2), other=0)
             bs = tl.load(s_ptr + n[:, None] * stride_sn + ks[None, :] * stride_sk,
                          mask=n_mask[:, None] & (ks[None, :] < K // GROUP), other=0)
             acc = tl.dot_scaled(a, None, "bf16", b, bs, "e2m1", acc)
-        else:
+        elif a.dtype == tl.bfloat16:
+            # the packed decoder: bf16 pairs straight from the bytes (fp_codes.e2m1_pairs_to_bf16),
+            # times the block scale in bf16 (exact: 2 x 4 significant bits).  The tile is read as
+            # [groups, bytes per group, BN] so one scale per (group, column) broadcasts in registers.
+            # Low nibbles (even k) pair with a[:, 0::2], high nibbles with a[:, 1::2].
+            HALF: tl.constexpr = GROUP // 2
+            NG: tl.constexpr = BLOCK_K // GROUP
+            kg = k0 // GROUP + tl.arange(0, NG)
+            kb3 = kg[:, None, None] * HALF + tl.arange(0, HALF)[None, :, None]
+            if EVEN_K:
+                b3 = tl.load(w_ptr + kb3 * stride_wk + n[None, None, :] * stride_wn, mask=n_mask[None, None, :],
+                             other=0)
+            else:
+                b3 = tl.load(w_ptr + kb3 * stride_wk + n[None, None, :] * stride_wn,
+                             mask=n_mask[None, None, :] & (kb3 < K // 2), other=0)
+            s_ptrs = s_ptr + kg[:, None] * stride_sk + n[None, :] * stride_sn
+            if WEIGHT_FORMAT == 2:
+                s_raw = tl.load(s_ptrs, mask=n_mask[None, :] & (kg[:, None] < K // GROUP), other=0)
+                scale = e8m0_to_bf16(s_raw.to(tl.int32))[:, None, :]
+            else:  # e4m3 -> bf16 is exact
+                s_raw = tl.load(s_ptrs, mask=n_mask[None, :] & (kg[:, None] < K // GROUP), other=0.0)
+                scale = s_raw.to(tl.float32).to(tl.bfloat16)[:, None, :]
+            lo, hi = e2m1_pairs_to_bf16(b3)
+            w_even = tl.reshape(mul_bf16(lo, scale), [BLOCK_K // 2, n.shape[0]])
+            w_odd = tl.reshape(mul_bf16(hi, scale), [BLOCK_K // 2, n.shape[0]])
+            a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
+            if INTERPRET:  # see moe_common.INTERPRET
+                acc = tl.dot(a_even.to(tl.float32), w_even.to(tl.float32), acc)
+                acc = tl.dot(a_odd.to(tl.float32), w_odd.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a_even, w_even, acc)
+                acc = tl.dot(a_odd, w_odd, acc)
+        else:  # fp16 activations
             # K split into even and odd elements: low nibbles pair with a[:, 0::2], high nibbles
             # with a[:, 1::2], so no register shuffle of the weight tile is needed
+            b = tl.load(w_ptr + kb[:, None] * stride_wk + n[None, :] * stride_wn,
+                        mask=n_mask[None, :] & (kb[:, None] < K // 2), other=0)
             kp = tl.arange(0, BLOCK_K // 2)
             s_ptrs = s_ptr + ((k0 + 2 * kp) // GROUP)[:, None] * stride_sk + n[None, :] * stride_sn
             s_mask = n_mask[None, :] & (kb[:, None] < K // 2)

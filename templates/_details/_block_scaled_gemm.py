@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from ..moe_common import pdl_launch_dependents, pdl_wait
-from .fp_codes import apply_block_scale, e2m1_to_f32, e4m3_to_f32, e8m0_to_f32, unpack_e2m1_rows
+from .fp_codes import (apply_block_scale, e2m1_pairs_to_bf16, e2m1_to_f32, e4m3_to_f32, e8m0_to_bf16,
+                       e8m0_to_f32, mul_bf16, unpack_e2m1_rows)
 
 # operand format codes (constexpr A_FORMAT / B_FORMAT)
 DENSE, FP8_MX32, MXFP4, NVFP4 = 0, 1, 2, 3
@@ -92,6 +93,22 @@ def _mma_step(acc, a, a_s, b, bs, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr
         else:
             a_sc = a_s.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
             acc = tl.dot_scaled(a, a_sc, "e2m1", tl.trans(b), b_sc, "e2m1", acc)
+    elif A_FORMAT == 0 and a.dtype == tl.bfloat16:
+        # the packed decoder (fp_codes.e2m1_pairs_to_bf16): bf16 pairs straight from the bytes,
+        # times the block scale in bf16 (exact), low nibbles (even k) against x[:, 0::2], high
+        # nibbles against x[:, 1::2] -- no shuffle of the weight tile
+        B_GROUP: tl.constexpr = 16 if B_FORMAT == 3 else 32
+        b3 = tl.reshape(b, [BLOCK_N, BLOCK_K // B_GROUP, B_GROUP // 2])
+        if B_FORMAT == 2:
+            scale = e8m0_to_bf16(bs)[:, :, None]
+        else:
+            scale = bs.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32).to(tl.bfloat16)[:, :, None]
+        lo, hi = e2m1_pairs_to_bf16(b3)
+        w_even = tl.reshape(mul_bf16(lo, scale), [BLOCK_N, BLOCK_K // 2]).to(MMA_DTYPE)
+        w_odd = tl.reshape(mul_bf16(hi, scale), [BLOCK_N, BLOCK_K // 2]).to(MMA_DTYPE)
+        x_even, x_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
+        acc = tl.dot(x_even.to(MMA_DTYPE), tl.trans(w_even), acc)
+        acc = tl.dot(x_odd.to(MMA_DTYPE), tl.trans(w_odd), acc)
     else:
         w = _decode_fp4_tile(b, bs, BLOCK_N, BLOCK_K, B_FORMAT).to(MMA_DTYPE)
         if A_FORMAT == 0:

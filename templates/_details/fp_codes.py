@@ -3,8 +3,13 @@ run the same under TRITON_INTERPRET and on every GPU).  Each takes raw codes as 
 returns float32, matching ``inductor_moe.formats`` value for value (NaN codes included).
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# inline PTX cannot run under TRITON_INTERPRET (numpy): the packed decoders fall back to the fp32 ones
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # fp32 bit patterns used below
 _TWO_POW_126 = tl.constexpr(2.0**126)  # rescales e2m1 bits placed at the bottom of the fp32 exponent
@@ -55,3 +60,74 @@ def apply_block_scale(values, scale, ROWS: tl.constexpr, COLS: tl.constexpr, BLO
     """values [ROWS, COLS] * scale [ROWS, COLS // BLOCK], each scale over BLOCK consecutive columns."""
     v = tl.reshape(values, (ROWS, COLS // BLOCK, BLOCK))
     return tl.reshape(v * scale[:, :, None], (ROWS, COLS))
+
+
+# Two e2m1 codes per byte -> bf16, two values per 32-bit register (bf16x2).  Per 4 bytes (8 values):
+# 2 byte permutes, 6 shifts, 8 logic ops and 4 bf16x2 multiplies -- ~1.75 integer ops per value,
+# against ~10 for the fp32 decode plus the conversions (ptxas/nvdisasm, sm_90a).  A byte pair is
+# spread to the high byte of each 16-bit half (prmt); a nibble's sign is then one shift from bf16
+# bit 15 and its 3 magnitude bits one shift from bits 6..8, where they read as value * 2^-126
+# (exponent field e, mantissa bit m: 2^(e-127) * (1 + m/2), or the subnormal m * 2^-127 for e = 0).
+# fma.rn.bf16x2 by 2^126 (0x7E80) makes them exact e2m1 values; bf16 fma keeps subnormal inputs,
+# and adding -0.0 keeps the sign of zero.
+_E2M1_PAIRS_PTX = tl.constexpr("""{
+.reg .b32 t, u, v, c, z;
+mov.b32 c, 0x7E807E80;
+mov.b32 z, 0x80008000;
+prmt.b32 t, $4, 0, 0x1404;
+shl.b32 u, t, 4;
+and.b32 u, u, 0x80008000;
+shr.b32 v, t, 2;
+and.b32 v, v, 0x01C001C0;
+or.b32 u, u, v;
+fma.rn.bf16x2 $0, u, c, z;
+and.b32 u, t, 0x80008000;
+shr.b32 v, t, 6;
+and.b32 v, v, 0x01C001C0;
+or.b32 u, u, v;
+fma.rn.bf16x2 $2, u, c, z;
+prmt.b32 t, $4, 0, 0x3424;
+shl.b32 u, t, 4;
+and.b32 u, u, 0x80008000;
+shr.b32 v, t, 2;
+and.b32 v, v, 0x01C001C0;
+or.b32 u, u, v;
+fma.rn.bf16x2 $1, u, c, z;
+and.b32 u, t, 0x80008000;
+shr.b32 v, t, 6;
+and.b32 v, v, 0x01C001C0;
+or.b32 u, u, v;
+fma.rn.bf16x2 $3, u, c, z;
+}""")
+
+
+@triton.jit
+def e2m1_pairs_to_bf16(packed):
+    """uint8 codes, two e2m1 per byte (low nibble first) -> (low-nibble, high-nibble) bfloat16
+    values of the same shape, exact.  Inline PTX on NVIDIA GPUs (sm_80+); the fp32 decoder under
+    the interpreter."""
+    if _INTERPRET:
+        codes = packed.to(tl.int32)
+        return e2m1_to_f32(codes & 15).to(tl.bfloat16), e2m1_to_f32(codes >> 4).to(tl.bfloat16)
+    else:
+        return tl.inline_asm_elementwise(_E2M1_PAIRS_PTX, "=r,=r,=r,=r,r", [packed],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def e8m0_to_bf16(byte):
+    """e8m0 scale byte (int32) -> 2^(byte - 127) as bfloat16, exactly (bf16 has fp32's exponent
+    range: byte 0 is the subnormal 2^-127, 255 is NaN)."""
+    bits = tl.where(byte == 0, 0x0040, tl.where(byte == 255, 0x7FC0, byte << 7))
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def mul_bf16(x, y):
+    """x * y for bfloat16 tensors (packed bf16x2 multiplies on the GPU).  The interpreter of triton
+    3.9 multiplies bfloat16 wrongly, so it goes through fp32 there (the same value: the callers'
+    products are exact in bf16)."""
+    if _INTERPRET:
+        return (x.to(tl.float32) * y.to(tl.float32)).to(tl.bfloat16)
+    else:
+        return x * y
