@@ -41,6 +41,13 @@ moe_act_format: str = Config(default="dense", env_name_force="INDUCTOR_MOE_ACT_F
 # them through ``inductor_moe::block_scaled_mm``.  None leaves them alone.
 linear_weight_format: Optional[str] = Config(default=None, env_name_force="INDUCTOR_MOE_LINEAR_WEIGHT_FORMAT")
 
+# Time MoE kernel tile candidates at the first call of each shape bucket that has no tuned entry
+# (seconds per bucket; never while a CUDA graph is being captured) and keep the fastest in
+# ~/.cache/inductor_moe/moe_tuned.json (env INDUCTOR_MOE_TUNE_CACHE).  Off: tuned entries already
+# in that file or shipped in lowering/tuned/ are still used, the heuristic otherwise.  Read when
+# the kernels run: set it globally or by env (torch.compile options apply at compile time only).
+autotune: bool = Config(default=False, env_name_force="INDUCTOR_MOE_AUTOTUNE")
+
 def choices() -> dict:
     """Allowed values of the keys that take one of a few names."""
     return {

@@ -209,7 +209,13 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         spec = MoESpec(**{**spec.__dict__, "quantize_weights": None, "weight_format": fmt, "transposed": False})
     if use_pdl is None:
         use_pdl = pdl_enabled(x.device)
-    cfg = kernel_config or choose_moe_config(T, k, E, H, I, fmt, _num_sms(x.device), act_format=spec.act_format)
+    if kernel_config is None:  # the bucket's tuned tiles, else the heuristic's (lowering/moe_tune.py)
+        from .moe_tune import config_for_call
+
+        kernel_config = config_for_call(x, k, E, H, I, fmt, spec.act_format, _num_sms(x.device), run=lambda c: (
+            fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2, w13_global_scale,
+                              w2_global_scale, kernel_config=c, use_pdl=use_pdl)))
+    cfg = kernel_config
     x = x if x.stride(1) == 1 else x.contiguous()
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()

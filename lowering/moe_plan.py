@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 ALIGN_SINGLE_MAX_ENTRIES = 1024  # up to this many (token, slot) entries one program aligns them all
+CONFIG_SOURCES = ("heuristic", "tuned", "tuned-cache", "tuned-shipped")  # MoEKernelConfig.source
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,14 @@ class MoEKernelConfig:
     regime: str  # "decode", "mid" or "prefill", for people and the report
     gate_up_one_dot: bool = True  # L1: one [BK, 2*block_n] weight tile (gate/up alternating) per step
     fp4_dot_scaled: bool = True  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
+    source: str = "heuristic"  # where block_m / gemm tiles came from: "heuristic", or tuned (lowering/moe_tune.py):
+    # "tuned" (this process), "tuned-cache" (user cache file), "tuned-shipped" (lowering/tuned/<device>.json)
 
     def __post_init__(self):
         if self.block_m not in (16, 32, 64, 128, 256):
             raise ValueError(f"block_m={self.block_m} must be one of 16, 32, 64, 128, 256")
+        if self.source not in CONFIG_SOURCES:
+            raise ValueError(f"source={self.source!r} must be one of {CONFIG_SOURCES}")
         for name in ("align_chunk", "combine_block_t", "combine_block_h"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
