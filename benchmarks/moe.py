@@ -155,6 +155,16 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
                             r[f"{fmt}{'' if pdl else '_nopdl'}"] = time_graph(fn)
                         except Exception as e:  # noqa: BLE001
                             log(f"  {name} T={T} {fmt} pdl={pdl}: {type(e).__name__}: {e}")
+            if "dense" in formats:  # the persistent L1+L2 kernel forced on / off (lowering/moe_mega.py)
+                from inductor_moe.lowering.moe import fused_moe_experts
+                from inductor_moe.spec import MoESpec
+
+                for mega in (True, False):
+                    try:
+                        r["dense_mega" if mega else "dense_split"] = time_graph(
+                            lambda: fused_moe_experts(x, ids, tw, w13, w2, MoESpec(), use_mega=mega))  # noqa: B023
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  {name} T={T} dense mega={mega}: {type(e).__name__}: {e}")
             r["mem"] = peak_mib(lambda: op(x, ids, tw, w13, w2, ""))
             r["hf"] = time_graph(lambda: hf_grouped_mm(x, ids, tw, w13, w2))
             r["hf_mem"] = peak_mib(lambda: hf_grouped_mm(x, ids, tw, w13, w2))
@@ -180,6 +190,7 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
 
 
 COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "ours bf16 no-PDL"),
+           ("dense_mega", "ours bf16 mega"), ("dense_split", "ours bf16 split"),
            ("fp8_block128", "ours fp8"), ("mxfp4", "ours mxfp4"), ("nvfp4", "ours nvfp4"), ("floor_fp4", "floor fp4"),
            ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2"),
            ("tk_bf16", "TK bf16"), ("tk_mxfp4", "TK mxfp4")]

@@ -3,7 +3,8 @@
 # T: tokens, H: hidden, E: experts, k: experts per token, I: expert intermediate size, N = T*k
 Pipeline (templates/): align (route + pad per expert) -> L1 (dispatch x w13, SwiGLU epilogue,
 writes the one [N, I] intermediate) -> L2 (x w2, routing weight, writes [N, H] per-(token, slot)
-rows) -> combine (fixed-order fp32 sum over slots).  Chained with PDL on sm_90+.
+rows) -> combine (fixed-order fp32 sum over slots).  Chained with PDL on sm_90+.  Where
+``moe_mega.choose_mega`` says so (small decode calls), L1 and L2 run as one persistent launch.
 
 ``register()`` installs the CUDA kernel of the op; anything the kernels do not cover runs the
 reference op, with the reason recorded in the report, never a wrong result.  No host syncs and
@@ -24,6 +25,7 @@ from ..report import record_runtime_fallback
 from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs
 from ..spec import MoESpec
+from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import MoEKernelConfig, choose_moe_config
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -95,7 +97,17 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
     label = FORMAT_LABELS[x_dtype] if fmt == "dense" else fmt
     if spec.act_format != "dense":
         label = f"{spec.act_format} x {label}"
-    return f"triton_fused{'_pdl' if pdl_enabled(device) else ''}[{label}]"
+    pdl = "_pdl" if pdl_enabled(device) else ""
+    name = f"triton_fused{pdl}[{label}]"
+    if device.type == "cuda" and moe_config.mega_kernel and all(
+            isinstance(v, int) for v in (num_experts, hidden, intermediate, top_k)):
+        sms = _num_sms(device)
+        t_max = mega_max_tokens(lambda t: choose_moe_config(t, top_k, num_experts, hidden, intermediate, fmt, sms,
+                                                            act_format=spec.act_format),
+                                top_k, num_experts, hidden, intermediate, sms)
+        if t_max:  # the persistent kernel runs the calls with few tokens (lowering/moe_mega.py)
+            name += f" + triton_mega{pdl}[{label}] for T <= {t_max}"
+    return name
 
 
 # ------------------------------------------------------------------------------ launcher
@@ -133,7 +145,8 @@ def isa_specs() -> dict:
     """{template module: [(label, kernel, signature, constexprs, options)]} for ``inductor_moe.isa``:
     the expert GEMMs exactly as the launcher builds them for a qwen3-30b-a3b prefill call
     (T=4096, E=128, k=8, H=2048, I=768) in every weight format the kernels read, with bf16
-    activations, plus the fp8-activation pairs (``act x weight``)."""
+    activations, plus the fp8-activation pairs (``act x weight``); and the persistent L1+L2
+    kernel (``moe_mega``) at a decode call (lowering/moe_mega.py)."""
     from ..isa import auto_signature
     from ..templates.moe_gemm1 import moe_gemm1_kernel
     from ..templates.moe_gemm2 import moe_gemm2_kernel
@@ -167,6 +180,7 @@ def isa_specs() -> dict:
             sig = auto_signature(kernel, ptr_types, const, floats)
             label = f"{name}[bf16 x {fmt}]" if act == "dense" else f"{name}[{act} x {fmt}]"
             specs[name].append((label, kernel, sig, const, options))
+    specs["moe_mega"] = mega_isa_specs()  # the persistent L1+L2 kernel, at a decode call
     return specs
 
 
@@ -185,9 +199,10 @@ def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
 
 def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale=None, w2_scale=None,
                       b13=None, b2=None, w13_global_scale=None, w2_global_scale=None, *, kernel_config: Optional[MoEKernelConfig] = None,
-                      use_pdl: Optional[bool] = None) -> torch.Tensor:
+                      use_pdl: Optional[bool] = None, use_mega: Optional[bool] = None) -> torch.Tensor:
     """Run the fused kernels (inputs already validated and supported).  Works on CUDA, and on CPU
-    under TRITON_INTERPRET=1."""
+    under TRITON_INTERPRET=1.  ``use_mega``: force the persistent L1+L2 kernel on or off (None:
+    on CUDA where ``config.mega_kernel`` and ``moe_mega.choose_mega`` say so)."""
     from ..templates.moe_align import moe_align_count, moe_align_offsets, moe_align_scatter, moe_align_single
     from ..templates.moe_combine import moe_combine_kernel
     from ..templates.moe_common import ACT_FORMAT_CODES, ACT_GROUPS, moe_quant_act_kernel
@@ -222,14 +237,21 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     N = T * k
     BM = cfg.block_m
     max_blocks = (N + min(E, N) * (BM - 1)) // BM
+    if use_mega is None:
+        use_mega = x.device.type == "cuda" and moe_config.mega_kernel and choose_mega(
+            cfg, T, k, E, H, I, _num_sms(x.device))
     e_p2 = max(16, 1 << (E - 1).bit_length())
     chunk = cfg.align_chunk
     num_chunks = -(-N // chunk)
-    scratch = torch.empty(2 * E + max_blocks * BM + max_blocks + (0 if cfg.align_single else num_chunks * e_p2),
-                          dtype=torch.int32, device=x.device)
+    n_ready = max_blocks if use_mega else 0  # persistent kernel: finished L1 tiles per M-block
+    scratch = torch.empty(2 * E + max_blocks * BM + max_blocks + n_ready
+                          + (0 if cfg.align_single else num_chunks * e_p2), dtype=torch.int32, device=x.device)
     expert_count, expert_start = scratch[:E], scratch[E:2 * E]
     sorted_ids = scratch[2 * E:2 * E + max_blocks * BM]
     block_expert = scratch[2 * E + max_blocks * BM:2 * E + max_blocks * BM + max_blocks]
+    ready = scratch[2 * E + max_blocks * BM + max_blocks:2 * E + max_blocks * BM + max_blocks + n_ready]
+    use_mega = bool(use_mega)
+    zero_ready = dict(ready_ptr=ready if use_mega else block_expert, ZERO_READY=use_mega)
     pdl = {"launch_pdl": True} if use_pdl else {}
     nb_chunk = max(16, 8192 // e_p2)
     act = ACT_FORMAT_CODES[spec.act_format]
@@ -253,14 +275,14 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     if cfg.align_single:
         moe_align_single[(1,)](ids, N, E, max_blocks, expert_count, expert_start, sorted_ids, block_expert,
                                BLOCK_M=BM, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk, USE_PDL=use_pdl,
-                               num_warps=4, **pdl)
+                               num_warps=4, **zero_ready, **pdl)
     else:
-        chunk_counts = scratch[2 * E + max_blocks * BM + max_blocks:]
+        chunk_counts = scratch[2 * E + max_blocks * BM + max_blocks + n_ready:]
         moe_align_count[(num_chunks,)](ids, N, E, chunk_counts, E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl,
                                        num_warps=4, **pdl)
         moe_align_offsets[(1,)](chunk_counts, num_chunks, E, max_blocks, expert_count, expert_start, block_expert,
                                 BLOCK_M=BM, E_P2=e_p2, ROWS=max(1, 8192 // e_p2), NB_CHUNK=nb_chunk,
-                                USE_PDL=use_pdl, num_warps=4, **pdl)
+                                USE_PDL=use_pdl, num_warps=4, **zero_ready, **pdl)
         moe_align_scatter[(num_chunks,)](ids, N, E, chunk_counts, expert_start, sorted_ids, E_P2=e_p2,
                                          CHUNK=chunk, USE_PDL=use_pdl, num_warps=4, **pdl)
 
@@ -270,24 +292,25 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     g13 = w13_global_scale if w13_global_scale is not None else x
     g2s = w2_global_scale if w2_global_scale is not None else x
     fp4_dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
-    g1 = cfg.gemm1
-    moe_gemm1_kernel[(max_blocks * -(-I // g1.block_n),)](
-        a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
-        sorted_ids, block_expert, expert_start, expert_count, a1_s, inter_s,
-        H, I, k,
-        a1.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
-        a1_s.stride(0) if act else 0, inter_s_stride,
-        float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset),
-        **gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl), **pdl)
-
+    l1_args = (a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
+               sorted_ids, block_expert, expert_start, expert_count, a1_s, inter_s,
+               H, I, k,
+               a1.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
+               a1_s.stride(0) if act else 0, inter_s_stride,
+               float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset))
+    l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl)
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
-    g2 = cfg.gemm2
-    moe_gemm2_kernel[(max_blocks * -(-H // g2.block_n),)](
-        inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
-        sorted_ids, block_expert, expert_start, expert_count, inter_s,
-        H, I,
-        w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0, inter_s_stride,
-        **gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl), **pdl)
+    l2_args = (inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
+               sorted_ids, block_expert, expert_start, expert_count, inter_s,
+               H, I,
+               w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0, inter_s_stride)
+    l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl)
+    if use_mega:  # one persistent launch runs the same L1 and L2 tiles
+        launch_mega(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw, ready=ready,
+                    max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)
+    else:
+        moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)
+        moe_gemm2_kernel[(max_blocks * -(-H // cfg.gemm2.block_n),)](*l2_args, **l2_kw, **pdl)
 
     bt, bh = cfg.combine_block_t, cfg.combine_block_h
     moe_combine_kernel[(-(-T // bt), -(-H // bh))](rows, ids, out, T, H, E, out.stride(0), TOP_K=k,

@@ -10,6 +10,9 @@
 #   sorted_ids  [max_blocks * BLOCK_M]  flat entry index per row; rows past an expert's count
 #                             are padding, never written and masked by the GEMMs via expert_count
 #   block_expert [max_blocks] expert of each M-block, -1 for blocks past the last used one
+#   ready       [max_blocks]  ZERO_READY only: zeroed here, the persistent L1+L2 kernel's per-block
+#                             count of finished L1 tiles (moe_mega.py); zeroing it in the same
+#                             call's align keeps the count correct on every CUDA-graph replay
 # Within an expert, entries keep their flat order (stable), so the layout is deterministic.
 
 Two forms: ``moe_align_single`` (one program, loops over chunks; decode and mid sizes) and
@@ -33,9 +36,9 @@ def _chunk_onehot(ids_ptr, c0, N, E, CHUNK: tl.constexpr, E_P2: tl.constexpr):
 
 
 @triton.jit
-def _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr,
-                   BLOCK_M: tl.constexpr, E_P2: tl.constexpr, NB_CHUNK: tl.constexpr):
-    """counts [E_P2] -> expert_count, expert_start, block_expert; returns expert_start."""
+def _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
+                   BLOCK_M: tl.constexpr, E_P2: tl.constexpr, NB_CHUNK: tl.constexpr, ZERO_READY: tl.constexpr):
+    """counts [E_P2] -> expert_count, expert_start, block_expert (and zeroed ready); returns expert_start."""
     experts = tl.arange(0, E_P2)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, axis=0)
@@ -50,6 +53,8 @@ def _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, bl
         owner = tl.sum((end_blocks[None, :] <= b[:, None]).to(tl.int32), axis=1)
         owner = tl.where(b < total_blocks, owner, -1)
         tl.store(block_expert_ptr + b, owner, mask=b < max_blocks)
+        if ZERO_READY:
+            tl.store(ready_ptr + b, tl.zeros([NB_CHUNK], dtype=tl.int32), mask=b < max_blocks)
     return start
 
 
@@ -67,17 +72,17 @@ def _scatter_chunk(ids_ptr, sorted_ids_ptr, c0, N, E, base,
 
 @triton.jit
 def moe_align_single(ids_ptr, N, E, max_blocks,
-                     expert_count_ptr, expert_start_ptr, sorted_ids_ptr, block_expert_ptr,
+                     expert_count_ptr, expert_start_ptr, sorted_ids_ptr, block_expert_ptr, ready_ptr,
                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr,
-                     NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+                     NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr, ZERO_READY: tl.constexpr = False):
     tl.static_assert(E_P2 >= 1, "E_P2 is E rounded up to a power of two")
     pdl_wait(USE_PDL)
     counts = tl.zeros([E_P2], dtype=tl.int32)
     for c0 in range(0, N, CHUNK):
         _, _, onehot = _chunk_onehot(ids_ptr, c0, N, E, CHUNK, E_P2)
         counts += tl.sum(onehot.to(tl.int32), axis=0)
-    start = _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr,
-                           BLOCK_M, E_P2, NB_CHUNK)
+    start = _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
+                           BLOCK_M, E_P2, NB_CHUNK, ZERO_READY)
     running = start
     for c0 in range(0, N, CHUNK):
         running += _scatter_chunk(ids_ptr, sorted_ids_ptr, c0, N, E, running, CHUNK, E_P2)
@@ -97,9 +102,9 @@ def moe_align_count(ids_ptr, N, E, chunk_counts_ptr,
 
 @triton.jit
 def moe_align_offsets(chunk_counts_ptr, num_chunks, E, max_blocks,
-                      expert_count_ptr, expert_start_ptr, block_expert_ptr,
+                      expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
                       BLOCK_M: tl.constexpr, E_P2: tl.constexpr, ROWS: tl.constexpr,
-                      NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+                      NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr, ZERO_READY: tl.constexpr = False):
     """One program: chunk_counts [C, E_P2] -> exclusive prefix per chunk (in place) + offsets."""
     pdl_wait(USE_PDL)
     experts = tl.arange(0, E_P2)
@@ -111,8 +116,8 @@ def moe_align_offsets(chunk_counts_ptr, num_chunks, E, max_blocks,
         incl = tl.cumsum(c, axis=0)
         tl.store(ptrs, incl - c + carry[None, :], mask=r[:, None] < num_chunks)
         carry += tl.sum(c, axis=0)
-    start = _write_offsets(carry, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr,
-                           BLOCK_M, E_P2, NB_CHUNK)
+    start = _write_offsets(carry, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
+                           BLOCK_M, E_P2, NB_CHUNK, ZERO_READY)
     pdl_launch_dependents(USE_PDL)
 
 

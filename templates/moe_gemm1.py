@@ -12,6 +12,8 @@
 # (128, fp32 scales / 32, e8m0 bytes) into the e4m3 intermediate + inter_scale_ptr.
 # Grid: (cdiv(I, BLOCK_N) * max_blocks,), N tiles fastest, so the programs running together share
 # one M-block's gathered rows (read once from DRAM, then from L2); blocks past the last exit at once.
+# ``gemm1_tile`` is one (M-block, N-tile) of this GEMM; the persistent kernel (moe_mega.py) runs
+# the same tiles from its own tile loop.
 """
 
 import triton
@@ -22,9 +24,10 @@ from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
 @triton.jit
-def moe_gemm1_kernel(
+def gemm1_tile(
+    pid_m, pid_n, e,
     x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
-    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
+    sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
     H, I, top_k,
     stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
     stride_xst, stride_ist,
@@ -35,18 +38,14 @@ def moe_gemm1_kernel(
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr,
 ):
+    """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
+    USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
+    False and triggers on its own)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(WEIGHT_FORMAT < 2 or BLOCK_K % 32 == 0, "fp4 scales need 32 | BLOCK_K")
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
-    num_n = tl.cdiv(I, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    pdl_wait(USE_PDL)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e < 0:
-        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
     row_mask = rows < row_end
@@ -115,3 +114,32 @@ def moe_gemm1_kernel(
         g = pid_n * (BLOCK_N // G) + tl.arange(0, BLOCK_N // G)
         tl.store(inter_scale_ptr + entry.to(tl.int64)[:, None] * stride_ist + g[None, :], s,
                  mask=row_mask[:, None] & (g[None, :] < tl.cdiv(I, G)))
+
+
+@triton.jit
+def moe_gemm1_kernel(
+    x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
+    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
+    H, I, top_k,
+    stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+    stride_xst, stride_ist,
+    alpha, limit, up_offset,
+    ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
+    ACT_FORMAT: tl.constexpr,
+):
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    pdl_wait(USE_PDL)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= 0:  # blocks past the last used one have no expert
+        gemm1_tile(pid_m, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
+                   sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
+                   H, I, top_k,
+                   stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+                   stride_xst, stride_ist, alpha, limit, up_offset,
+                   ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
+                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL, ACT_FORMAT)

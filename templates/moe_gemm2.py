@@ -5,6 +5,7 @@
 # writes rows_out[sorted_ids[r]], so every (token, slot) owns one output row and the combine
 # can add them in a fixed order.  ACT_FORMAT 1/2: the intermediate is e4m3 with per-row scales
 # at inter_scale_ptr (see moe_gemm1).  Grid: (cdiv(H, BLOCK_N) * max_blocks,), N tiles fastest.
+# ``gemm2_tile`` is one (M-block, N-tile); the persistent kernel (moe_mega.py) calls it too.
 """
 
 import triton
@@ -15,26 +16,23 @@ from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
 @triton.jit
-def moe_gemm2_kernel(
+def gemm2_tile(
+    pid_m, pid_n, e,
     inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
-    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
+    sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
     H, I,
     stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr,
 ):
+    """Output columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
+    USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
+    False and triggers on its own)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
-    num_n = tl.cdiv(H, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    pdl_wait(USE_PDL)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e < 0:
-        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
     row_mask = rows < row_end
@@ -61,3 +59,26 @@ def moe_gemm2_kernel(
         acc *= tl.load(topk_weights_ptr + entry, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     out = rows_out_ptr + entry.to(tl.int64)[:, None] * H + n[None, :]
     tl.store(out, store_cast(acc, rows_out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def moe_gemm2_kernel(
+    inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
+    sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
+    H, I,
+    stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+    HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr,
+):
+    num_n = tl.cdiv(H, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    pdl_wait(USE_PDL)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= 0:  # blocks past the last used one have no expert
+        gemm2_tile(pid_m, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                   rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
+                   stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+                   HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                   FP4_DOT_SCALED, USE_PDL, ACT_FORMAT)
