@@ -148,13 +148,18 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
             for fmt in formats:
                 wa, wb, kw = (w13, w2, {}) if fmt == "dense" else quant[fmt]
                 spec = "" if fmt == "dense" else f"weight_format={fmt}"
-                for pdl in ((True, False) if fmt == "dense" else (True,)):
-                    with config.patch(pdl=pdl):
+                variants = [("", {"pdl": True})]
+                if fmt == "dense":
+                    variants.append(("_nopdl", {"pdl": False}))
+                if fmt == "mxfp4":  # tl.dot_scaled forced (auto picks the packed decode on sm_90 at decode/mid)
+                    variants.append(("_ds", {"mxfp4_mma": "dot_scaled"}))
+                for suffix, patch in variants:
+                    with config.patch(**patch):
                         fn = lambda: op(x, ids, tw, wa, wb, spec, **kw)  # noqa: E731
                         try:
-                            r[f"{fmt}{'' if pdl else '_nopdl'}"] = time_graph(fn)
+                            r[f"{fmt}{suffix}"] = time_graph(fn)
                         except Exception as e:  # noqa: BLE001
-                            log(f"  {name} T={T} {fmt} pdl={pdl}: {type(e).__name__}: {e}")
+                            log(f"  {name} T={T} {fmt}{suffix}: {type(e).__name__}: {e}")
             if "dense" in formats:  # the persistent L1+L2 kernel forced on / off (lowering/moe_mega.py)
                 from inductor_moe.lowering.moe import fused_moe_experts
                 from inductor_moe.spec import MoESpec
@@ -191,7 +196,7 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
 
 COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "ours bf16 no-PDL"),
            ("dense_mega", "ours bf16 mega"), ("dense_split", "ours bf16 split"),
-           ("fp8_block128", "ours fp8"), ("mxfp4", "ours mxfp4"), ("nvfp4", "ours nvfp4"), ("floor_fp4", "floor fp4"),
+           ("fp8_block128", "ours fp8"), ("mxfp4", "ours mxfp4"), ("mxfp4_ds", "ours mxfp4 dot_scaled"), ("nvfp4", "ours nvfp4"), ("floor_fp4", "floor fp4"),
            ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2"),
            ("tk_bf16", "TK bf16"), ("tk_mxfp4", "TK mxfp4")]
 

@@ -41,6 +41,12 @@ moe_act_format: str = Config(default="dense", env_name_force="INDUCTOR_MOE_ACT_F
 # them through ``inductor_moe::block_scaled_mm``.  None leaves them alone.
 linear_weight_format: Optional[str] = Config(default=None, env_name_force="INDUCTOR_MOE_LINEAR_WEIGHT_FORMAT")
 
+# How MXFP4 weights meet the tensor cores: "dot_scaled" (tl.dot_scaled: the block-scaled MMA on
+# sm_100, Triton's emulation on sm_90), "decode" (the packed in-register e2m1 -> bf16 decode, then a
+# bf16 MMA: about 3x fewer instructions per weight than that emulation on sm_90), or "auto"
+# (lowering/moe_plan.py: mxfp4_dot_scaled).
+mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
+
 # Time MoE kernel tile candidates at the first call of each shape bucket that has no tuned entry
 # (seconds per bucket; never while a CUDA graph is being captured) and keep the fastest in
 # ~/.cache/inductor_moe/moe_tuned.json (env INDUCTOR_MOE_TUNE_CACHE).  Off: tuned entries already
@@ -55,6 +61,7 @@ def choices() -> dict:
         "moe_weight_format": (None, "fp8_block128", "mxfp4", "nvfp4"),
         "moe_act_format": ("dense", "fp8_block128", "fp8_mx32"),
         "linear_weight_format": (None, "mxfp4", "nvfp4"),
+        "mxfp4_mma": ("auto", "dot_scaled", "decode"),
     }
 
 

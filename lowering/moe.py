@@ -26,7 +26,7 @@ from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs
 from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
-from .moe_plan import MoEKernelConfig, choose_moe_config
+from .moe_plan import MoEKernelConfig, choose_moe_config, mxfp4_dot_scaled
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4", "nvfp4")  # what the templates read
@@ -55,6 +55,12 @@ def pdl_enabled(device: torch.device) -> bool:
     if not moe_config.pdl or device.type != "cuda" or _interpreting() or not _triton_has_pdl():
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_major(device: torch.device) -> int:
+    """sm major version (9 for Hopper); the interpreter compiles nothing, 9 stands in."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -291,7 +297,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     g13 = w13_global_scale if w13_global_scale is not None else x
     g2s = w2_global_scale if w2_global_scale is not None else x
-    fp4_dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
+    fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
+                      and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device), cfg.regime))
     l1_args = (a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
                sorted_ids, block_expert, expert_start, expert_count, a1_s, inter_s,
                H, I, k,

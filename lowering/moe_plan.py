@@ -83,8 +83,16 @@ def _nvfp4_register_budget(g1: GemmTiles, g2: GemmTiles, regime: str) -> tuple[G
     At prefill 64 x 64 spills 92 B (L1) / none (L2) against 808 / 400 B for 128 x 64."""
     if regime == "prefill":
         return (dataclasses.replace(g1, block_n=64, block_k=64), dataclasses.replace(g2, block_n=64, block_k=64))
-    return (dataclasses.replace(g1, block_n=min(g1.block_n, 32), block_k=64),
-            dataclasses.replace(g2, block_n=min(g2.block_n, 64), block_k=64))
+    return _fp4_decode_register_budget(g1, g2)
+
+
+def _fp4_decode_register_budget(g1: GemmTiles, g2: GemmTiles) -> tuple[GemmTiles, GemmTiles]:
+    """Decode/mid tiles for e2m1 weights decoded in registers (templates/_details/fp_codes.py:
+    e2m1_pairs_to_bf16): L1 32 (x2 gate/up) and L2 64 columns by 256 K.  ptxas -v for sm_90a with
+    the JIT's unit-stride specialisation (triton 3.9, qwen3-30b-a3b at T=16): 157-164 registers, no
+    spills, for NVFP4 and MXFP4; L1 64 x 256 MXFP4 spills 52 B without that specialisation."""
+    return (dataclasses.replace(g1, block_n=min(g1.block_n, 32), block_k=max(64, min(g1.block_k, 256))),
+            dataclasses.replace(g2, block_n=min(g2.block_n, 64), block_k=max(64, min(g2.block_k, 256))))
 
 
 def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format: str,
@@ -117,6 +125,17 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
     if regime == "prefill":
         g2 = dataclasses.replace(g2, block_n=64, block_k=64)
     return g1, g2
+
+
+def mxfp4_dot_scaled(setting: str, arch_major: int, regime: str) -> bool:
+    """Whether MXFP4 weights go through tl.dot_scaled (else the packed in-register decode).
+    ``setting`` is config.mxfp4_mma.  auto: dot_scaled where the hardware has block-scaled MMA
+    (sm_100+) and for 128-row prefill tiles (wgmma reads the upcast tile from shared memory either
+    way); the packed decode at decode/mid on sm_90, where Triton's emulated upcast costs ~3x the
+    instructions per weight (ptxas/nvdisasm counts, benchmarks/NOTES.md)."""
+    if setting != "auto":
+        return setting == "dot_scaled"
+    return arch_major >= 10 or regime == "prefill"
 
 
 def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
@@ -166,6 +185,8 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
 
     if weight_format == "nvfp4":
         g1, g2 = _nvfp4_register_budget(g1, g2, regime)
+    elif weight_format == "mxfp4" and regime != "prefill":  # the sm_90 in-register decode path
+        g1, g2 = _fp4_decode_register_budget(g1, g2)
     if act_format != "dense":
         g1, g2 = _fp8_act_tiles(g1, g2, act_format, weight_format, regime)
         if regime == "prefill" and not (act_format == "fp8_mx32" and weight_format == "mxfp4"):

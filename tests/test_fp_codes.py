@@ -55,15 +55,17 @@ def _run_decoder(device: str) -> dict:
         lo = torch.empty((256, 256), dtype=torch.bfloat16, device=device)
         hi = torch.empty_like(lo)
         decode_kernel[(1,)](codes, scales, lo, hi, NV=nv)
-        want_lo = e2m1[(codes & 15).long()][:, None] * ref_scale[None, :]
-        want_hi = e2m1[(codes >> 4).long()][:, None] * ref_scale[None, :]
+        c = codes.cpu().long()
+        ref_scale = ref_scale.cpu()
+        want_lo = e2m1[c & 15][:, None] * ref_scale[None, :]
+        want_hi = e2m1[c >> 4][:, None] * ref_scale[None, :]
         bad = 0
         for got, want in ((lo, want_lo), (hi, want_hi)):
             got = got.cpu().double()
             want = want.cpu()
             checked = want.isnan() | (want.abs() < 3.3e38)  # exact in bf16 unless past its range
             if interpreted:
-                normal = ~ref_scale.cpu().isnan() & (ref_scale.cpu().abs() >= 2.0 ** -126)
+                normal = ~ref_scale.isnan() & (ref_scale.abs() >= 2.0 ** -126)
                 checked &= normal[None, :] & ((want.abs() >= 2.0 ** -126) | (want == 0))
             same = (got.isnan() & want.isnan()) | ((got == want) & (torch.signbit(got) == torch.signbit(want)))
             bad += int((checked & ~same).sum())

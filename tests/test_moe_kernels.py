@@ -457,3 +457,19 @@ def test_gpu_unsupported_falls_back_with_reason():
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--interpret":
     _main()
+
+
+def test_mxfp4_mma_rule_and_decode_tiles():
+    """auto: the packed in-register decode on sm_90 at decode/mid, tl.dot_scaled for prefill and on
+    sm_100; explicit settings win; the decode path's tiles stay in the spill-checked budget."""
+    from inductor_moe import config
+    from inductor_moe.lowering.moe_plan import choose_moe_config, mxfp4_dot_scaled
+
+    assert config.choices()["mxfp4_mma"] == ("auto", "dot_scaled", "decode")
+    assert not mxfp4_dot_scaled("auto", 9, "decode") and not mxfp4_dot_scaled("auto", 9, "mid")
+    assert mxfp4_dot_scaled("auto", 9, "prefill") and mxfp4_dot_scaled("auto", 10, "decode")
+    assert mxfp4_dot_scaled("dot_scaled", 9, "decode") and not mxfp4_dot_scaled("decode", 10, "prefill")
+    for T in (1, 16, 128):
+        cfg = choose_moe_config(T, 8, 128, 2048, 768, "mxfp4", 132)
+        assert cfg.regime != "prefill"
+        assert cfg.gemm1.block_n <= 32 and cfg.gemm2.block_n <= 64 and cfg.gemm1.block_k <= 256, cfg
