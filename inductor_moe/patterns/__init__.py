@@ -14,7 +14,8 @@ MOE_PATTERNS = (
     "hf_batched_mm",  # 3-D expert params gathered per row (w[ids]) and applied with bmm / einsum
     "modulelist_loop",  # per-expert nn.Linear triples in a static loop, torch.where + index_add_
     "hf_eager_loop",  # HF experts_implementation="eager": never one graph; reported as skipped, with the fix
-    "split_block",  # top-k ids leave the graph unfused (block split by a graph break): reported, last
+    "split_block",  # top-k ids leave the graph unfused (block split by a graph break): reported
+    "fp4_experts",  # grouped / gathered GEMMs over FP4-dequantised expert weights left unfused: reported, last
 )
 
 # Block-scaled FP4 matmul idioms.

@@ -89,6 +89,7 @@ class MoEMatch:
     scales: dict = field(default_factory=dict)  # w13_scale, w2_scale, w13_global_scale, w2_global_scale
     region: list = field(default_factory=list)  # nodes the match consumes (checked for outside users)
     x_transform: Optional[Callable[[fx.Graph, fx.Node], fx.Node]] = None  # e.g. reshape [B,S,H]->[T,H]
+    fp4: Optional[object] = None  # fp4_experts.FP4Experts: w13/w2 are dequantised in the graph from these
 
 
 def fake_call(target, args, kwargs):
@@ -138,14 +139,17 @@ def emit_moe(graph: fx.Graph, match: MoEMatch) -> fx.Node:
         w13_val, num_experts = val(u["gate"][0]), len(u["gate"])
         hidden, inter = w13_val.shape[1], w13_val.shape[0]
     else:
-        kwargs = {k: v for k, v in (("b13", match.b13), ("b2", match.b2), *match.scales.items()) if v is not None}
+        w13, w2, scales = match.w13, match.w2, match.scales
+        if match.fp4 is not None:  # the packed weights and scales the dequantisation read
+            w13, w2, scales = match.fp4.materialize(graph, anchor)
+        kwargs = {k: v for k, v in (("b13", match.b13), ("b2", match.b2), *scales.items()) if v is not None}
         node = insert_call(graph, anchor, torch.ops.inductor_moe.moe_experts.default,
-                           (x, match.topk_ids, match.topk_weights, match.w13, match.w2, spec_str), kwargs)
+                           (x, match.topk_ids, match.topk_weights, w13, w2, spec_str), kwargs)
         from ..ops.weights import intermediate_size
 
-        num_experts = val(match.w13).shape[0]
+        num_experts = val(w13).shape[0]
         hidden = val(x).shape[1]
-        inter = intermediate_size(match.spec, val(match.w13), val(match.w2))
+        inter = intermediate_size(match.spec, val(w13), val(w2))
     out = node
     out_val = val(anchor)
     if tuple(out_val.shape) != tuple(node.meta["val"].shape):

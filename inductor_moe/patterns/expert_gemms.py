@@ -1,5 +1,6 @@
-"""Recognising one expert projection over 3-D expert parameters, and the layout-only ops,
-casts and expert-parallel masks around it, for the ``stacked`` walker.
+"""Recognising one expert projection over 3-D expert parameters (or 3-D stacks dequantised from
+FP4 in the graph, see ``fp4_experts``), and the layout-only ops, casts and expert-parallel masks
+around it, for the ``stacked`` walker.
 
 # S: (token, slot) rows, E: experts, K / N: a projection's input / output size
 """
@@ -16,12 +17,13 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .common import aten, is_op, is_weight, val
+from .fp4_common import WeightSubgraph
 
 prims = torch.ops.prims
 _SHAPE_ONLY = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.clone, aten.alias)
 
 
-def _fallback_op():
+def fallback_op():
     """Hugging Face's ``transformers::grouped_mm_fallback`` (non-bf16 weights under compile)."""
     ns = getattr(torch.ops, "transformers", None)
     return getattr(ns, "grouped_mm_fallback", None) if ns is not None else None
@@ -123,21 +125,34 @@ class Gemm:
     transposed: bool  # weight stored [E, K, N] (used as rows @ w[e]) rather than [E, N, K]
     offsets: Optional[fx.Node] = None  # grouped: cumulative rows per expert
     gather_ids: Optional[fx.Node] = None  # gathered: the per-row expert ids indexing the weight
+    fp4: Optional[WeightSubgraph] = None  # ``weight`` is dequantised from FP4 in the graph (fp4_experts)
+
+
+def _stacked_weight(node) -> tuple[bool, Optional[WeightSubgraph]]:
+    """(is a 3-D expert weight, its FP4 dequantisation subgraph if it is computed from one)."""
+    if is_weight(node):
+        return val(node) is not None and val(node).dim() == 3, None
+    from .fp4_experts import dequantised_stack
+
+    sub = dequantised_stack(node)
+    return sub is not None, sub
 
 
 def _gathered_weight(node):
-    """(weight, ids) for ``w[ids]`` of a 3-D parameter, through layout-only ops."""
+    """(weight, ids, fp4 subgraph) for ``w[ids]`` of a 3-D parameter (or FP4-dequantised stack),
+    through layout-only ops."""
     node = peel(node)
-    if is_op(node, aten.index) and len(node.args[1]) == 1 and is_weight(node.args[0]) \
-            and val(node.args[0]) is not None and val(node.args[0]).dim() == 3:
-        return node.args[0], node.args[1][0]
+    if is_op(node, aten.index) and len(node.args[1]) == 1:
+        ok, fp4 = _stacked_weight(node.args[0])
+        if ok:
+            return node.args[0], node.args[1][0], fp4
     return None
 
 
 def match_gemm(node) -> Optional[Gemm]:
     """``node`` (through casts/views) as a grouped or gathered expert GEMM, else None."""
     g = peel(node)
-    fallback = _fallback_op()
+    fallback = fallback_op()
     if is_op(g, aten._grouped_mm) or (fallback is not None and is_op(g, fallback)):
         rows, wv, offs = g.args[:3]
         if any(a is not None for a in g.args[3:]) or any(v is not None for k, v in g.kwargs.items() if k != "offs"):
@@ -147,15 +162,16 @@ def match_gemm(node) -> Optional[Gemm]:
             return Gemm("grouped", g, peel(rows), wv, True, offsets=offs)
         if is_op(wv, aten.permute) and list(wv.args[1]) == [0, 2, 1] and is_weight(wv.args[0]):
             return Gemm("grouped", g, peel(rows), wv.args[0], False, offsets=offs)
-        return None
+        ok, fp4 = _stacked_weight(wv)  # [E, K, N] dequantised in the graph
+        return Gemm("grouped", g, peel(rows), wv, True, offsets=offs, fp4=fp4) if ok else None
     if is_op(g, aten.bmm):
         a, b = g.args
         gathered = _gathered_weight(a)
         if gathered is not None and shape_is(b, None, None, 1):  # w[ids] [S,N,K] @ rows [S,K,1]
-            return Gemm("gathered", g, peel(b), gathered[0], False, gather_ids=gathered[1])
+            return Gemm("gathered", g, peel(b), gathered[0], False, gather_ids=gathered[1], fp4=gathered[2])
         gathered = _gathered_weight(b)
         if gathered is not None and shape_is(a, None, 1, None):  # rows [S,1,K] @ w[ids] [S,K,N]
-            return Gemm("gathered", g, peel(a), gathered[0], True, gather_ids=gathered[1])
+            return Gemm("gathered", g, peel(a), gathered[0], True, gather_ids=gathered[1], fp4=gathered[2])
     return None
 
 

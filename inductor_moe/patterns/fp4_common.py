@@ -131,8 +131,12 @@ def weight_subgraph(operand: fx.Node) -> Optional[WeightSubgraph]:
     return WeightSubgraph(nodes, sorted(leaves, key=order.__getitem__), constants)
 
 
-def evaluate(sub: WeightSubgraph, inputs: dict, graph: fx.Graph) -> torch.Tensor:
-    """Run the subgraph on concrete CPU tensors (``inputs``: leaf -> tensor)."""
+def evaluate(sub: WeightSubgraph, inputs: dict, graph: fx.Graph, transform=None, check=None) -> torch.Tensor:
+    """Run the subgraph on concrete CPU tensors (``inputs``: leaf -> tensor).
+
+    ``transform(node, args, kwargs) -> (args, kwargs)`` may rewrite a node's arguments first and
+    ``check(node, value)`` may inspect its result (``fp4_recognise`` probes expert stacks on a
+    few experts that way)."""
     env = dict(inputs)
     module = graph.owning_module
     for leaf in sub.leaves:
@@ -153,7 +157,11 @@ def evaluate(sub: WeightSubgraph, inputs: dict, graph: fx.Graph) -> torch.Tensor
                   for k, v in n.kwargs.items()}
         if "pin_memory" in kwargs:
             kwargs["pin_memory"] = False
+        if transform is not None:
+            args, kwargs = transform(n, args, kwargs)
         env[n] = n.target(*args, **kwargs)
+        if check is not None:
+            check(n, env[n])
     return env[sub.nodes[-1]] if sub.nodes else env[sub.leaves[0]]
 
 

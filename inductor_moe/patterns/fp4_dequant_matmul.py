@@ -14,145 +14,34 @@ The idiom is recognised by what it computes, not how it is spelled: the matmul's
 must depend on graph inputs only (a packed uint8 tensor, one block-scale tensor, optionally a
 one-element global scale and constants such as a table), and evaluating that subgraph on random
 probe bytes must reproduce ``formats.dequantize_mxfp4`` / ``dequantize_nvfp4`` of the same bytes
-(low nibble first, or high nibble first: then the weight is repacked once, cached).  The block
+(low nibble first, or high nibble first: then the weight is repacked once, cached); the probe
+lives in ``fp4_recognise``, shared with the MoE patterns.  The block
 scales may also be stored in cuBLAS's swizzled 128x4 layout, padded to whole tiles, and
 un-swizzled inside the subgraph (torchao's ``MXTensor`` / ``NVFP4Tensor`` with
 ``is_swizzled_scales=True`` dequantise that way): then the scales are un-swizzled once, cached.
 Anything else is left to Inductor with the reason recorded.
+
+A ``_grouped_mm`` over dequantised 3-D expert weights, or a ``bmm`` over per-row gathered ones
+(``w[ids]``), is an MoE block's expert GEMM: ``block_scaled_mm`` is not grouped, so it is left
+to the MoE pass, which fuses the block with the packed weights (``fp4_experts``) or reports it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.fx as fx
 
-from .. import formats
+from .. import config, formats
 from ..report import record_match
 from ..spec import GemmSpec
+from . import fp4_experts
 from .common import RegionRejected, aten, emit_gemm, insert_call, is_op, val
-from .fp4_common import WeightSubgraph, emit_relayout, epilogue_activation, evaluate, weight_subgraph
+from .fp4_common import emit_relayout, epilogue_activation
+from .fp4_recognise import fp4_weight_subgraph, identify
 
 NAME = "fp4_dequant_matmul"
 MAX_BMM_BATCH = 64  # bmm over more batches than this is left to Inductor (one GEMM call per batch)
-MAX_PROBE_ELEMENTS = 1 << 27  # weights above this many values are not evaluated on the CPU at compile time
-_PACKED_DTYPES = (torch.uint8, torch.float4_e2m1fn_x2)
-_E8M0 = (torch.float8_e8m0fnu, torch.uint8)
 _OUT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
-
-@dataclass
-class _Identified:
-    fmt: str  # "mxfp4" / "nvfp4"
-    high_nibble_first: bool
-    packed: fx.Node
-    scale: fx.Node
-    global_scale: Optional[fx.Node]
-    scale_swizzled: bool = False  # scales stored in the padded 128x4 layout (2-D weights only)
-
-
-def _swizzled_numel(rows: int, cols: int) -> int:
-    return -(-rows // 128) * 128 * -(-cols // 4) * 4
-
-
-def _probe_inputs(packed, scale, glob, fmt):
-    g = torch.Generator().manual_seed(1234)
-    pv, sv = val(packed), val(scale)
-    p = torch.randint(0, 256, tuple(pv.shape), dtype=torch.uint8, generator=g).view(pv.dtype)
-    if fmt == "mxfp4":  # scales 2^-9 .. 2^3: no overflow or subnormals on any path
-        s = torch.randint(118, 131, tuple(sv.shape), dtype=torch.uint8, generator=g).view(sv.dtype)
-    else:
-        s = (torch.rand(tuple(sv.shape), generator=g) * 3.5 + 0.25).to(torch.float8_e4m3fn)
-    inputs = {packed: p, scale: s}
-    if glob is not None:
-        inputs[glob] = torch.full(tuple(val(glob).shape), 0.375, dtype=val(glob).dtype)
-    return inputs
-
-
-def _expected(fmt, p_bytes, s, g, n, k, batch, swizzled=False):
-    lead = (batch,) if batch else ()
-    if swizzled:
-        from ..ops.linear_quantized import unswizzle_128x4
-
-        s = unswizzle_128x4(s, n, k // (formats.MX_BLOCK if fmt == "mxfp4" else formats.NV_BLOCK))
-    s = s.reshape(*lead, n, -1)
-    if fmt == "mxfp4":
-        return formats.dequantize_mxfp4(p_bytes, s)
-    gs = g.reshape(()).float() if g is not None else torch.ones(())
-    return formats.dequantize_nvfp4(p_bytes, s, gs)
-
-
-def identify(sub: WeightSubgraph, operand: fx.Node, graph: fx.Graph, n: int, k: int, batch: int) -> _Identified:
-    """Which leaf is what, and which FP4 format and nibble order the subgraph computes."""
-    count = max(batch, 1) * n
-    packed = [l for l in sub.leaves if val(l) is not None and val(l).dtype in _PACKED_DTYPES
-              and val(l).numel() == count * k // 2]
-    if len(packed) != 1:
-        raise RegionRejected(f"expected one packed FP4 weight of {count * k // 2} bytes among the weight's inputs")
-    packed = packed[0]
-    rest = [l for l in sub.leaves if l is not packed]
-    candidates = []
-    for s in rest:
-        sv = val(s)
-        if sv is None:
-            continue
-        for fmt, dtypes, block in (("mxfp4", _E8M0, formats.MX_BLOCK),
-                                   ("nvfp4", (torch.float8_e4m3fn,), formats.NV_BLOCK)):
-            if sv.dtype not in dtypes:
-                continue
-            if sv.numel() * block == count * k:
-                candidates.append((fmt, s, False))
-            if not batch and k % block == 0 and sv.numel() == _swizzled_numel(n, k // block):
-                candidates.append((fmt, s, True))
-    if not candidates:
-        raise RegionRejected("no block-scale input of the expected size (e8m0 per 32 or e4m3 per 16 along K)")
-    if k % formats.MX_BLOCK and all(c[0] == "mxfp4" for c in candidates):
-        raise RegionRejected(f"K={k} is not a multiple of the mxfp4 block 32")
-    if count * k > MAX_PROBE_ELEMENTS:
-        raise RegionRejected(f"weight of {count * k} values is too large to verify by probing at compile time "
-                             f"(limit {MAX_PROBE_ELEMENTS})")
-    if not val(packed).is_contiguous():
-        raise RegionRejected(f"packed FP4 weight {packed.name} is not contiguous; call .contiguous() once at load")
-    unknown = None
-    for fmt, scale, swizzled in candidates:
-        if fmt == "mxfp4" and k % formats.MX_BLOCK:
-            continue
-        others = [l for l in rest if l is not scale and l.op == "placeholder"]
-        glob = None
-        if fmt == "nvfp4" and others:
-            glob = others[0]
-            gv = val(glob)
-            if len(others) > 1 or gv is None or gv.numel() != 1 or gv.dtype != torch.float32:
-                unknown = next(o for o in others if o is not glob or gv is None or gv.numel() != 1)
-                continue
-        elif others:
-            unknown = others[0]
-            continue
-        inputs = _probe_inputs(packed, scale, glob, fmt)
-        try:
-            got = evaluate(sub, inputs, graph).float()
-        except RegionRejected:
-            raise
-        except Exception as e:  # noqa: BLE001 - an op we cannot run on the CPU: not our idiom
-            raise RegionRejected(f"cannot evaluate the weight subgraph on probe values ({type(e).__name__})")
-        got = got.transpose(-1, -2)  # operand is W^T: [.., K, N] -> [.., N, K]
-        lead = (batch,) if batch else ()
-        p_bytes = inputs[packed].view(torch.uint8).reshape(*lead, n, k // 2)
-        for high in (False, True):
-            bytes_ = ((p_bytes << 4) | (p_bytes >> 4)) if high else p_bytes
-            want = _expected(fmt, bytes_, inputs[scale].reshape(-1), inputs.get(glob), n, k, batch, swizzled)
-            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-2, atol=0.0, equal_nan=True):
-                return _Identified(fmt, high, packed, scale, glob, swizzled)
-    if unknown is not None:
-        uv = val(unknown)
-        raise RegionRejected(f"the dequantisation also reads graph input {unknown.name} "
-                             f"({uv.dtype if uv is not None else '?'}{list(uv.shape) if uv is not None else ''}), "
-                             "whose values are unknown at compile time; build lookup tables inline "
-                             "(torch.tensor(...) in forward) so they are constants")
-    raise RegionRejected("the weight subgraph reads FP4 bytes and block scales but does not compute an "
-                         "MXFP4/NVFP4 dequantisation this pass knows (checked on probe values)")
 
 
 def _plan(graph, node, x, operand, bias, sub, batched):
@@ -171,7 +60,7 @@ def _plan(graph, node, x, operand, bias, sub, batched):
         raise RegionRejected(f"bmm over {batch} batches (> {MAX_BMM_BATCH})")
     if bias is not None and (val(bias) is None or tuple(val(bias).shape) != (n,)):
         raise RegionRejected("addmm bias is not a [N] vector")
-    ident = identify(sub, operand, graph, n, k, batch)
+    ident = identify(sub, graph, n, k, batch)
     block = formats.MX_BLOCK if ident.fmt == "mxfp4" else formats.NV_BLOCK
 
     def rewrite(graph: fx.Graph):
@@ -236,17 +125,6 @@ def _emit_batched(graph, output, x, b, s, spec, kwargs, region, batch, ident):
                         f"bmm B={batch} N={bv.shape[1]} {spec.to_str()}")
 
 
-def _fp4_subgraph(operand) -> Optional[WeightSubgraph]:
-    if not isinstance(operand, fx.Node):
-        return None
-    sub = weight_subgraph(operand)
-    if sub is None or not sub.nodes:
-        return None
-    if not any(val(l) is not None and val(l).dtype in _PACKED_DTYPES for l in sub.leaves):
-        return None
-    return sub
-
-
 def find(graph: fx.Graph) -> list:
     found = []
     for node in list(graph.nodes):
@@ -259,14 +137,17 @@ def find(graph: fx.Graph) -> list:
             bias, x, operand = node.args[:3]
         elif is_op(node, aten.bmm):
             (x, operand), batched = node.args[:2], True
-        elif getattr(aten, "_grouped_mm", None) is not None and is_op(node, aten._grouped_mm):
-            if _fp4_subgraph(node.args[1]) is not None:
-                found.append(RegionRejected("grouped_mm over dequantised FP4 expert weights is not rewritten "
-                                            "(block_scaled_mm is not grouped); left to Inductor"))
+            if any(fp4_experts.gathered_expert_weight(a) is not None for a in node.args[:2]):
+                if not config.moe_rewrite:  # else the MoE pass claims it, or reports it (fp4_experts)
+                    found.append(RegionRejected(fp4_experts.UNMATCHED.format(op="bmm over per-row gathered")))
+                continue
+        elif fp4_experts.is_grouped_mm(node):
+            if not config.moe_rewrite and fp4_experts.dequantised_stack(node.args[1]) is not None:
+                found.append(RegionRejected(fp4_experts.UNMATCHED.format(op="grouped_mm over")))
             continue
         else:
             continue
-        sub = _fp4_subgraph(operand)
+        sub = fp4_weight_subgraph(operand)
         if sub is None:
             continue
         try:

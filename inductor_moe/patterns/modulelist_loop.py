@@ -9,7 +9,8 @@ Python loop, the way many codebases (and older Mixtral code) write an MoE block:
 Dynamo unrolls the loop (``capture_dynamic_output_shape_ops`` keeps ``nonzero`` in the graph);
 after functionalisation each iteration is ``eq -> nonzero -> unbind -> index -> 3 x linear ->
 gated activation -> weight gather -> mul -> index_put(accumulate=True)`` chained on one buffer.
-The whole chain becomes one ``moe_experts_unstacked`` call.
+The whole chain becomes one ``moe_experts_unstacked`` call.  Experts whose linears dequantise
+FP4 weights are not fused (``FP4_EXPERTS`` says why); the FP4 pass runs each as a GEMM.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ def _parse_link(link: _Link):
             down = lin
             break
     else:
+        if any(_is_fp4_gemm(y) for y in (a, b)):
+            raise RegionRejected(FP4_EXPERTS)
         raise RegionRejected("the combine is not a weighted sum of expert outputs (weight gather not found)")
     h = down.x
     if is_op(h, aten.mul):
@@ -170,6 +173,18 @@ def _parse_link(link: _Link):
                 break
     gate_up = _find_projections(h, link.token)
     return ids, expert, tw, h, down, gate_up, position
+
+
+FP4_EXPERTS = ("the expert projections dequantise FP4 weights, each rewritten to block_scaled_mm (no dequantised "
+               "copy); a loop of per-expert FP4 linears is not fused into one moe_experts call, which reads "
+               "stacked [E, N, K/2] packed weights. Hold the experts as 3-D packed stacks (see fp4_experts) to fuse it")
+
+
+def _is_fp4_gemm(node) -> bool:
+    """``node`` (through casts and views) is a ``block_scaled_mm`` the FP4 pass emitted."""
+    while is_op(node, aten.view, aten.reshape, aten.unsqueeze, torch_convert()):
+        node = node.args[0]
+    return isinstance(node, fx.Node) and str(node.target).startswith("inductor_moe.block_scaled_mm")
 
 
 def _find_projections(h: fx.Node, token: fx.Node):

@@ -17,7 +17,9 @@ Both idioms end in the same combine: per-(token, slot) rows, weighted, ``view(T,
 Between the GEMMs the gated activation is identified numerically (``identify_packed_glu``),
 which also finds the gate/up layout.  A region is accepted only if it reads nothing but x,
 the top-k ids and weights and the expert weights/biases, so anything we did not model (a
-scale, a norm after the experts, another tensor) leaves it to Inductor.
+scale, a norm after the experts, another tensor) leaves it to Inductor.  Expert weights
+dequantised from FP4 in the graph count as the packed weights and scales they read
+(``fp4_experts``): the block becomes ``moe_experts`` with ``weight_format`` mxfp4 / nvfp4.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.fx as fx
 from ..spec import MoESpec
 from .activation import ActivationUnknown, identify_packed_glu
 from .common import MoEMatch, RegionRejected, aten, is_op, val
+from .fp4_experts import identify_experts
 from .expert_gemms import (Gemm, find_shaped, gemm_ancestor, gemm_output, getitem_of, match_gemm, peel, prims,
                            same, sentinel_mask, shape_is, split_bias, strip_convert, unclamp_ids)
 
@@ -178,8 +181,13 @@ class _Walk:
         w13, w2 = up.weight, down.weight
         x, ids = self.check_inputs(kind, up, down, perm, [i for i in (b13_ids, b2_ids) if i is not None])
         self.check_shapes(w13, w2, b13, b2, up.transposed, x)
-        spec = MoESpec(transposed=up.transposed, weight_position=position, **act)
-        stop = {x, ids, tw, w13, w2, *(b for b in (b13, b2) if b is not None)}
+        fp4 = None
+        if up.fp4 is not None or down.fp4 is not None:  # weights dequantised from FP4 in the graph
+            fp4 = identify_experts(c.output.graph, up, down, self.H)
+        spec = MoESpec(transposed=up.transposed and fp4 is None, weight_position=position,
+                       weight_format=fp4.fmt if fp4 is not None else "dense", **act)
+        weights = [w13, w2] if fp4 is None else fp4.leaves  # a dequantisation is part of the region
+        stop = {x, ids, tw, *weights, *(b for b in (b13, b2) if b is not None)}
         region, foreign = _region(c.output, stop)
         num_experts = val(w13).shape[0]
         if any(sentinel_mask(n) not in (None, num_experts) for n in region):
@@ -187,7 +195,7 @@ class _Walk:
         if foreign:
             self.reject(f"the region reads {foreign[0].name}, which is not x, the routing or an expert weight")
         return MoEMatch(pattern=self.name, output=c.output, x=x, topk_ids=ids, topk_weights=tw, spec=spec,
-                        w13=w13, w2=w2, b13=b13, b2=b2, region=region)
+                        w13=w13, w2=w2, b13=b13, b2=b2, region=region, fp4=fp4)
 
     def row_weights(self, w, perm):
         """topk_weights [T, k] when ``w`` is its per-row view (permuted by ``perm`` if given)."""
