@@ -88,11 +88,12 @@ def _nvfp4_register_budget(g1: GemmTiles, g2: GemmTiles, regime: str) -> tuple[G
 
 def _fp4_decode_register_budget(g1: GemmTiles, g2: GemmTiles) -> tuple[GemmTiles, GemmTiles]:
     """Decode/mid tiles for e2m1 weights decoded in registers (templates/_details/fp_codes.py:
-    e2m1_pairs_to_bf16): L1 32 (x2 gate/up) and L2 64 columns by 256 K.  ptxas -v for sm_90a with
-    the JIT's unit-stride specialisation (triton 3.9, qwen3-30b-a3b at T=16): 157-164 registers, no
-    spills, for NVFP4 and MXFP4; L1 64 x 256 MXFP4 spills 52 B without that specialisation."""
-    return (dataclasses.replace(g1, block_n=min(g1.block_n, 32), block_k=max(64, min(g1.block_k, 256))),
-            dataclasses.replace(g2, block_n=min(g2.block_n, 64), block_k=max(64, min(g2.block_k, 256))))
+    e2m1_pairs_to_bf16): L1 32 (x2 gate/up) columns by 64 K, L2 64 columns by 128 K -- what
+    moe_tune picked on H100 for MXFP4 and NVFP4 at T = 16 and 128 on all three TARGETS layers
+    (1.3-1.5x over 32x256 / 64x256 tiles; lowering/tuned/).  ptxas -v for sm_90a: 256-K tiles
+    already fit (157-164 registers); these are smaller."""
+    return (dataclasses.replace(g1, block_n=min(g1.block_n, 32), block_k=64),
+            dataclasses.replace(g2, block_n=min(g2.block_n, 64), block_k=max(64, min(g2.block_k, 128))))
 
 
 def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format: str,
