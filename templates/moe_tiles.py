@@ -34,6 +34,38 @@ def decode_e2m1(codes):
 
 
 @triton.jit
+def _dense_weight_tile(w_ptr, n, n_mask, k0, K, stride_wn, stride_wk, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The unpacked (bf16/fp16/e4m3) weight tile w[n, k0:k0+BK]^T as [BK, BN]."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    ptrs = w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn
+    if EVEN_K:
+        b = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
+    else:
+        b = tl.load(ptrs, mask=n_mask[None, :] & (k[:, None] < K), other=0.0)
+    return b
+
+
+@triton.jit
+def _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk):
+    """fp32 scale of the 128x128 weight block of each column n at K step k0 (BLOCK_K | 128)."""
+    return tl.load(s_ptr + (n // 128) * stride_sn + (k0 // 128) * stride_sk, mask=n_mask, other=0.0)
+
+
+@triton.jit
+def _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K: tl.constexpr):
+    """acc += a[:, 0::2] @ w_even + a[:, 1::2] @ w_odd: low nibbles (even k) and high nibbles (odd k)
+    of a packed e2m1 tile meet their activations without any shuffle of the weight tile."""
+    a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
+    if INTERPRET:  # see moe_common.INTERPRET
+        acc = tl.dot(a_even.to(tl.float32), w_even.to(tl.float32), acc)
+        acc = tl.dot(a_odd.to(tl.float32), w_odd.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a_even, w_even, acc)
+        acc = tl.dot(a_odd, w_odd, acc)
+    return acc
+
+
+@triton.jit
 def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                     BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr,
                     FP4_DOT_SCALED: tl.constexpr):
@@ -54,7 +86,6 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
             # the packed decoder: bf16 pairs straight from the bytes (fp_codes.e2m1_pairs_to_bf16),
             # times the block scale in bf16 (exact: 2 x 4 significant bits).  The tile is read as
             # [groups, bytes per group, BN] so one scale per (group, column) broadcasts in registers.
-            # Low nibbles (even k) pair with a[:, 0::2], high nibbles with a[:, 1::2].
             HALF: tl.constexpr = GROUP // 2
             NG: tl.constexpr = BLOCK_K // GROUP
             kg = k0 // GROUP + tl.arange(0, NG)
@@ -75,16 +106,8 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
             lo, hi = e2m1_pairs_to_bf16(b3)
             w_even = tl.reshape(mul_bf16(lo, scale), [BLOCK_K // 2, n.shape[0]])
             w_odd = tl.reshape(mul_bf16(hi, scale), [BLOCK_K // 2, n.shape[0]])
-            a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
-            if INTERPRET:  # see moe_common.INTERPRET
-                acc = tl.dot(a_even.to(tl.float32), w_even.to(tl.float32), acc)
-                acc = tl.dot(a_odd.to(tl.float32), w_odd.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a_even, w_even, acc)
-                acc = tl.dot(a_odd, w_odd, acc)
-        else:  # fp16 activations
-            # K split into even and odd elements: low nibbles pair with a[:, 0::2], high nibbles
-            # with a[:, 1::2], so no register shuffle of the weight tile is needed
+            acc = _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K)
+        else:  # fp16 activations: the fp32 decoder
             b = tl.load(w_ptr + kb[:, None] * stride_wk + n[None, :] * stride_wn,
                         mask=n_mask[None, :] & (kb[:, None] < K // 2), other=0)
             kp = tl.arange(0, BLOCK_K // 2)
@@ -99,25 +122,14 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
             codes = b.to(tl.int32)
             w_even = (decode_e2m1(codes & 0xF) * scale).to(a.dtype)
             w_odd = (decode_e2m1(codes >> 4) * scale).to(a.dtype)
-            a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
-            if INTERPRET:  # see moe_common.INTERPRET
-                acc = tl.dot(a_even.to(tl.float32), w_even.to(tl.float32), acc)
-                acc = tl.dot(a_odd.to(tl.float32), w_odd.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a_even, w_even, acc)
-                acc = tl.dot(a_odd, w_odd, acc)
+            acc = _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K)
     else:
-        k = k0 + tl.arange(0, BLOCK_K)
-        ptrs = w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn
-        if EVEN_K:
-            b = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            b = tl.load(ptrs, mask=n_mask[None, :] & (k[:, None] < K), other=0.0)
+        b = _dense_weight_tile(w_ptr, n, n_mask, k0, K, stride_wn, stride_wk, BLOCK_K, EVEN_K)
         if WEIGHT_FORMAT == 1:
             # one fp32 scale per 128x128 tile (BLOCK_K divides 128, so uniform along this K step),
             # applied to the weight tile in registers: the MMAs keep accumulating asynchronously
             # (the scaled weight is rounded once to the activation dtype, within fp8 tolerance)
-            s = tl.load(s_ptr + (n // 128) * stride_sn + (k0 // 128) * stride_sk, mask=n_mask, other=0.0)
+            s = _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk)
             b = store_cast(b.to(tl.float32) * s[None, :], a.dtype)
         if INTERPRET:  # see moe_common.INTERPRET
             a = a.to(tl.float32)
@@ -182,13 +194,8 @@ def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, strid
         acc = tl.dot_scaled(a, a_s, "e4m3", b, bs, "e2m1", acc)
     elif ACT_FORMAT == 1 and WEIGHT_FORMAT == 1:
         n_mask = n < N
-        k = k0 + tl.arange(0, BLOCK_K)
-        ptrs = w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn
-        if EVEN_K:
-            b = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            b = tl.load(ptrs, mask=n_mask[None, :] & (k[:, None] < K), other=0.0)
-        w_s = tl.load(s_ptr + (n // 128) * stride_sn + (k0 // 128) * stride_sk, mask=n_mask, other=0.0)
+        b = _dense_weight_tile(w_ptr, n, n_mask, k0, K, stride_wn, stride_wk, BLOCK_K, EVEN_K)
+        w_s = _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk)
         if INTERPRET:
             part = tl.dot(a.to(tl.float32), b.to(tl.float32))
         else:
@@ -198,13 +205,8 @@ def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, strid
         # mx32 x fp8 weights: both operands exact in bf16; the weight tile's scale (uniform on this
         # K step) goes on the fp32 partial, never rounded into the operand
         n_mask = n < N
-        k = k0 + tl.arange(0, BLOCK_K)
-        ptrs = w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn
-        if EVEN_K:
-            b = tl.load(ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            b = tl.load(ptrs, mask=n_mask[None, :] & (k[:, None] < K), other=0.0)
-        w_s = tl.load(s_ptr + (n // 128) * stride_sn + (k0 // 128) * stride_sk, mask=n_mask, other=0.0)
+        b = _dense_weight_tile(w_ptr, n, n_mask, k0, K, stride_wn, stride_wk, BLOCK_K, EVEN_K)
+        w_s = _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk)
         a = dequant_mx32_tile(a, a_s, BLOCK_K)
         if INTERPRET:
             part = tl.dot(a.to(tl.float32), b.to(tl.float32))

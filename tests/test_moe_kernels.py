@@ -183,26 +183,26 @@ def run_case(case) -> dict:
                 config=repr(cfg))
 
 
-def _main():
+def report_cases(cases_and_runners):
+    """Subprocess side: run each (case, runner) and print one ``RESULT {json}`` line per case
+    (errors reported, not raised); ``argv[2:]`` may name the cases to run."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     torch.set_num_threads(1)
     only = set(sys.argv[2:])
-    for case in CASES:
+    for case, runner in cases_and_runners:
         if only and case["name"] not in only:
             continue
         try:
-            result = run_case(case)
+            result = runner(case)
         except Exception as e:  # noqa: BLE001 - reported to the parent test
             result = dict(name=case["name"], error=f"{type(e).__name__}: {e}")
         print("RESULT " + json.dumps(result), flush=True)
 
 
-# ----------------------------------------------------------------------------- pytest side
-
-@pytest.fixture(scope="module")
-def interpreted():
+def interpreted_results(script: str) -> dict:
+    """Pytest side: run ``script --interpret`` under TRITON_INTERPRET=1 and collect its results by name."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--interpret"], env=env,
                           capture_output=True, text=True, timeout=900)
     results = {}
     for line in proc.stdout.splitlines():
@@ -212,6 +212,17 @@ def interpreted():
     if not results:
         pytest.fail(f"interpreted run produced nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     return results
+
+
+def _main():
+    report_cases([(c, run_case) for c in CASES])
+
+
+# ----------------------------------------------------------------------------- pytest side
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return interpreted_results(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

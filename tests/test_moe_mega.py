@@ -11,7 +11,6 @@ mapping, and a ptxas spill check of the decode tiles.  GPU tests are marked ``gp
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_moe_kernels import _Poison, _case, _inputs, _tol  # noqa: E402
+from test_moe_kernels import _Poison, _case, _inputs, _tol, interpreted_results, report_cases  # noqa: E402
 
 N_TILES = {"gemm1.block_n": 16, "gemm2.block_n": 16}  # several L1 and L2 N-tiles per M-block
 
@@ -105,34 +104,14 @@ def run_mutant(case) -> dict:
 
 
 def _main():
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    torch.set_num_threads(1)
-    only = set(sys.argv[2:])
-    for case, fn in [(c, run_case) for c in CASES] + [(MUTANT, run_mutant)]:
-        if only and case["name"] not in only:
-            continue
-        try:
-            result = fn(case)
-        except Exception as e:  # noqa: BLE001 - reported to the parent test
-            result = dict(name=case["name"], error=f"{type(e).__name__}: {e}")
-        print("RESULT " + json.dumps(result), flush=True)
+    report_cases([(c, run_case) for c in CASES] + [(MUTANT, run_mutant)])
 
 
 # ----------------------------------------------------------------------------- pytest side
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            results[r["name"]] = r
-    if not results:
-        pytest.fail(f"interpreted run produced nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return results
+    return interpreted_results(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

@@ -70,35 +70,27 @@ def apply_block_scale(values, scale, ROWS: tl.constexpr, COLS: tl.constexpr, BLO
 # (exponent field e, mantissa bit m: 2^(e-127) * (1 + m/2), or the subnormal m * 2^-127 for e = 0).
 # fma.rn.bf16x2 by 2^126 (0x7E80) makes them exact e2m1 values; bf16 fma keeps subnormal inputs,
 # and adding -0.0 keeps the sign of zero.
-_E2M1_PAIRS_PTX = tl.constexpr("""{
-.reg .b32 t, u, v, c, z;
-mov.b32 c, 0x7E807E80;
-mov.b32 z, 0x80008000;
-prmt.b32 t, $4, 0, 0x1404;
+def _e2m1_pair_ptx(selector: str, lo: str, hi: str) -> str:
+    """PTX for one byte pair of the packed input $4 (bytes picked by the prmt selector): the two
+    low nibbles as bf16x2 into register ``lo``, the two high nibbles into ``hi``."""
+    return f"""
+prmt.b32 t, $4, 0, {selector};
 shl.b32 u, t, 4;
 and.b32 u, u, 0x80008000;
 shr.b32 v, t, 2;
 and.b32 v, v, 0x01C001C0;
 or.b32 u, u, v;
-fma.rn.bf16x2 $0, u, c, z;
+fma.rn.bf16x2 {lo}, u, c, z;
 and.b32 u, t, 0x80008000;
 shr.b32 v, t, 6;
 and.b32 v, v, 0x01C001C0;
 or.b32 u, u, v;
-fma.rn.bf16x2 $2, u, c, z;
-prmt.b32 t, $4, 0, 0x3424;
-shl.b32 u, t, 4;
-and.b32 u, u, 0x80008000;
-shr.b32 v, t, 2;
-and.b32 v, v, 0x01C001C0;
-or.b32 u, u, v;
-fma.rn.bf16x2 $1, u, c, z;
-and.b32 u, t, 0x80008000;
-shr.b32 v, t, 6;
-and.b32 v, v, 0x01C001C0;
-or.b32 u, u, v;
-fma.rn.bf16x2 $3, u, c, z;
-}""")
+fma.rn.bf16x2 {hi}, u, c, z;"""
+
+
+# bytes 0, 1 -> low nibbles $0, high nibbles $2; bytes 2, 3 -> $1, $3
+_E2M1_PAIRS_PTX = tl.constexpr("{\n.reg .b32 t, u, v, c, z;\nmov.b32 c, 0x7E807E80;\nmov.b32 z, 0x80008000;"
+                               + _e2m1_pair_ptx("0x1404", "$0", "$2") + _e2m1_pair_ptx("0x3424", "$1", "$3") + "\n}")
 
 
 @triton.jit
