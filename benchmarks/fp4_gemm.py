@@ -30,7 +30,7 @@ from inductor_moe import formats
 from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
 from inductor_moe.spec import GemmSpec
 
-from .timing import graph_time_us
+from .timing import graph_time_us, kernel_us
 from inductor_moe.templates.block_scaled_gemm import (_num_sms, block_scaled_gemm, choose_gemm_config,
                                                       choose_gemv_config, choose_strategy)
 
@@ -47,7 +47,19 @@ def _cfg_str(c) -> str:
     if isinstance(c, GemvConfig):
         return f"gemv {c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps}" + (" words" if c.words else "")
     return (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
-            + (" ds" if c.dot_scaled else "") + (" pf" if c.prefetch else ""))
+            + (" ds" if c.dot_scaled else "") + (" pf" if c.prefetch else "") + (" sw" if c.swap_ab else ""))
+
+
+def _swapped(block_m: int):
+    """Swapped decode tiles (64 or 128 weight rows as wgmma's register A operand, tokens as N)."""
+    from inductor_moe.templates.block_scaled_gemm import GemmKernelConfig as C
+
+    return [C(block_m, 64, 256, 4, num_warps=4, num_stages=3, swap_ab=True),
+            C(block_m, 64, 256, 8, num_warps=4, num_stages=3, swap_ab=True),
+            C(block_m, 64, 256, 8, num_warps=4, num_stages=1, swap_ab=True),
+            C(block_m, 64, 128, 8, num_warps=4, num_stages=4, swap_ab=True),
+            C(block_m, 64, 512, 4, num_warps=4, num_stages=2, swap_ab=True),
+            C(block_m, 128, 256, 4, num_warps=8, num_stages=3, swap_ab=True)]
 
 
 def sweep_configs(m: int, fmt: str):
@@ -63,10 +75,12 @@ def sweep_configs(m: int, fmt: str):
                 V(16, 256, 16, 2)]
         cands = gemv + [replace(c, words=True) for c in gemv[:3]]
         cands += [C(16, 32, 256, 16, num_warps=4, num_stages=1), C(16, 32, 512, 8, num_warps=4, num_stages=1),
-                  C(16, 64, 256, 8, num_warps=4, num_stages=1), C(16, 16, 512, 8, num_warps=4, num_stages=1)]
+                  C(16, 64, 256, 8, num_warps=4, num_stages=1), C(16, 16, 512, 8, num_warps=4, num_stages=1),
+                  C(16, 32, 256, 2, num_warps=4, num_stages=4)]
+        cands += _swapped(16)
     elif m <= 64:
         cands = [C(64, 32, 256, 16, num_warps=4, num_stages=1), C(64, 32, 512, 8, num_warps=4, num_stages=1),
-                 C(64, 64, 256, 8, num_warps=4, num_stages=1)]
+                 C(64, 64, 256, 8, num_warps=4, num_stages=1)] + _swapped(64)
     elif m <= 256:
         cands = [C(128, 64, 128, 8, num_warps=8, num_stages=1), C(64, 64, 128, 8, num_warps=4, num_stages=1),
                  C(128, 64, 256, 4, num_warps=8, num_stages=1), C(64, 64, 256, 8, num_warps=4, num_stages=1),
@@ -183,7 +197,7 @@ def main(argv=None) -> int:
                 t_ds = float("nan")
                 if fmt == "mxfp4" and not args.no_ds and strategy == "fused":
                     from dataclasses import replace
-                    cfg_ds = replace(cfg, dot_scaled=True)
+                    cfg_ds = replace(cfg, dot_scaled=True, swap_ab=False)
                     try:
                         t_ds = graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, config=cfg_ds))
                     except Exception as e:  # noqa: BLE001
@@ -220,10 +234,12 @@ def main(argv=None) -> int:
                             fn = lambda: block_scaled_gemm(x, q, s, spec, global_scale=g, **kw)  # noqa: E731
                             e_c = ((fn().double() - ref).norm() / ref.norm()).item()
                             t = graph_time_us(fn)
+                            t_k = kernel_us(fn)
                         except Exception as e:  # noqa: BLE001
                             print("config failed:", cand, type(e).__name__, str(e)[:200], file=sys.stderr)
                             continue
-                        line = f"{fmt} M={m} N={n} K={k} {_cfg_str(cand)}: {t:.2f} us err {e_c:.1e}"
+                        line = (f"{fmt} M={m} N={n} K={k} {_cfg_str(cand)}: {t:.2f} us (kernels {t_k:.2f}) "
+                                f"err {e_c:.1e}")
                         print(line, flush=True)
                         with open(args.log, "a") as lf:
                             lf.write(line + "\n")

@@ -12,6 +12,7 @@ and writes moe_bench.md and moe_bench.png under $OUT (or ./out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -281,7 +282,8 @@ def kernel_times(fn, iters=5):
     return out
 
 
-FP4_SWEEP_POINTS = [("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 4096), ("gpt-oss-120b", 1)]
+FP4_SWEEP_POINTS = [("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 16), ("qwen3-30b-a3b", 128), ("qwen3-30b-a3b", 1024),
+                    ("gpt-oss-120b", 1), ("gpt-oss-120b", 128)]
 
 
 def sweep_inputs(T, E, k, H, I):
@@ -295,9 +297,11 @@ def sweep_inputs(T, E, k, H, I):
 
 
 def sweep_fp4(log):
-    """mxfp4 through tl.dot_scaled vs e2m1 decoded in registers; nvfp4; per kernel."""
+    """FP4 decode variants per kernel: the default tiles (tuned table or heuristic) with the
+    swapped tiles on / off (config.fp4_swap_ab), and mxfp4 through tl.dot_scaled."""
+    from inductor_moe import config
     from inductor_moe.lowering.moe import _num_sms, fused_moe_experts
-    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.lowering.moe_tune import config_for_call
     from inductor_moe.spec import MoESpec
 
     for name, T in FP4_SWEEP_POINTS:
@@ -307,23 +311,30 @@ def sweep_fp4(log):
             (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
             kw = dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),
                       w2_global_scale=e2.get("global_scale"))
-            base = choose_moe_config(T, k, E, H, I, fmt, _num_sms(x.device))
-            variants = [base, base.replace(fp4_dot_scaled=False)] if fmt == "mxfp4" else [base]
-            if base.regime == "decode":
-                variants.append(base.replace(gemm1=base.gemm1.__class__(16, 256, 4, 4),
-                                             gemm2=base.gemm2.__class__(32, 256, 4, 4)))
-            for cfg in variants:
+            base = config_for_call(x, k, E, H, I, fmt, "dense", _num_sms(x.device), run=None)  # tuned or heuristic
+            variants = [("swap", base, {"fp4_swap_ab": "on"}), ("noswap", base, {"fp4_swap_ab": "off"})]
+            if fmt == "mxfp4":
+                variants.append(("dot_scaled", base, {"mxfp4_mma": "dot_scaled"}))
+            if base.regime != "prefill":  # wider swapped tiles: 64-row wgmma per gate/up, 128-row L2
+                wide = base.replace(gemm1=dataclasses.replace(base.gemm1, block_n=64),
+                                    gemm2=dataclasses.replace(base.gemm2, block_n=128))
+                variants.append(("swap-wide", wide, {"fp4_swap_ab": "on"}))
+                variants.append(("swap-bk256", base.replace(gemm1=dataclasses.replace(base.gemm1, block_k=256),
+                                                            gemm2=dataclasses.replace(base.gemm2, block_k=256)),
+                                 {"fp4_swap_ab": "on"}))
+            for label, cfg, patch in variants:
                 spec = MoESpec(weight_format=fmt)
                 fn = lambda: fused_moe_experts(x, ids, tw, q13, q2, spec, kernel_config=cfg, **kw)  # noqa: E731
                 try:
-                    kt = kernel_times(fn)
-                    total = time_graph(fn, reps=5)
+                    with config.patch(**patch):
+                        kt = kernel_times(fn)
+                        total = time_graph(fn, reps=5)
                 except Exception as e:  # noqa: BLE001
-                    log(f"sweep-fp4 {name} T={T} {fmt}: {type(e).__name__}: {str(e)[:300]}")
+                    log(f"sweep-fp4 {name} T={T} {fmt} {label}: {type(e).__name__}: {str(e)[:300]}")
                     continue
-                log(f"sweep-fp4 {name} T={T} {fmt} total={total:.1f} "
+                log(f"sweep-fp4 {name} T={T} {fmt} {label} total={total:.1f} "
                     + " ".join(f"{a}={b:.1f}" for a, b in kt.items())
-                    + f" | dot_scaled={cfg.fp4_dot_scaled} bm={cfg.block_m} g1={tuple(cfg.gemm1.__dict__.values())}"
+                    + f" | {cfg.source} bm={cfg.block_m} g1={tuple(cfg.gemm1.__dict__.values())}"
                     + f" g2={tuple(cfg.gemm2.__dict__.values())}")
             del q13, q2, kw
         del w13, w2

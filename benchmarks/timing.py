@@ -33,3 +33,20 @@ def graph_time_us(fn, reps: int = 20, inner: int = 10) -> float:
         times.append(start.elapsed_time(end) * 1e3 / inner)
     del graph
     return statistics.median(times)
+
+
+def kernel_us(fn, iters: int = 10) -> float:
+    """Summed device time of the kernels one call launches (µs, from the profiler): beside the
+    graph time it separates kernel execution from launch gaps and tails."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for ev in prof.key_averages():
+        total += getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+    return total / iters

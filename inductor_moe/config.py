@@ -47,6 +47,12 @@ linear_weight_format: Optional[str] = Config(default=None, env_name_force="INDUC
 # (lowering/moe_plan.py: mxfp4_dot_scaled).
 mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
 
+# FP4 weights decoded in registers (NVFP4, and MXFP4 on the "decode" path) with bf16 activations:
+# "on" computes each tile transposed, decoded weight rows as the MMA's register operand and the
+# tokens as its small side; "off" keeps tokens as rows; "auto" (lowering/moe_plan.py: fp4_swap_ab)
+# swaps on sm_90 at decode/mid.
+fp4_swap_ab: str = Config(default="auto", env_name_force="INDUCTOR_MOE_FP4_SWAP_AB")
+
 # Time MoE kernel tile candidates at the first call of each shape bucket that has no tuned entry
 # (seconds per bucket; never while a CUDA graph is being captured) and keep the fastest in
 # ~/.cache/inductor_moe/moe_tuned.json (env INDUCTOR_MOE_TUNE_CACHE).  Off: tuned entries already
@@ -62,6 +68,7 @@ def choices() -> dict:
         "moe_act_format": ("dense", "fp8_block128", "fp8_mx32"),
         "linear_weight_format": (None, "mxfp4", "nvfp4"),
         "mxfp4_mma": ("auto", "dot_scaled", "decode"),
+        "fp4_swap_ab": ("auto", "on", "off"),
     }
 
 

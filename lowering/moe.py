@@ -26,7 +26,7 @@ from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs
 from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
-from .moe_plan import MoEKernelConfig, choose_moe_config, mxfp4_dot_scaled
+from .moe_plan import MoEKernelConfig, choose_moe_config, fp4_swap_ab, mxfp4_dot_scaled
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4", "nvfp4")  # what the templates read
@@ -119,7 +119,7 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
 # ------------------------------------------------------------------------------ launcher
 
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
-                     hidden: int, use_pdl: bool) -> dict:
+                     hidden: int, use_pdl: bool, swap_ab: bool = False) -> dict:
     """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing."""
     from ..templates.moe_common import ACT_FORMAT_CODES, ACTIVATION_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
@@ -130,11 +130,11 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n,
                 BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                num_warps=g1.num_warps, num_stages=g1.num_stages)
+                SWAP_AB=swap_ab, num_warps=g1.num_warps, num_stages=g1.num_stages)
 
 
 def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
-                     intermediate: int, use_pdl: bool) -> dict:
+                     intermediate: int, use_pdl: bool, swap_ab: bool = False) -> dict:
     """Compile-time arguments (and launch options) of L2; shared by the launcher and the ISA listing."""
     from ..templates.moe_common import ACT_FORMAT_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
@@ -144,7 +144,7 @@ def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n,
                 BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0, FP4_DOT_SCALED=fp4_dot_scaled,
                 USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                num_warps=g2.num_warps, num_stages=g2.num_stages)
+                SWAP_AB=swap_ab, num_warps=g2.num_warps, num_stages=g2.num_stages)
 
 
 def isa_specs() -> dict:
@@ -299,19 +299,21 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     g2s = w2_global_scale if w2_global_scale is not None else x
     fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
                       and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device), cfg.regime))
+    swap_ab = (fmt in ("mxfp4", "nvfp4") and not fp4_dot_scaled and act == 0 and x.dtype == torch.bfloat16
+               and fp4_swap_ab(moe_config.fp4_swap_ab, _arch_major(x.device), cfg.regime))
     l1_args = (a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
                sorted_ids, block_expert, expert_start, expert_count, a1_s, inter_s,
                H, I, k,
                a1.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
                a1_s.stride(0) if act else 0, inter_s_stride,
                float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset))
-    l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl)
+    l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab)
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     l2_args = (inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
                sorted_ids, block_expert, expert_start, expert_count, inter_s,
                H, I,
                w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0, inter_s_stride)
-    l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl)
+    l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab)
     if use_mega:  # one persistent launch runs the same L1 and L2 tiles
         launch_mega(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw, ready=ready,
                     max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)

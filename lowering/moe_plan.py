@@ -139,6 +139,16 @@ def mxfp4_dot_scaled(setting: str, arch_major: int, regime: str) -> bool:
     return arch_major >= 10 or regime == "prefill"
 
 
+def fp4_swap_ab(setting: str, arch_major: int, regime: str) -> bool:
+    """Whether the in-register FP4 decode tiles run swapped (acc^T = W @ X^T): ``setting`` is
+    config.fp4_swap_ab.  auto: on sm_90 at decode/mid, where wgmma takes the decoded weight rows as
+    its register A operand (M = 64) and the few rows per expert as N, instead of writing the decoded
+    tile to shared memory as its B operand (or falling back to mma.sync for 16-row tiles)."""
+    if setting != "auto":
+        return setting == "on"
+    return arch_major == 9 and regime != "prefill"
+
+
 def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                       weight_format: str = "dense", num_sms: int = 132,
                       overrides: Optional[dict] = None, act_format: str = "dense") -> MoEKernelConfig:

@@ -91,8 +91,13 @@ class GemmKernelConfig:
     num_stages: int = 3
     dot_scaled: bool = False  # tl.dot_scaled (native block-scaled MMA on sm_100) vs in-register dequant
     prefetch: bool = False  # double-buffer the K loop's loads in registers (see the kernel's notes)
+    # decoded weight tile as the MMA's A operand (out^T = B @ A^T): on sm_90 the weight rows fill
+    # wgmma's M = 64 straight from registers and the few tokens are its N (>= 16); dense bf16 A only
+    swap_ab: bool = False
 
     def __post_init__(self):
+        if self.swap_ab and self.dot_scaled:
+            raise ValueError("swap_ab decodes the weight in registers; it excludes dot_scaled")
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -105,6 +110,11 @@ class GemmKernelConfig:
 
 def _pow2_at_least(x: int, lo: int) -> int:
     return max(lo, 1 << max(0, (x - 1).bit_length()))
+
+
+def swap_ab_fits(spec: GemmSpec, a_dtype: torch.dtype) -> bool:
+    """The swapped tile runs the packed bf16 decoder: bf16 activations, FP4 weights."""
+    return spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.b_format in _PACKED
 
 
 def dot_scaled_fits(spec: GemmSpec, a_dtype: torch.dtype, arch: int) -> bool:
@@ -122,6 +132,16 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
     """Tiles for one call; pure, so tests can check it without a GPU."""
     use_dot_scaled = dot_scaled_fits(spec, a_dtype, arch) and (arch >= 100 or os.environ.get(
         "INDUCTOR_MOE_FP4_DOT_SCALED", "0") == "1")
+    if m <= 64 and arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype):
+        # Small M on Hopper, bf16 activations: the swapped tile (64 decoded weight rows as wgmma's
+        # register A operand, the tokens as N), K split so ~4 programs per SM stream the weight
+        # with cp.async stages in flight.
+        block_m = _pow2_at_least(m, 16)
+        block_n, block_k = 64, 256 if k >= 1024 else max(32, _pow2_at_least(min(k, 256), 32))
+        tiles = -(-n // block_n)
+        steps = -(-k // block_k)
+        split = max(1, min(steps // 2, -(-4 * num_sms // tiles)))
+        return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3, swap_ab=True)
     if m <= 64:
         # Small M: BLOCK_N 64 (or 32 for small N) and enough K splits for ~2 programs per SM, each
         # still running >= 4 K steps.  Measured on H100 (triton 3.6): 16.9 us at M = 1..16,
@@ -301,6 +321,8 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
     cfg = config or choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch)
     if cfg.dot_scaled and not dot_scaled_fits(spec, a2.dtype, arch):
         cfg = replace(cfg, dot_scaled=False)
+    if cfg.swap_ab and not swap_ab_fits(spec, a2.dtype):
+        cfg = replace(cfg, swap_ab=False)
     a_fmt = spec.a_format
     a_t = a2 if a_fmt == "dense" else _as_bytes(a2)
     a_s = _as_bytes(a_scale.reshape(-1, a_scale.shape[-1])) if a_scale is not None else a_t
@@ -329,13 +351,13 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None,
         ACTIVATION=ACTIVATION_CODES[spec.activation],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
-        USE_PDL=use_pdl, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+        USE_PDL=use_pdl, PREFETCH=cfg.prefetch, SWAP_AB=cfg.swap_ab, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     return out.reshape(*lead, N)
 
 
 # --- what ``python -m inductor_moe.isa`` compiles --------------------------------------------
 
-def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect="", prefetch=False):
+def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect="", prefetch=False, swap_ab=False):
     sig = {"a_ptr": "*u8" if a_fmt != "dense" else a_dtype, "a_scale_ptr": "*u8", "b_ptr": "*u8",
            "b_scale_ptr": "*u8", "out_ptr": "*bf16", "bias_ptr": "*bf16", "global_scale_ptr": "*fp32",
            "ws_ptr": "*fp32", "counter_ptr": "*i32"}
@@ -344,7 +366,7 @@ def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect=""
                                           "stride_om", "stride_on")})
     const = dict(A_FORMAT=FORMAT_CODES[a_fmt], B_FORMAT=FORMAT_CODES[b_fmt], DOT_SCALED=dot_scaled, MMA_FP32=False,
                  HAS_BIAS=True, HAS_GLOBAL_SCALE=b_fmt == "nvfp4", ACTIVATION=SILU, BLOCK_M=m, BLOCK_N=128,
-                 BLOCK_K=128, GROUP_M=8, SPLIT_K=1, USE_PDL=True, PREFETCH=prefetch)
+                 BLOCK_K=128, GROUP_M=8, SPLIT_K=1, USE_PDL=True, PREFETCH=prefetch, SWAP_AB=swap_ab)
     for name in const:
         sig[name] = "constexpr"
     options = {"num_warps": 8 if m >= 128 else 4, "num_stages": 3}
@@ -375,5 +397,7 @@ ISA_SPECS = [
     _isa_spec("block_scaled_gemm[bf16 x nvfp4, dequant]", "dense", "nvfp4", False),
     _isa_spec("block_scaled_gemm[bf16 x mxfp4, dequant, decode tiles, prefetch]", "dense", "mxfp4", False, m=16,
               prefetch=True),
+    _isa_spec("block_scaled_gemm[bf16 x nvfp4, dequant, swapped decode tiles]", "dense", "nvfp4", False, m=16,
+              swap_ab=True),
     _dequant_isa_spec(),
 ]

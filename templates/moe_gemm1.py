@@ -36,11 +36,12 @@ def gemm1_tile(
     INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
-    ACT_FORMAT: tl.constexpr,
+    ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
     """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
-    False and triggers on its own)."""
+    False and triggers on its own).  SWAP_AB: the accumulators are [columns, rows] in the K loop
+    (moe_tiles._even_odd_dot), transposed once after it."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(WEIGHT_FORMAT < 2 or BLOCK_K % 32 == 0, "fp4 scales need 32 | BLOCK_K")
@@ -70,7 +71,13 @@ def gemm1_tile(
             n_cat = 2 * col + j % 2
         else:
             n_cat = col + (j % 2) * I
-        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        if SWAP_AB:
+            acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    elif SWAP_AB:
+        acc_gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -79,14 +86,20 @@ def gemm1_tile(
         if GATE_UP_ONE_DOT:
             acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
                                       stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K,
-                                      FP4_DOT_SCALED)
+                                      FP4_DOT_SCALED, SWAP_AB)
         else:
             acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn,
                                            stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
-                                           EVEN_K, FP4_DOT_SCALED)
+                                           EVEN_K, FP4_DOT_SCALED, SWAP_AB)
             acc_up = act_weight_tile_dot(acc_up, a, a_s, w_base, s_base, n_up, k0, H, 2 * I, stride_wn,
                                          stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
-                                         EVEN_K, FP4_DOT_SCALED)
+                                         EVEN_K, FP4_DOT_SCALED, SWAP_AB)
+    if SWAP_AB:
+        if GATE_UP_ONE_DOT:
+            acc = tl.trans(acc)
+        else:
+            acc_gate = tl.trans(acc_gate)
+            acc_up = tl.trans(acc_up)
     if GATE_UP_ONE_DOT:
         acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
     if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once
@@ -128,7 +141,7 @@ def moe_gemm1_kernel(
     INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
-    ACT_FORMAT: tl.constexpr,
+    ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m = tl.program_id(0) // num_n
@@ -142,4 +155,5 @@ def moe_gemm1_kernel(
                    stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
                    stride_xst, stride_ist, alpha, limit, up_offset,
                    ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
-                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL, ACT_FORMAT)
+                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL, ACT_FORMAT,
+                   SWAP_AB)

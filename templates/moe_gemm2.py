@@ -24,11 +24,12 @@ def gemm2_tile(
     stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr,
+    FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
     """Output columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
-    False and triggers on its own)."""
+    False and triggers on its own).  SWAP_AB: the accumulator is [columns, rows] in the K loop
+    (moe_tiles._even_odd_dot), transposed once after it."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
@@ -41,13 +42,19 @@ def gemm2_tile(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_base = w_ptr + e.to(tl.int64) * stride_we
     s_base = w_scale_ptr + e.to(tl.int64) * stride_se
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_rows = inter_ptr + entry.to(tl.int64)[:, None] * I
     as_rows = inter_scale_ptr + entry.to(tl.int64) * stride_ist  # fp8 intermediate: the row's scales
     for k0 in range(0, I, BLOCK_K):
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k0, I, BLOCK_K, ACT_FORMAT, EVEN_K)
         acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
-                                  stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED)
+                                  stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED,
+                                  SWAP_AB)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     pdl_launch_dependents(USE_PDL)
 
     n_mask = n < H
@@ -69,7 +76,7 @@ def moe_gemm2_kernel(
     stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr,
+    FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
     num_n = tl.cdiv(H, BLOCK_N)
     pid_m = tl.program_id(0) // num_n
@@ -81,4 +88,4 @@ def moe_gemm2_kernel(
                    rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                    stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                    HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                   FP4_DOT_SCALED, USE_PDL, ACT_FORMAT)
+                   FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB)

@@ -79,7 +79,7 @@ def moe_mega_kernel(
     ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, INTERLEAVED: tl.constexpr,
     WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, BLOCK_M: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
-    ACT_FORMAT: tl.constexpr,
+    ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr,
     L1_HAS_BIAS: tl.constexpr, L1_BLOCK_N: tl.constexpr, L1_BLOCK_K: tl.constexpr, L1_EVEN_K: tl.constexpr,
     L2_HAS_BIAS: tl.constexpr, L2_BLOCK_N: tl.constexpr, L2_BLOCK_K: tl.constexpr, L2_EVEN_K: tl.constexpr,
 ):
@@ -101,7 +101,7 @@ def moe_mega_kernel(
                        l1_stride_sk, l1_stride_be, stride_xst, stride_ist, alpha, limit, up_offset,
                        ACTIVATION, HAS_LIMIT, L1_HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                        BLOCK_M, L1_BLOCK_N, L1_BLOCK_K, L1_EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, False,
-                       ACT_FORMAT)
+                       ACT_FORMAT, SWAP_AB)
             _publish_l1_tile(ready_ptr + pid_m)
     pdl_launch_dependents(USE_PDL)
     # this program's first L2 entry: the smallest index >= l1_tiles congruent to pid mod G
@@ -117,4 +117,4 @@ def moe_mega_kernel(
                            l2_stride_we, l2_stride_wn, l2_stride_wk, l2_stride_se, l2_stride_sn, l2_stride_sk,
                            l2_stride_be, stride_ist,
                            L2_HAS_BIAS, not WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT, BLOCK_M, L2_BLOCK_N, L2_BLOCK_K,
-                           L2_EVEN_K, FP4_DOT_SCALED, False, ACT_FORMAT)
+                           L2_EVEN_K, FP4_DOT_SCALED, False, ACT_FORMAT, SWAP_AB)

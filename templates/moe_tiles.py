@@ -52,13 +52,19 @@ def _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk):
 
 
 @triton.jit
-def _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K: tl.constexpr):
+def _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr = False):
     """acc += a[:, 0::2] @ w_even + a[:, 1::2] @ w_odd: low nibbles (even k) and high nibbles (odd k)
-    of a packed e2m1 tile meet their activations without any shuffle of the weight tile."""
+    of a packed e2m1 tile meet their activations without any shuffle of the weight tile.
+    SWAP_AB: acc is the transposed [BN, BM] product, w^T @ a^T: the decoded weight is the MMA's
+    A operand, which wgmma reads from registers (M = 64 weight rows, the few tokens as N), so it
+    never goes through shared memory; the non-swapped B operand must."""
     a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
     if INTERPRET:  # see moe_common.INTERPRET
-        acc = tl.dot(a_even.to(tl.float32), w_even.to(tl.float32), acc)
-        acc = tl.dot(a_odd.to(tl.float32), w_odd.to(tl.float32), acc)
+        a_even, a_odd = a_even.to(tl.float32), a_odd.to(tl.float32)
+        w_even, w_odd = w_even.to(tl.float32), w_odd.to(tl.float32)
+    if SWAP_AB:
+        acc = tl.dot(tl.trans(w_even), tl.trans(a_even), acc)
+        acc = tl.dot(tl.trans(w_odd), tl.trans(a_odd), acc)
     else:
         acc = tl.dot(a_even, w_even, acc)
         acc = tl.dot(a_odd, w_odd, acc)
@@ -68,8 +74,11 @@ def _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K: tl.constexpr):
 @triton.jit
 def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                     BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr,
-                    FP4_DOT_SCALED: tl.constexpr):
-    """acc += a [BM, BK] @ w[n, k0:k0+BK]^T, dequantising the weight tile in registers only."""
+                    FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False):
+    """acc += a [BM, BK] @ w[n, k0:k0+BK]^T, dequantising the weight tile in registers only.
+    SWAP_AB (bf16 activations, FP4 decoded in registers): acc is [BN, BM] (see _even_odd_dot)."""
+    tl.static_assert(not SWAP_AB or (WEIGHT_FORMAT >= 2 and not FP4_DOT_SCALED and a.dtype == tl.bfloat16),
+                     "SWAP_AB runs the packed bf16 decode of FP4 weights only")
     n_mask = n < N
     if WEIGHT_FORMAT >= 2:
         GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
@@ -106,7 +115,7 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
             lo, hi = e2m1_pairs_to_bf16(b3)
             w_even = tl.reshape(mul_bf16(lo, scale), [BLOCK_K // 2, n.shape[0]])
             w_odd = tl.reshape(mul_bf16(hi, scale), [BLOCK_K // 2, n.shape[0]])
-            acc = _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K)
+            acc = _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K, SWAP_AB)
         else:  # fp16 activations: the fp32 decoder
             b = tl.load(w_ptr + kb[:, None] * stride_wk + n[None, :] * stride_wn,
                         mask=n_mask[None, :] & (kb[:, None] < K // 2), other=0)
@@ -169,8 +178,9 @@ def dequant_mx32_tile(a, a_s, BLOCK_K: tl.constexpr):
 @triton.jit
 def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                         BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
-                        EVEN_K: tl.constexpr, FP4_DOT_SCALED: tl.constexpr):
-    """acc += dequant(a, a_s) [BM, BK] @ w[n, k0:k0+BK]^T for any activation format.
+                        EVEN_K: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False):
+    """acc += dequant(a, a_s) [BM, BK] @ w[n, k0:k0+BK]^T for any activation format (SWAP_AB: acc
+    is [BN, BM]; dense bf16 activations with FP4 weights decoded in registers only).
 
     fp8_mx32 x mxfp4 with FP4_DOT_SCALED: one tl.dot_scaled(e4m3, e8m0, e2m1, e8m0) -- tcgen05
     ``kind::mxf8f6f4.block_scale`` on sm_100.  fp8_block128 x fp8_block128 (DeepSeek): an e4m3 x
@@ -180,9 +190,10 @@ def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, strid
     (block-128 activation row scale, fp8 weight tile scale) multiplies the fp32 partial of the
     K step: rounding a scaled operand to bf16 (2^-9) would flip e4m3 roundings of the
     intermediate (2^-4) often enough to cost ~1e-2 of error on small layers."""
+    tl.static_assert(not SWAP_AB or ACT_FORMAT == 0, "SWAP_AB takes dense activations")
     if ACT_FORMAT == 0:
         acc = weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
-                              BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED)
+                              BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED, SWAP_AB)
     elif ACT_FORMAT == 2 and WEIGHT_FORMAT == 2 and FP4_DOT_SCALED:
         n_mask = n < N
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)

@@ -105,6 +105,18 @@ _INTERPRETED = textwrap.dedent("""
         worst = max(worst, err)
         if sk > 1:
             assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
+    # swapped tiles (acc^T = W @ X^T): K tail, N tail, split-K, both formats, bias + activation
+    swap_cases = [("mxfp4", "silu", 1, 2, 64), ("nvfp4", None, 5, 1, 32), ("mxfp4", "gelu", 17, 3, 32),
+                  ("nvfp4", "relu", 33, 2, 64)]
+    for i, (fb, act, m, sk, bk) in enumerate(swap_cases):
+        a, _, q, s, gs, bias = make_operands("dense", fb, m, 80, 160, seed=40 + i)
+        spec = GemmSpec(b_format=fb, activation=act)
+        ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+        cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True)
+        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
+        err = rel_err(out, ref)
+        assert out.shape == (m, 80) and err <= 2e-2, ("swap_ab", fb, act, m, sk, err)
+        worst = max(worst, err)
     # default strategy at decode M is the GEMV
     a, _, q, s, _, _ = make_operands("dense", "mxfp4", 4, 64, 256, seed=30)
     out = block_scaled_gemm(a, q, s, GemmSpec())
@@ -132,6 +144,15 @@ def test_config_choice_is_pure_and_sane():
     assert prefill.block_m >= 64 and prefill.split_k == 1
     with pytest.raises(ValueError):
         GemmKernelConfig(16, 16, 48)
+    with pytest.raises(ValueError):
+        GemmKernelConfig(16, 64, 64, swap_ab=True, dot_scaled=True)
+    # swapped decode tiles on sm_90 with bf16 activations only (64 weight rows = one wgmma M)
+    assert decode.swap_ab and decode.block_n == 64 and not decode.dot_scaled
+    assert choose_gemm_config(64, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
+    assert not choose_gemm_config(1, 4096, 4096, spec, torch.bfloat16, num_sms=132, arch=100).swap_ab
+    assert not choose_gemm_config(1, 4096, 4096, spec, torch.float16, num_sms=132).swap_ab
+    assert not choose_gemm_config(1, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, num_sms=132).swap_ab
+    assert not choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     from inductor_moe.templates.block_scaled_gemm import choose_gemv_config
 
     for (m, n, k) in ((1, 4096, 4096), (16, 8192, 8192), (1, 2880, 2880)):
@@ -188,7 +209,8 @@ def test_cuda_dot_scaled_path_and_graph_capture():
     spec = GemmSpec()
     ref = block_scaled_mm_reference(a.double(), q, s, spec)
     cfg = choose_gemm_config(16, 4096, 4096, spec, a.dtype, 132)
-    for c in (cfg, replace(cfg, dot_scaled=True), replace(cfg, split_k=1)):
+    assert cfg.swap_ab
+    for c in (cfg, replace(cfg, swap_ab=False), replace(cfg, dot_scaled=True, swap_ab=False), replace(cfg, split_k=1)):
         assert rel_err(block_scaled_gemm(a, q, s, spec, config=c), ref) <= TOL
     out = block_scaled_gemm(a, q, s, spec, use_pdl=True)
     g = torch.cuda.CUDAGraph()
@@ -198,6 +220,26 @@ def test_cuda_dot_scaled_path_and_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out)
+
+
+@cuda
+@pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 7, 16, 64])
+def test_cuda_swapped_tiles_match_reference_and_are_deterministic(fb, m):
+    """Swapped decode tiles (decoded weight rows as wgmma's register operand) at odd N and K."""
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm
+
+    a, _, q, s, gs, bias = make_operands("dense", fb, m, 2880 + 64 + 16, 2880 + 32, device="cuda", seed=m)
+    spec = GemmSpec(b_format=fb, activation="silu")
+    ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+    bm = 16 if m <= 16 else 64
+    for cfg in (GemmKernelConfig(bm, 64, 256, 8, num_stages=3, swap_ab=True),
+                GemmKernelConfig(bm, 128, 128, 4, num_warps=8, num_stages=4, swap_ab=True),
+                GemmKernelConfig(bm, 64, 512, 1, num_stages=1, swap_ab=True)):
+        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
+        assert rel_err(out, ref) <= TOL, cfg
+        assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
 
 
 @cuda

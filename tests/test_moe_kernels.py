@@ -24,9 +24,10 @@ TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
-          overrides=None, weight_format="dense", act="dense"):
+          overrides=None, weight_format="dense", act="dense", settings=None):
+    """``settings``: inductor_moe.config keys patched for the call."""
     return dict(name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
-                overrides=overrides or {}, weight_format=weight_format, act=act)
+                overrides=overrides or {}, weight_format=weight_format, act=act, settings=settings or {})
 
 
 def _tol(case):
@@ -61,11 +62,17 @@ CASES = [
     _case("mxfp4", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True),
     _case("mxfp4_interleaved", T=5, k=6, I=64, weight_format="mxfp4", spec="gate_up=interleaved"),
     _case("mxfp4_in_registers", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
-          overrides={"fp4_dot_scaled": False}),
+          overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "off"}),
     _case("mxfp4_fp16_bias", T=5, k=2, I=64, H=128, dtype="float16", weight_format="mxfp4", bias=True),
     _case("nvfp4", T=33, k=6, I=64, weight_format="nvfp4", bad_ids=True),
     _case("nvfp4_gpt_oss", T=5, k=2, I=32, weight_format="nvfp4",
-          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", bias=True),
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", bias=True, settings={"fp4_swap_ab": "off"}),
+    # swapped FP4 decode tiles (acc^T = W @ X^T): one gate/up dot and two, L2, uneven K
+    _case("mxfp4_swap_ab", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
+          overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}),
+    _case("nvfp4_swap_ab_two_dot_gpt_oss", T=5, k=6, I=64, H=96, weight_format="nvfp4", bias=True,
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
+          overrides={"gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64}),
     _case("quantize_fp8", T=5, k=2, I=64, spec="quantize_weights=fp8_block128"),
     # fp8 activations (x quantised per token once, the intermediate quantised in L1's epilogue)
     _case("a128_dense_t0", T=0, act="fp8_block128"),
@@ -167,9 +174,11 @@ def run_case(case) -> dict:
     I = W.intermediate_size(s, w13, w2)
     cfg = choose_moe_config(T, k, E, H, I, s.effective_weight_format, 4, overrides=case["overrides"] or None,
                             act_format=s.act_format)
+    from inductor_moe import config
+
     outs = []
     for _ in range(2):
-        with _Poison():
+        with _Poison(), config.patch(**case["settings"]):
             outs.append(fused_moe_experts(x, ids, tw, w13, w2, s, b13=b13, b2=b2, kernel_config=cfg,
                                           use_pdl=False, **extra))
     f64 = lambda t: None if t is None else (t.double() if t.dtype in (torch.bfloat16, torch.float16) else t)  # noqa
@@ -300,7 +309,7 @@ def _aot_compile(fn, pointer_types, constexprs, arch):
     return triton.compile(src, target=GPUTarget("cuda", arch, 128 if arch == 90 else 32)).asm["ptx"]
 
 
-@pytest.mark.parametrize("case", ["bf16_prefill", "fp8_prefill", "nvfp4_decode"])
+@pytest.mark.parametrize("case", ["bf16_prefill", "fp8_prefill", "nvfp4_decode", "nvfp4_decode_swapped"])
 def test_templates_compile_for_sm90(case):
     """CI has no GPU: build the GEMM templates for sm_90 and check the MMA kind in the PTX."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -316,11 +325,17 @@ def test_templates_compile_for_sm90(case):
                         {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}, "wgmma"),
         "nvfp4_decode": (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256),
                          {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "mma.sync"),
+        # swapped: 64 decoded weight rows are wgmma's register A operand (L1: 2 x 32 gate/up columns)
+        "nvfp4_decode_swapped": (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SWAP_AB=True),
+                                 {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "wgmma"),
     }[case]
+    tiles.setdefault("SWAP_AB", False)
     common = dict(WEIGHT_FORMAT=fmt, EVEN_K=True, FP4_DOT_SCALED=False, USE_PDL=True, ACT_FORMAT=0, **tiles)
     l1 = dict(ACTIVATION=0, HAS_LIMIT=True, HAS_BIAS=True, INTERLEAVED=False, WEIGHT_BEFORE_DOWN=False,
               GATE_UP_ONE_DOT=True, **common)
     l2 = dict(HAS_BIAS=True, WEIGHT_AFTER_DOWN=True, **common)
+    if tiles["SWAP_AB"]:
+        l2["BLOCK_N"] = 64
     for fn, consts in ((moe_gemm1_kernel, l1), (moe_gemm2_kernel, l2)):
         try:
             ptx = _aot_compile(fn, {**ints, **ptrs}, consts, 90)
@@ -428,6 +443,22 @@ def test_gpu_random_shapes(seed):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("swap", ["on", "off"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_fp4_swapped_tiles(fmt, swap):
+    """FP4 decode tiles swapped or not (config.fp4_swap_ab), qwen3 decode/mid and a gpt-oss-like
+    layer with biases, the clamped SwiGLU, interleaved gate/up and uneven tiles."""
+    from inductor_moe import config
+
+    with config.patch(fp4_swap_ab=swap, mxfp4_mma="decode"):
+        for T in (1, 16, 128):
+            _check_gpu(T, 128, 2048, 768, 8, fmt, seed=T)
+        _check_gpu(5, 32, 2880, 2880, 4, fmt, "gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True,
+                   bad_ids=True)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_pdl_on_off_bitwise_equal_and_graph_capturable():
     from inductor_moe import config
     from inductor_moe.lowering import moe
@@ -468,6 +499,17 @@ def test_gpu_unsupported_falls_back_with_reason():
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--interpret":
     _main()
+
+
+def test_fp4_swap_ab_rule():
+    """auto: swapped FP4 decode tiles on sm_90 at decode/mid only; explicit settings win."""
+    from inductor_moe import config
+    from inductor_moe.lowering.moe_plan import fp4_swap_ab
+
+    assert config.choices()["fp4_swap_ab"] == ("auto", "on", "off")
+    assert fp4_swap_ab("auto", 9, "decode") and fp4_swap_ab("auto", 9, "mid")
+    assert not fp4_swap_ab("auto", 9, "prefill") and not fp4_swap_ab("auto", 10, "decode")
+    assert fp4_swap_ab("on", 10, "prefill") and not fp4_swap_ab("off", 9, "decode")
 
 
 def test_mxfp4_mma_rule_and_decode_tiles():

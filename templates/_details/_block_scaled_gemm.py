@@ -77,8 +77,12 @@ def _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mas
 
 @triton.jit
 def _mma_step(acc, a, a_s, b, bs, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, DOT_SCALED: tl.constexpr,
-              MMA_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += A_tile @ B_tile^T for one K step, by tl.dot_scaled or in-register dequantisation."""
+              MMA_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              SWAP_AB: tl.constexpr = False):
+    """acc += A_tile @ B_tile^T for one K step, by tl.dot_scaled or in-register dequantisation.
+    SWAP_AB (dense bf16 A only): acc is [BLOCK_N, BLOCK_M] and gets B_tile @ A_tile^T, so the decoded
+    weight is the MMA's register A operand (wgmma's M = 64 weight rows, tokens as its small N) and
+    never goes through shared memory."""
     if DOT_SCALED:
         if B_FORMAT == 2:
             b_sc = bs.to(tl.uint8)
@@ -107,9 +111,14 @@ def _mma_step(acc, a, a_s, b, bs, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr
         w_even = tl.reshape(mul_bf16(lo, scale), [BLOCK_N, BLOCK_K // 2]).to(MMA_DTYPE)
         w_odd = tl.reshape(mul_bf16(hi, scale), [BLOCK_N, BLOCK_K // 2]).to(MMA_DTYPE)
         x_even, x_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
-        acc = tl.dot(x_even.to(MMA_DTYPE), tl.trans(w_even), acc)
-        acc = tl.dot(x_odd.to(MMA_DTYPE), tl.trans(w_odd), acc)
+        if SWAP_AB:
+            acc = tl.dot(w_even, tl.trans(x_even.to(MMA_DTYPE)), acc)
+            acc = tl.dot(w_odd, tl.trans(x_odd.to(MMA_DTYPE)), acc)
+        else:
+            acc = tl.dot(x_even.to(MMA_DTYPE), tl.trans(w_even), acc)
+            acc = tl.dot(x_odd.to(MMA_DTYPE), tl.trans(w_odd), acc)
     else:
+        tl.static_assert(not SWAP_AB, "SWAP_AB runs the packed bf16 decoder only")
         w = _decode_fp4_tile(b, bs, BLOCK_N, BLOCK_K, B_FORMAT).to(MMA_DTYPE)
         if A_FORMAT == 0:
             x = a.to(MMA_DTYPE)
@@ -145,7 +154,7 @@ def block_scaled_gemm_kernel(
     A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, DOT_SCALED: tl.constexpr, MMA_FP32: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GLOBAL_SCALE: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
     tl.static_assert(B_FORMAT == 2 or B_FORMAT == 3, "the weight operand is MXFP4 or NVFP4")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole scale blocks (multiple of 32)")
@@ -175,7 +184,11 @@ def block_scaled_gemm_kernel(
     k_end = min(k_start + K_PER_SPLIT, K)
 
     pdl_wait(USE_PDL)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        tl.static_assert(A_FORMAT == 0 and not DOT_SCALED, "SWAP_AB takes dense activations, in-register decode")
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PREFETCH:  # registers double-buffered: step k + 1's loads are in flight while step k computes
         a, a_s, b, bs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k_start,
                                    k_end, stride_am, stride_ak, stride_asm, stride_ask,
@@ -188,15 +201,19 @@ def block_scaled_gemm_kernel(
                                            k_end, stride_am, stride_ak, stride_asm, stride_ask,
                                            stride_bn, stride_bk, stride_bsn, stride_bsk,
                                            A_FORMAT, B_FORMAT, BLOCK_K)
-            acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+                             SWAP_AB)
             a, a_s, b, bs = na, na_s, nb, nbs
         else:
             a, a_s, b, bs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k0,
                                        k_end, stride_am, stride_ak, stride_asm, stride_ask,
                                        stride_bn, stride_bk, stride_bsn, stride_bsk,
                                        A_FORMAT, B_FORMAT, BLOCK_K)
-            acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+                             SWAP_AB)
     pdl_launch_dependents(USE_PDL)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
