@@ -35,7 +35,7 @@ from inductor_moe.templates.block_scaled_gemm import (_num_sms, block_scaled_gem
                                                       choose_gemv_config, choose_strategy)
 
 BF16_PEAK = 700e12  # FLOP/s, H100 SXM dense bf16 as measured in TARGETS.md
-MS = (1, 16, 128, 1024, 4096)
+MS = (1, 16, 64, 128, 1024, 4096)
 NKS = ((4096, 4096), (2880, 2880), (8192, 8192), (14336, 4096))
 
 

@@ -47,10 +47,10 @@ linear_weight_format: Optional[str] = Config(default=None, env_name_force="INDUC
 # (lowering/moe_plan.py: mxfp4_dot_scaled).
 mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
 
-# FP4 weights decoded in registers (NVFP4, and MXFP4 on the "decode" path) with bf16 activations:
-# "on" computes each tile transposed, decoded weight rows as the MMA's register operand and the
-# tokens as its small side; "off" keeps tokens as rows; "auto" (lowering/moe_plan.py: fp4_swap_ab)
-# swaps on sm_90 at decode/mid.
+# MoE FP4 weights decoded in registers (NVFP4, and MXFP4 on the "decode" path), bf16 activations:
+# "on" computes each tile transposed, decoded weight rows as wgmma's register operand and the
+# tokens as its small side; "off" keeps tokens as rows (mma.sync for 16-row tiles); "auto"
+# (lowering/moe_plan.py: fp4_swap_ab) is off: slower on H100 at every point measured.
 fp4_swap_ab: str = Config(default="auto", env_name_force="INDUCTOR_MOE_FP4_SWAP_AB")
 
 # Time MoE kernel tile candidates at the first call of each shape bucket that has no tuned entry

@@ -65,16 +65,15 @@ class GemvConfig:
 
 
 def choose_gemv_config(m: int, n: int, k: int, num_sms: int) -> GemvConfig:
-    """Decode GEMV tiles: ~8 programs per SM, each one or two BLOCK_K steps of its K range (the
-    loads of a step are all issued before its math; nothing is pipelined across steps)."""
-    block_k = 512 if m <= 4 else 256
-    block_k = min(block_k, _pow2_at_least(k, 32))
+    """Decode GEMV tiles: 64 weight rows x 256 K per program, K split for ~4 programs per SM, each
+    one or two K steps (the loads of a step are all issued before its math; nothing is pipelined
+    across steps).  H100, M = 1, N = K = 4096: 9.9 us against 10.3-12.4 for 16/32-row tiles with
+    512-K steps (benchmarks/NOTES_fp4.md)."""
+    block_k = min(256, _pow2_at_least(k, 32))
+    block_n = 64
     steps = -(-k // block_k)
-    block_n = 32
-    while block_n > 16 and -(-n // block_n) * steps < 8 * num_sms:
-        block_n //= 2
     tiles = -(-n // block_n)
-    split = max(1, min(steps, -(-8 * num_sms // tiles)))
+    split = max(1, min(steps, -(-4 * num_sms // tiles)))
     return GemvConfig(block_n, block_k, split, num_warps=4)
 
 
@@ -132,15 +131,17 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
     """Tiles for one call; pure, so tests can check it without a GPU."""
     use_dot_scaled = dot_scaled_fits(spec, a_dtype, arch) and (arch >= 100 or os.environ.get(
         "INDUCTOR_MOE_FP4_DOT_SCALED", "0") == "1")
-    if m <= 64 and arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype):
-        # Small M on Hopper, bf16 activations: the swapped tile (64 decoded weight rows as wgmma's
-        # register A operand, the tokens as N), K split so ~4 programs per SM stream the weight
-        # with cp.async stages in flight.
+    if 16 < m <= 64 and arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype):
+        # 17..64 rows on Hopper, bf16 activations: the swapped tile (64 decoded weight rows as
+        # wgmma's register A operand, the tokens as N), ~2 programs per SM, each >= 4 K steps with
+        # cp.async stages in flight.  H100, M = 64, N = K = 4096 (benchmarks/NOTES_fp4.md): 18.7 us
+        # against 21.0 for the best unswapped tile (64x64x256 split 8) and ~35 for this function's
+        # previous choice; at M <= 16 the 16-row mma.sync tiles are as fast (12.1 vs 12.5 us).
         block_m = _pow2_at_least(m, 16)
         block_n, block_k = 64, 256 if k >= 1024 else max(32, _pow2_at_least(min(k, 256), 32))
         tiles = -(-n // block_n)
         steps = -(-k // block_k)
-        split = max(1, min(steps // 2, -(-4 * num_sms // tiles)))
+        split = max(1, min(steps // 4, -(-2 * num_sms // tiles)))
         return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3, swap_ab=True)
     if m <= 64:
         # Small M: BLOCK_N 64 (or 32 for small N) and enough K splits for ~2 programs per SM, each

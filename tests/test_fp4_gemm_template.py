@@ -146,12 +146,14 @@ def test_config_choice_is_pure_and_sane():
         GemmKernelConfig(16, 16, 48)
     with pytest.raises(ValueError):
         GemmKernelConfig(16, 64, 64, swap_ab=True, dot_scaled=True)
-    # swapped decode tiles on sm_90 with bf16 activations only (64 weight rows = one wgmma M)
-    assert decode.swap_ab and decode.block_n == 64 and not decode.dot_scaled
-    assert choose_gemm_config(64, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
-    assert not choose_gemm_config(1, 4096, 4096, spec, torch.bfloat16, num_sms=132, arch=100).swap_ab
-    assert not choose_gemm_config(1, 4096, 4096, spec, torch.float16, num_sms=132).swap_ab
-    assert not choose_gemm_config(1, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, num_sms=132).swap_ab
+    # swapped tiles for 17..64 rows on sm_90 with bf16 activations only (64 weight rows = one wgmma M)
+    mid = choose_gemm_config(64, 4096, 4096, spec, torch.bfloat16, num_sms=132)
+    assert mid.swap_ab and mid.block_n == 64 and mid.block_m == 64 and not mid.dot_scaled
+    assert choose_gemm_config(17, 4096, 4096, spec, torch.bfloat16, num_sms=132).block_m == 32
+    assert not decode.swap_ab  # <= 16 rows: the 16-row mma.sync tiles (as fast, measured)
+    assert not choose_gemm_config(64, 4096, 4096, spec, torch.bfloat16, num_sms=132, arch=100).swap_ab
+    assert not choose_gemm_config(64, 4096, 4096, spec, torch.float16, num_sms=132).swap_ab
+    assert not choose_gemm_config(64, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, num_sms=132).swap_ab
     assert not choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     from inductor_moe.templates.block_scaled_gemm import choose_gemv_config
 
@@ -209,8 +211,7 @@ def test_cuda_dot_scaled_path_and_graph_capture():
     spec = GemmSpec()
     ref = block_scaled_mm_reference(a.double(), q, s, spec)
     cfg = choose_gemm_config(16, 4096, 4096, spec, a.dtype, 132)
-    assert cfg.swap_ab
-    for c in (cfg, replace(cfg, swap_ab=False), replace(cfg, dot_scaled=True, swap_ab=False), replace(cfg, split_k=1)):
+    for c in (cfg, replace(cfg, swap_ab=True), replace(cfg, dot_scaled=True), replace(cfg, split_k=1)):
         assert rel_err(block_scaled_gemm(a, q, s, spec, config=c), ref) <= TOL
     out = block_scaled_gemm(a, q, s, spec, use_pdl=True)
     g = torch.cuda.CUDAGraph()

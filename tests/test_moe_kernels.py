@@ -502,14 +502,14 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--interpret"
 
 
 def test_fp4_swap_ab_rule():
-    """auto: swapped FP4 decode tiles on sm_90 at decode/mid only; explicit settings win."""
+    """auto keeps the FP4 decode tiles unswapped (measured faster on H100); explicit settings win."""
     from inductor_moe import config
     from inductor_moe.lowering.moe_plan import fp4_swap_ab
 
     assert config.choices()["fp4_swap_ab"] == ("auto", "on", "off")
-    assert fp4_swap_ab("auto", 9, "decode") and fp4_swap_ab("auto", 9, "mid")
+    assert not fp4_swap_ab("auto", 9, "decode") and not fp4_swap_ab("auto", 9, "mid")
     assert not fp4_swap_ab("auto", 9, "prefill") and not fp4_swap_ab("auto", 10, "decode")
-    assert fp4_swap_ab("on", 10, "prefill") and not fp4_swap_ab("off", 9, "decode")
+    assert fp4_swap_ab("on", 10, "prefill") and fp4_swap_ab("on", 9, "decode") and not fp4_swap_ab("off", 9, "decode")
 
 
 def test_mxfp4_mma_rule_and_decode_tiles():
