@@ -155,10 +155,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     dev = torch.device("cuda")
     bw = copy_bandwidth()
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001
-        commit = "?"
+    commit = os.environ.get("INDUCTOR_MOE_COMMIT")  # scripts/gpu_check.sh passes it (device copies have no git)
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        except Exception:  # noqa: BLE001
+            commit = "?"
     header = (f"# FP4 GEMM — {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"commit {commit}\n\nmeasured copy bandwidth {bw / 1e12:.2f} TB/s; bf16 peak taken as "
               f"{BF16_PEAK / 1e12:.0f} TFLOP/s; times are µs (median of CUDA-graph replays)\n")

@@ -135,8 +135,8 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # 17..64 rows on Hopper, bf16 activations: the swapped tile (64 decoded weight rows as
         # wgmma's register A operand, the tokens as N), ~2 programs per SM, each >= 4 K steps with
         # cp.async stages in flight.  H100, M = 64, N = K = 4096 (benchmarks/NOTES_fp4.md): 18.7 us
-        # against 21.0 for the best unswapped tile (64x64x256 split 8) and ~35 for this function's
-        # previous choice; at M <= 16 the 16-row mma.sync tiles are as fast (12.1 vs 12.5 us).
+        # against 21.0 for the best unswapped tile swept (64x64x256 split 8; 64x32 tiles: ~35); at
+        # M <= 16 the 16-row mma.sync tiles are as fast (12.1 vs 12.5 us).
         block_m = _pow2_at_least(m, 16)
         block_n, block_k = 64, 256 if k >= 1024 else max(32, _pow2_at_least(min(k, 256), 32))
         tiles = -(-n // block_n)
