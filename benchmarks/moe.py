@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .timing import graph_time_us
+from .timing import graph_time_us, kernel_times_by_name
 from .tk_baseline import TKColumns
 from .tk_baseline import version as tk_version
 
@@ -262,23 +262,12 @@ SWEEP_SMALL = [(None, None, None),
 
 
 def kernel_times(fn, iters=5):
-    """Mean device microseconds per call of each of our kernels, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
+    """Mean device microseconds per call of each of our kernels (align, gemm1, gemm2, mega, combine)."""
     out = {}
-    for ev in prof.key_averages():
-        name = ev.key
-        if not name.startswith("moe_"):
-            continue
-        total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-        short = "align" if name.startswith("moe_align") else name.split("_kernel")[0].replace("moe_", "")
-        out[short] = out.get(short, 0.0) + total / iters
+    for name, us in kernel_times_by_name(fn, iters).items():
+        if name.startswith("moe_"):
+            short = "align" if name.startswith("moe_align") else name.split("_kernel")[0].replace("moe_", "")
+            out[short] = out.get(short, 0.0) + us
     return out
 
 

@@ -35,9 +35,8 @@ def graph_time_us(fn, reps: int = 20, inner: int = 10) -> float:
     return statistics.median(times)
 
 
-def kernel_us(fn, iters: int = 10) -> float:
-    """Summed device time of the kernels one call launches (µs, from the profiler): beside the
-    graph time it separates kernel execution from launch gaps and tails."""
+def kernel_times_by_name(fn, iters: int = 10) -> dict:
+    """{kernel name: device µs per call} of the kernels one call launches, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -46,7 +45,11 @@ def kernel_us(fn, iters: int = 10) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    total = 0.0
-    for ev in prof.key_averages():
-        total += getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-    return total / iters
+    return {ev.key: (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)) / iters
+            for ev in prof.key_averages()}
+
+
+def kernel_us(fn, iters: int = 10) -> float:
+    """Summed device time of the kernels one call launches (µs): beside the graph time it
+    separates kernel execution from launch gaps and tails."""
+    return sum(kernel_times_by_name(fn, iters).values())

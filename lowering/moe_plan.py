@@ -139,16 +139,14 @@ def mxfp4_dot_scaled(setting: str, arch_major: int, regime: str) -> bool:
     return arch_major >= 10 or regime == "prefill"
 
 
-def fp4_swap_ab(setting: str, arch_major: int, regime: str) -> bool:
+def fp4_swap_ab(setting: str) -> bool:
     """Whether the in-register FP4 decode tiles run swapped (acc^T = W @ X^T): ``setting`` is
     config.fp4_swap_ab.  Swapped, wgmma takes the decoded weight rows as its register A operand
     (M = 64) and the few rows per expert as N; unswapped, 16-row tiles run mma.sync, which reads
     the decoded weight from registers too.  auto keeps them unswapped: on H100 the swapped tiles
     were 8-30% slower at every decode/mid point measured (qwen3 T = 1..1024, gpt-oss T = 1, 128;
     ptxas: more layout shuffles per weight; benchmarks/NOTES.md)."""
-    if setting != "auto":
-        return setting == "on"
-    return False
+    return setting == "on"
 
 
 def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,

@@ -111,6 +111,11 @@ def _pow2_at_least(x: int, lo: int) -> int:
     return max(lo, 1 << max(0, (x - 1).bit_length()))
 
 
+def _small_m_block_k(k: int) -> int:
+    """K step of the small-M tiles: 256, or K rounded up to a power of two (>= 32) for K < 1024."""
+    return 256 if k >= 1024 else max(32, _pow2_at_least(min(k, 256), 32))
+
+
 def swap_ab_fits(spec: GemmSpec, a_dtype: torch.dtype) -> bool:
     """The swapped tile runs the packed bf16 decoder: bf16 activations, FP4 weights."""
     return spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.b_format in _PACKED
@@ -138,7 +143,7 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # against 21.0 for the best unswapped tile swept (64x64x256 split 8; 64x32 tiles: ~35); at
         # M <= 16 the 16-row mma.sync tiles are as fast (12.1 vs 12.5 us).
         block_m = _pow2_at_least(m, 16)
-        block_n, block_k = 64, 256 if k >= 1024 else max(32, _pow2_at_least(min(k, 256), 32))
+        block_n, block_k = 64, _small_m_block_k(k)
         tiles = -(-n // block_n)
         steps = -(-k // block_k)
         split = max(1, min(steps // 4, -(-2 * num_sms // tiles)))
@@ -148,7 +153,7 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # still running >= 4 K steps.  Measured on H100 (triton 3.6): 16.9 us at M = 1..16,
         # N = K = 4096.  A variant with ~8 programs per SM and one K step each is untimed.
         block_m = _pow2_at_least(m, 16)
-        block_k = 256 if k >= 1024 else max(32, _pow2_at_least(min(k, 256), 32))
+        block_k = _small_m_block_k(k)
         block_n = 64 if n >= 64 * num_sms // 2 else 32
         tiles = -(-m // block_m) * -(-n // block_n)
         steps = -(-k // block_k)
