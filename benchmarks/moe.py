@@ -34,14 +34,25 @@ TOKENS = (1, 16, 128, 1024, 4096, 16384)
 QUICK = {"qwen3-30b-a3b": (1, 16, 128, 1024, 4096, 16384), "dsv4-flash": (1, 128, 4096),
          "gpt-oss-120b": (1, 128, 4096)}
 MMA_RATE, BANDWIDTH = 700e12, 3.0e12
+FP8_MMA_RATE = 1255e12  # TARGETS.md: the fp8 floor of fp8 weights with fp8 activations
+# weight format [+ fp8 activations]: "+a128" = act_format fp8_block128, "+a32" = fp8_mx32
+ACT_SUFFIXES = {"+a128": "fp8_block128", "+a32": "fp8_mx32"}
+
+
+def split_format(fmt: str) -> tuple[str, str]:
+    """'fp8_block128+a128' -> ('fp8_block128', 'fp8_block128'); 'mxfp4' -> ('mxfp4', 'dense')."""
+    for suffix, act in ACT_SUFFIXES.items():
+        if fmt.endswith(suffix):
+            return fmt[:-len(suffix)], act
+    return fmt, "dense"
 REPEAT = 10  # calls per graph replay
 
 
-def floor_us(T, E, k, H, I, bytes_per_weight):
+def floor_us(T, E, k, H, I, bytes_per_weight, mma_rate=MMA_RATE):
     active = E * (1 - (1 - k / E) ** T)  # expected experts hit by random top-k routing
     flops = 6.0 * T * k * H * I
     nbytes = active * 3 * H * I * bytes_per_weight + 2 * T * H * 2
-    return max(flops / MMA_RATE, nbytes / BANDWIDTH) * 1e6
+    return max(flops / mma_rate, nbytes / BANDWIDTH) * 1e6
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -130,11 +141,11 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
         w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
         w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
         quant = {}
-        for fmt in formats:
-            if fmt != "dense":
-                (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
+        for wfmt in {split_format(f)[0] for f in formats}:
+            if wfmt != "dense":
+                (q13, e13), (q2, e2) = quantize_chunked(wfmt, w13), quantize_chunked(wfmt, w2)
                 kw = {f"w13_{key}": v for key, v in e13.items()} | {f"w2_{key}": v for key, v in e2.items()}
-                quant[fmt] = (q13, q2, kw)
+                quant[wfmt] = (q13, q2, kw)
         tk.prepare(name, w13, w2, k)
         hf_compiled = torch.compile(hf_grouped_mm, dynamic=True) if with_compile else None
         for T in tokens_for[name]:
@@ -144,11 +155,14 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
             tw = (tw / tw.sum(-1, keepdim=True)).float()
             ids = ids.int()
             r = dict(layer=name, T=T, floor=floor_us(T, E, k, H, I, 2.0),
-                     floor_fp4=floor_us(T, E, k, H, I, 0.5 + 1 / 32))
+                     floor_fp4=floor_us(T, E, k, H, I, 0.5 + 1 / 32),
+                     floor_fp8=floor_us(T, E, k, H, I, 1.0, FP8_MMA_RATE))
             t0 = time.time()
             for fmt in formats:
-                wa, wb, kw = (w13, w2, {}) if fmt == "dense" else quant[fmt]
-                spec = "" if fmt == "dense" else f"weight_format={fmt}"
+                wfmt, act = split_format(fmt)
+                wa, wb, kw = (w13, w2, {}) if wfmt == "dense" else quant[wfmt]
+                spec = ",".join(p for p in ("" if wfmt == "dense" else f"weight_format={wfmt}",
+                                            "" if act == "dense" else f"act_format={act}") if p)
                 variants = [("", {"pdl": True})]
                 if fmt == "dense":
                     variants.append(("_nopdl", {"pdl": False}))
@@ -197,19 +211,22 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
 
 COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "ours bf16 no-PDL"),
            ("dense_mega", "ours bf16 mega"), ("dense_split", "ours bf16 split"),
-           ("fp8_block128", "ours fp8"), ("mxfp4", "ours mxfp4"), ("mxfp4_ds", "ours mxfp4 dot_scaled"), ("nvfp4", "ours nvfp4"), ("floor_fp4", "floor fp4"),
+           ("fp8_block128", "ours fp8"), ("fp8_block128+a128", "ours fp8 x fp8 act"), ("floor_fp8", "floor fp8"),
+           ("mxfp4+a32", "ours mxfp4 x fp8-mx32 act"), ("mxfp4", "ours mxfp4"), ("mxfp4_ds", "ours mxfp4 dot_scaled"), ("nvfp4", "ours nvfp4"), ("floor_fp4", "floor fp4"),
            ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2"),
            ("tk_bf16", "TK bf16"), ("tk_mxfp4", "TK mxfp4")]
 
 
 def table(rows) -> str:
-    head = ["layer", "T"] + [c[1] for c in COLUMNS] + ["bf16 frac floor", "best fp4 frac fp4 floor",
+    head = ["layer", "T"] + [c[1] for c in COLUMNS] + ["bf16 frac floor", "fp8 x fp8 act frac fp8 floor",
+                                                      "best fp4 frac fp4 floor",
                                                       "vs HF compiled", "peak MiB ours / HF"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["layer"], str(r["T"])]
         cells += [f"{r[key]:.1f}" if isinstance(r.get(key), float) else r.get(key, "-") for key, _ in COLUMNS]
         cells.append(f"{r['floor'] / r['dense']:.2f}" if "dense" in r else "-")
+        cells.append(f"{r['floor_fp8'] / r['fp8_block128+a128']:.2f}" if "fp8_block128+a128" in r else "-")
         fp4 = [r[f] for f in ("mxfp4", "nvfp4") if f in r]
         cells.append(f"{r['floor_fp4'] / min(fp4):.2f}" if fp4 else "-")
         cells.append(f"{r['hf_compiled'] / r['dense']:.2f}x" if "hf_compiled" in r and "dense" in r else "-")
@@ -367,7 +384,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a subset of layers x token counts")
     p.add_argument("--layers", default=",".join(LAYERS))
     p.add_argument("--tokens", default=None, help="comma-separated token counts (overrides --quick)")
-    p.add_argument("--formats", default="dense,fp8_block128,mxfp4,nvfp4")
+    p.add_argument("--formats", default="dense,fp8_block128,fp8_block128+a128,mxfp4,mxfp4+a32,nvfp4",
+                   help="weight formats; +a128 / +a32: with fp8 activations (block-128 / mx32 scales)")
     p.add_argument("--no-compile", action="store_true", help="skip HF under torch.compile")
     p.add_argument("--no-tk", action="store_true", help="skip the OpenAI triton_kernels columns")
     p.add_argument("--sweep", action="store_true", help="time tile variants per kernel, then exit")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, GPU tests, demo, benchmarks; a short table last.
-#   device run: bash scripts/gpu_check.sh [tests|bench|all] [quick|full]   (carry .whl for expecttest)
+#   device run: bash scripts/gpu_check.sh [tests|bench|ncu|all] [quick|full]   (carry .whl for expecttest)
 # Two calls fit the 10-minute limit better than one: "tests" (GPU tests, demo, ISA), then "bench".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,17 @@ print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  trito
 PY
 echo "commit: $INDUCTOR_MOE_COMMIT"
 
+if [ "$WHAT" = ncu ]; then  # stall reasons of the FP4 decode kernels (benchmarks/profile_fp4.py)
+  ncu --profile-from-start off --clock-control none --kernel-name regex:"moe_mega|moe_gemm|block_scaled_gemm|fp4_gemv" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
+    -f -o "$OUT/fp4" python3 -m benchmarks.profile_fp4 ${NCU_ARGS:-} 2>&1 | tail -20
+  ncu --import "$OUT/fp4.ncu-rep" --page details --csv > "$OUT/fp4_details.csv"
+  ncu --import "$OUT/fp4.ncu-rep" --page source --csv --print-source sass > "$OUT/fp4_source.csv" 2>&1
+  ncu --import "$OUT/fp4.ncu-rep" --page raw --csv > "$OUT/fp4_raw.csv"
+  python3 -m benchmarks.ncu_summary "$OUT/fp4_details.csv" "$OUT/fp4_raw.csv"
+  exit 0
+fi
 status=()
 if [ "$WHAT" != bench ]; then
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25

@@ -65,6 +65,10 @@ CASES = [
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "off"}),
     _case("mxfp4_fp16_bias", T=5, k=2, I=64, H=128, dtype="float16", weight_format="mxfp4", bias=True),
     _case("nvfp4", T=33, k=6, I=64, weight_format="nvfp4", bad_ids=True),
+    # two mxfp4 scale groups per K step, odd group counts per row (7 / 3), a K tail in both GEMMs
+    _case("mxfp4_bk64_k_tail", T=5, k=2, I=96, H=224, weight_format="mxfp4",
+          overrides={"fp4_dot_scaled": False, "gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64},
+          settings={"fp4_swap_ab": "off"}),
     _case("nvfp4_gpt_oss", T=5, k=2, I=32, weight_format="nvfp4",
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", bias=True, settings={"fp4_swap_ab": "off"}),
     # swapped FP4 decode tiles (acc^T = W @ X^T): one gate/up dot and two, L2, uneven K
@@ -417,6 +421,27 @@ def test_gpu_qwen3_layer(T, fmt):
         assert out.shape == (0, 2048)
         return
     _check_gpu(T, 128, 2048, 768, 8, fmt, seed=T)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T", [1, 16, 128, 1024, 4096])
+@pytest.mark.parametrize("act,fmt", [("fp8_block128", "dense"), ("fp8_block128", "fp8_block128"),
+                                     ("fp8_block128", "mxfp4"), ("fp8_mx32", "dense"),
+                                     ("fp8_mx32", "fp8_block128"), ("fp8_mx32", "mxfp4")])
+def test_gpu_fp8_activations(T, act, fmt):
+    """fp8 activations (x quantised once per token, the intermediate in L1's epilogue) against the
+    float64 reference of the same quantised activations, decode to prefill tiles."""
+    _check_gpu(T, 128, 2048, 768, 8, fmt, spec_extra=f"act_format={act}", seed=T)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("act", ["fp8_block128", "fp8_mx32"])
+def test_gpu_fp8_activations_gpt_oss_like(act):
+    """Biases, clamp, interleaved gate/up, K not a multiple of 128 (fp8 groups with tails)."""
+    _check_gpu(33, 16, 2880, 2880, 4, "mxfp4", bias=True, bad_ids=True, seed=3,
+               spec_extra=f"act_format={act},gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0")
 
 
 @pytest.mark.gpu
