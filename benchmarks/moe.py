@@ -166,7 +166,7 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
                 variants = [("", {"pdl": True})]
                 if fmt == "dense":
                     variants.append(("_nopdl", {"pdl": False}))
-                if fmt == "mxfp4":  # tl.dot_scaled forced (auto picks the packed decode on sm_90 at decode/mid)
+                if fmt == "mxfp4":  # tl.dot_scaled forced (auto picks the packed decode on sm_90)
                     variants.append(("_ds", {"mxfp4_mma": "dot_scaled"}))
                 for suffix, patch in variants:
                     with config.patch(**patch):
@@ -347,6 +347,60 @@ def sweep_fp4(log):
         torch.cuda.empty_cache()
 
 
+def _tiles(bm, one_dot, g1, g2):
+    """Override dict: block_m, L1 gate/up layout, L1 and L2 (block_n, block_k, warps, stages)."""
+    ov = {"block_m": bm, "gate_up_one_dot": one_dot}
+    for which, t in (("gemm1", g1), ("gemm2", g2)):
+        ov.update({f"{which}.{f}": v for f, v in zip(("block_n", "block_k", "num_warps", "num_stages"), t)})
+    return ov
+
+
+PREFILL_SWEEP = {  # prefill variants per format (None: the tuned or heuristic config)
+    "fp8_block128+a128": [None, _tiles(64, True, (128, 32, 8, 3), (64, 64, 8, 3)),
+                          _tiles(64, False, (128, 128, 8, 3), (128, 128, 4, 4))],
+    "mxfp4+a32": [None, _tiles(128, True, (64, 64, 8, 3), (128, 64, 8, 3)), _tiles(64, True, (64, 64, 8, 3), (128, 64, 8, 3))],
+    "mxfp4": [None, {"fp4_dot_scaled": False}, {"fp4_dot_scaled": False, "gemm1.block_n": 64, "gemm2.block_n": 64},
+              {"fp4_dot_scaled": False, "block_m": 64, "gemm1.block_n": 64, "gemm2.block_n": 128}],
+    "nvfp4": [None, {"gemm1.block_k": 128, "gemm2.block_k": 128}, {"block_m": 64},
+              {"gemm1.block_n": 32, "gemm2.block_n": 128, "gemm2.num_warps": 4}],
+}
+
+
+def sweep_prefill(log, points=(("qwen3-30b-a3b", 4096), ("gpt-oss-120b", 4096), ("dsv4-flash", 4096)),
+                  formats=tuple(PREFILL_SWEEP)):
+    """Prefill variants per format: graph time and per-kernel split of each PREFILL_SWEEP entry,
+    applied on the config a call gets (tuned table or heuristic)."""
+    from inductor_moe.lowering.moe import _num_sms, fused_moe_experts
+    from inductor_moe.lowering.moe_plan import _apply_overrides
+    from inductor_moe.lowering.moe_tune import config_for_call
+    from inductor_moe.spec import MoESpec
+
+    for name, T in points:
+        E, k, H, I = LAYERS[name]
+        x, ids, tw, w13, w2 = sweep_inputs(T, E, k, H, I)
+        for fmt in formats:
+            wfmt, act = split_format(fmt)
+            (q13, e13), (q2, e2) = quantize_chunked(wfmt, w13), quantize_chunked(wfmt, w2)
+            kw = dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),
+                      w2_global_scale=e2.get("global_scale"))
+            spec = MoESpec(weight_format=wfmt, act_format=act)
+            base = config_for_call(x, k, E, H, I, wfmt, act, _num_sms(x.device), run=None)
+            for ov in PREFILL_SWEEP[fmt]:
+                cfg = _apply_overrides(base, ov) if ov else base
+                fn = lambda: fused_moe_experts(x, ids, tw, q13, q2, spec, kernel_config=cfg, **kw)  # noqa: E731
+                try:
+                    kt = kernel_times(fn)
+                    total = time_graph(fn, reps=5)
+                except Exception as e:  # noqa: BLE001
+                    log(f"sweep-prefill {name} T={T} {fmt} {ov}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                log(f"sweep-prefill {name} T={T} {fmt} total={total:.1f} "
+                    + " ".join(f"{a}={b:.1f}" for a, b in kt.items()) + f" | {base.source} {ov}")
+            del q13, q2, kw
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
 def sweep(log):
     from inductor_moe.lowering.moe import fused_moe_experts, _num_sms
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
@@ -390,6 +444,7 @@ def main(argv=None):
     p.add_argument("--no-tk", action="store_true", help="skip the OpenAI triton_kernels columns")
     p.add_argument("--sweep", action="store_true", help="time tile variants per kernel, then exit")
     p.add_argument("--sweep-fp4", action="store_true", help="time fp4 kernel variants, then exit")
+    p.add_argument("--sweep-prefill", action="store_true", help="time prefill variants per format, then exit")
     args = p.parse_args(argv)
     layers = args.layers.split(",")
     if args.tokens:
@@ -404,8 +459,8 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
         print(msg, file=log_file, flush=True)
 
-    if args.sweep or args.sweep_fp4:
-        sweep(log) if args.sweep else sweep_fp4(log)
+    if args.sweep or args.sweep_fp4 or args.sweep_prefill:
+        (sweep if args.sweep else sweep_fp4 if args.sweep_fp4 else sweep_prefill)(log)
         return
     rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log, with_tk=not args.no_tk)
     text = header() + "\n\n" + table(rows)

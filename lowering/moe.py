@@ -298,7 +298,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     g13 = w13_global_scale if w13_global_scale is not None else x
     g2s = w2_global_scale if w2_global_scale is not None else x
     fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
-                      and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device), cfg.regime))
+                      and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))
     swap_ab = (fmt in ("mxfp4", "nvfp4") and not fp4_dot_scaled and act == 0 and x.dtype == torch.bfloat16
                and fp4_swap_ab(moe_config.fp4_swap_ab))
     l1_args = (a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,

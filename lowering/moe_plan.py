@@ -111,6 +111,13 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
         if regime != "prefill":  # L1 16 x 128 x 128 spilled 7.4 KB with dense weights
             g1 = dataclasses.replace(g1, block_k=min(g1.block_k, 16 if weight_format == "dense" else 32))
             g2 = dataclasses.replace(g2, block_n=min(g2.block_n, 64))
+        elif weight_format == "fp8_block128":
+            # with block_m 64: whole 128-deep K steps, so each fp8 MMA partial is promoted (times the
+            # activation row scale and the weight tile scale) once per scale block, not 4 times.
+            # H100 sweep (benchmarks.moe --sweep-fp8-act): qwen3 T=4096 1432 -> 809 us, gpt-oss
+            # 4008 -> 2278 us against 128 x 32 / 64 x 64 tiles
+            g1 = GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3)
+            g2 = GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3)
         else:  # with block_m 64 (choose_moe_config); 128-row tiles spilled 0.7-2.6 KB
             g1 = dataclasses.replace(g1, block_k=32)
     else:
@@ -123,20 +130,22 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
             g1 = dataclasses.replace(g1, block_n=64, block_k=32, num_stages=3)
         elif regime == "prefill":
             g1 = dataclasses.replace(g1, block_n=64, block_k=64, num_stages=2)
-    if regime == "prefill":
+    if regime == "prefill" and not (act_format == "fp8_block128" and weight_format == "fp8_block128"):
         g2 = dataclasses.replace(g2, block_n=64, block_k=64)
     return g1, g2
 
 
-def mxfp4_dot_scaled(setting: str, arch_major: int, regime: str) -> bool:
+def mxfp4_dot_scaled(setting: str, arch_major: int) -> bool:
     """Whether MXFP4 weights go through tl.dot_scaled (else the packed in-register decode).
     ``setting`` is config.mxfp4_mma.  auto: dot_scaled where the hardware has block-scaled MMA
-    (sm_100+) and for 128-row prefill tiles (wgmma reads the upcast tile from shared memory either
-    way); the packed decode at decode/mid on sm_90, where Triton's emulated upcast costs ~3x the
-    instructions per weight (ptxas/nvdisasm counts, benchmarks/NOTES.md)."""
+    (sm_100+); on sm_90 the packed decode in every regime.  Triton's sm_90 emulation of
+    tl.dot_scaled costs ~3x the instructions per weight at decode (ptxas/nvdisasm counts,
+    benchmarks/NOTES.md) and was slower at prefill too on H100 (benchmarks.moe --sweep-prefill,
+    T=4096: qwen3 1356 vs 1238 us, gpt-oss 4121 vs 3766 with bf16 activations; 2730 vs 1546 and
+    7504 vs 4423 with fp8_mx32 activations, where it upcasts both operands)."""
     if setting != "auto":
         return setting == "dot_scaled"
-    return arch_major >= 10 or regime == "prefill"
+    return arch_major >= 10
 
 
 def fp4_swap_ab(setting: str) -> bool:

@@ -65,7 +65,7 @@ def _moe_gemms_spill_bytes(act: str, fmt: str, tokens: int, tmp_path) -> dict:
     import subprocess
 
     from inductor_moe.lowering.moe import gemm1_constexprs, gemm2_constexprs, isa_specs
-    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.lowering.moe_plan import choose_moe_config, mxfp4_dot_scaled
     from inductor_moe.spec import MoESpec
 
     dense_act = act == "dense"
@@ -77,7 +77,7 @@ def _moe_gemms_spill_bytes(act: str, fmt: str, tokens: int, tmp_path) -> dict:
     found = {}
     for label, build, k_dim in ((f"moe_gemm1[{prefix} x {fmt}]", gemm1_constexprs, 2048),
                                 (f"moe_gemm2[{prefix} x {fmt}]", gemm2_constexprs, 768)):
-        dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and not dense_act
+        dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and mxfp4_dot_scaled("auto", 9)
         const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True)
         options = {"num_warps": const.pop("num_warps"), "num_stages": const.pop("num_stages")}
         if label in specs:
@@ -105,7 +105,9 @@ needs_ptxas = pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled 
     ("dense", "mxfp4", 1), ("dense", "mxfp4", 16),
     # fp8 activations, decode and prefill
     ("fp8_block128", "dense", 16), ("fp8_block128", "fp8_block128", 16), ("fp8_mx32", "mxfp4", 16),
-    ("fp8_mx32", "dense", 16), ("fp8_block128", "fp8_block128", 4096), ("fp8_mx32", "mxfp4", 4096)])
+    # (not fp8_block128 x fp8_block128 at prefill: its 128-deep tiles spill ~1.9 KB in L1 with triton 3.6
+    # and still ran 1.77x faster on H100 than the spill-free 32-deep ones, benchmarks/NOTES.md)
+    ("fp8_mx32", "dense", 16), ("fp8_mx32", "mxfp4", 4096)])
 def test_moe_gemm_tiles_do_not_spill(act, fmt, tokens, tmp_path):
     """A few bytes are tolerated: this AOT compile lacks the JIT's specialisation of unit strides
     and 16-divisible arguments, which frees registers (qwen3 L2 nvfp4 at T=16: 4 bytes here, 71

@@ -59,7 +59,7 @@ CASES = [
     _case("fp8_block128", T=33, k=2, weight_format="fp8_block128", bad_ids=True),
     _case("fp8_block128_k6", T=5, k=6, I=64, H=128, weight_format="fp8_block128",
           spec="gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True),
-    _case("mxfp4", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True),
+    _case("mxfp4", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True, settings={"mxfp4_mma": "dot_scaled"}),
     _case("mxfp4_interleaved", T=5, k=6, I=64, weight_format="mxfp4", spec="gate_up=interleaved"),
     _case("mxfp4_in_registers", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "off"}),
@@ -98,6 +98,7 @@ CASES = [
           overrides={"block_m": 64, "gemm1.block_n": 128, "gemm1.block_k": 32, "gemm1.num_warps": 8,
                      "gemm2.block_n": 64, "gemm2.block_k": 64}),
     _case("mx32_mxfp4_prefill_tiles", T=33, k=2, I=64, H=128, act="fp8_mx32", weight_format="mxfp4",
+          settings={"mxfp4_mma": "dot_scaled"},  # the sm_100 path (tcgen05 block-scaled MMA)
           overrides={"block_m": 128, "gemm1.block_n": 64, "gemm1.block_k": 32, "gemm1.num_warps": 8,
                      "gemm2.block_n": 64, "gemm2.block_k": 64}),
     _case("mx32_mxfp4_in_registers_t33_k1", T=33, k=1, I=64, act="fp8_mx32", weight_format="mxfp4",
@@ -538,15 +539,14 @@ def test_fp4_swap_ab_rule():
 
 
 def test_mxfp4_mma_rule_and_decode_tiles():
-    """auto: the packed in-register decode on sm_90 at decode/mid, tl.dot_scaled for prefill and on
-    sm_100; explicit settings win; the decode path's tiles stay in the spill-checked budget."""
+    """auto: the packed in-register decode on sm_90 (every regime), tl.dot_scaled on sm_100;
+    explicit settings win; the decode path's tiles stay in the spill-checked budget."""
     from inductor_moe import config
     from inductor_moe.lowering.moe_plan import choose_moe_config, mxfp4_dot_scaled
 
     assert config.choices()["mxfp4_mma"] == ("auto", "dot_scaled", "decode")
-    assert not mxfp4_dot_scaled("auto", 9, "decode") and not mxfp4_dot_scaled("auto", 9, "mid")
-    assert mxfp4_dot_scaled("auto", 9, "prefill") and mxfp4_dot_scaled("auto", 10, "decode")
-    assert mxfp4_dot_scaled("dot_scaled", 9, "decode") and not mxfp4_dot_scaled("decode", 10, "prefill")
+    assert not mxfp4_dot_scaled("auto", 9) and mxfp4_dot_scaled("auto", 10)
+    assert mxfp4_dot_scaled("dot_scaled", 9) and not mxfp4_dot_scaled("decode", 10)
     for T in (1, 16, 128):
         cfg = choose_moe_config(T, 8, 128, 2048, 768, "mxfp4", 132)
         assert cfg.regime != "prefill"
