@@ -367,7 +367,7 @@ PREFILL_SWEEP = {  # prefill variants per format (None: the tuned or heuristic c
 
 
 def sweep_prefill(log, points=(("qwen3-30b-a3b", 4096), ("gpt-oss-120b", 4096), ("dsv4-flash", 4096)),
-                  formats=tuple(PREFILL_SWEEP)):
+                  formats=None):
     """Prefill variants per format: graph time and per-kernel split of each PREFILL_SWEEP entry,
     applied on the config a call gets (tuned table or heuristic)."""
     from inductor_moe.lowering.moe import _num_sms, fused_moe_experts
@@ -378,7 +378,7 @@ def sweep_prefill(log, points=(("qwen3-30b-a3b", 4096), ("gpt-oss-120b", 4096), 
     for name, T in points:
         E, k, H, I = LAYERS[name]
         x, ids, tw, w13, w2 = sweep_inputs(T, E, k, H, I)
-        for fmt in formats:
+        for fmt in formats or tuple(PREFILL_SWEEP):
             wfmt, act = split_format(fmt)
             (q13, e13), (q2, e2) = quantize_chunked(wfmt, w13), quantize_chunked(wfmt, w2)
             kw = dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),

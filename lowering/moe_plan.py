@@ -100,9 +100,19 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
                    regime: str) -> tuple[GemmTiles, GemmTiles]:
     """fp8 activations: the L1 epilogue quantises whole scale groups of h per tile, so L1's
     block_n is a multiple of the group (128 or 32); block-128 scales need block_k | 128 (one
-    scale per row per K step), mx32 scales 32 | block_k.  Tiles sized so that ptxas (sm_90a,
-    triton 3.9, qwen3-30b-a3b shape) reports no spills (except fp8_block128 x mxfp4 at prefill:
-    88 B in L1); a register-budget choice, unmeasured on a GPU."""
+    scale per row per K step), mx32 scales 32 | block_k.  fp8 x fp8 (DeepSeek): measured tiles
+    (below).  The other pairs: sized so that ptxas (sm_90a, triton 3.9, qwen3-30b-a3b shape)
+    reports no spills (except fp8_block128 x mxfp4 at prefill: 88 B in L1); a register-budget
+    choice, correct on H100 (tests/test_moe_kernels.py) but not tuned there."""
+    if act_format == "fp8_block128" and weight_format == "fp8_block128":
+        # whole 128-deep K steps in every regime (block_m still by regime: 16 / 32-64 / 64), so each
+        # fp8 MMA partial is promoted (times the activation row scale and the weight tile scale) once
+        # per scale block, not 4 times.  ptxas spills ~1.9 KB in L1, yet on H100
+        # (benchmarks.moe --sweep-prefill) against 32-deep L1 / 64-wide L2 tiles: qwen3 T=1 60 -> 31 us,
+        # T=16 220 -> 164, T=128 328 -> 266, T=1024 595 -> 329, T=4096 1432 -> 797; gpt-oss T=1
+        # 96 -> 59, T=128 1503 -> 1205, T=4096 4008 -> 2279; dsv4 T=4096 6892 -> 3496
+        tiles = GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3)
+        return tiles, tiles
     group = 128 if act_format == "fp8_block128" else 32
     g1 = dataclasses.replace(g1, block_n=max(g1.block_n, group))
     if act_format == "fp8_block128":
@@ -111,13 +121,6 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
         if regime != "prefill":  # L1 16 x 128 x 128 spilled 7.4 KB with dense weights
             g1 = dataclasses.replace(g1, block_k=min(g1.block_k, 16 if weight_format == "dense" else 32))
             g2 = dataclasses.replace(g2, block_n=min(g2.block_n, 64))
-        elif weight_format == "fp8_block128":
-            # with block_m 64: whole 128-deep K steps, so each fp8 MMA partial is promoted (times the
-            # activation row scale and the weight tile scale) once per scale block, not 4 times.
-            # H100 sweep (benchmarks.moe --sweep-fp8-act): qwen3 T=4096 1432 -> 809 us, gpt-oss
-            # 4008 -> 2278 us against 128 x 32 / 64 x 64 tiles
-            g1 = GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3)
-            g2 = GemmTiles(block_n=128, block_k=128, num_warps=8, num_stages=3)
         else:  # with block_m 64 (choose_moe_config); 128-row tiles spilled 0.7-2.6 KB
             g1 = dataclasses.replace(g1, block_k=32)
     else:
@@ -130,7 +133,7 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
             g1 = dataclasses.replace(g1, block_n=64, block_k=32, num_stages=3)
         elif regime == "prefill":
             g1 = dataclasses.replace(g1, block_n=64, block_k=64, num_stages=2)
-    if regime == "prefill" and not (act_format == "fp8_block128" and weight_format == "fp8_block128"):
+    if regime == "prefill":
         g2 = dataclasses.replace(g2, block_n=64, block_k=64)
     return g1, g2
 
