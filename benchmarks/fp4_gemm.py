@@ -62,6 +62,15 @@ def _swapped(block_m: int):
             C(block_m, 128, 256, 4, num_warps=8, num_stages=3, swap_ab=True)]
 
 
+def quantized_weight(fmt: str, w: torch.Tensor):
+    """(packed e2m1, block scales, global scale or None) of a bf16 weight [N, K]."""
+    if fmt == "mxfp4":
+        q, s = formats.quantize_mxfp4(w)
+        return q, s, None
+    q, s, g = formats.quantize_nvfp4(w)
+    return q, s, g.reshape(1).float()
+
+
 def sweep_configs(m: int, fmt: str):
     """Candidates per regime (``--sweep``): GemvConfig (decode GEMV), GemmKernelConfig (fused
     kernel), or the strategy name "dequant_chunks"."""
@@ -175,12 +184,7 @@ def main(argv=None) -> int:
     for fmt in args.formats.split(","):
         for (n, k) in nks:
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.05
-            if fmt == "mxfp4":
-                q, s = formats.quantize_mxfp4(w)
-                g = None
-            else:
-                q, s, g = formats.quantize_nvfp4(w)
-                g = g.reshape(1).float()
+            q, s, g = quantized_weight(fmt, w)
             w_bf16 = w.clone()
             w8 = (w.float() / (w.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
             w8_scale = (w.float().abs().amax(1, keepdim=True) / 448).reshape(1, n)

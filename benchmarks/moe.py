@@ -129,7 +129,6 @@ def header() -> str:
 def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
     from inductor_moe import config
     from inductor_moe.lowering import moe
-    from inductor_moe.ops import weights as W
 
     moe.register()
     op = torch.ops.inductor_moe.moe_experts
@@ -302,10 +301,30 @@ def sweep_inputs(T, E, k, H, I):
     return x, ids.int(), tw, w13, w2
 
 
+def quantized_layer(fmt, w13, w2):
+    """(w13, w2, op kwargs) of one layer's bf16 weights quantised to ``fmt`` (the sweeps' inputs)."""
+    (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
+    return q13, q2, dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),
+                         w2_global_scale=e2.get("global_scale"))
+
+
+def time_variant(log, tag, fn, patch=None) -> None:
+    """Log one sweep variant's graph time and per-kernel split (or why it failed) after ``tag``."""
+    from inductor_moe import config
+
+    try:
+        with config.patch(**(patch or {})):
+            kt = kernel_times(fn)
+            total = time_graph(fn, reps=5)
+    except Exception as e:  # noqa: BLE001
+        log(f"{tag}: {type(e).__name__}: {str(e)[:300]}")
+        return
+    log(f"{tag} total={total:.1f} " + " ".join(f"{a}={b:.1f}" for a, b in kt.items()))
+
+
 def sweep_fp4(log):
     """FP4 decode variants per kernel: the default tiles (tuned table or heuristic) with the
     swapped tiles on / off (config.fp4_swap_ab), and mxfp4 through tl.dot_scaled."""
-    from inductor_moe import config
     from inductor_moe.lowering.moe import _num_sms, fused_moe_experts
     from inductor_moe.lowering.moe_tune import config_for_call
     from inductor_moe.spec import MoESpec
@@ -314,9 +333,7 @@ def sweep_fp4(log):
         E, k, H, I = LAYERS[name]
         x, ids, tw, w13, w2 = sweep_inputs(T, E, k, H, I)
         for fmt in ("mxfp4", "nvfp4"):
-            (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
-            kw = dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),
-                      w2_global_scale=e2.get("global_scale"))
+            q13, q2, kw = quantized_layer(fmt, w13, w2)
             base = config_for_call(x, k, E, H, I, fmt, "dense", _num_sms(x.device), run=None)  # tuned or heuristic
             variants = [("swap", base, {"fp4_swap_ab": "on"}), ("noswap", base, {"fp4_swap_ab": "off"})]
             if fmt == "mxfp4":
@@ -331,17 +348,9 @@ def sweep_fp4(log):
             for label, cfg, patch in variants:
                 spec = MoESpec(weight_format=fmt)
                 fn = lambda: fused_moe_experts(x, ids, tw, q13, q2, spec, kernel_config=cfg, **kw)  # noqa: E731
-                try:
-                    with config.patch(**patch):
-                        kt = kernel_times(fn)
-                        total = time_graph(fn, reps=5)
-                except Exception as e:  # noqa: BLE001
-                    log(f"sweep-fp4 {name} T={T} {fmt} {label}: {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                log(f"sweep-fp4 {name} T={T} {fmt} {label} total={total:.1f} "
-                    + " ".join(f"{a}={b:.1f}" for a, b in kt.items())
-                    + f" | {cfg.source} bm={cfg.block_m} g1={tuple(cfg.gemm1.__dict__.values())}"
-                    + f" g2={tuple(cfg.gemm2.__dict__.values())}")
+                time_variant(log, f"sweep-fp4 {name} T={T} {fmt} {label} ({cfg.source} bm={cfg.block_m} "
+                             f"g1={tuple(cfg.gemm1.__dict__.values())} g2={tuple(cfg.gemm2.__dict__.values())})",
+                             fn, patch)
             del q13, q2, kw
         del w13, w2
         torch.cuda.empty_cache()
@@ -380,22 +389,13 @@ def sweep_prefill(log, points=(("qwen3-30b-a3b", 4096), ("gpt-oss-120b", 4096), 
         x, ids, tw, w13, w2 = sweep_inputs(T, E, k, H, I)
         for fmt in formats or tuple(PREFILL_SWEEP):
             wfmt, act = split_format(fmt)
-            (q13, e13), (q2, e2) = quantize_chunked(wfmt, w13), quantize_chunked(wfmt, w2)
-            kw = dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),
-                      w2_global_scale=e2.get("global_scale"))
+            q13, q2, kw = quantized_layer(wfmt, w13, w2)
             spec = MoESpec(weight_format=wfmt, act_format=act)
             base = config_for_call(x, k, E, H, I, wfmt, act, _num_sms(x.device), run=None)
             for ov in PREFILL_SWEEP[fmt]:
                 cfg = _apply_overrides(base, ov) if ov else base
                 fn = lambda: fused_moe_experts(x, ids, tw, q13, q2, spec, kernel_config=cfg, **kw)  # noqa: E731
-                try:
-                    kt = kernel_times(fn)
-                    total = time_graph(fn, reps=5)
-                except Exception as e:  # noqa: BLE001
-                    log(f"sweep-prefill {name} T={T} {fmt} {ov}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                log(f"sweep-prefill {name} T={T} {fmt} total={total:.1f} "
-                    + " ".join(f"{a}={b:.1f}" for a, b in kt.items()) + f" | {base.source} {ov}")
+                time_variant(log, f"sweep-prefill {name} T={T} {fmt} ({base.source} {ov})", fn)
             del q13, q2, kw
         del w13, w2
         torch.cuda.empty_cache()
@@ -420,15 +420,8 @@ def sweep(log):
             if v2:
                 cfg = cfg.replace(gemm2=GemmTiles(*v2))
             fn = lambda: fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg)  # noqa: E731
-            try:
-                kt = kernel_times(fn)
-                total = time_graph(fn, reps=5)
-            except Exception as e:  # noqa: BLE001
-                log(f"sweep {name} T={T} {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            log(f"sweep {name} T={T} total={total:.1f} " + " ".join(f"{a}={b:.1f}" for a, b in kt.items())
-                + f" | bm={cfg.block_m} one_dot={cfg.gate_up_one_dot} g1={tuple(cfg.gemm1.__dict__.values())}"
-                + f" g2={tuple(cfg.gemm2.__dict__.values())}")
+            time_variant(log, f"sweep {name} T={T} (bm={cfg.block_m} one_dot={cfg.gate_up_one_dot} "
+                         f"g1={tuple(cfg.gemm1.__dict__.values())} g2={tuple(cfg.gemm2.__dict__.values())})", fn)
         del w13, w2
         torch.cuda.empty_cache()
 

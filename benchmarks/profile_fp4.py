@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
-from inductor_moe import formats
 from inductor_moe.spec import GemmSpec, MoESpec
 
-from .moe import LAYERS, quantize_chunked, sweep_inputs
+from .fp4_gemm import quantized_weight
+from .moe import LAYERS, quantized_layer, sweep_inputs
 
 
 def moe_call(name: str, T: int, fmt: str):
@@ -27,9 +27,7 @@ def moe_call(name: str, T: int, fmt: str):
 
     E, k, H, I = LAYERS[name]
     x, ids, tw, w13, w2 = sweep_inputs(T, E, k, H, I)
-    (q13, e13), (q2, e2) = quantize_chunked(fmt, w13), quantize_chunked(fmt, w2)
-    kw = dict(w13_scale=e13["scale"], w2_scale=e2["scale"], w13_global_scale=e13.get("global_scale"),
-              w2_global_scale=e2.get("global_scale"))
+    q13, q2, kw = quantized_layer(fmt, w13, w2)
     spec = MoESpec(weight_format=fmt)
     return lambda: fused_moe_experts(x, ids, tw, q13, q2, spec, **kw)
 
@@ -37,13 +35,7 @@ def moe_call(name: str, T: int, fmt: str):
 def gemm_call(n: int, k: int, m: int, fmt: str):
     from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm
 
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
-    if fmt == "mxfp4":
-        q, s = formats.quantize_mxfp4(w)
-        g = None
-    else:
-        q, s, g = formats.quantize_nvfp4(w)
-        g = g.reshape(1).float()
+    q, s, g = quantized_weight(fmt, torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     spec = GemmSpec(b_format=fmt)
     return lambda: block_scaled_gemm(x, q, s, spec, global_scale=g, use_pdl=False)

@@ -214,7 +214,6 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     from ..templates.moe_common import ACT_FORMAT_CODES, ACT_GROUPS, moe_quant_act_kernel
     from ..templates.moe_gemm1 import moe_gemm1_kernel
     from ..templates.moe_gemm2 import moe_gemm2_kernel
-    from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
     T, H = x.shape
     k = topk_ids.shape[1]
@@ -292,7 +291,6 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         moe_align_scatter[(num_chunks,)](ids, N, E, chunk_counts, expert_start, sorted_ids, E_P2=e_p2,
                                          CHUNK=chunk, USE_PDL=use_pdl, num_warps=4, **pdl)
 
-    wf = WEIGHT_FORMAT_CODES[fmt]
     w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     g13 = w13_global_scale if w13_global_scale is not None else x

@@ -82,7 +82,7 @@ def moe_align_single(ids_ptr, N, E, max_blocks,
         _, _, onehot = _chunk_onehot(ids_ptr, c0, N, E, CHUNK, E_P2)
         counts += tl.sum(onehot.to(tl.int32), axis=0)
     start = _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
-                           BLOCK_M, E_P2, NB_CHUNK, ZERO_READY)
+                   BLOCK_M, E_P2, NB_CHUNK, ZERO_READY)
     running = start
     for c0 in range(0, N, CHUNK):
         running += _scatter_chunk(ids_ptr, sorted_ids_ptr, c0, N, E, running, CHUNK, E_P2)
@@ -116,8 +116,8 @@ def moe_align_offsets(chunk_counts_ptr, num_chunks, E, max_blocks,
         incl = tl.cumsum(c, axis=0)
         tl.store(ptrs, incl - c + carry[None, :], mask=r[:, None] < num_chunks)
         carry += tl.sum(c, axis=0)
-    start = _write_offsets(carry, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
-                           BLOCK_M, E_P2, NB_CHUNK, ZERO_READY)
+    _write_offsets(carry, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
+                   BLOCK_M, E_P2, NB_CHUNK, ZERO_READY)
     pdl_launch_dependents(USE_PDL)
 
 
