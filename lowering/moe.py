@@ -32,7 +32,7 @@ FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4", "nvfp4")  # what the templates read
 # weight formats the templates pair with fp8 activations (act_format fp8_block128 / fp8_mx32);
 # fp8_mx32 x mxfp4 is the block-scaled FP8 x FP4 MMA (tl.dot_scaled e4m3 x e2m1)
-FP8_ACT_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4")
+FP8_ACT_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4", "nvfp4")
 
 
 def _interpreting() -> bool:

@@ -102,7 +102,7 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
     block_n is a multiple of the group (128 or 32); block-128 scales need block_k | 128 (one
     scale per row per K step), mx32 scales 32 | block_k.  fp8 x fp8 (DeepSeek): measured tiles
     (below).  The other pairs: sized so that ptxas (sm_90a, triton 3.9, qwen3-30b-a3b shape)
-    reports no spills (except fp8_block128 x mxfp4 at prefill: 88 B in L1); a register-budget
+    reports no spills (except fp8_block128 x mxfp4 / nvfp4 at prefill: 88 / 236 B in L1); a register-budget
     choice, correct on H100 (tests/test_moe_kernels.py) but not tuned there."""
     if act_format == "fp8_block128" and weight_format == "fp8_block128":
         # whole 128-deep K steps in every regime (block_m still by regime: 16 / 32-64 / 64), so each

@@ -84,7 +84,9 @@ def _moe_gemms_spill_bytes(act: str, fmt: str, tokens: int, tmp_path) -> dict:
             kernel, signature = specs[label][:2]
         else:  # a pair not in the ISA listing: same signature but for the weight pointers
             kernel, signature = specs[label.split("[")[0] + "[fp8_mx32 x mxfp4]"][:2]
-            signature = {**signature, "w_ptr": "*bf16", "w_scale_ptr": "*bf16"}
+            w, ws = {"dense": ("*bf16", "*bf16"), "fp8_block128": ("*fp8e4nv", "*fp32"), "mxfp4": ("*u8", "*u8"),
+                     "nvfp4": ("*u8", "*fp8e4nv")}[fmt]
+            signature = {**signature, "w_ptr": w, "w_scale_ptr": ws}
         ptx = tmp_path / "k.ptx"
         ptx.write_text(isa.compile_to_ptx(kernel, signature, const, 90, options))
         out = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
@@ -106,8 +108,8 @@ needs_ptxas = pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled 
     # fp8 activations, decode and prefill
     # (not fp8_block128 x fp8_block128: its 128-deep tiles spill ~1.9 KB in L1 with triton 3.6 and
     # still ran 1.2-2x faster on H100 than the spill-free 32-deep ones, lowering/moe_plan.py)
-    ("fp8_block128", "dense", 16), ("fp8_mx32", "mxfp4", 16),
-    ("fp8_mx32", "dense", 16), ("fp8_mx32", "mxfp4", 4096)])
+    ("fp8_block128", "dense", 16), ("fp8_mx32", "mxfp4", 16), ("fp8_block128", "nvfp4", 16), ("fp8_mx32", "nvfp4", 16),
+    ("fp8_mx32", "dense", 16), ("fp8_mx32", "mxfp4", 4096), ("fp8_mx32", "nvfp4", 4096)])
 def test_moe_gemm_tiles_do_not_spill(act, fmt, tokens, tmp_path):
     """A few bytes are tolerated: this AOT compile lacks the JIT's specialisation of unit strides
     and 16-divisible arguments, which frees registers (qwen3 L2 nvfp4 at T=16: 4 bytes here, 71

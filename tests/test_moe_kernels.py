@@ -101,6 +101,9 @@ CASES = [
           settings={"mxfp4_mma": "dot_scaled"},  # the sm_100 path (tcgen05 block-scaled MMA)
           overrides={"block_m": 128, "gemm1.block_n": 64, "gemm1.block_k": 32, "gemm1.num_warps": 8,
                      "gemm2.block_n": 64, "gemm2.block_k": 64}),
+    _case("a128_nvfp4_t5_k2", T=5, k=2, I=128, H=256, act="fp8_block128", weight_format="nvfp4", bad_ids=True),
+    _case("mx32_nvfp4_t33_k6_gpt_oss", T=33, k=6, I=64, act="fp8_mx32", weight_format="nvfp4", bias=True,
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved"),
     _case("mx32_mxfp4_in_registers_t33_k1", T=33, k=1, I=64, act="fp8_mx32", weight_format="mxfp4",
           overrides={"fp4_dot_scaled": False}),
 ]
@@ -428,8 +431,8 @@ def test_gpu_qwen3_layer(T, fmt):
 @gpu
 @pytest.mark.parametrize("T", [1, 16, 128, 1024, 4096])
 @pytest.mark.parametrize("act,fmt", [("fp8_block128", "dense"), ("fp8_block128", "fp8_block128"),
-                                     ("fp8_block128", "mxfp4"), ("fp8_mx32", "dense"),
-                                     ("fp8_mx32", "fp8_block128"), ("fp8_mx32", "mxfp4")])
+                                     ("fp8_block128", "mxfp4"), ("fp8_block128", "nvfp4"), ("fp8_mx32", "dense"),
+                                     ("fp8_mx32", "fp8_block128"), ("fp8_mx32", "mxfp4"), ("fp8_mx32", "nvfp4")])
 def test_gpu_fp8_activations(T, act, fmt):
     """fp8 activations (x quantised once per token, the intermediate in L1's epilogue) against the
     float64 reference of the same quantised activations, decode to prefill tiles."""
@@ -518,10 +521,10 @@ def test_gpu_unsupported_falls_back_with_reason():
 
     moe.register()
     spec, x, ids, tw, w13, w2, kw = _gpu_inputs(4, 8, 256, 128, 2, "nvfp4")
-    spec = spec + ",act_format=fp8_block128"  # fp8 activations x nvfp4 weights: not in the kernels
+    x = x.float()  # float32 activations: not in the kernels
     with config.patch(fallback="silent"), report() as r:
         out = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec, **kw)
-    assert any("act_format" in s.reason for s in r.skipped)
+    assert any("float32" in s.reason for s in r.skipped)
     torch.testing.assert_close(out, moe_experts_reference(x, ids, tw, w13, w2, spec, **kw))
 
 
