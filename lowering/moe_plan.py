@@ -102,7 +102,8 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
     block_n is a multiple of the group (128 or 32); block-128 scales need block_k | 128 (one
     scale per row per K step), mx32 scales 32 | block_k.  fp8 x fp8 (DeepSeek): measured tiles
     (below).  The other pairs: sized so that ptxas (sm_90a, triton 3.9, qwen3-30b-a3b shape)
-    reports no spills (except fp8_block128 x mxfp4 / nvfp4 at prefill: 88 / 236 B in L1); a register-budget
+    reports no spills (except fp8_block128 x mxfp4 / nvfp4 at prefill, whose 128-row L1 spills ~1.1 KB
+    and still ran 1.8-2x faster than 64 rows on H100); a register-budget
     choice, correct on H100 (tests/test_moe_kernels.py) but not tuned there."""
     if act_format == "fp8_block128" and weight_format == "fp8_block128":
         # whole 128-deep K steps in every regime (block_m still by regime: 16 / 32-64 / 64), so each
@@ -129,7 +130,7 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
         if regime != "prefill" and weight_format != "mxfp4":  # in-register dequant of the A tile
             g1 = dataclasses.replace(g1, block_k=32)
             g2 = dataclasses.replace(g2, block_k=min(g2.block_k, 64))
-        elif regime == "prefill" and weight_format == "mxfp4":  # 128-row tiles (see choose_moe_config)
+        elif regime == "prefill" and weight_format in ("mxfp4", "nvfp4"):  # 128-row tiles (choose_moe_config)
             g1 = dataclasses.replace(g1, block_n=64, block_k=32, num_stages=3)
         elif regime == "prefill":
             g1 = dataclasses.replace(g1, block_n=64, block_k=64, num_stages=2)
@@ -212,10 +213,13 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         g1, g2 = _fp4_decode_register_budget(g1, g2)
     if act_format != "dense":
         g1, g2 = _fp8_act_tiles(g1, g2, act_format, weight_format, regime)
-        if regime == "prefill" and not (act_format == "fp8_mx32" and weight_format == "mxfp4"):
-            block_m = 64  # register budget of the fp8 paths (see _fp8_act_tiles); fp8_mx32 x mxfp4
-            # keeps 128 rows: Triton lowers tl.dot_scaled to the sm_100 block-scaled tcgen05 MMA
-            # (kind::mxf8f6f4.block_scale) only for 128-row tiles (64 gives kind::f16)
+        if regime == "prefill" and weight_format not in ("mxfp4", "nvfp4"):
+            block_m = 64  # register budget of the fp8 paths (see _fp8_act_tiles).  FP4 weights keep
+            # 128 rows: Triton lowers tl.dot_scaled to the sm_100 block-scaled tcgen05 MMA
+            # (kind::mxf8f6f4.block_scale) only for 128-row tiles (64 gives kind::f16), and on H100
+            # the in-register decode is amortised over twice the rows (T=4096, 64 -> 128 rows, qwen3 /
+            # gpt-oss: fp8_block128 x mxfp4 4402 -> 2327 / 12700 -> 6939 us, x nvfp4 5009 -> 2521 /
+            # 13374 -> 7070; fp8_mx32 x nvfp4 6853 -> 1718 / 19782 -> 4893)
 
     align_chunk = max(16, min(256, 16384 // e_p2, _pow2_at_least(n_entries)))
     cfg = MoEKernelConfig(
