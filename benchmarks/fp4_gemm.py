@@ -146,6 +146,27 @@ def make_deq(fmt: str, device) -> callable:
     return deq
 
 
+def chunk_sweep(args) -> int:
+    """The large-M strategy's workspace size (rows decoded per cuBLAS call): each size's graph
+    median beside bf16 torch.mm on the same shape, so the default can be read off."""
+    from inductor_moe.templates.block_scaled_gemm import dequant_chunks_gemm
+
+    nks = [tuple(int(v) for v in sh.split("x")) for sh in (args.shapes or "4096x4096,2880x2880,8192x8192").split(",")]
+    for fmt in args.formats.split(","):
+        for n, k in nks:
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+            q, s, g = quantized_weight(fmt, w)
+            for m in [int(v) for v in (args.ms or "256,1024,4096").split(",")]:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                t_mm = graph_time_us(lambda: torch.mm(x, w.t()))
+                times = {mib: graph_time_us(lambda: dequant_chunks_gemm(x, q, s, GemmSpec(b_format=fmt), g,  # noqa: B023
+                                                                        chunk_bytes=mib << 20))
+                         for mib in (2, 4, 8, 16, 32, 64)}
+                print(f"chunks {fmt} M={m} N={n} K={k} bf16 mm {t_mm:.1f} | "
+                      + " ".join(f"{mib}MiB {t:.1f} ({t / t_mm:.2f}x)" for mib, t in times.items()), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="fewer shapes")
@@ -158,8 +179,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-ds", action="store_true", help="skip the ours/ds column")
     p.add_argument("--log", default=os.path.join(os.environ.get("OUT", "."), "fp4_sweep.log"),
                    help="every swept candidate's time")
+    p.add_argument("--chunk-sweep", action="store_true",
+                   help="time the dequant_chunks strategy per workspace size against bf16 torch.mm, then exit")
     args = p.parse_args(argv)
     import triton
+
+    if args.chunk_sweep:
+        return chunk_sweep(args)
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
