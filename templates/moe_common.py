@@ -54,6 +54,16 @@ else:  # pragma: no cover
 
 
 @triton.jit
+def expert_block_of_program(block_expert_ptr, num_n, USE_PDL: tl.constexpr):
+    """(M-block, N tile, expert or -1 past the last used block) of this program of an expert GEMM
+    grid, N tiles fastest; waits for the predecessor kernel (PDL) before its first read."""
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    pdl_wait(USE_PDL)
+    return pid_m, pid_n, tl.load(block_expert_ptr + pid_m)
+
+
+@triton.jit
 def store_cast(x, dtype: tl.constexpr):
     """fp32 -> bf16/fp16 (for a store or an MMA operand), round to nearest even on every backend."""
     if INTERPRET:

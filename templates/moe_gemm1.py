@@ -19,7 +19,8 @@
 import triton
 import triton.language as tl
 
-from .moe_common import pdl_launch_dependents, pdl_wait, quantize_fp8_groups, store_cast, swiglu_epilogue
+from .moe_common import (expert_block_of_program, pdl_launch_dependents, quantize_fp8_groups, store_cast,
+                          swiglu_epilogue)
 from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
@@ -143,11 +144,7 @@ def moe_gemm1_kernel(
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
-    num_n = tl.cdiv(I, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    pdl_wait(USE_PDL)
-    e = tl.load(block_expert_ptr + pid_m)
+    pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(I, BLOCK_N), USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
         gemm1_tile(pid_m, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
                    sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,

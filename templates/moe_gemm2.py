@@ -11,7 +11,7 @@
 import triton
 import triton.language as tl
 
-from .moe_common import pdl_launch_dependents, pdl_wait, store_cast
+from .moe_common import expert_block_of_program, pdl_launch_dependents, store_cast
 from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
@@ -78,11 +78,7 @@ def moe_gemm2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
 ):
-    num_n = tl.cdiv(H, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    pdl_wait(USE_PDL)
-    e = tl.load(block_expert_ptr + pid_m)
+    pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(H, BLOCK_N), USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
         gemm2_tile(pid_m, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                    rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,

@@ -242,15 +242,20 @@ def interpreted():
     return interpreted_results(__file__)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_interpreted_kernels_match_reference(interpreted, case):
-    r = interpreted.get(case["name"])
+def check_interpreted_case(r, case) -> None:
+    """What every interpreted case must show: it ran, right shape, no NaN (no unwritten or
+    poisoned buffer read), bitwise repeatable, within the format's tolerance of the reference."""
     assert r is not None, "case did not report"
     assert "error" not in r, r.get("error")
     assert r["shape"] == [case["T"], case["H"]]
     assert not r["nan"], "NaN in output (an unwritten or poisoned buffer was read)"
     assert r["deterministic"], "two runs differ bitwise"
     assert r["err"] <= _tol(case), f"rel err {r['err']:.3g} ({r['config']})"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_interpreted_kernels_match_reference(interpreted, case):
+    check_interpreted_case(interpreted.get(case["name"]), case)
 
 
 def test_plan_regimes_and_overrides():
