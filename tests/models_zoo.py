@@ -245,6 +245,28 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def experts_golden_eager_compiled(experts, k: int, dtype, tokens: int = 24):
+    """One HF experts module on random routing three ways: a float64 copy on the eager loop (its
+    grouped_mm / bmm kernels have no float64), as it is, and compiled with our backend.  Returns
+    (golden, eager, compiled, report of the compile)."""
+    import copy
+
+    import inductor_moe
+
+    golden = copy.deepcopy(experts).double()
+    golden.config = copy.deepcopy(experts.config)
+    golden.config._experts_implementation = "eager"
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g)
+    with torch.no_grad(), inductor_moe.report() as r:
+        gold = golden(x.double(), ids, w.double())
+        eager = experts(x.to(dtype), ids, w.to(dtype))
+        out = torch.compile(experts, backend="inductor_moe")(x.to(dtype), ids, w.to(dtype))
+    return gold, eager, out, r
+
+
 def moe_matches(report, pattern=None) -> list:
     return [m for m in report.matches if m.kind == "moe" and (pattern is None or m.pattern == pattern)]
 

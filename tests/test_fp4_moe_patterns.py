@@ -214,18 +214,7 @@ def test_gpt_oss_mxfp4_experts_block_numerics(impl, dtype):
     """The experts module alone with fixed routing, compiled vs a float64 golden of the same
     MXFP4 weights (dequantised exactly in float64)."""
     experts = gpt_oss_experts(gpt_oss_mxfp4(impl, dtype, layers=1))
-    golden = copy.deepcopy(experts).double()
-    golden.config = copy.deepcopy(experts.config)
-    golden.config._experts_implementation = "eager"  # grouped_mm / bmm kernels have no float64
-    k = 2
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(24, Z.H, generator=g)
-    ids = torch.stack([torch.randperm(Z.E, generator=g)[:k] for _ in range(24)])
-    w = torch.rand(24, k, generator=g)
-    with torch.no_grad(), inductor_moe.report() as r:
-        gold = golden(x.double(), ids, w.double())
-        eager = experts(x.to(dtype), ids, w.to(dtype))
-        out = torch.compile(experts, backend="inductor_moe")(x.to(dtype), ids, w.to(dtype))
+    gold, eager, out, r = Z.experts_golden_eager_compiled(experts, 2, dtype)
     assert len(_moe(r)) == 1 and "weight_format=mxfp4" in _moe(r)[0].detail, r.summary()
     err, eager_err = Z.rel_err(out, gold), Z.rel_err(eager, gold)
     bound = 1e-2 if dtype == torch.bfloat16 else 1e-5

@@ -170,10 +170,9 @@ class _Poison:
         torch.empty = self.orig
 
 
-def run_case(case) -> dict:
-    from inductor_moe.lowering.moe import fused_moe_experts
+def case_inputs_and_config(case):
+    """The case's inputs (``_inputs``, seeded by its name) and its kernel config (heuristic + overrides)."""
     from inductor_moe.lowering.moe_plan import choose_moe_config
-    from inductor_moe.ops.moe_experts import moe_experts_reference
     from inductor_moe.ops import weights as W
 
     gen = torch.Generator().manual_seed(hash(case["name"]) % 2 ** 31)
@@ -182,7 +181,15 @@ def run_case(case) -> dict:
     I = W.intermediate_size(s, w13, w2)
     cfg = choose_moe_config(T, k, E, H, I, s.effective_weight_format, 4, overrides=case["overrides"] or None,
                             act_format=s.act_format)
+    return (s, spec, x, ids, tw, w13, w2, extra, b13, b2), cfg
+
+
+def run_case(case) -> dict:
     from inductor_moe import config
+    from inductor_moe.lowering.moe import fused_moe_experts
+    from inductor_moe.ops.moe_experts import moe_experts_reference
+
+    (s, spec, x, ids, tw, w13, w2, extra, b13, b2), cfg = case_inputs_and_config(case)
 
     outs = []
     for _ in range(2):

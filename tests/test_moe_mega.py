@@ -20,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_moe_kernels import (_Poison, _case, _inputs, check_interpreted_case,  # noqa: E402
+from test_moe_kernels import (_Poison, _case, case_inputs_and_config, check_interpreted_case,  # noqa: E402
                               interpreted_results, report_cases)
 
 N_TILES = {"gemm1.block_n": 16, "gemm2.block_n": 16}  # several L1 and L2 N-tiles per M-block
@@ -63,16 +63,9 @@ class _AlignWithoutZeroing:
 
 def run_case(case) -> dict:
     from inductor_moe.lowering.moe import fused_moe_experts
-    from inductor_moe.lowering.moe_plan import choose_moe_config
-    from inductor_moe.ops import weights as W
     from inductor_moe.ops.moe_experts import moe_experts_reference
 
-    gen = torch.Generator().manual_seed(hash(case["name"]) % 2 ** 31)
-    s, spec, x, ids, tw, w13, w2, extra, b13, b2 = _inputs(case, gen)
-    T, E, H, k = case["T"], case["E"], case["H"], case["k"]
-    I = W.intermediate_size(s, w13, w2)
-    cfg = choose_moe_config(T, k, E, H, I, s.effective_weight_format, 4, overrides=case["overrides"] or None,
-                            act_format=s.act_format)
+    (s, spec, x, ids, tw, w13, w2, extra, b13, b2), cfg = case_inputs_and_config(case)
 
     def run(mega):
         with _Poison():
@@ -86,6 +79,9 @@ def run_case(case) -> dict:
                                 **extra)
     out = mega[0]
     err = (out.double() - ref).norm().item() / max(ref.norm().item(), 1e-30)
+    from inductor_moe.ops import weights as W
+
+    I, H = W.intermediate_size(s, w13, w2), case["H"]
     n1, n2 = -(-I // cfg.gemm1.block_n), -(-H // cfg.gemm2.block_n)
     return dict(name=case["name"], shape=list(out.shape), err=err, nan=bool(out.isnan().any()),
                 deterministic=bool(torch.equal(mega[0], mega[1])), same_as_split=bool(torch.equal(out, split)),

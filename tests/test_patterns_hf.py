@@ -10,7 +10,6 @@ must become one ``moe`` match.  Numerics are checked twice:
   DESIGN tolerance (‖Δ‖/‖ref‖ ≤ 1e-2) and at most twice eager's own error.
 """
 
-import copy
 
 import pytest
 import torch
@@ -90,18 +89,7 @@ def test_experts_block_numerics(family, impl, dtype):
         pytest.skip(f"this transformers has no {family}")
     model = Z.hf_model(family, impl, dtype, layers=1)
     experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
-    golden = copy.deepcopy(experts).double()
-    golden.config = copy.deepcopy(experts.config)
-    golden.config._experts_implementation = "eager"
-    k = model.config.num_experts_per_tok
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(24, Z.H, generator=g)
-    ids = torch.stack([torch.randperm(Z.E, generator=g)[:k] for _ in range(24)])
-    w = torch.rand(24, k, generator=g)
-    with torch.no_grad(), inductor_moe.report() as r:
-        ref = golden(x.double(), ids, w.double())
-        eager = experts(x.to(dtype), ids, w.to(dtype))
-        out = torch.compile(experts, backend="inductor_moe")(x.to(dtype), ids, w.to(dtype))
+    ref, eager, out, r = Z.experts_golden_eager_compiled(experts, model.config.num_experts_per_tok, dtype)
     assert len(Z.moe_matches(r)) == 1, r.summary()
     bound = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert Z.rel_err(out, ref) <= max(bound, 2 * Z.rel_err(eager, ref)) and Z.rel_err(out, ref) <= bound
