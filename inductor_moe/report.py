@@ -28,6 +28,7 @@ class Match:
     pattern: str  # the idiom that matched, e.g. "modulelist_loop", "hf_grouped_mm"
     lowering: str  # what runs it, e.g. "triton_fused_pdl", "reference (cpu)"
     detail: str = ""  # shapes and spec, for people
+    source: tuple = field(default=(), compare=False, repr=False)  # (graph id, node name) of the call emitted
 
     def __str__(self):
         return f"{self.kind}: {self.pattern} -> {self.lowering}" + (f" [{self.detail}]" if self.detail else "")
@@ -69,11 +70,24 @@ def report() -> Iterator[Report]:
         _active.remove(current)
 
 
-def record_match(kind: str, pattern: str, lowering: str, detail: str = "") -> None:
-    match = Match(kind, pattern, lowering, detail)
+def record_match(kind: str, pattern: str, lowering: str, detail: str = "", source: tuple = ()) -> None:
+    match = Match(kind, pattern, lowering, detail, source)
     log.info("%s", match)
     for r in _active:
         r.matches.append(match)
+
+
+def absorb_matches(sources: set) -> int:
+    """Drop the matches whose emitted calls a later rewrite fused into its own (e.g. an MoE loop's
+    per-expert FP4 GEMMs): the report lists what runs.  Returns how many were dropped."""
+    dropped = 0
+    for r in _active:
+        kept = [m for m in r.matches if not (m.source and m.source in sources)]
+        dropped = max(dropped, len(r.matches) - len(kept))
+        r.matches[:] = kept
+    if dropped:
+        log.info("%d matches fused into a later rewrite", dropped)
+    return dropped
 
 
 def record_skip(kind: str, pattern: str, reason: str) -> None:

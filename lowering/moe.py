@@ -119,8 +119,9 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
 # ------------------------------------------------------------------------------ launcher
 
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
-                     hidden: int, use_pdl: bool, swap_ab: bool = False) -> dict:
-    """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing."""
+                     hidden: int, use_pdl: bool, swap_ab: bool = False, gate_up_gscales: bool = False) -> dict:
+    """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing.
+    ``gate_up_gscales``: NVFP4 w13 global scales are [E, 2] (gate's, up's), not [E]."""
     from ..templates.moe_common import ACT_FORMAT_CODES, ACTIVATION_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
@@ -130,7 +131,7 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n,
                 BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                SWAP_AB=swap_ab, num_warps=g1.num_warps, num_stages=g1.num_stages)
+                SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales, num_warps=g1.num_warps, num_stages=g1.num_stages)
 
 
 def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
@@ -305,7 +306,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
                a1.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
                a1_s.stride(0) if act else 0, inter_s_stride,
                float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset))
-    l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab)
+    l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab,
+                             W.gate_up_global_scales(spec, w13_global_scale))
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     l2_args = (inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
                sorted_ids, block_expert, expert_start, expert_count, inter_s,

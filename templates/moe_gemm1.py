@@ -37,7 +37,7 @@ def gemm1_tile(
     INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
-    ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
 ):
     """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
@@ -103,10 +103,14 @@ def gemm1_tile(
             acc_up = tl.trans(acc_up)
     if GATE_UP_ONE_DOT:
         acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
-    if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once
-        gscale = tl.load(w_gscale_ptr + e)
-        acc_gate *= gscale
-        acc_up *= gscale
+    if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once (GATE_UP_GSCALES: gate's, up's)
+        if GATE_UP_GSCALES:
+            acc_gate *= tl.load(w_gscale_ptr + 2 * e)
+            acc_up *= tl.load(w_gscale_ptr + 2 * e + 1)
+        else:
+            gscale = tl.load(w_gscale_ptr + e)
+            acc_gate *= gscale
+            acc_up *= gscale
     pdl_launch_dependents(USE_PDL)
 
     n_mask = n < I
@@ -142,7 +146,7 @@ def moe_gemm1_kernel(
     INTERLEAVED: tl.constexpr, WEIGHT_BEFORE_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
-    ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
 ):
     pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(I, BLOCK_N), USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
@@ -153,4 +157,4 @@ def moe_gemm1_kernel(
                    stride_xst, stride_ist, alpha, limit, up_offset,
                    ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL, ACT_FORMAT,
-                   SWAP_AB)
+                   SWAP_AB, GATE_UP_GSCALES)

@@ -82,6 +82,7 @@ def moe_mega_kernel(
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr,
     L1_HAS_BIAS: tl.constexpr, L1_BLOCK_N: tl.constexpr, L1_BLOCK_K: tl.constexpr, L1_EVEN_K: tl.constexpr,
     L2_HAS_BIAS: tl.constexpr, L2_BLOCK_N: tl.constexpr, L2_BLOCK_K: tl.constexpr, L2_EVEN_K: tl.constexpr,
+    GATE_UP_GSCALES: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -101,7 +102,7 @@ def moe_mega_kernel(
                        l1_stride_sk, l1_stride_be, stride_xst, stride_ist, alpha, limit, up_offset,
                        ACTIVATION, HAS_LIMIT, L1_HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                        BLOCK_M, L1_BLOCK_N, L1_BLOCK_K, L1_EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, False,
-                       ACT_FORMAT, SWAP_AB)
+                       ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES)
             _publish_l1_tile(ready_ptr + pid_m)
     pdl_launch_dependents(USE_PDL)
     # this program's first L2 entry: the smallest index >= l1_tiles congruent to pid mod G

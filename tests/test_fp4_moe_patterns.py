@@ -322,34 +322,101 @@ def test_lone_grouped_mm_over_fp4_experts_is_reported():
         assert Z.rel_err(out, ref) < 1e-2
 
 
-def test_modulelist_of_fp4_experts_runs_each_linear_as_fp4_gemm():
-    """``nn.ModuleList`` experts whose linears dequantise FP4 weights: no stacked packed weights
-    exist for ``moe_experts``, so each expert linear becomes ``block_scaled_mm`` (no dequantised
-    copy either) and the MoE skip says why the block itself is not fused."""
+def fp4_loop_moe(fmt, dtype=torch.float32, num_experts=4, bias=False, high_first=False):
+    """``Z.LoopMoE`` whose gate / up / down linears hold FP4 weights dequantised in forward."""
     torch.manual_seed(0)
-    model = Z.LoopMoE(num_experts=4).bfloat16().eval()
+    model = Z.LoopMoE(num_experts=num_experts, bias=bias).to(dtype).eval()
+    wrap = {"mxfp4": lambda lin: _MXFP4Linear(lin, high_first), "nvfp4": _NVFP4Linear}[fmt]
     for expert in model.experts:
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(expert, name, _MXFP4Linear(getattr(expert, name)))
-    x = _x(12, torch.bfloat16)
+            setattr(expert, name, wrap(getattr(expert, name)))
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.bfloat16, True)])
+def test_modulelist_of_fp4_experts_is_fused(fmt, dtype, bias):
+    """``nn.ModuleList`` experts whose linears dequantise FP4 weights: the FP4 pass makes each a
+    ``block_scaled_mm``, then the loop becomes one ``moe_experts_unstacked`` call on the packed
+    weights, their scales and (NVFP4) each linear's own global scale; no GEMM is left alone."""
+    model = fp4_loop_moe(fmt, dtype, bias=bias)
+    x = _x(12, dtype)
     out, ref, r, graph = _run(model, x)
+    moe = _moe(r)
+    assert [m.pattern for m in moe] == ["modulelist_loop"] and f"weight_format={fmt}" in moe[0].detail, r.summary()
+    assert r.matches == moe and "fuses its 12 expert FP4 GEMMs" in moe[0].detail, r.summary()  # what runs
+    assert graph.count("moe_experts_unstacked(") == 1 and "block_scaled_mm" not in graph, graph
+    assert ("global_scales=12 x float32[1]" in graph) == (fmt == "nvfp4"), graph
+    assert Z.rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_modulelist_of_fp4_experts_matches_float64_golden():
+    """The fused op's numerics: the compiled block vs the same model in float64 (same quantised weights)."""
+    model = fp4_loop_moe("nvfp4", torch.bfloat16)
+    gold = copy.deepcopy(model).double()
+    x = _x(12, torch.bfloat16)
+    out, _, r, _ = _run(model, x)
+    assert len(_moe(r)) == 1, r.summary()
+    with torch.no_grad():
+        assert Z.rel_err(out, gold(x.double())) < 2e-2
+
+
+def test_modulelist_of_fp4_experts_needing_relayout_is_reported():
+    """Packed high nibble first: each linear needs a re-layout (``block_scaled_mm_relayout``), so the
+    loop is not fused; the skip says why, and every linear still runs as an FP4 GEMM."""
+    model = fp4_loop_moe("mxfp4", torch.bfloat16, high_first=True)
+    out, ref, r, graph = _run(model, _x(12, torch.bfloat16))
     assert not _moe(r) and [m.kind for m in r.matches] == ["fp4_gemm"] * 12, r.summary()
-    assert any(s.pattern == "modulelist_loop" and "FP4" in s.reason for s in r.skipped), r.summary()
+    assert any(s.pattern == "modulelist_loop" and "re-layout" in s.reason for s in r.skipped), r.summary()
     assert Z.rel_err(out, ref) < 2e-2
+
+
+def test_modulelist_mixing_fp4_and_dense_experts_is_reported():
+    model = fp4_loop_moe("mxfp4", torch.float32)
+    model.experts[2].down_proj = torch.nn.Linear(Z.I, Z.H, bias=False)
+    out, ref, r, graph = _run(model, _x(12))
+    assert not _moe(r), r.summary()
+    assert any(s.pattern == "modulelist_loop" and "mix weight formats" in s.reason for s in r.skipped), r.summary()
+    assert Z.rel_err(out, ref) < 1e-5
 
 
 class _MXFP4Linear(torch.nn.Module):
     """An ``nn.Linear`` stored as gpt-oss-layout MXFP4, dequantised in forward."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, high_first=False):
         super().__init__()
         n, k = linear.weight.shape
         q, s = formats.quantize_mxfp4(linear.weight.detach().float())
+        if high_first:
+            q = (q << 4) | (q >> 4)
         self.register_buffer("blocks", q.reshape(n, k // 32, 16).contiguous())
         self.register_buffer("scales", s.view(torch.uint8).contiguous())
+        self.bias = linear.bias
+        self.high_first = high_first
 
     def forward(self, x):
-        return F.linear(x, dequantize_mxfp4_blocks(self.blocks, self.scales, x.dtype))
+        w = dequantize_mxfp4_blocks(self.blocks, self.scales, x.dtype, high_first=self.high_first)
+        return F.linear(x, w, self.bias)
+
+
+class _NVFP4Linear(torch.nn.Module):
+    """An ``nn.Linear`` in compressed-tensors NVFP4 layout (``weight_packed`` [N, K/2], e4m3
+    ``weight_scale`` [N, K/16], its own fp32 ``weight_global_scale``), dequantised in forward."""
+
+    def __init__(self, linear):
+        super().__init__()
+        q, s, g = formats.quantize_nvfp4(linear.weight.detach().float())
+        self.register_buffer("weight_packed", q)
+        self.register_buffer("weight_scale", s)
+        self.register_buffer("weight_global_scale", g.reshape(1).float())
+        self.bias = linear.bias
+
+    def forward(self, x):
+        p = self.weight_packed
+        lut = torch.tensor(E2M1, dtype=torch.float32, device=p.device)
+        codes = torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1).long()
+        w = lut[codes] * self.weight_scale.float().repeat_interleave(16, dim=-1) * self.weight_global_scale
+        return F.linear(x, w.to(x.dtype), self.bias)
 
 
 # ------------------------------------------------------------------------------ probing cost
@@ -444,6 +511,10 @@ def _interpreted_blocks():
             gold.config = copy.deepcopy(experts.config)
             gold.config._experts_implementation = "eager"
             cases.append((f"gpt_oss_mxfp4_{impl}", experts, gold))
+    for fmt in ("mxfp4", "nvfp4"):  # nn.ModuleList experts: stacked once, then the same kernels
+        loop = fp4_loop_moe(fmt, torch.bfloat16)
+        loop_gold = copy.deepcopy(loop).double()
+        cases.append((f"modulelist_{fmt}", lambda x, ids, w, m=loop: m(x), lambda x, ids, w, m=loop_gold: m(x)))
     x, ids, w = _routing()
     for name, block, gold in cases:
         torch._dynamo.reset()
@@ -468,7 +539,8 @@ def interpreted():
 
 
 @pytest.mark.parametrize("name,fmt", [("nvfp4_bmm", "nvfp4"), ("gpt_oss_mxfp4_grouped_mm", "mxfp4"),
-                                      ("gpt_oss_mxfp4_batched_mm", "mxfp4")])
+                                      ("gpt_oss_mxfp4_batched_mm", "mxfp4"), ("modulelist_mxfp4", "mxfp4"),
+                                      ("modulelist_nvfp4", "nvfp4")])
 def test_fused_kernels_read_the_packed_experts(interpreted, name, fmt):
     """The fused Triton kernels (interpreted) consume the packed weights and scales the pattern
     hands them: bf16 activations, FP4 weights, within the FP4 tolerance of the float64 golden."""
@@ -504,6 +576,26 @@ def test_gpt_oss_mxfp4_runs_the_fused_kernels_on_cuda():
     assert torch.isfinite(ours).all()
     ours_err, plain_err = Z.rel_err(ours, eager), Z.rel_err(plain, eager)
     assert ours_err <= max(1e-2, 2 * plain_err), (ours_err, plain_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_modulelist_of_fp4_experts_runs_the_fused_kernels_on_cuda(fmt):
+    """nn.ModuleList FP4 experts on CUDA: one fused MoE call (stacked once), no runtime fallback,
+    within the FP4 tolerance of the float64 model on the same quantised weights."""
+    model = fp4_loop_moe(fmt, torch.bfloat16, num_experts=8, bias=True).cuda()
+    gold = copy.deepcopy(model).double()
+    x = _x(40, torch.bfloat16).cuda()
+    with torch.no_grad(), inductor_moe.report() as r:
+        compiled = torch.compile(model, backend="inductor_moe")
+        out, again = compiled(x), compiled(x)
+        ref = gold(x.double())
+    moe = _moe(r)
+    assert len(moe) == 1 and moe[0].lowering.startswith("triton_fused") and fmt in moe[0].lowering, r.summary()
+    assert not [s for s in r.skipped if s.pattern == "lowering"], r.summary()
+    assert torch.equal(out, again) and not out.isnan().any()
+    assert Z.rel_err(out, ref) < 2e-2
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:

@@ -24,10 +24,12 @@ TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
-          overrides=None, weight_format="dense", act="dense", settings=None):
-    """``settings``: inductor_moe.config keys patched for the call."""
+          overrides=None, weight_format="dense", act="dense", settings=None, gate_up_gscales=False):
+    """``settings``: inductor_moe.config keys patched for the call.  ``gate_up_gscales``: NVFP4 gate and
+    up quantised on their own (w13 global scales [E, 2])."""
     return dict(name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
-                overrides=overrides or {}, weight_format=weight_format, act=act, settings=settings or {})
+                overrides=overrides or {}, weight_format=weight_format, act=act, settings=settings or {},
+                gate_up_gscales=gate_up_gscales)
 
 
 def _tol(case):
@@ -65,6 +67,9 @@ CASES = [
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "off"}),
     _case("mxfp4_fp16_bias", T=5, k=2, I=64, H=128, dtype="float16", weight_format="mxfp4", bias=True),
     _case("nvfp4", T=33, k=6, I=64, weight_format="nvfp4", bad_ids=True),
+    _case("nvfp4_gate_up_gscales", T=33, k=2, I=64, weight_format="nvfp4", gate_up_gscales=True),
+    _case("nvfp4_gate_up_gscales_interleaved_two_dot", T=5, k=6, I=64, weight_format="nvfp4", gate_up_gscales=True,
+          spec="gate_up=interleaved", overrides={"gate_up_one_dot": False}, settings={"fp4_swap_ab": "on"}),
     # two mxfp4 scale groups per K step, odd group counts per row (7 / 3), a K tail in both GEMMs
     _case("mxfp4_bk64_k_tail", T=5, k=2, I=96, H=224, weight_format="mxfp4",
           overrides={"fp4_dot_scaled": False, "gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64},
@@ -141,13 +146,30 @@ def _inputs(case, gen):
             w13, w2 = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
         w13, w2 = w13.to(dtype), w2.to(dtype)
     else:
-        (w13, s13, g13), (w2, s2, g2) = W.quantize_weight(fmt, w13), W.quantize_weight(fmt, w2)
+        (w13, s13, g13), (w2, s2, g2) = quantize_w13(fmt, w13, s, case["gate_up_gscales"]), W.quantize_weight(fmt, w2)
         extra = dict(w13_scale=s13, w2_scale=s2)
         if g13 is not None:
             extra.update(w13_global_scale=g13, w2_global_scale=g2)
     b13 = (torch.randn(E, 2 * I, generator=gen) * 0.1).to(dtype) if case["bias"] else None
     b2 = (torch.randn(E, H, generator=gen) * 0.1).to(dtype) if case["bias"] else None
     return s, spec, x, ids, tw, w13, w2, extra, b13, b2
+
+
+def quantize_w13(fmt, w13, spec, gate_up_gscales=False):
+    """``ops.weights.quantize_weight`` of w13; ``gate_up_gscales``: gate and up rows quantised on
+    their own (NVFP4 global scales [E, 2]), as separate gate / up linears are."""
+    from inductor_moe.ops import weights as W
+
+    if not gate_up_gscales:
+        return W.quantize_weight(fmt, w13)
+    E, I2 = w13.shape[:2]
+    rows = (slice(0, None, 2), slice(1, None, 2)) if spec.gate_up == "interleaved" else (
+        slice(0, I2 // 2), slice(I2 // 2, None))
+    (qg, sg, gg), (qu, su, gu) = (W.quantize_weight(fmt, w13[:, r].contiguous()) for r in rows)
+    q, sc = torch.empty_like(torch.cat([qg, qu], 1)), torch.empty_like(torch.cat([sg, su], 1))
+    for r, qq, ss in zip(rows, (qg, qu), (sg, su)):
+        q[:, r], sc[:, r] = qq, ss
+    return q, sc, torch.stack([gg, gu], dim=1)
 
 
 class _Poison:
@@ -370,7 +392,7 @@ def test_templates_compile_for_sm90(case):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _gpu_inputs(T, E, H, I, k, fmt, spec_extra="", bias=False, seed=0, bad_ids=False):
+def _gpu_inputs(T, E, H, I, k, fmt, spec_extra="", bias=False, seed=0, bad_ids=False, gate_up_gscales=False):
     from inductor_moe.ops import weights as W
     from inductor_moe.spec import MoESpec
 
@@ -392,7 +414,7 @@ def _gpu_inputs(T, E, H, I, k, fmt, spec_extra="", bias=False, seed=0, bad_ids=F
             w13, w2 = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
         w13, w2 = w13.bfloat16(), w2.bfloat16()
     else:
-        (w13, s13, g13), (w2, s2, g2) = W.quantize_weight(fmt, w13), W.quantize_weight(fmt, w2)
+        (w13, s13, g13), (w2, s2, g2) = quantize_w13(fmt, w13, s, gate_up_gscales), W.quantize_weight(fmt, w2)
         kw = dict(w13_scale=s13, w2_scale=s2)
         if g13 is not None:
             kw.update(w13_global_scale=g13, w2_global_scale=g2)
@@ -402,13 +424,13 @@ def _gpu_inputs(T, E, H, I, k, fmt, spec_extra="", bias=False, seed=0, bad_ids=F
     return spec, x, ids, tw, w13, w2, kw
 
 
-def _check_gpu(T, E, H, I, k, fmt="dense", spec_extra="", bias=False, seed=0, bad_ids=False):
+def _check_gpu(T, E, H, I, k, fmt="dense", spec_extra="", bias=False, seed=0, bad_ids=False, gate_up_gscales=False):
     from inductor_moe.lowering import moe
     from inductor_moe.ops.moe_experts import moe_experts_reference
     from inductor_moe.report import report
 
     moe.register()
-    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(T, E, H, I, k, fmt, spec_extra, bias, seed, bad_ids)
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(T, E, H, I, k, fmt, spec_extra, bias, seed, bad_ids, gate_up_gscales)
     with _Poison(), report() as fallbacks:
         out = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec, **kw)
         out2 = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec, **kw)
@@ -498,6 +520,21 @@ def test_gpu_fp4_swapped_tiles(fmt, swap):
             _check_gpu(T, 128, 2048, 768, 8, fmt, seed=T)
         _check_gpu(5, 32, 2880, 2880, 4, fmt, "gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True,
                    bad_ids=True)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mega", [True, False])
+def test_gpu_nvfp4_gate_up_global_scales(mega):
+    """NVFP4 w13 with gate's and up's own global scales ([E, 2], from per-expert gate / up linears),
+    in the persistent kernel and the two-launch path, concat and interleaved gate/up."""
+    from inductor_moe import config
+
+    with config.patch(mega_kernel=mega):
+        for T in (1, 16, 128):
+            _check_gpu(T, 128, 2048, 768, 8, "nvfp4", seed=T, gate_up_gscales=True)
+        _check_gpu(5, 32, 2880, 2880, 4, "nvfp4", "gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True,
+                   bad_ids=True, gate_up_gscales=True)
 
 
 @pytest.mark.gpu

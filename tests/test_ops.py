@@ -126,6 +126,75 @@ def test_quantised_weights_equal_dense_run_on_dequantised_weights(fmt, tol):
     assert rel(out, loop_golden(x, ids, w, w13, w2)) < (0.08 if fmt == "fp8_block128" else 0.3)
 
 
+def _per_linear_nvfp4(w):
+    """[E, N, K] quantised one row-block (linear) at a time: (packed, scales, global [E])."""
+    q, s, g = formats.quantize_nvfp4(w)
+    return q, s, g.reshape(w.shape[0]).float()
+
+
+@pytest.mark.parametrize("layout", ["concat", "interleaved"])
+def test_nvfp4_gate_and_up_global_scales(layout):
+    """NVFP4 w13 with gate's and up's own global scales ([E, 2], as separate linears carry them)
+    equals the float64 golden of gate and up dequantised with their own scales."""
+    x, ids, w, w13, w2 = make_inputs(H=64, I=32, seed=3)
+    I = 32
+    (qg, sg, gg), (qu, su, gu) = _per_linear_nvfp4(w13[:, :I] * 4), _per_linear_nvfp4(w13[:, I:])  # scales differ
+    q2, s2, g2 = _per_linear_nvfp4(w2)
+    dg = formats.dequantize_nvfp4(qg, sg, gg, torch.float64)
+    du = formats.dequantize_nvfp4(qu, su, gu, torch.float64)
+    golden = loop_golden(x, ids, w, torch.cat([dg, du], 1), formats.dequantize_nvfp4(q2, s2, g2, torch.float64))
+    if layout == "interleaved":
+        q13, s13 = torch.stack([qg, qu], 2).flatten(1, 2), torch.stack([sg, su], 2).flatten(1, 2)
+    else:
+        q13, s13 = torch.cat([qg, qu], 1), torch.cat([sg, su], 1)
+    spec = MoESpec(weight_format="nvfp4", gate_up=layout).to_str()
+    out = moe(x, ids, w, q13, q2, spec, w13_scale=s13, w2_scale=s2, w13_global_scale=torch.stack([gg, gu], 1),
+              w2_global_scale=g2)
+    assert rel(out, golden) < 1e-5
+    with pytest.raises(ValueError, match=r"w13_global_scale must be \(4,\) or \(4, 2\)"):
+        moe(x, ids, w, q13, q2, spec, w13_scale=s13, w2_scale=s2, w13_global_scale=torch.ones(4, 3), w2_global_scale=g2)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_unstacked_fp4_experts_equal_the_stacked_op(fmt):
+    """``moe_experts_unstacked`` over per-expert packed FP4 linears stacks them once (cached) and
+    gives bitwise the stacked op's result; a missing scale list is a clear error."""
+    from inductor_moe import weight_cache
+
+    x, ids, w, w13, w2 = make_inputs(H=64, I=32, seed=4)
+    E, I = 4, 32
+    quant = (lambda t: (*formats.quantize_mxfp4(t), None)) if fmt == "mxfp4" else _per_linear_nvfp4
+    gate = [quant(w13[e:e + 1, :I]) for e in range(E)]
+    up = [quant(w13[e:e + 1, I:]) for e in range(E)]
+    down = [quant(w2[e:e + 1]) for e in range(E)]
+    parts = [*gate, *up, *down]
+    packed, scales = [p[0][0] for p in parts], [p[1][0] for p in parts]
+    glob = [p[2] for p in parts] if fmt == "nvfp4" else []
+    spec = MoESpec(weight_format=fmt).to_str()
+    weight_cache.clear()
+    out = torch.ops.inductor_moe.moe_experts_unstacked(x, ids, w, packed[:E], packed[E:2 * E], packed[2 * E:], [],
+                                                       scales, glob, spec)
+    again = torch.ops.inductor_moe.moe_experts_unstacked(x, ids, w, packed[:E], packed[E:2 * E], packed[2 * E:], [],
+                                                         scales, glob, spec)
+    assert weight_cache.size() == 1 and torch.equal(out, again)
+    kw = dict(w13_scale=torch.cat([torch.stack(scales[:E]), torch.stack(scales[E:2 * E])], 1),
+              w2_scale=torch.stack(scales[2 * E:]))
+    if fmt == "nvfp4":
+        kw.update(w13_global_scale=torch.stack([torch.cat(glob[:E]), torch.cat(glob[E:2 * E])], 1),
+                  w2_global_scale=torch.cat(glob[2 * E:]))
+    stacked = moe(x, ids, w, torch.cat([torch.stack(packed[:E]), torch.stack(packed[E:2 * E])], 1),
+                  torch.stack(packed[2 * E:]), spec, **kw)
+    assert torch.equal(out, stacked)
+    unstacked = torch.ops.inductor_moe.moe_experts_unstacked
+    with pytest.raises(ValueError, match=f"weight format '{fmt}' needs w13_scale"):
+        unstacked(x, ids, w, packed[:E], packed[E:2 * E], packed[2 * E:], [], [], glob, spec)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="FP4 weight formats need block scales"):
+        fake = [mode.from_tensor(t) for t in (x, ids, w, *packed)]
+        unstacked(*fake[:3], fake[3:3 + E], fake[3 + E:3 + 2 * E], fake[3 + 2 * E:], [], [], [], spec)
+
+
 def test_quantize_weights_once_is_cached_and_matches_prequantised():
     from inductor_moe import weight_cache
     x, ids, w, w13, w2 = make_inputs(H=64, I=64)

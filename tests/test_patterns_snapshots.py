@@ -50,4 +50,4 @@ class PlainSnapshots(TestCase):
         self.assertExpectedInline(_plain(Z.StackedMoE(via="grouped_mm"), torch.bfloat16), """moe_experts(x=bfloat16[6,64], topk_ids=int64[6,2], topk_weights=bfloat16[6,2], w13=bfloat16[8,64,64], w2=bfloat16[8,64,32], spec='')""")
 
     def test_modulelist_one_hot_with_bias(self):
-        self.assertExpectedInline(_plain(Z.LoopMoE(num_experts=4, select="one_hot", bias=True)), """moe_experts_unstacked(x=float32[6,64], topk_ids=int64[6,2], topk_weights=float32[6,2], gate=4 x float32[32,64], up=4 x float32[32,64], down=4 x float32[64,32], biases=8 x float32[32] + 4 x float32[64], spec='')""")
+        self.assertExpectedInline(_plain(Z.LoopMoE(num_experts=4, select="one_hot", bias=True)), """moe_experts_unstacked(x=float32[6,64], topk_ids=int64[6,2], topk_weights=float32[6,2], gate=4 x float32[32,64], up=4 x float32[32,64], down=4 x float32[64,32], biases=8 x float32[32] + 4 x float32[64], scales=[], global_scales=[], spec='')""")

@@ -15,7 +15,7 @@ class ModuleListSnapshot(TestCase):
         with torch.no_grad():
             out, graphs = compile_and_capture(m, x)
             torch.testing.assert_close(out, m(x))
-        self.assertExpectedInline("\n".join(graphs), """moe_experts_unstacked(x=float32[7,64], topk_ids=int64[7,3], topk_weights=float32[7,3], gate=5 x float32[32,64], up=5 x float32[32,64], down=5 x float32[64,32], biases=10 x float32[32] + 5 x float32[64], spec='')""")
+        self.assertExpectedInline("\n".join(graphs), """moe_experts_unstacked(x=float32[7,64], topk_ids=int64[7,3], topk_weights=float32[7,3], gate=5 x float32[32,64], up=5 x float32[32,64], down=5 x float32[64,32], biases=10 x float32[32] + 5 x float32[64], scales=[], global_scales=[], spec='')""")
 
     def test_language_model_one_call_per_layer(self):
         torch.manual_seed(0)
@@ -25,5 +25,5 @@ class ModuleListSnapshot(TestCase):
             out, graphs = compile_and_capture(m, tokens)
             torch.testing.assert_close(out, m(tokens))
         self.assertExpectedInline("\n".join(graphs), """\
-moe_experts_unstacked(x=float32[6,32], topk_ids=int64[6,2], topk_weights=float32[6,2], gate=4 x float32[16,32], up=4 x float32[16,32], down=4 x float32[32,16], biases=[], spec='')
-moe_experts_unstacked(x=float32[6,32], topk_ids=int64[6,2], topk_weights=float32[6,2], gate=4 x float32[16,32], up=4 x float32[16,32], down=4 x float32[32,16], biases=[], spec='')""")
+moe_experts_unstacked(x=float32[6,32], topk_ids=int64[6,2], topk_weights=float32[6,2], gate=4 x float32[16,32], up=4 x float32[16,32], down=4 x float32[32,16], biases=[], scales=[], global_scales=[], spec='')
+moe_experts_unstacked(x=float32[6,32], topk_ids=int64[6,2], topk_weights=float32[6,2], gate=4 x float32[16,32], up=4 x float32[16,32], down=4 x float32[32,16], biases=[], scales=[], global_scales=[], spec='')""")

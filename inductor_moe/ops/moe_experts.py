@@ -62,39 +62,57 @@ def moe_experts_unstacked(
     up: list[Tensor],
     down: list[Tensor],
     biases: list[Tensor],
+    scales: list[Tensor],
+    global_scales: list[Tensor],
     spec: str,
 ) -> Tensor:
-    """The same op over per-expert ``nn.Linear`` weights ([I, H], [I, H], [H, I] each).
+    """The same op over per-expert ``nn.Linear`` weights ([I, H], [I, H], [H, I] each, or packed
+    FP4 [I, H/2], [I, H/2], [H, I/2] for ``weight_format`` mxfp4 / nvfp4).
 
-    ``biases`` is empty, or the E gate, E up and E down biases in that order.  Models that keep
-    experts in an ``nn.ModuleList`` never hold stacked weights; the stack is built once (cached
-    on the parameters' storage and version) and reused on every call.
+    ``biases``, ``scales`` (FP4 block scales) and ``global_scales`` (NVFP4, one element each) are
+    empty, or the E gate, E up and E down tensors in that order.  Models that keep experts in an
+    ``nn.ModuleList`` never hold stacked weights; the stack is built once (cached on the
+    parameters' storage and version) and reused on every call.
     """
-    w13, w2, b13, b2 = stack_expert_weights(gate, up, down, biases)
-    return torch.ops.inductor_moe.moe_experts(x, topk_ids, topk_weights, w13, w2, spec, b13=b13, b2=b2)
+    stacked = stack_expert_weights(gate, up, down, biases, scales, global_scales)
+    w13, w2, b13, b2 = stacked["w13"], stacked["w2"], stacked["b13"], stacked["b2"]
+    quant = {k: v for k, v in stacked.items() if k.endswith("scale") and v is not None}
+    return torch.ops.inductor_moe.moe_experts(x, topk_ids, topk_weights, w13, w2, spec, b13=b13, b2=b2, **quant)
 
 
 @moe_experts_unstacked.register_fake
-def _(x, topk_ids, topk_weights, gate, up, down, biases, spec):
-    if not (len(gate) == len(up) == len(down)) or not gate or len(biases) not in (0, 3 * len(gate)):
-        raise ValueError("moe_experts_unstacked: need one gate/up/down weight per expert and 0 or 3E biases")
+def _(x, topk_ids, topk_weights, gate, up, down, biases, scales, global_scales, spec):
+    E = len(gate)
+    if not (len(up) == len(down) == E) or not gate or any(len(t) not in (0, 3 * E) for t in (biases, scales, global_scales)):
+        raise ValueError("moe_experts_unstacked: need one gate/up/down weight per expert and 0 or 3E biases, "
+                         "scales and global scales")
+    if (MoESpec.from_str(spec).weight_format in ("mxfp4", "nvfp4")) != bool(scales):
+        raise ValueError("moe_experts_unstacked: FP4 weight formats need block scales, other formats none")
     return x.new_empty(x.shape)
 
 
 def stack_expert_weights(gate: Sequence[Tensor], up: Sequence[Tensor], down: Sequence[Tensor],
-                         biases: Sequence[Tensor] = ()):
-    """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None), built once."""
+                         biases: Sequence[Tensor] = (), scales: Sequence[Tensor] = (),
+                         global_scales: Sequence[Tensor] = ()) -> dict:
+    """w13 [E, 2I, H(/2)], w2 [E, H, I(/2)], b13 [E, 2I], b2 [E, H], their block scales and NVFP4
+    global scales (w13: [E, 2], gate's and up's own; w2: [E]); absent ones are None.  Built once."""
     E = len(gate)
 
-    def build():
-        w13 = torch.cat([torch.stack(list(gate)), torch.stack(list(up))], dim=1).contiguous()
-        w2 = torch.stack(list(down)).contiguous()
-        if not biases:
-            return w13, w2, None, None
-        b13 = torch.cat([torch.stack(list(biases[:E])), torch.stack(list(biases[E:2 * E]))], dim=1)
-        return w13, w2, b13, torch.stack(list(biases[2 * E:]))
+    def gate_up_down(parts, stack=torch.stack):
+        if not parts:
+            return None, None
+        return torch.cat([stack(list(parts[:E])), stack(list(parts[E:2 * E]))], dim=1), stack(list(parts[2 * E:]))
 
-    return weight_cache.cached("stack_experts", [*gate, *up, *down, *biases], build)
+    def build():
+        w13, w2 = gate_up_down([*gate, *up, *down])
+        b13, b2 = gate_up_down(biases)
+        s13, s2 = gate_up_down(scales)
+        g13, g2 = gate_up_down([g.reshape(1).float() for g in global_scales])
+        return {"w13": w13.contiguous(), "w2": w2.contiguous(), "b13": b13, "b2": b2,
+                "w13_scale": s13, "w2_scale": s2, "w13_global_scale": g13,
+                "w2_global_scale": None if g2 is None else g2.reshape(E)}
+
+    return weight_cache.cached("stack_experts", [*gate, *up, *down, *biases, *scales, *global_scales], build)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -128,9 +146,12 @@ def validate_moe_inputs(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_s
             continue
         if t is None:
             raise ValueError(f"moe_experts: weight format {spec.weight_format!r} needs {name} {shape}")
-        if tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
-            raise ValueError(f"moe_experts: {name} must be {shape} of {[str(d) for d in dtypes]}, "
-                             f"got {tuple(t.shape)} {t.dtype}")
+        shapes = [tuple(shape)]
+        if name == "w13_global_scale":
+            shapes.append((*shape, 2))  # gate's and up's own (W.gate_up_global_scales)
+        if tuple(t.shape) not in shapes or t.dtype not in dtypes:
+            raise ValueError(f"moe_experts: {name} must be {' or '.join(map(str, shapes))} of "
+                             f"{[str(d) for d in dtypes]}, got {tuple(t.shape)} {t.dtype}")
     E, I2 = w13.shape[0], 2 * W.intermediate_size(spec, w13, w2)
     if b13 is not None and tuple(b13.shape) != (E, I2):
         raise ValueError(f"moe_experts: b13 must be [{E}, {I2}], got {tuple(b13.shape)}")

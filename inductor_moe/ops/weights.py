@@ -50,6 +50,19 @@ def expert_weight_shapes(spec: MoESpec, num_experts: int, hidden: int, intermedi
             "w13_global_scale": glob, "w2_global_scale": glob}
 
 
+def gate_up_global_scales(spec: MoESpec, w13_global_scale) -> bool:
+    """NVFP4 w13 takes one fp32 global scale per expert ``[E]``, or gate's and up's own ``[E, 2]``:
+    experts held as separate gate / up linears (``nn.ModuleList``) quantise each on its own."""
+    return spec.weight_format == "nvfp4" and w13_global_scale is not None and w13_global_scale.dim() == 2
+
+
+def w13_row_global_scales(spec: MoESpec, g: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """``[E, 2]`` (gate, up) global scales -> one per w13 row ``[E, 2I]`` in the gate/up layout."""
+    if spec.gate_up == "interleaved":
+        return g.repeat(1, intermediate)  # gate even rows, up odd rows
+    return g.repeat_interleave(intermediate, dim=1)
+
+
 def dequantize_weight(fmt: str, w, scale, global_scale, dtype) -> torch.Tensor:
     """One stored expert weight stack [E, N, K(packed)] -> dense [E, N, K] in ``dtype``."""
     if fmt == "dense":
@@ -101,5 +114,10 @@ def dense_expert_weights(spec: MoESpec, w13, w2, w13_scale, w2_scale, w13_global
         c13, c2 = canonical_dense(spec, w13, w2)
         return c13.to(dtype), c2.to(dtype)
     fmt = spec.weight_format
-    return (dequantize_weight(fmt, w13, w13_scale, w13_global_scale, dtype),
-            dequantize_weight(fmt, w2, w2_scale, w2_global_scale, dtype))
+    if gate_up_global_scales(spec, w13_global_scale):  # fp32 products as dequantize_nvfp4, then one cast
+        ones = torch.ones(w13.shape[0], dtype=torch.float32, device=w13.device)
+        rows = w13_row_global_scales(spec, w13_global_scale.float(), w13.shape[1] // 2)
+        w13_f = (dequantize_weight(fmt, w13, w13_scale, ones, torch.float32) * rows[..., None]).to(dtype)
+    else:
+        w13_f = dequantize_weight(fmt, w13, w13_scale, w13_global_scale, dtype)
+    return w13_f, dequantize_weight(fmt, w2, w2_scale, w2_global_scale, dtype)

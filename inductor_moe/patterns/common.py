@@ -90,6 +90,7 @@ class MoEMatch:
     region: list = field(default_factory=list)  # nodes the match consumes (checked for outside users)
     x_transform: Optional[Callable[[fx.Graph, fx.Node], fx.Node]] = None  # e.g. reshape [B,S,H]->[T,H]
     fp4: Optional[object] = None  # fp4_experts.FP4Experts: w13/w2 are dequantised in the graph from these
+    fuses: list = field(default_factory=list)  # canonical GEMM calls (block_scaled_mm) the MoE op replaces
 
 
 def fake_call(target, args, kwargs):
@@ -135,9 +136,8 @@ def emit_moe(graph: fx.Graph, match: MoEMatch) -> fx.Node:
         u = match.unstacked
         node = insert_call(graph, anchor, torch.ops.inductor_moe.moe_experts_unstacked.default,
                            (x, match.topk_ids, match.topk_weights, u["gate"], u["up"], u["down"],
-                            u.get("biases", []), spec_str), {})
-        w13_val, num_experts = val(u["gate"][0]), len(u["gate"])
-        hidden, inter = w13_val.shape[1], w13_val.shape[0]
+                            u.get("biases", []), u.get("scales", []), u.get("global_scales", []), spec_str), {})
+        num_experts, hidden, inter = len(u["gate"]), val(x).shape[1], val(u["gate"][0]).shape[0]
     else:
         w13, w2, scales = match.w13, match.w2, match.scales
         if match.fp4 is not None:  # the packed weights and scales the dequantisation read
@@ -160,9 +160,16 @@ def emit_moe(graph: fx.Graph, match: MoEMatch) -> fx.Node:
     drop_shape_checks(match.region)
     top_k = val(match.topk_ids).shape[1]
     lowering = describe_moe_lowering(match.spec, val(x).device, val(x).dtype, num_experts, hidden, inter, top_k)
+    fused = report.absorb_matches({gemm_source(graph, n) for n in match.fuses})
     report.record_match("moe", match.pattern, lowering,
-                        f"E={num_experts} k={top_k} H={hidden} I={inter} {spec_str or 'silu'}")
+                        f"E={num_experts} k={top_k} H={hidden} I={inter} {spec_str or 'silu'}"
+                        + (f"; fuses its {len(match.fuses)} expert FP4 GEMMs" if fused else ""))
     return node
+
+
+def gemm_source(graph: fx.Graph, node: fx.Node) -> tuple:
+    """How a ``fp4_gemm`` match names the call it emitted (``report.absorb_matches``)."""
+    return (id(graph), node.name)
 
 
 def emit_gemm(graph: fx.Graph, pattern: str, output: fx.Node, args: tuple, kwargs: dict, spec: GemmSpec,
@@ -183,7 +190,7 @@ def emit_gemm(graph: fx.Graph, pattern: str, output: fx.Node, args: tuple, kwarg
     b = val(args[1])
     m = val(args[0]).shape[0] if val(args[0]).dim() else 1
     lowering = describe_gemm_lowering(spec, b.device, m, b.shape[0], b.shape[1] * 2)
-    report.record_match("fp4_gemm", pattern, lowering, f"N={b.shape[0]} {spec.to_str()}")
+    report.record_match("fp4_gemm", pattern, lowering, f"N={b.shape[0]} {spec.to_str()}", gemm_source(graph, node))
     return node
 
 
@@ -211,6 +218,29 @@ class Linear:
     weight: fx.Node
     bias: Optional[fx.Node]
     nodes: list
+
+
+@dataclass
+class BlockScaledLinear(Linear):
+    """A linear on FP4 weights that the FP4 pass already rewrote: ``block_scaled_mm(x, packed,
+    scale, global_scale=, bias=)`` with dense activations and no epilogue activation."""
+
+    scale: Optional[fx.Node] = None
+    global_scale: Optional[fx.Node] = None
+    fmt: str = "mxfp4"
+
+
+def match_block_scaled_linear(node) -> Optional[BlockScaledLinear]:
+    if not (isinstance(node, fx.Node) and node.target is torch.ops.inductor_moe.block_scaled_mm.default):
+        return None
+    names = ("a", "b", "b_scale", "spec", "a_scale", "global_scale", "bias")
+    args = {**dict(zip(names, node.args)), **node.kwargs}
+    spec = GemmSpec.from_str(args["spec"])
+    if (spec.a_format != "dense" or spec.b_format not in ("mxfp4", "nvfp4") or spec.activation is not None
+            or args.get("a_scale") is not None):
+        return None
+    return BlockScaledLinear(x=args["a"], weight=args["b"], bias=args.get("bias"), nodes=[node],
+                             scale=args["b_scale"], global_scale=args.get("global_scale"), fmt=spec.b_format)
 
 
 def match_linear(node) -> Optional[Linear]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .. import config, formats
 from ..report import record_match
@@ -66,7 +67,7 @@ def _plan(graph, node, x, operand, bias, sub, batched):
     def rewrite(graph: fx.Graph):
         # re-read the activation (and bias): an earlier rewrite may have replaced the node feeding us
         x, bias = (node.args[1], node.args[0]) if is_op(node, aten.addmm) else (node.args[0], None)
-        output, act, extra = epilogue_activation(node)
+        output, act, extra = (node, None, []) if _routed_rows(x) else epilogue_activation(node)
         spec = GemmSpec(b_format=ident.fmt, out_dtype=_OUT_DTYPES[val(node).dtype], activation=act)
         region = [*sub.nodes, node, *extra]
         lead = [batch] if batched else []
@@ -94,6 +95,13 @@ def _plan(graph, node, x, operand, bias, sub, batched):
         _emit_batched(graph, output, x, b, s, spec, kwargs, region, batch, ident)
 
     return rewrite
+
+
+def _routed_rows(x: fx.Node) -> bool:
+    """Rows chosen by data (an MoE loop's ``x[token]``): the MoE pass fuses such linears into one
+    MoE op and needs to see their gated activation, so none is folded into the GEMM here."""
+    xv = val(x)
+    return xv is not None and bool(free_unbacked_symbols(xv.shape))
 
 
 def _emit_batched(graph, output, x, b, s, spec, kwargs, region, batch, ident):

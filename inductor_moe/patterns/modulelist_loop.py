@@ -10,11 +10,14 @@ Dynamo unrolls the loop (``capture_dynamic_output_shape_ops`` keeps ``nonzero`` 
 after functionalisation each iteration is ``eq -> nonzero -> unbind -> index -> 3 x linear ->
 gated activation -> weight gather -> mul -> index_put(accumulate=True)`` chained on one buffer.
 The whole chain becomes one ``moe_experts_unstacked`` call.  Experts whose linears dequantise
-FP4 weights are not fused (``FP4_EXPERTS`` says why); the FP4 pass runs each as a GEMM.
+FP4 weights reach us as the ``block_scaled_mm`` calls the FP4 pass made of them (it leaves the
+activation out of their epilogues when their rows are data-dependent); their packed weights and
+scales are stacked once, like dense ones, and the block runs on the fused FP4 kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Optional
@@ -24,7 +27,7 @@ import torch.fx as fx
 
 from ..spec import MoESpec
 from .activation import ActivationUnknown, identify_glu
-from .common import MoEMatch, RegionRejected, aten, is_op, match_linear, val
+from .common import MoEMatch, RegionRejected, aten, is_op, match_block_scaled_linear, match_linear, val
 
 NAME = "modulelist_loop"
 
@@ -158,7 +161,7 @@ def _parse_link(link: _Link):
     position, down = "after_down", None
     for y, w in ((a, b), (b, a)):
         tw = _routing_weight(w, link.token, slot)
-        if tw is not None and (lin := match_linear(y)) is not None:
+        if tw is not None and (lin := _projection(y)) is not None:
             down = lin
             break
     else:
@@ -175,9 +178,14 @@ def _parse_link(link: _Link):
     return ids, expert, tw, h, down, gate_up, position
 
 
-FP4_EXPERTS = ("the expert projections dequantise FP4 weights, each rewritten to block_scaled_mm (no dequantised "
-               "copy); a loop of per-expert FP4 linears is not fused into one moe_experts call, which reads "
-               "stacked [E, N, K/2] packed weights. Hold the experts as 3-D packed stacks (see fp4_experts) to fuse it")
+FP4_EXPERTS = ("the expert projections are FP4 GEMMs whose weights need a re-layout (bytes packed high nibble "
+               "first or swizzled scales: block_scaled_mm_relayout) or that take quantised activations; each runs "
+               "as its own GEMM (no dequantised copy), the block is not fused")
+
+
+def _projection(node):
+    """A linear on the routed rows: dense (``mm`` / ``addmm``) or FP4 (``block_scaled_mm``)."""
+    return match_linear(node) or match_block_scaled_linear(node)
 
 
 def _is_fp4_gemm(node) -> bool:
@@ -195,7 +203,7 @@ def _find_projections(h: fx.Node, token: fx.Node):
         if n in seen or not isinstance(n, fx.Node):
             continue
         seen.add(n)
-        lin = match_linear(n)
+        lin = _projection(n)
         if lin is not None and is_op(lin.x, aten.index) and list(lin.x.args[1]) == [token]:
             found.append((n, lin))
             continue
@@ -256,6 +264,7 @@ def _match_chain(chain: list[_Link]) -> MoEMatch:
     if any(has_bias) and not all(has_bias):
         raise RegionRejected("some expert projections have a bias and others do not")
     biases = [trio[i].bias for i in range(3) for trio in ordered] if all(has_bias) else []
+    weight_format, scales, global_scales = _weight_format(ordered)
     (x,), (ids,), (tw,) = x_nodes, ids_nodes, tw_nodes
     if val(x) is None or val(x).dim() != 2:
         raise RegionRejected("routed tokens are not a 2-D [T, H] tensor")
@@ -266,11 +275,31 @@ def _match_chain(chain: list[_Link]) -> MoEMatch:
         raise RegionRejected("the combine buffer does not start from zeros")
     region = _region(last.node, stop={x, ids, tw, head.base})
     return MoEMatch(
-        pattern=NAME, output=last.node, x=x, topk_ids=ids, topk_weights=tw, spec=specs.pop(),
+        pattern=NAME, output=last.node, x=x, topk_ids=ids, topk_weights=tw,
+        spec=dataclasses.replace(specs.pop(), weight_format=weight_format),
         unstacked={"gate": [t[0].weight for t in ordered], "up": [t[1].weight for t in ordered],
-                   "down": [t[2].weight for t in ordered], "biases": biases},
-        region=region,
+                   "down": [t[2].weight for t in ordered], "biases": biases, "scales": scales,
+                   "global_scales": global_scales},
+        region=region, fuses=[lin.nodes[0] for trio in ordered for lin in trio if weight_format != "dense"],
     )
+
+
+def _weight_format(ordered) -> tuple[str, list, list]:
+    """(weight format, block scales, global scales) of the experts' projections, each list in
+    gate, up, down order over the experts (empty when unused)."""
+    formats = {getattr(lin, "fmt", "dense") for trio in ordered for lin in trio}
+    if len(formats) != 1:
+        raise RegionRejected(f"the expert projections mix weight formats ({', '.join(sorted(formats))})")
+    fmt = formats.pop()
+    if fmt == "dense":
+        return fmt, [], []
+    scales = [trio[i].scale for i in range(3) for trio in ordered]
+    global_scales = [trio[i].global_scale for i in range(3) for trio in ordered]
+    if fmt == "mxfp4":
+        global_scales = []
+    elif any(g is None for g in global_scales):
+        raise RegionRejected("NVFP4 expert projections without a global scale on each")
+    return fmt, scales, global_scales
 
 
 def _region(output: fx.Node, stop: set) -> list[fx.Node]:
