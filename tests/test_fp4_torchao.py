@@ -17,6 +17,12 @@ What each config's ``linear`` flattens to under torch.compile (torchao 0.18, tor
   With bf16 activations the graph also quantises the activation, and Inductor's CPU codegen
   rejects that part (e4m3 type promotion); with activations passed already as ``NVFP4Tensor``
   the whole graph compiles and runs.
+* 3-D MoE expert stacks: torchao 0.18's ``quantize_`` has no 3-D FP4 path (``NVFP4*Config``
+  rejects 3-D weights or has no parameter-level form; the MX configs give swizzled scales no MoE
+  path can run on the CPU), so stacks are built with ``MXTensor.to_mx`` / ``NVFP4Tensor.to_nvfp4``
+  and dequantised in forward, then gathered ``bmm`` or ``grouped_mm`` -> one ``moe_experts`` call
+  on the packed bytes and scales (``weight_format`` mxfp4 / nvfp4).  The subclasses' own
+  ``bmm`` / ``w[e]`` paths graph-break or are missing in torchao and are not covered.
 * ``MXDynamicActivationMXWeightConfig`` (fp4, ``KernelPreference.AUTO``): ``F.scaled_mm``
   (``_scaled_mm_v2``) BlockWise1x32 with ``SWIZZLE_32_4_4`` -> ``fp4_scaled_mm``.  The rewrite
   happens, but the graph still builds the activation's swizzled e8m0 scales (``full`` +
@@ -47,6 +53,9 @@ from torchao.quantization.quantize_.common.kernel_preference import KernelPrefer
 
 import inductor_moe  # noqa: E402
 from inductor_moe.testing import compile_and_capture  # noqa: E402
+from torchao.prototype.mx_formats.nvfp4_tensor import per_tensor_amax_to_scale  # noqa: E402
+
+import models_zoo as Z  # noqa: E402
 
 FP4 = torch.float4_e2m1fn_x2
 
@@ -152,3 +161,43 @@ block_scaled_mm_relayout(a=bfloat16[6,256], b=uint8[64,128], b_scale=float8_e4m3
                                 k.is_swizzled_scales)
             ref = xq.dequantize(torch.float32) @ w.dequantize(torch.float32).t() + m[0].bias.float()
             self.assertLessEqual(rel(out, ref), 2e-2)
+
+
+class TorchaoFP4StackedMoE(Z.StackedMoE):
+    """``models_zoo.StackedMoE`` whose w13 [E, 2I, H] / w2 [E, H, I] are 3-D torchao FP4 tensors
+    (MXFP4 e8m0 per 32; NVFP4 e4m3 per 16 with one fp32 global scale per expert), plain
+    (unswizzled) scales, dequantised in forward."""
+
+    def __init__(self, fmt, dtype, **kwargs):
+        super().__init__(**kwargs)
+        self.to(dtype).eval()
+        for name in ("w13", "w2"):
+            w = self._parameters.pop(name).detach()
+            if fmt == "mxfp4":
+                q = MXTensor.to_mx(w.contiguous(), FP4, 32, kernel_preference=KernelPreference.EMULATED)
+            else:
+                g = per_tensor_amax_to_scale(w.float().abs().amax(dim=(1, 2))).view(-1, 1, 1)
+                q = NVFP4Tensor.to_nvfp4(w.contiguous(), per_tensor_scale=g)
+            setattr(self, f"{name}_fp4", nn.Parameter(q, requires_grad=False))
+
+    w13 = property(lambda self: self.w13_fp4.dequantize(self.router.proj.weight.dtype))
+    w2 = property(lambda self: self.w2_fp4.dequantize(self.router.proj.weight.dtype))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("via,dtype", [("bmm", torch.float32), ("grouped_mm", torch.bfloat16)])
+def test_3d_expert_stacks_are_fused(fmt, via, dtype):
+    """3-D torchao FP4 expert stacks dequantised in forward: the whole block is one ``moe_experts``
+    call on torchao's packed bytes and scales (no dequantised copy), numerically torchao's own
+    ``dequantize()`` run through the experts."""
+    torch.manual_seed(0)
+    model = TorchaoFP4StackedMoE(fmt, dtype, via=via)
+    x = torch.randn(12, Z.H, dtype=dtype)
+    with torch.no_grad():
+        ref = model(x)
+    out, graph, r = compile_report(model, x)
+    moe = Z.moe_matches(r)
+    assert len(moe) == 1 and f"weight_format={fmt}" in moe[0].detail, r.summary()
+    assert graph.count("moe_experts(") == 1 and f"w13=uint8[{Z.E},{2 * Z.I},{Z.H // 2}]" in graph, graph
+    assert ("w13_global_scale=float32[8]" in graph) == (fmt == "nvfp4"), graph
+    assert rel(out, ref) <= (1e-5 if dtype == torch.float32 else 2e-2)
