@@ -265,3 +265,28 @@ def test_tensors_on_different_devices_are_rejected():
     x, ids, w, w13, w2 = make_inputs()
     with pytest.raises(ValueError, match="one device"):
         moe(x, ids, w, w13.to("meta"), w2, "")
+
+
+def test_weight_cache_hits_on_fresh_views_and_forgets_dead_sources():
+    """Compiled code hands fresh views of the same parameters on every call: they hit.  An in-place
+    update rebuilds; a source garbage collected drops the entry (its address may be reused)."""
+    import gc
+
+    from inductor_moe import weight_cache
+
+    weight_cache.clear()
+    params = [torch.randn(4, 8) for _ in range(3)]
+    builds = []
+
+    def stacked():
+        views = [p.view(8, 4) for p in params]
+        return weight_cache.cached("t", views, lambda: builds.append(1) or torch.stack(views))
+
+    first = stacked()
+    assert stacked() is first and len(builds) == 1 and weight_cache.size() == 1
+    params[1].add_(1)  # in place: the version moves
+    rebuilt = stacked()
+    assert len(builds) == 2 and weight_cache.size() == 1 and torch.equal(rebuilt[1], params[1].view(8, 4))
+    del params[0]
+    gc.collect()
+    assert weight_cache.size() == 0
