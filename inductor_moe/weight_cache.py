@@ -4,7 +4,9 @@ An entry is keyed on the source tensors' data pointers (and the first one's shap
 their version counters.  An in-place update of a parameter (``_version`` bump) rebuilds the entry
 in place; when a source's base tensor (the parameter or buffer a view reads) is garbage collected,
 a finalizer drops every entry built from it, so an address freed and reused by another model
-never hits a stale entry.  The hit path reads two attributes per source and allocates nothing:
+never hits a stale entry.  Inference tensors (made under ``torch.inference_mode``) have no version
+counter: an in-place update of one is not seen (as with Inductor's freezing); replace such a
+weight (new storage) instead.  The hit path reads two attributes per source and allocates nothing:
 an ``nn.ModuleList`` MoE layer hands its 3E (FP4: 9E) per-expert tensors on every call.
 """
 
@@ -39,7 +41,10 @@ def _drop(key: tuple, entry_ref: "weakref.ref[_Entry]") -> None:
 def cached(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], object]):
     """Return ``build()``, computed once per (tag, sources and their versions)."""
     key = _key(tag, sources)
-    versions = tuple(t._version for t in sources)
+    try:
+        versions = tuple(t._version for t in sources)
+    except RuntimeError:  # inference tensors have no version counter
+        versions = tuple(-1 if t.is_inference() else t._version for t in sources)
     hit = _cache.get(key)
     if hit is not None and hit.versions == versions:
         return hit.value

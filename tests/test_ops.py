@@ -290,3 +290,17 @@ def test_weight_cache_hits_on_fresh_views_and_forgets_dead_sources():
     del params[0]
     gc.collect()
     assert weight_cache.size() == 0
+
+
+def test_weights_made_under_inference_mode_run():
+    """Inference tensors carry no version counter: the cache must still work (it keys them as
+    never updated) instead of failing inside compiled code."""
+    import models_zoo as Z
+
+    with torch.inference_mode():
+        model = Z.LoopMoE(num_experts=4).eval()
+        x = torch.randn(6, Z.H)
+        with inductor_moe.report() as r:
+            out = torch.compile(model, backend="inductor_moe")(x)
+        assert [m.pattern for m in r.matches] == ["modulelist_loop"]
+        assert rel(out, model(x)) < 1e-5
