@@ -66,3 +66,37 @@ class TinyMoELM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+class NVFP4Linear(nn.Module):
+    """An ``nn.Linear`` held as NVFP4 in the compressed-tensors / ModelOpt layout (``weight_packed``
+    uint8 [N, K/2] low nibble first, e4m3 ``weight_scale`` [N, K/16], its own fp32
+    ``weight_global_scale``) and dequantised in forward, as such checkpoints run without a kernel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        from inductor_moe import formats
+
+        q, s, g = formats.quantize_nvfp4(linear.weight.detach().float())
+        self.register_buffer("weight_packed", q)
+        self.register_buffer("weight_scale", s)
+        self.register_buffer("weight_global_scale", g.reshape(1).float())
+        self.bias = linear.bias
+
+    def forward(self, x):
+        p = self.weight_packed
+        lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=p.device)
+        codes = torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1).long()
+        w = lut[codes] * self.weight_scale.float().repeat_interleave(16, dim=-1) * self.weight_global_scale
+        return F.linear(x, w.to(x.dtype), self.bias)
+
+
+def with_nvfp4_experts(block: MoEBlock) -> MoEBlock:
+    """Replace every expert projection of ``block`` by its ``NVFP4Linear`` (in place)."""
+    for expert in block.experts:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(expert, name, NVFP4Linear(getattr(expert, name)))
+    return block

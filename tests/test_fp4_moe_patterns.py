@@ -30,6 +30,7 @@ from inductor_moe.patterns import fp4_recognise
 from inductor_moe.testing import compile_and_capture
 
 import models_zoo as Z
+from examples.moe_model import NVFP4Linear
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 GPT_OSS_SPEC = "alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved,weight_format=mxfp4"
@@ -326,7 +327,7 @@ def fp4_loop_moe(fmt, dtype=torch.float32, num_experts=4, bias=False, high_first
     """``Z.LoopMoE`` whose gate / up / down linears hold FP4 weights dequantised in forward."""
     torch.manual_seed(0)
     model = Z.LoopMoE(num_experts=num_experts, bias=bias).to(dtype).eval()
-    wrap = {"mxfp4": lambda lin: _MXFP4Linear(lin, high_first), "nvfp4": _NVFP4Linear}[fmt]
+    wrap = {"mxfp4": lambda lin: _MXFP4Linear(lin, high_first), "nvfp4": NVFP4Linear}[fmt]
     for expert in model.experts:
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(expert, name, wrap(getattr(expert, name)))
@@ -397,26 +398,6 @@ class _MXFP4Linear(torch.nn.Module):
     def forward(self, x):
         w = dequantize_mxfp4_blocks(self.blocks, self.scales, x.dtype, high_first=self.high_first)
         return F.linear(x, w, self.bias)
-
-
-class _NVFP4Linear(torch.nn.Module):
-    """An ``nn.Linear`` in compressed-tensors NVFP4 layout (``weight_packed`` [N, K/2], e4m3
-    ``weight_scale`` [N, K/16], its own fp32 ``weight_global_scale``), dequantised in forward."""
-
-    def __init__(self, linear):
-        super().__init__()
-        q, s, g = formats.quantize_nvfp4(linear.weight.detach().float())
-        self.register_buffer("weight_packed", q)
-        self.register_buffer("weight_scale", s)
-        self.register_buffer("weight_global_scale", g.reshape(1).float())
-        self.bias = linear.bias
-
-    def forward(self, x):
-        p = self.weight_packed
-        lut = torch.tensor(E2M1, dtype=torch.float32, device=p.device)
-        codes = torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1).long()
-        w = lut[codes] * self.weight_scale.float().repeat_interleave(16, dim=-1) * self.weight_global_scale
-        return F.linear(x, w.to(x.dtype), self.bias)
 
 
 # ------------------------------------------------------------------------------ probing cost
@@ -528,7 +509,9 @@ def _interpreted_blocks():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for ``examples``
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
                           capture_output=True, text=True, timeout=900)
     results = {r["name"]: r for r in (json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
