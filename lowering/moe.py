@@ -23,7 +23,7 @@ import torch
 from .. import config as moe_config
 from ..report import record_runtime_fallback
 from ..ops import weights as W
-from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs
+from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import MoEKernelConfig, choose_moe_config, fp4_swap_ab, mxfp4_dot_scaled
@@ -332,8 +332,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
 def moe_experts_cuda(x, topk_ids, topk_weights, w13, w2, spec, w13_scale=None, w2_scale=None,
                      w13_global_scale=None, w2_global_scale=None, b13=None, b2=None):
     spec_obj = MoESpec.from_str(spec)
-    validate_moe_inputs(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale,
-                        w13_global_scale, w2_global_scale, b13, b2)
+    validate_moe_inputs_once(x, topk_ids, topk_weights, w13, w2, spec_obj, w13_scale, w2_scale,
+                             w13_global_scale, w2_global_scale, b13, b2)
     reason = unsupported_reason(spec_obj, x.device, x.dtype, w13.dtype)
     if reason is not None:
         record_runtime_fallback("moe", reason)

@@ -324,6 +324,9 @@ def test_cuda_impl_falls_back_on_cpu_with_reason():
         out = moe_experts_cuda(x, ids, tw, w13, w2, "")
     assert any("cpu" in s.reason for s in r.skipped)
     torch.testing.assert_close(out, moe_experts_reference(x, ids, tw, w13, w2, ""))
+    for _ in range(2):  # the per-call validation memo never lets a bad signature through
+        with pytest.raises(ValueError, match="w13 must be"):
+            moe_experts_cuda(x[:, :8], ids, tw, w13, w2, "")
 
 
 def test_describe_on_cpu_names_reference():

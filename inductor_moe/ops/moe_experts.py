@@ -117,6 +117,21 @@ def stack_expert_weights(gate: Sequence[Tensor], up: Sequence[Tensor], down: Seq
 
 # ----------------------------------------------------------------------------- validation
 
+def validate_moe_inputs_once(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, *optional) -> None:
+    """``validate_moe_inputs`` for the kernels' per-call path: a signature (shapes, dtypes,
+    devices) that passed once passes again without the Python checks."""
+    tensors = (x, topk_ids, topk_weights, w13, w2, *optional)
+    key = (spec, tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in tensors))
+    if key not in _validated:
+        validate_moe_inputs(x, topk_ids, topk_weights, w13, w2, spec, *optional)
+        if len(_validated) >= 4096:
+            _validated.clear()
+        _validated.add(key)
+
+
+_validated: set = set()
+
+
 def validate_moe_inputs(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale=None, w2_scale=None,
                         w13_global_scale=None, w2_global_scale=None, b13=None, b2=None) -> None:
     """Clear errors for shapes, dtypes and devices; called by the reference, fake and kernels."""
