@@ -15,28 +15,12 @@ CUDA-graph replays (``timing.graph_time_us``), which only the fused form allows.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from examples.moe_model import MoEBlock, with_nvfp4_experts
 
-from .timing import graph_time_us
-
-
-def sync_time_us(fn, reps: int = 20) -> float:
-    """Median wall µs per call, synchronised (for graphs that sync on the host anyway)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+from .timing import graph_time_us, sync_time_us
 
 
 def main(argv=None) -> int:
@@ -64,8 +48,10 @@ def main(argv=None) -> int:
                     variants[name] = torch.compile(block, backend="inductor_moe", options=options)
                     variants[name](torch.randn(4, args.hidden, device="cuda", dtype=torch.bfloat16))
                 print(f"{name}: {r.summary().splitlines()[0]}; " + "; ".join(str(m) for m in r.matches if m.kind == "moe"))
+        import triton
+
         print(f"\nMoE layer E={args.experts} k={args.top_k} H={args.hidden} I={args.inter}, NVFP4 expert linears, "
-              f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
         print("| T | inductor | per-linear FP4 | ours | ours (graph) | ours vs inductor | ours vs per-linear |")
         print("|---|---|---|---|---|---|---|")
         for T in (int(t) for t in args.tokens.split(",")):

@@ -1,6 +1,7 @@
 """How every benchmark here times: CUDA-graph replays, median, per call."""
 
 import statistics
+import time
 
 import torch
 
@@ -53,3 +54,18 @@ def kernel_us(fn, iters: int = 10) -> float:
     """Summed device time of the kernels one call launches (µs): beside the graph time it
     separates kernel execution from launch gaps and tails."""
     return sum(kernel_times_by_name(fn, iters).values())
+
+
+def sync_time_us(fn, reps: int = 20) -> float:
+    """Median wall µs per call, synchronised before and after: for what cannot be captured in a
+    CUDA graph (graphs that sync on the host, e.g. an unfused MoE loop's ``nonzero``)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)

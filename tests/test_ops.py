@@ -267,29 +267,33 @@ def test_tensors_on_different_devices_are_rejected():
         moe(x, ids, w, w13.to("meta"), w2, "")
 
 
-def test_weight_cache_hits_on_fresh_views_and_forgets_dead_sources():
+def test_weight_cache_hits_on_fresh_views_and_sees_storages_replaced():
     """Compiled code hands fresh views of the same parameters on every call: they hit.  An in-place
-    update rebuilds; a source garbage collected drops the entry (its address may be reused)."""
-    import gc
-
+    update rebuilds; so does a parameter whose storage was replaced by a new one at the very same
+    address with the same version (``param.data = ...``, as ``Module.to`` does), and a miss drops
+    the entries of dead storages."""
     from inductor_moe import weight_cache
 
     weight_cache.clear()
-    params = [torch.randn(4, 8) for _ in range(3)]
+    buffers = [bytearray(128) for _ in range(3)]  # fixed addresses: storages can be remade over them
+    params = [torch.nn.Parameter(torch.frombuffer(b, dtype=torch.float32).view(4, 8), requires_grad=False)
+              for b in buffers]
     builds = []
 
     def stacked():
         views = [p.view(8, 4) for p in params]
-        return weight_cache.cached("t", views, lambda: builds.append(1) or torch.stack(views))
+        return weight_cache.cached("t", views, lambda: builds.append(1) or torch.stack(views).clone())
 
     first = stacked()
     assert stacked() is first and len(builds) == 1 and weight_cache.size() == 1
     params[1].add_(1)  # in place: the version moves
-    rebuilt = stacked()
-    assert len(builds) == 2 and weight_cache.size() == 1 and torch.equal(rebuilt[1], params[1].view(8, 4))
-    del params[0]
-    gc.collect()
-    assert weight_cache.size() == 0
+    stacked()
+    assert len(builds) == 2
+    ptr, version = params[0].data_ptr(), params[0]._version
+    params[0].data = torch.frombuffer(buffers[0], dtype=torch.float32).view(4, 8)  # old storage dies
+    assert params[0].data_ptr() == ptr and params[0]._version == version
+    stacked()
+    assert len(builds) == 3 and weight_cache.size() == 1  # rebuilt, and the dead entry dropped
 
 
 def test_weights_made_under_inference_mode_run():

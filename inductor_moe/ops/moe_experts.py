@@ -98,10 +98,11 @@ def stack_expert_weights(gate: Sequence[Tensor], up: Sequence[Tensor], down: Seq
     global scales (w13: [E, 2], gate's and up's own; w2: [E]); absent ones are None.  Built once."""
     E = len(gate)
 
-    def gate_up_down(parts, stack=torch.stack):
+    def gate_up_down(parts):
         if not parts:
             return None, None
-        return torch.cat([stack(list(parts[:E])), stack(list(parts[E:2 * E]))], dim=1), stack(list(parts[2 * E:]))
+        gate_up = torch.cat([torch.stack(list(parts[:E])), torch.stack(list(parts[E:2 * E]))], dim=1)
+        return gate_up, torch.stack(list(parts[2 * E:]))
 
     def build():
         w13, w2 = gate_up_down([*gate, *up, *down])
