@@ -7,7 +7,8 @@ Tiles come from ``choose_gemm_config`` (a pure function, testable without a GPU)
   * decode (small M): weight-bandwidth bound.  Narrow N tiles and split-K put every SM on the
     weight stream; the split partials are summed in a fixed order (deterministic).
   * prefill (large M): MMA bound.  128 x 128 tiles, grouped ordering for L2 reuse.
-``choose_strategy`` picks, per call, between "gemv" (M <= ``GEMV_MAX_M``, dense activations: a
+``choose_strategy`` picks, per call, between "cuda_decode" (M <= 16, bf16 activations: the CUDA
+mma.sync decode GEMM of ``cuda/fp4_decode_mma.cu``, built by NVRTC, where it builds), "gemv" (M <= ``GEMV_MAX_M``, dense activations: a
 tl.dot-free kernel that decodes each weight slice once into fp32 registers, many small programs
 with split-K for bytes in flight; ``templates/_details/_fp4_gemv.py``), that kernel ("fused") and
 "dequant_chunks": on GPUs
@@ -26,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ..cuda.fp4_decode import DecodeMmaConfig
 from ..spec import GemmSpec
 from ._details._block_scaled_gemm import (DENSE, FP8_MX32, GELU, GELU_TANH, MXFP4, NO_ACTIVATION, NVFP4, RELU,
                                           SILU, block_scaled_gemm_kernel)
@@ -179,19 +181,28 @@ def gemv_fits(m: int, spec: GemmSpec, a_dtype: torch.dtype) -> bool:
             and spec.b_format in _PACKED and m <= 16)
 
 
-def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype, arch: int) -> str:
-    """"gemv" (decode, no tl.dot), "fused" (the Triton GEMM kernel) or "dequant_chunks" (decode
-    weight row chunks to bf16 once, then cuBLAS).  ``INDUCTOR_MOE_FP4_STRATEGY=gemv|fused|
-    dequant_chunks`` overrides where the forced one applies (else the default choice stands)."""
+STRATEGIES = ("cuda_decode", "gemv", "fused", "dequant_chunks")
+
+
+def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype, arch: int,
+                    cuda_decode: bool = False) -> str:
+    """"cuda_decode" (M <= 16, bf16 activations: the CUDA mma.sync decode GEMM, where the caller
+    found it buildable and the operands aligned: ``cuda_decode``), "gemv" (decode, no tl.dot),
+    "fused" (the Triton GEMM kernel) or "dequant_chunks" (decode weight row chunks to bf16 once,
+    then cuBLAS).  ``INDUCTOR_MOE_FP4_STRATEGY=<one of STRATEGIES>`` overrides where the forced one
+    applies (else the default choice stands)."""
     chunks_fit = (spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.out_dtype == "bfloat16"
                   and spec.activation in (None, "relu", "silu", "gelu", "gelu_tanh"))
+    decode_fit = cuda_decode and swap_ab_fits(spec, a_dtype) and m <= 16
     forced = os.environ.get("INDUCTOR_MOE_FP4_STRATEGY")
     if forced is not None:
-        if forced not in ("gemv", "fused", "dequant_chunks"):
-            raise ValueError(f"INDUCTOR_MOE_FP4_STRATEGY={forced!r}; allowed: gemv, fused, dequant_chunks")
+        if forced not in STRATEGIES:
+            raise ValueError(f"INDUCTOR_MOE_FP4_STRATEGY={forced!r}; allowed: {', '.join(STRATEGIES)}")
         if forced == "fused" or (forced == "gemv" and gemv_fits(m, spec, a_dtype)) or (
-                forced == "dequant_chunks" and chunks_fit):
+                forced == "dequant_chunks" and chunks_fit) or (forced == "cuda_decode" and decode_fit):
             return forced
+    if decode_fit:
+        return "cuda_decode"
     if gemv_fits(m, spec, a_dtype) and m <= GEMV_MAX_M:
         return "gemv"
     return "dequant_chunks" if chunks_fit and arch < 100 and m >= DEQUANT_CHUNKS_MIN_M else "fused"
@@ -227,6 +238,15 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def _cuda_decode_reason(a2, b, b_scale, spec: GemmSpec, bias) -> Optional[str]:
+    """Why the CUDA decode GEMM cannot take this call (None when it can)."""
+    if a2.device.type != "cuda":
+        return f"no CUDA kernels on {a2.device.type}"
+    from ..cuda.fp4_decode import decode_mma_fits, nvrtc_unavailable_reason
+
+    return decode_mma_fits(a2, b, b_scale, spec, bias) or nvrtc_unavailable_reason(a2.device.index)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -313,8 +333,19 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         out.zero_()
         return out.reshape(*lead, N)
     arch = _arch(a.device)
+    if isinstance(config, DecodeMmaConfig):
+        strategy = "cuda_decode"
     if strategy is None:
-        strategy = "fused" if config is not None else choose_strategy(M, N, K, spec, a2.dtype, arch)
+        strategy = "fused" if config is not None else choose_strategy(
+            M, N, K, spec, a2.dtype, arch, cuda_decode=_cuda_decode_reason(a2, b, b_scale, spec, bias) is None)
+    if strategy == "cuda_decode":
+        from ..cuda.fp4_decode import decode_mma_gemm
+
+        reason = _cuda_decode_reason(a2, b, b_scale, spec, bias)
+        if reason is not None:
+            raise ValueError(f"the cuda_decode strategy cannot take this call: {reason}")
+        cfg = config if isinstance(config, DecodeMmaConfig) else None
+        return decode_mma_gemm(a2, b, b_scale, spec, global_scale, bias, out, cfg).reshape(*lead, N)
     if isinstance(config, GemvConfig):
         strategy = "gemv"
     if strategy == "dequant_chunks":

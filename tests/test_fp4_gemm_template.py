@@ -264,3 +264,120 @@ def test_cuda_gemv_matches_reference_and_is_deterministic(fb, m):
     g.replay()
     torch.cuda.synchronize()
     assert rel_err(captured, ref) <= TOL
+
+
+def test_cuda_decode_fit_checks():
+    """The CUDA decode GEMM's operand checks (metadata only, so they run on the CPU)."""
+    from inductor_moe.cuda.fp4_decode import choose_decode_mma_config, decode_mma_fits
+    from inductor_moe.templates.block_scaled_gemm import choose_strategy
+
+    a, _, q, s, gs, bias = make_operands("dense", "nvfp4", 4, 64, 256)
+    spec = GemmSpec(b_format="nvfp4")
+    assert decode_mma_fits(a, q, s, spec, bias) is None
+    assert "bf16" in decode_mma_fits(a.half(), q, s, spec, bias)
+    assert "M=17" in decode_mma_fits(torch.zeros(17, 256, dtype=torch.bfloat16), q, s, spec, bias)
+    wide = torch.zeros(4, 264, dtype=torch.bfloat16)
+    assert "aligned" in decode_mma_fits(wide[:, 4:260], q, s, spec, bias)  # rows 8 bytes off 16
+    assert "aligned" in decode_mma_fits(a, torch.zeros(64 * 128 + 1, dtype=torch.uint8)[1:].view(64, 128), s, spec, bias)
+    assert "bias" in decode_mma_fits(a, q, s, spec, bias.double())
+    assert decode_mma_fits(a, q, s, GemmSpec(a_format="fp8_mx32"), None) is not None
+    # the strategy: the CUDA decode GEMM at M <= 16 where it fits, else the Triton paths
+    for m in (1, 16):
+        assert choose_strategy(m, 4096, 4096, spec, torch.bfloat16, 90, cuda_decode=True) == "cuda_decode"
+    assert choose_strategy(17, 4096, 4096, spec, torch.bfloat16, 90, cuda_decode=True) == "fused"
+    assert choose_strategy(1, 4096, 4096, spec, torch.float16, 90, cuda_decode=True) == "gemv"
+    assert choose_strategy(1, 4096, 4096, spec, torch.bfloat16, 90, cuda_decode=False) == "gemv"
+    with pytest.raises(ValueError):
+        type(choose_decode_mma_config(1, 4096, 4096, 132))(row_groups=3)
+
+
+@cuda
+def test_cuda_decode_builds_and_is_the_decode_default():
+    """NVRTC builds the kernel on this GPU (a build failure would otherwise fall back silently)."""
+    from inductor_moe.templates.block_scaled_gemm import _cuda_decode_reason
+
+    a, _, q, s, gs, bias = make_operands("dense", "mxfp4", 3, 256, 512, device="cuda")
+    assert _cuda_decode_reason(a, q, s, GemmSpec(b_format="mxfp4"), bias) is None
+
+
+@cuda
+@pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
+def test_cuda_decode_matches_reference_and_is_deterministic(fb, m):
+    """Row tail (N % 16 != 0), K tail inside a step, both token tiles, every epilogue."""
+    for k in (2880 + 32, 2880 + 64):  # K % 128 == 96; K % 256 == 128 with K % 64 == 0 (two loads per step)
+        _check_cuda_decode(fb, m, 2880 + 8, k)
+
+
+def _check_cuda_decode(fb, m, n, k):
+    from inductor_moe.cuda.fp4_decode import DecodeMmaConfig
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm
+
+    a, _, q, s, gs, bias = make_operands("dense", fb, m, n, k, device="cuda", seed=m)
+    cases = [(None, None, "bfloat16"), ("silu", bias, "bfloat16"), ("gelu", bias.float(), "float32"),
+             ("gelu_tanh", bias.half(), "float16"), ("relu", None, "bfloat16")]
+    for act, b_, out_dtype in cases:
+        spec = GemmSpec(b_format=fb, activation=act, out_dtype=out_dtype)
+        ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, b_)
+        for cfg in (None, DecodeMmaConfig(2, 4, 2), DecodeMmaConfig(1, 8, 1, 2)):
+            kw = {"strategy": "cuda_decode"} if cfg is None else {"config": cfg}
+            out = block_scaled_gemm(a, q, s, spec, None, gs, b_, **kw)
+            assert out.dtype == getattr(torch, out_dtype)
+            assert rel_err(out, ref) <= 5e-3, (act, out_dtype, cfg, rel_err(out, ref))
+            out.fill_(float("nan"))  # poisoned: the next run must write every element
+            again = block_scaled_gemm(a, q, s, spec, None, gs, b_, **kw)
+            assert torch.equal(again, block_scaled_gemm(a, q, s, spec, None, gs, b_, **kw))
+            assert not again.isnan().any()
+
+
+@cuda
+def test_cuda_decode_large_and_nan_scales():
+    """MXFP4 scales >= 4 take the two-multiply decode (the one-multiply one would overflow); a NaN
+    scale (e8m0 255, e4m3 0x7f) makes its rows NaN, as in the reference."""
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm
+
+    a, _, q, s, _, _ = make_operands("dense", "mxfp4", 4, 256, 1024, device="cuda", seed=3)
+    spec = GemmSpec(b_format="mxfp4")
+    s = s.clone()
+    s.view(torch.uint8)[:64] += 20  # 2^20 larger blocks in the first 64 rows (s up to ~147)
+    ref = block_scaled_mm_reference(a.double(), q, s, spec)
+    out = block_scaled_gemm(a, q, s, spec, strategy="cuda_decode")
+    assert rel_err(out, ref) <= 5e-3
+    assert rel_err(out[:, 64:], ref[:, 64:]) <= 5e-3  # the other rows are unchanged by the slow path
+    s.view(torch.uint8)[7, 3] = 255
+    out = block_scaled_gemm(a, q, s, spec, strategy="cuda_decode")
+    assert out[:, 7].isnan().all() and not out[:, 8:].isnan().any()
+
+    a, _, q, s, gs, _ = make_operands("dense", "nvfp4", 4, 256, 1024, device="cuda", seed=4)
+    s = s.clone()
+    s.view(torch.uint8)[9, 5] = 0x7F
+    out = block_scaled_gemm(a, q, s, GemmSpec(b_format="nvfp4"), None, gs, strategy="cuda_decode")
+    assert out[:, 9].isnan().all() and not out[:, 10:].isnan().any()
+    a[2, 17] = float("nan")  # a NaN activation reaches its token's row only
+    out = block_scaled_gemm(a, q, s, GemmSpec(b_format="nvfp4"), None, gs, strategy="cuda_decode")
+    assert out[2].isnan().all() and not out[3, 10:].isnan().any()
+
+
+@cuda
+def test_cuda_decode_graph_capture_and_unaligned_fallback():
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm
+
+    a, _, q, s, gs, bias = make_operands("dense", "nvfp4", 2, 1024, 2048, device="cuda", seed=5)
+    spec = GemmSpec(b_format="nvfp4", activation="silu")
+    ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+    block_scaled_gemm(a, q, s, spec, None, gs, bias)  # build outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = block_scaled_gemm(a, q, s, spec, None, gs, bias)
+    captured.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(captured, ref) <= 5e-3
+    # activation rows 8 bytes off 16-byte alignment: the Triton path runs instead, same result
+    wide = torch.zeros(2, 2048 + 4, dtype=torch.bfloat16, device="cuda")
+    wide[:, 4:] = a
+    out = torch.ops.inductor_moe.block_scaled_mm(wide[:, 4:], q, s, spec.to_str(), None, gs, bias)
+    assert rel_err(out, ref) <= TOL

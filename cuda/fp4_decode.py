@@ -1,0 +1,133 @@
+"""Host side of the CUDA FP4 decode GEMM (``fp4_decode_mma.cu``): fit checks, tiles, NVRTC build, launch.
+
+# M: rows of X (tokens, <= 16), N: output features (weight rows), K: reduction dim
+The kernel is built at run time with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch's own
+runtime compiler wrapper: no nvcc, no build step at install) once per (device, variant), and
+launched with ``cuLaunchKernel`` on the current stream: no host syncs, CUDA-graph capturable.
+Where it cannot run (no NVRTC, an unaligned operand, formats it does not take) ``decode_mma_fits``
+says why and the caller keeps the Triton path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..spec import GemmSpec
+
+MAX_M = 16  # two 8-token MMA tiles
+_SOURCE = Path(__file__).with_name("fp4_decode_mma.cu")
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_ACT_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
+
+
+@dataclass(frozen=True)
+class DecodeMmaConfig:
+    """One launch: ``warps`` split K inside a CTA of 16 * ``row_groups`` weight rows; a warp step
+    is 128 * ``vec`` K (``vec`` 16-byte loads per row and thread), and each warp issues the loads
+    of ``unroll`` steps before their math."""
+
+    row_groups: int = 1
+    warps: int = 8
+    unroll: int = 2
+    vec: int = 1
+
+    def __post_init__(self):
+        if self.row_groups not in (1, 2) or self.warps not in (1, 2, 4, 8, 16) or self.unroll < 1 or self.vec not in (1, 2):
+            raise ValueError(f"unsupported {self}")
+
+
+def choose_decode_mma_config(m: int, n: int, k: int, num_sms: int) -> DecodeMmaConfig:
+    """8 warps splitting K, one 16-row group each, two 128-K steps of loads in flight per warp.
+    H100, N x K in {4096, 14336, 2880}^2 shapes, M = 1, 8, 16, weights L2-cold: fastest of 9
+    variants or within 10% of the fastest everywhere (two row groups won by up to 8% at M >= 8
+    on 14336 x 4096 and lost by up to 25% elsewhere; benchmarks/NOTES_fp4.md)."""
+    return DecodeMmaConfig(row_groups=1, warps=8, unroll=2, vec=1)
+
+
+def vec2_fits(k: int, b_scale: torch.Tensor, spec: GemmSpec) -> bool:
+    """Two 16-byte loads per row and step read a thread's scales as one 2- (MXFP4) or 4-byte
+    (NVFP4) word: K % 64 == 0 and an aligned scale tensor."""
+    return k % 64 == 0 and b_scale.data_ptr() % (4 if spec.b_format == "nvfp4" else 2) == 0
+
+
+def decode_mma_fits(a2: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, spec: GemmSpec,
+                    bias: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the CUDA decode GEMM cannot take this call (None when it can); metadata only."""
+    if spec.a_format != "dense" or a2.dtype != torch.bfloat16:
+        return "activations are not bf16"
+    if spec.b_format not in ("mxfp4", "nvfp4"):
+        return f"{spec.b_format} weights"
+    m, k = a2.shape[0], b.shape[1] * 2
+    if m > MAX_M:
+        return f"M={m} > {MAX_M}"
+    if k % 32:
+        return f"K={k} is not a multiple of 32"
+    if a2.stride(-1) != 1 or a2.stride(0) % 8 or a2.data_ptr() % 16:
+        return "activation rows are not 16-byte aligned"
+    if b.data_ptr() % 16:
+        return "weights are not 16-byte aligned"
+    if not b_scale.is_contiguous() or b_scale.data_ptr() % 2:
+        return "block scales are not contiguous and 2-byte aligned"
+    if bias is not None and (bias.dtype not in _DTYPE_CODES or bias.stride(0) != 1):
+        return f"bias of dtype {bias.dtype}"
+    if spec.activation not in _ACT_CODES:
+        return f"activation {spec.activation}"
+    if a2.device.type == "cuda" and torch.cuda.get_device_capability(a2.device) < (8, 0):
+        return "needs sm_80 (bf16 mma.sync)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(device_index: int, defines: tuple):
+    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
+    if compile_kernel is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)")
+    src = "".join(f"#define {k} {v}\n" for k, v in defines) + _SOURCE.read_text()
+    with torch.cuda.device(device_index):
+        kernel = compile_kernel(src, "fp4_decode_mma")
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_unavailable_reason(device_index: int) -> Optional[str]:
+    """None when NVRTC builds the kernel here (tried once per device), else the error."""
+    if os.environ.get("INDUCTOR_MOE_CUDA_DECODE", "1") == "0":
+        return "INDUCTOR_MOE_CUDA_DECODE=0"
+    try:
+        _compile(device_index, _defines(GemmSpec(b_format="mxfp4"), 1, DecodeMmaConfig(), None, None, torch.bfloat16))
+    except Exception as e:  # noqa: BLE001 -- any build failure means: keep the Triton path
+        return f"NVRTC build failed: {type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def _defines(spec: GemmSpec, m: int, cfg: DecodeMmaConfig, bias: Optional[torch.Tensor], global_scale,
+             out_dtype) -> tuple:
+    return (("NV", int(spec.b_format == "nvfp4")), ("RG", cfg.row_groups), ("NT", 2 if m > 8 else 1),
+            ("WARPS", cfg.warps), ("UNROLL", cfg.unroll), ("VEC", cfg.vec), ("HAS_BIAS", int(bias is not None)),
+            ("BIAS_T", _DTYPE_CODES[bias.dtype] if bias is not None else 0), ("OUT_T", _DTYPE_CODES[out_dtype]),
+            ("ACT", _ACT_CODES[spec.activation]), ("HAS_GSCALE", int(global_scale is not None)))
+
+
+def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: Optional[DecodeMmaConfig] = None):
+    """``out[M, N] = act(global_scale * (A @ B^T) + bias)``; inputs validated, ``decode_mma_fits``
+    checked by the caller."""
+    m, n, k = a2.shape[0], b.shape[0], b.shape[1] * 2
+    dev = a2.device
+    cfg = cfg or choose_decode_mma_config(m, n, k, torch.cuda.get_device_properties(dev).multi_processor_count)
+    if cfg.vec == 2 and not vec2_fits(k, b_scale, spec):
+        cfg = DecodeMmaConfig(cfg.row_groups, cfg.warps, cfg.unroll, 1)
+    kernel = _compile(dev.index, _defines(spec, m, cfg, bias, global_scale, out.dtype))
+    b_u8 = b if b.dtype == torch.uint8 else b.view(torch.uint8)
+    s_u8 = b_scale if b_scale.dtype == torch.uint8 else b_scale.view(torch.uint8)
+    rows = 16 * cfg.row_groups
+    kernel(grid=(-(-n // rows), 1, 1), block=(32 * cfg.warps, 1, 1),
+           args=[a2, b_u8, s_u8, global_scale if global_scale is not None else out, bias if bias is not None else out, out,
+                 m, n, k, a2.stride(0), out.stride(0)],
+           stream=torch.cuda.current_stream(dev))
+    return out
