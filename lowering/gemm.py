@@ -46,7 +46,10 @@ def describe_gemm_lowering(spec, device: torch.device, m=None, n=None, k=None) -
     reason = unsupported_reason(spec, device)
     if reason is not None:
         return f"reference ({device.type})"
-    return f"triton block_scaled_gemm ({spec.a_format} x {spec.b_format})"
+    name = f"triton block_scaled_gemm ({spec.a_format} x {spec.b_format})"
+    if spec.a_format == "dense" and spec.b_format in ("mxfp4", "nvfp4"):
+        name += "; cuda fp4_decode_mma at M <= 16 (bf16 activations, where NVRTC builds it)"
+    return name
 
 
 def block_scaled_mm_cuda(a, b, b_scale, spec, a_scale=None, global_scale=None, bias=None):
