@@ -78,8 +78,6 @@ def decode_mma_fits(a2: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, sp
         return f"bias of dtype {bias.dtype}"
     if spec.activation not in _ACT_CODES:
         return f"activation {spec.activation}"
-    if a2.device.type == "cuda" and torch.cuda.get_device_capability(a2.device) < (8, 0):
-        return "needs sm_80 (bf16 mma.sync)"
     return None
 
 
@@ -96,9 +94,12 @@ def _compile(device_index: int, defines: tuple):
 
 @functools.lru_cache(maxsize=None)
 def nvrtc_unavailable_reason(device_index: int) -> Optional[str]:
-    """None when NVRTC builds the kernel here (tried once per device), else the error."""
+    """None when the kernel can run on this device and NVRTC builds it (tried once per device),
+    else why not."""
     if os.environ.get("INDUCTOR_MOE_CUDA_DECODE", "1") == "0":
         return "INDUCTOR_MOE_CUDA_DECODE=0"
+    if torch.cuda.get_device_capability(device_index) < (8, 0):
+        return "needs sm_80 (bf16 mma.sync)"
     try:
         _compile(device_index, _defines(GemmSpec(b_format="mxfp4"), 1, DecodeMmaConfig(), None, None, torch.bfloat16))
     except Exception as e:  # noqa: BLE001 -- any build failure means: keep the Triton path
@@ -114,12 +115,11 @@ def _defines(spec: GemmSpec, m: int, cfg: DecodeMmaConfig, bias: Optional[torch.
             ("ACT", _ACT_CODES[spec.activation]), ("HAS_GSCALE", int(global_scale is not None)))
 
 
-def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: Optional[DecodeMmaConfig] = None):
+def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: DecodeMmaConfig):
     """``out[M, N] = act(global_scale * (A @ B^T) + bias)``; inputs validated, ``decode_mma_fits``
-    checked by the caller."""
+    and ``nvrtc_unavailable_reason`` checked by the caller."""
     m, n, k = a2.shape[0], b.shape[0], b.shape[1] * 2
     dev = a2.device
-    cfg = cfg or choose_decode_mma_config(m, n, k, torch.cuda.get_device_properties(dev).multi_processor_count)
     if cfg.vec == 2 and not vec2_fits(k, b_scale, spec):
         cfg = DecodeMmaConfig(cfg.row_groups, cfg.warps, cfg.unroll, 1)
     kernel = _compile(dev.index, _defines(spec, m, cfg, bias, global_scale, out.dtype))

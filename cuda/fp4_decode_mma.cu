@@ -76,12 +76,10 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-#if OUT_T == 0
-typedef u16 out_t;
-#elif OUT_T == 1
-typedef u16 out_t;
-#else
+#if OUT_T == 2
 typedef float out_t;
+#else
+typedef u16 out_t;  // bf16 / fp16 bits
 #endif
 #if BIAS_T == 2
 typedef float bias_t;

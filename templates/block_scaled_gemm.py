@@ -335,16 +335,18 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
     arch = _arch(a.device)
     if isinstance(config, DecodeMmaConfig):
         strategy = "cuda_decode"
+    decode_reason = None
+    if strategy in (None, "cuda_decode"):
+        decode_reason = _cuda_decode_reason(a2, b, b_scale, spec, bias)
     if strategy is None:
         strategy = "fused" if config is not None else choose_strategy(
-            M, N, K, spec, a2.dtype, arch, cuda_decode=_cuda_decode_reason(a2, b, b_scale, spec, bias) is None)
+            M, N, K, spec, a2.dtype, arch, cuda_decode=decode_reason is None)
     if strategy == "cuda_decode":
-        from ..cuda.fp4_decode import decode_mma_gemm
+        from ..cuda.fp4_decode import choose_decode_mma_config, decode_mma_gemm
 
-        reason = _cuda_decode_reason(a2, b, b_scale, spec, bias)
-        if reason is not None:
-            raise ValueError(f"the cuda_decode strategy cannot take this call: {reason}")
-        cfg = config if isinstance(config, DecodeMmaConfig) else None
+        if decode_reason is not None:
+            raise ValueError(f"the cuda_decode strategy cannot take this call: {decode_reason}")
+        cfg = config if isinstance(config, DecodeMmaConfig) else choose_decode_mma_config(M, N, K, _num_sms(a.device))
         return decode_mma_gemm(a2, b, b_scale, spec, global_scale, bias, out, cfg).reshape(*lead, N)
     if isinstance(config, GemvConfig):
         strategy = "gemv"

@@ -294,10 +294,13 @@ def test_cuda_decode_fit_checks():
 @cuda
 def test_cuda_decode_builds_and_is_the_decode_default():
     """NVRTC builds the kernel on this GPU (a build failure would otherwise fall back silently)."""
-    from inductor_moe.templates.block_scaled_gemm import _cuda_decode_reason
+    from inductor_moe.templates.block_scaled_gemm import _cuda_decode_reason, choose_strategy
 
     a, _, q, s, gs, bias = make_operands("dense", "mxfp4", 3, 256, 512, device="cuda")
-    assert _cuda_decode_reason(a, q, s, GemmSpec(b_format="mxfp4"), bias) is None
+    spec = GemmSpec(b_format="mxfp4")
+    assert _cuda_decode_reason(a, q, s, spec, bias) is None
+    arch = torch.cuda.get_device_capability()[0] * 10 + torch.cuda.get_device_capability()[1]
+    assert choose_strategy(3, 256, 512, spec, a.dtype, arch, cuda_decode=True) == "cuda_decode"
 
 
 @cuda
