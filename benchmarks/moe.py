@@ -166,7 +166,9 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
                 if fmt == "dense":
                     variants.append(("_nopdl", {"pdl": False}))
                 if fmt == "mxfp4":  # tl.dot_scaled forced (auto picks the packed decode on sm_90)
-                    variants.append(("_ds", {"mxfp4_mma": "dot_scaled"}))
+                    variants.append(("_ds", {"mxfp4_mma": "dot_scaled", "cuda_decode": False}))
+                if fmt in ("mxfp4", "nvfp4") and T <= 16:  # the Triton kernels the CUDA decode replaces
+                    variants.append(("_triton", {"cuda_decode": False}))
                 for suffix, patch in variants:
                     with config.patch(**patch):
                         fn = lambda: op(x, ids, tw, wa, wb, spec, **kw)  # noqa: E731
@@ -211,7 +213,8 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
 COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "ours bf16 no-PDL"),
            ("dense_mega", "ours bf16 mega"), ("dense_split", "ours bf16 split"),
            ("fp8_block128", "ours fp8"), ("fp8_block128+a128", "ours fp8 x fp8 act"), ("floor_fp8", "floor fp8"),
-           ("mxfp4+a32", "ours mxfp4 x fp8-mx32 act"), ("mxfp4", "ours mxfp4"), ("mxfp4_ds", "ours mxfp4 dot_scaled"), ("nvfp4", "ours nvfp4"), ("floor_fp4", "floor fp4"),
+           ("mxfp4+a32", "ours mxfp4 x fp8-mx32 act"), ("mxfp4", "ours mxfp4"), ("mxfp4_triton", "ours mxfp4 triton"), ("mxfp4_ds", "ours mxfp4 dot_scaled"),
+           ("nvfp4", "ours nvfp4"), ("nvfp4_triton", "ours nvfp4 triton"), ("floor_fp4", "floor fp4"),
            ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2"),
            ("tk_bf16", "TK bf16"), ("tk_mxfp4", "TK mxfp4")]
 

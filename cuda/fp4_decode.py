@@ -1,27 +1,23 @@
 """Host side of the CUDA FP4 decode GEMM (``fp4_decode_mma.cu``): fit checks, tiles, NVRTC build, launch.
 
 # M: rows of X (tokens, <= 16), N: output features (weight rows), K: reduction dim
-The kernel is built at run time with NVRTC through ``torch.cuda._compile_kernel`` (PyTorch's own
-runtime compiler wrapper: no nvcc, no build step at install) once per (device, variant), and
-launched with ``cuLaunchKernel`` on the current stream: no host syncs, CUDA-graph capturable.
+The kernel is built at run time by NVRTC (``cuda/nvrtc.py``) once per (device, variant) and
+launched on the current stream: no host syncs, CUDA-graph capturable.
 Where it cannot run (no NVRTC, an unaligned operand, formats it does not take) ``decode_mma_fits``
 says why and the caller keeps the Triton path.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..spec import GemmSpec
+from . import nvrtc
 
 MAX_M = 16  # two 8-token MMA tiles
-_SOURCE = Path(__file__).with_name("fp4_decode_mma.cu")
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _ACT_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
 
@@ -81,30 +77,9 @@ def decode_mma_fits(a2: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, sp
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _compile(device_index: int, defines: tuple):
-    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
-    if compile_kernel is None:
-        raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)")
-    src = "".join(f"#define {k} {v}\n" for k, v in defines) + _SOURCE.read_text()
-    with torch.cuda.device(device_index):
-        kernel = compile_kernel(src, "fp4_decode_mma")
-    return kernel
-
-
-@functools.lru_cache(maxsize=None)
 def nvrtc_unavailable_reason(device_index: int) -> Optional[str]:
-    """None when the kernel can run on this device and NVRTC builds it (tried once per device),
-    else why not."""
-    if os.environ.get("INDUCTOR_MOE_CUDA_DECODE", "1") == "0":
-        return "INDUCTOR_MOE_CUDA_DECODE=0"
-    if torch.cuda.get_device_capability(device_index) < (8, 0):
-        return "needs sm_80 (bf16 mma.sync)"
-    try:
-        _compile(device_index, _defines(GemmSpec(b_format="mxfp4"), 1, DecodeMmaConfig(), None, None, torch.bfloat16))
-    except Exception as e:  # noqa: BLE001 -- any build failure means: keep the Triton path
-        return f"NVRTC build failed: {type(e).__name__}: {str(e)[:200]}"
-    return None
+    """None when the kernel may run on this device (switched on, NVRTC builds it), else why not."""
+    return nvrtc.why_not(device_index)
 
 
 def _defines(spec: GemmSpec, m: int, cfg: DecodeMmaConfig, bias: Optional[torch.Tensor], global_scale,
@@ -122,7 +97,7 @@ def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg
     dev = a2.device
     if cfg.vec == 2 and not vec2_fits(k, b_scale, spec):
         cfg = DecodeMmaConfig(cfg.row_groups, cfg.warps, cfg.unroll, 1)
-    kernel = _compile(dev.index, _defines(spec, m, cfg, bias, global_scale, out.dtype))
+    kernel = nvrtc.build(dev.index, "fp4_decode_mma.cu", "fp4_decode_mma", _defines(spec, m, cfg, bias, global_scale, out.dtype))
     b_u8 = b if b.dtype == torch.uint8 else b.view(torch.uint8)
     s_u8 = b_scale if b_scale.dtype == torch.uint8 else b_scale.view(torch.uint8)
     rows = 16 * cfg.row_groups

@@ -53,6 +53,11 @@ mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
 # (lowering/moe_plan.py: fp4_swap_ab) is off: slower on H100 at every point measured.
 fp4_swap_ab: str = Config(default="auto", env_name_force="INDUCTOR_MOE_FP4_SWAP_AB")
 
+# Run decode calls on the CUDA kernels (cuda/, built by NVRTC at run time) where they fit: FP4
+# matmuls at M <= 16 and FP4 MoE experts at T <= 16, bf16 activations.  Off: the Triton paths.
+# Read when the kernels run.
+cuda_decode: bool = Config(default=True, env_name_force="INDUCTOR_MOE_CUDA_DECODE")
+
 # Time MoE kernel tile candidates at the first call of each shape bucket that has no tuned entry
 # (seconds per bucket; never while a CUDA graph is being captured) and keep the fastest in
 # ~/.cache/inductor_moe/moe_tuned.json (env INDUCTOR_MOE_TUNE_CACHE).  Off: tuned entries already

@@ -105,6 +105,10 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
         label = f"{spec.act_format} x {label}"
     pdl = "_pdl" if pdl_enabled(device) else ""
     name = f"triton_fused{pdl}[{label}]"
+    if _cuda_decode_available(spec, device, x_dtype):  # cuda/fp4_moe.py, where operands are aligned
+        from ..cuda.fp4_moe import MAX_TOKENS
+
+        return f"{name} + cuda_decode[{label}] for T <= {MAX_TOKENS}"
     if device.type == "cuda" and moe_config.mega_kernel and all(
             isinstance(v, int) for v in (num_experts, hidden, intermediate, top_k)):
         sms = _num_sms(device)
@@ -114,6 +118,17 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
         if t_max:  # the persistent kernel runs the calls with few tokens (lowering/moe_mega.py)
             name += f" + triton_mega{pdl}[{label}] for T <= {t_max}"
     return name
+
+
+def _cuda_decode_available(spec: MoESpec, device: torch.device, x_dtype) -> bool:
+    """Whether decode calls of this kind take the CUDA kernels (cuda/fp4_moe.py)."""
+    if device.type != "cuda" or spec.effective_weight_format not in ("mxfp4", "nvfp4"):
+        return False
+    if x_dtype != torch.bfloat16 or spec.act_format != "dense":
+        return False
+    from ..cuda import nvrtc
+
+    return nvrtc.why_not(device.index if device.index is not None else torch.cuda.current_device()) is None
 
 
 # ------------------------------------------------------------------------------ launcher
@@ -206,10 +221,13 @@ def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
 
 def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale=None, w2_scale=None,
                       b13=None, b2=None, w13_global_scale=None, w2_global_scale=None, *, kernel_config: Optional[MoEKernelConfig] = None,
-                      use_pdl: Optional[bool] = None, use_mega: Optional[bool] = None) -> torch.Tensor:
+                      use_pdl: Optional[bool] = None, use_mega: Optional[bool] = None,
+                      use_cuda_decode: Optional[bool] = None) -> torch.Tensor:
     """Run the fused kernels (inputs already validated and supported).  Works on CUDA, and on CPU
     under TRITON_INTERPRET=1.  ``use_mega``: force the persistent L1+L2 kernel on or off (None:
-    on CUDA where ``config.mega_kernel`` and ``moe_mega.choose_mega`` say so)."""
+    on CUDA where ``config.mega_kernel`` and ``moe_mega.choose_mega`` say so).  ``use_cuda_decode``:
+    the CUDA decode kernels for FP4 experts at T <= 16 (``cuda/fp4_moe.py``); None: wherever they
+    fit, False: never, True: required (raises where they do not fit)."""
     from ..templates.moe_align import moe_align_count, moe_align_offsets, moe_align_scatter, moe_align_single
     from ..templates.moe_combine import moe_combine_kernel
     from ..templates.moe_common import ACT_FORMAT_CODES, ACT_GROUPS, moe_quant_act_kernel
@@ -230,6 +248,15 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         spec = MoESpec(**{**spec.__dict__, "quantize_weights": None, "weight_format": fmt, "transposed": False})
     if use_pdl is None:
         use_pdl = pdl_enabled(x.device)
+    if use_cuda_decode is not False and x.device.type == "cuda":
+        from ..cuda.fp4_moe import moe_decode, moe_decode_fits
+
+        why_not = moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2)
+        if why_not is None:
+            return moe_decode(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2,
+                              w13_global_scale, w2_global_scale, out, use_pdl=use_pdl)
+        if use_cuda_decode:
+            raise ValueError(f"the CUDA MoE decode kernels cannot take this call: {why_not}")
     if kernel_config is None:  # the bucket's tuned tiles, else the heuristic's (lowering/moe_tune.py)
         from .moe_tune import config_for_call
 

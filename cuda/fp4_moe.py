@@ -1,0 +1,135 @@
+"""Host side of the CUDA MoE decode kernels (``fp4_moe_decode.cu``): fit checks, tiles, launches.
+
+# T: tokens, H: hidden, E: experts, k: experts per token, I: expert intermediate size, N = T*k
+For FP4 experts (MXFP4 / NVFP4) with bf16 activations at decode (T <= ``MAX_TOKENS``): L1 (gate/up
+GEMM + GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H]
+per-pair rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  No routing
+pass: each CTA finds the pairs routed to its expert itself (see the .cu).  Three launches, no host
+syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take this path; the
+caller then runs the Triton pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..spec import MoESpec
+from . import nvrtc
+
+MAX_TOKENS = 16  # decode: above this the Triton tiles (more tokens per expert) win
+MAX_PAIRS = 256  # T * k the kernels' member lists hold (fp4_moe_decode.cu MAX_PAIRS)
+_FLOAT_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+@dataclass(frozen=True)
+class MoEDecodeConfig:
+    """Warps splitting K in each kernel, 8-token MMA tiles per expert, L2's 16-row groups."""
+
+    gate_up_warps: int = 8
+    down_warps: int = 8
+    token_tiles: int = 1
+    down_row_groups: int = 1
+
+
+def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
+                             intermediate: int) -> MoEDecodeConfig:
+    """8 warps split K unless K has too few 128-wide steps to feed them (L2 of qwen3, I = 768:
+    6 steps, 4 warps); a second 8-token tile only where experts get more than 8 tokens on average."""
+    def warps(k: int) -> int:
+        return 8 if -(-k // 128) >= 12 else 4
+    dense_routing = num_tokens > 8 and num_tokens * top_k >= 8 * num_experts
+    return MoEDecodeConfig(gate_up_warps=warps(hidden), down_warps=warps(intermediate),
+                           token_tiles=2 if dense_routing else 1)
+
+
+def _aligned_rows(w: torch.Tensor) -> bool:
+    return (w.stride(-1) == 1 and w.data_ptr() % 16 == 0 and w.stride(-2) % 16 == 0 and w.stride(0) % 16 == 0
+            and w.stride(0) < 2**31)  # the kernels take int strides
+
+
+def moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2) -> Optional[str]:
+    """Why the CUDA MoE decode kernels cannot take this call (None when they can); metadata only."""
+    fmt = spec.effective_weight_format
+    if fmt not in ("mxfp4", "nvfp4") or spec.quantize_weights is not None:
+        return f"{fmt} weights (the CUDA decode takes stored MXFP4 / NVFP4)"
+    if spec.act_format != "dense" or x.dtype != torch.bfloat16:
+        return "activations are not bf16"
+    T, k = topk_ids.shape
+    if T > MAX_TOKENS:
+        return f"T={T} > {MAX_TOKENS}"
+    if T * k > MAX_PAIRS:
+        return f"T*k={T * k} > {MAX_PAIRS}"
+    H, I = x.shape[1], w2.shape[2] * 2
+    if H % 32 or I % 32:
+        return f"H={H} or I={I} is not a multiple of 32"
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        return "activation rows are not 16-byte aligned"
+    if not (_aligned_rows(w13) and _aligned_rows(w2)):
+        return "packed weight rows are not contiguous and 16-byte aligned"
+    for s in (w13_scale, w2_scale):
+        if s.stride(-1) != 1 or (fmt == "nvfp4" and (s.data_ptr() % 2 or s.stride(-2) % 2 or s.stride(0) % 2)):
+            return "block scales are not row-contiguous (2-byte aligned for NVFP4)"
+    if topk_weights.dtype not in _FLOAT_CODES:
+        return f"topk_weights of dtype {topk_weights.dtype}"
+    for b in (b13, b2):
+        if b is not None and (b.dtype not in _FLOAT_CODES or b.stride(1) != 1):
+            return f"bias of dtype {b.dtype} or with strided rows"
+    return nvrtc.why_not(x.device.index)
+
+
+def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, token_tiles) -> tuple:
+    return (("NV", int(fmt == "nvfp4")), ("RG", row_groups), ("NT", token_tiles), ("WARPS", warps),
+            ("UNROLL", 2), ("VEC", 1), ("IDS_64", int(ids.dtype == torch.int64)), ("TW_T", _FLOAT_CODES[tw.dtype]),
+            ("HAS_BIAS", int(bias is not None)), ("BIAS_T", _FLOAT_CODES[bias.dtype] if bias is not None else 0),
+            ("WEIGHT_BEFORE_DOWN", int(spec.weight_position == "before_down")), ("MAX_PAIRS", MAX_PAIRS))
+
+
+def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2,
+               w13_global_scale, w2_global_scale, out, *, config: Optional[MoEDecodeConfig] = None,
+               use_pdl: bool = False) -> torch.Tensor:
+    """``out[T, H]`` = the MoE experts layer (inputs validated, ``moe_decode_fits`` checked)."""
+    from ..templates.moe_combine import moe_combine_kernel
+
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E, I = w13.shape[0], w2.shape[2] * 2
+    N = T * k
+    fmt = spec.effective_weight_format
+    cfg = config or choose_moe_decode_config(T, k, E, H, I)
+    ids, tw = topk_ids.contiguous(), topk_weights.contiguous()
+    s13 = w13_scale.view(torch.uint8)
+    s2 = w2_scale.view(torch.uint8)
+    dev = x.device.index
+    stream = torch.cuda.current_stream(x.device)
+    inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
+    rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
+    gate_up_gscales = w13_global_scale is not None and w13_global_scale.dim() == 2
+
+    l1 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_gate_up", _common_defines(
+        spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2, cfg.token_tiles) + (
+        ("STAGE", 1), ("GLU", _GLU_CODES[spec.activation]), ("HAS_LIMIT", int(spec.limit is not None)),
+        ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
+        ("GATE_UP_GSCALES", int(gate_up_gscales))))
+    l1(grid=(-(-I // 16), N, 1), block=(32 * cfg.gate_up_warps, 1, 1), stream=stream,
+       args=[x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
+             b13 if b13 is not None else x, inter, N, k, E, H, I, x.stride(0),
+             w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), b13.stride(0) if b13 is not None else 0,
+             float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset)])
+
+    l2 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_down", _common_defines(
+        spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg.token_tiles) + (
+        ("STAGE", 2), ("HAS_GSCALE", int(w2_global_scale is not None))))
+    l2(grid=(-(-H // (16 * cfg.down_row_groups)), N, 1), block=(32 * cfg.down_warps, 1, 1), stream=stream,
+       args=[inter, ids, tw, w2, s2, w2_global_scale if w2_global_scale is not None else tw,
+             b2 if b2 is not None else x, rows, N, E, H, I,
+             w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), b2.stride(0) if b2 is not None else 0])
+
+    bh = min(1024, 1 << (H - 1).bit_length())
+    pdl = {"launch_pdl": True} if use_pdl else {}
+    moe_combine_kernel[(T, -(-H // bh))](rows, ids, out, T, H, E, out.stride(0), TOP_K=k, BLOCK_T=1, BLOCK_H=bh,
+                                         USE_PDL=use_pdl, num_warps=4, **pdl)
+    return out

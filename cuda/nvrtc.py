@@ -1,0 +1,52 @@
+"""Run-time builds of the project's CUDA kernels through NVRTC.
+
+``torch.cuda._compile_kernel`` (PyTorch's own runtime-compiler wrapper) compiles a source with its
+``#define``s prepended, once per (device, file, kernel, variant): no nvcc and no build step at
+install.  The kernels it returns launch with ``cuLaunchKernel`` on the stream they are given, so
+they need no host sync and are CUDA-graph capturable.  ``unavailable_reason`` says, once per
+device, why the CUDA kernels cannot run there, and ``why_not`` adds the user's switch
+(``config.cuda_decode``); callers then keep their Triton paths.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CUDA_DIR = Path(__file__).parent
+
+
+@functools.lru_cache(maxsize=None)
+def build(device_index: int, source: str, kernel_name: str, defines: tuple):
+    """The kernel ``kernel_name`` of ``cuda/<source>`` compiled with ``defines`` for this device."""
+    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
+    if compile_kernel is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)")
+    src = "".join(f"#define {k} {v}\n" for k, v in defines) + (CUDA_DIR / source).read_text()
+    with torch.cuda.device(device_index):
+        return compile_kernel(src, kernel_name, cuda_include_dirs=[str(CUDA_DIR)])
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(device_index: int) -> Optional[str]:
+    """None when the CUDA decode kernels can run on this device (a probe build, tried once per
+    device), else why not."""
+    if torch.cuda.get_device_capability(device_index) < (8, 0):
+        return "needs sm_80 (bf16 mma.sync)"
+    try:
+        build(device_index, "fp4_decode_mma.cu", "fp4_decode_mma", (("NV", 0), ("WARPS", 8)))
+    except Exception as e:  # noqa: BLE001 -- any build failure means: keep the Triton path
+        return f"NVRTC build failed: {type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def why_not(device_index: int) -> Optional[str]:
+    """None when the CUDA decode kernels may run now on this device, else why not."""
+    from .. import config
+
+    if not config.cuda_decode:
+        return "config.cuda_decode is off (INDUCTOR_MOE_CUDA_DECODE=0)"
+    return unavailable_reason(device_index)

@@ -1,0 +1,188 @@
+"""CUDA MoE decode kernels for FP4 experts (cuda/fp4_moe_decode.cu via cuda/fp4_moe.py).
+
+CPU: the fit checks and the tile rule.  GPU (marked ``gpu``): the kernels forced on
+(``use_cuda_decode=True`` raises instead of falling back) against the float64 reference of the same
+quantised weights, every buffer the call allocates NaN-poisoned first, two runs bitwise equal;
+experts shared by many tokens (the per-expert token loop), duplicate and out-of-range ids, NaN
+activations, CUDA-graph capture, and that the default path takes these kernels at decode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_moe_kernels import TOL, _gpu_inputs, _Poison
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _meta_call(T=1, k=8, E=16, H=256, I=128, fmt="mxfp4", x_dtype=torch.bfloat16, spec_extra=""):
+    """CPU tensors with the shapes and dtypes of an FP4 call (the fit check reads metadata only)."""
+    from inductor_moe.spec import MoESpec
+
+    spec = MoESpec.from_str(",".join(p for p in (f"weight_format={fmt}", spec_extra) if p))
+    block = 32 if fmt == "mxfp4" else 16
+    sdt = torch.uint8 if fmt == "mxfp4" else torch.float8_e4m3fn
+    return dict(x=torch.zeros(T, H, dtype=x_dtype), topk_ids=torch.zeros(T, k, dtype=torch.int32),
+                topk_weights=torch.zeros(T, k), w13=torch.zeros(E, 2 * I, H // 2, dtype=torch.uint8),
+                w2=torch.zeros(E, H, I // 2, dtype=torch.uint8), spec=spec,
+                w13_scale=torch.zeros(E, 2 * I, H // block, dtype=sdt), w2_scale=torch.zeros(E, H, I // block, dtype=sdt),
+                b13=None, b2=None)
+
+
+def test_fit_check_reasons():
+    from inductor_moe.cuda.fp4_moe import moe_decode_fits
+
+    def why(shape=None, **tensors):
+        call = _meta_call(**(shape or {}))
+        call.update(tensors)
+        return moe_decode_fits(**call)
+
+    assert "T=17 > 16" in why(dict(T=17))
+    assert "T*k=272 > 256" in why(dict(T=16, k=17))
+    assert "not bf16" in why(dict(x_dtype=torch.float16))
+    assert "not bf16" in why(dict(spec_extra="act_format=fp8_mx32"))
+    assert "not a multiple of 32" in why(dict(fmt="nvfp4", I=144))
+    base = _meta_call()
+    assert "16-byte aligned" in why(x=torch.zeros(1, 260, dtype=torch.bfloat16)[:, 4:])
+    assert "weight rows" in why(w13=base["w13"].transpose(1, 2).contiguous().transpose(1, 2))
+    assert "topk_weights" in why(topk_weights=torch.zeros(1, 8, dtype=torch.float64))
+    assert "bias" in why(b13=torch.zeros(16, 256, dtype=torch.float64))
+    dense = _meta_call()
+    dense.update(spec=dense["spec"].__class__(), w13=torch.zeros(16, 256, 256, dtype=torch.bfloat16))
+    assert "dense weights" in moe_decode_fits(**dense)
+
+
+def test_tile_rule():
+    """8 warps split K unless it has fewer than 12 steps of 128; a second token tile only where
+    experts average more than 8 tokens."""
+    from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
+
+    qwen3 = choose_moe_decode_config(1, 8, 128, 2048, 768)
+    assert (qwen3.gate_up_warps, qwen3.down_warps, qwen3.token_tiles) == (8, 4, 1)
+    assert choose_moe_decode_config(16, 8, 128, 2048, 768).token_tiles == 1
+    assert choose_moe_decode_config(16, 2, 4, 4096, 14336).token_tiles == 2
+    assert choose_moe_decode_config(1, 4, 128, 2880, 2880).down_warps == 8
+
+
+# ------------------------------------------------------------------------------ GPU
+
+
+def _reference(x, ids, tw, w13, w2, spec, kw):
+    from inductor_moe.ops.moe_experts import moe_experts_reference
+
+    f64 = {n: (v.double() if v.dtype in (torch.bfloat16, torch.float16) else v) for n, v in kw.items()}
+    return moe_experts_reference(x.double(), ids, tw.double(), w13, w2, spec, **f64)
+
+
+def _run_cuda(x, ids, tw, w13, w2, spec, kw, **extra):
+    from inductor_moe.lowering.moe import fused_moe_experts
+    from inductor_moe.spec import MoESpec
+
+    s = MoESpec.from_str(spec)
+    return fused_moe_experts(x, ids, tw, w13, w2, s, kw.get("w13_scale"), kw.get("w2_scale"), kw.get("b13"),
+                             kw.get("b2"), kw.get("w13_global_scale"), kw.get("w2_global_scale"),
+                             use_cuda_decode=True, **extra)
+
+
+def _check(x, ids, tw, w13, w2, spec, kw, fmt, label):
+    with _Poison():
+        out = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+        again = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+    ref = _reference(x, ids, tw, w13, w2, spec, kw)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert not out.isnan().any(), label
+    assert torch.equal(out, again), f"two runs differ bitwise: {label}"
+    assert err <= TOL[fmt], f"rel err {err:.3g}: {label}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_gpu_qwen3_decode(fmt, T):
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(T, 128, 2048, 768, 8, fmt, seed=T)
+    _check(x, ids, tw, w13, w2, spec, kw, fmt, f"qwen3 {fmt} T={T}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("variant", [
+    dict(spec_extra="gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True),  # gpt-oss
+    dict(spec_extra="activation=gelu", bias=False),
+    dict(spec_extra="activation=gelu_tanh,limit=10.0,weight_position=before_down", bias=True),
+    dict(spec_extra="weight_position=before_down", bias=False, gate_up_gscales=True)])
+def test_gpu_layer_variants(fmt, variant):
+    """Every GLU and layout variant, biases, the routing weight before or after down, NVFP4 gate/up
+    global scales; K with a tail step (2880 = 22.5 x 128), out-of-range ids, int64 ids and bf16
+    routing weights on the last."""
+    if variant.get("gate_up_gscales") and fmt != "nvfp4":
+        pytest.skip("gate/up global scales are NVFP4's")
+    for T, (E, H, I, k) in ((3, (32, 2880, 2880, 4)), (9, (16, 512, 384, 6))):
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(T, E, H, I, k, fmt, seed=T, bad_ids=True, **variant)
+        if T == 9:
+            ids, tw = ids.long(), tw.bfloat16()
+        _check(x, ids, tw, w13, w2, spec, kw, fmt, f"{fmt} T={T} E={E} H={H} I={I} k={k} {variant}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("token_tiles", [1, 2])
+def test_gpu_experts_shared_by_many_tokens(fmt, token_tiles):
+    """16 tokens all routed to experts 0 and 1 (16 pairs per expert: two passes of 8 tokens, or one
+    of 16), a token routing twice to the same expert, and ids outside [0, E)."""
+    from inductor_moe.cuda.fp4_moe import MoEDecodeConfig
+
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(16, 8, 512, 256, 2, fmt, seed=11)
+    ids[:, 0], ids[:, 1] = 0, 1
+    ids[3] = 5  # both slots of token 3 on expert 5
+    ids[7, 1] = -1
+    ids[8, 0] = 8
+    cfg = MoEDecodeConfig(gate_up_warps=4, down_warps=4, token_tiles=token_tiles)
+    from inductor_moe.cuda import fp4_moe
+
+    orig = fp4_moe.choose_moe_decode_config
+    fp4_moe.choose_moe_decode_config = lambda *a: cfg
+    try:
+        _check(x, ids, tw, w13, w2, spec, kw, fmt, f"shared experts {fmt} token_tiles={token_tiles}")
+    finally:
+        fp4_moe.choose_moe_decode_config = orig
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_nan_activation_stays_in_its_token():
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(4, 8, 256, 128, 2, "mxfp4", seed=2)
+    ids[:] = torch.tensor([0, 1], device="cuda")  # every token on the same two experts
+    x[1, 5] = float("nan")
+    out = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+    assert out[1].isnan().all()
+    assert not out[[0, 2, 3]].isnan().any()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_graph_capture_and_default_path():
+    """Captured in a CUDA graph, replays on new inputs; the op's default at T <= 16 is this path
+    (bitwise the forced call) and the report names it."""
+    from inductor_moe.lowering import moe
+
+    moe.register()
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(2, 128, 2048, 768, 8, "mxfp4", seed=5)
+    forced = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+    default = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec, **kw)
+    assert torch.equal(forced, default)
+    _run_cuda(x, ids, tw, w13, w2, spec, kw)  # built before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+    x.copy_(torch.randn_like(x))
+    ids.copy_(torch.rand(2, 128, device="cuda").topk(8, dim=1).indices.int())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, _run_cuda(x, ids, tw, w13, w2, spec, kw))
+    label = moe.describe_moe_lowering(spec, x.device, x.dtype, 128, 2048, 768, 8)
+    assert "cuda_decode[mxfp4] for T <= 16" in label, label
