@@ -1,7 +1,9 @@
 """MoE experts layer benchmark: ``python -m benchmarks.moe [--quick] [--layers qwen3,...] [--tokens 1,16]``.
 
 # T: tokens, E: experts, k: experts per token, H: hidden, I: expert intermediate size, N = T*k
-Times, as the median of CUDA-graph replays (each graph holds REPEAT back-to-back calls), our
+Times, as the median of CUDA-graph replays (each graph holds REPEAT back-to-back calls, each with
+its own random routing, so small-T calls read their experts' weights from HBM as a real decode
+step does, not from the L2 cache the previous call filled; --same-routing: one routing), our
 fused op per weight format with PDL on and off, an HF-style grouped_mm layer (sort -> 2x
 torch._grouped_mm with SwiGLU between -> unsort -> sum) eager and under torch.compile, the two
 grouped_mm calls alone, OpenAI triton_kernels matmul_ogs bf16 and mxfp4 (benchmarks/tk_baseline.py;
@@ -96,6 +98,27 @@ def quantize_chunked(fmt, w, group=16):
     return q, extra
 
 
+def round_robin(fns):
+    """One function calling ``fns`` in turn: a graph of REPEAT calls captures each in order."""
+    state = {"i": 0}
+
+    def call():
+        fn = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return fn()
+    return call
+
+
+def routings(T, E, k, generator, count):
+    """``count`` random softmax top-k routings (ids int32, renormalised fp32 weights) of T tokens."""
+    out = []
+    for _ in range(count):
+        scores = torch.randn(T, E, device="cuda", generator=generator).softmax(-1)
+        tw, ids = scores.topk(k, dim=-1)
+        out.append((ids.int(), (tw / tw.sum(-1, keepdim=True)).float()))
+    return out
+
+
 def time_graph(fn, reps=15):
     """Median microseconds per call: graph of REPEAT calls, replayed ``reps`` times."""
     return graph_time_us(fn, reps=reps, inner=REPEAT)
@@ -126,7 +149,9 @@ def header() -> str:
             f"| commit {commit} | {tk_version()} | median of CUDA-graph replays, us per layer call")
 
 
-def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
+def run(layers, tokens_for, formats, with_compile, log, with_tk=True, same_routing=False):
+    """``same_routing``: every call of a graph routes the same way (its experts' weights stay in
+    the L2 cache from call to call at small T); by default each of the REPEAT calls routes anew."""
     from inductor_moe import config
     from inductor_moe.lowering import moe
 
@@ -149,10 +174,11 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
         hf_compiled = torch.compile(hf_grouped_mm, dynamic=True) if with_compile else None
         for T in tokens_for[name]:
             x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-            scores = torch.randn(T, E, device="cuda", generator=g).softmax(-1)
-            tw, ids = scores.topk(k, dim=-1)
-            tw = (tw / tw.sum(-1, keepdim=True)).float()
-            ids = ids.int()
+            routes = routings(T, E, k, g, 1 if same_routing else REPEAT)
+            ids, tw = routes[0]
+
+            def each_route(f):  # noqa: B023 -- f(ids, tw) -> one function taking the routings in turn
+                return round_robin([lambda i=i, w=w: f(i, w) for i, w in routes])  # noqa: B023
             r = dict(layer=name, T=T, floor=floor_us(T, E, k, H, I, 2.0),
                      floor_fp4=floor_us(T, E, k, H, I, 0.5 + 1 / 32),
                      floor_fp8=floor_us(T, E, k, H, I, 1.0, FP8_MMA_RATE))
@@ -171,7 +197,7 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
                     variants.append(("_triton", {"cuda_decode": False}))
                 for suffix, patch in variants:
                     with config.patch(**patch):
-                        fn = lambda: op(x, ids, tw, wa, wb, spec, **kw)  # noqa: E731
+                        fn = each_route(lambda i, w: op(x, i, w, wa, wb, spec, **kw))  # noqa: B023
                         try:
                             r[f"{fmt}{suffix}"] = time_graph(fn)
                         except Exception as e:  # noqa: BLE001
@@ -182,16 +208,16 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
 
                 for mega in (True, False):
                     try:
-                        r["dense_mega" if mega else "dense_split"] = time_graph(
-                            lambda: fused_moe_experts(x, ids, tw, w13, w2, MoESpec(), use_mega=mega))  # noqa: B023
+                        r["dense_mega" if mega else "dense_split"] = time_graph(each_route(
+                            lambda i, w: fused_moe_experts(x, i, w, w13, w2, MoESpec(), use_mega=mega)))  # noqa: B023
                     except Exception as e:  # noqa: BLE001
                         log(f"  {name} T={T} dense mega={mega}: {type(e).__name__}: {e}")
             r["mem"] = peak_mib(lambda: op(x, ids, tw, w13, w2, ""))
-            r["hf"] = time_graph(lambda: hf_grouped_mm(x, ids, tw, w13, w2))
+            r["hf"] = time_graph(each_route(lambda i, w: hf_grouped_mm(x, i, w, w13, w2)))
             r["hf_mem"] = peak_mib(lambda: hf_grouped_mm(x, ids, tw, w13, w2))
             if hf_compiled is not None:
                 try:
-                    r["hf_compiled"] = time_graph(lambda: hf_compiled(x, ids, tw, w13, w2))
+                    r["hf_compiled"] = time_graph(each_route(lambda i, w: hf_compiled(x, i, w, w13, w2)))
                 except Exception as e:  # noqa: BLE001
                     log(f"  {name} T={T} hf compiled: {type(e).__name__}: {e}")
             flat = ids.reshape(-1)
@@ -200,7 +226,7 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True):
             offs = torch.histc(flat.float(), bins=E, min=0, max=E - 1).cumsum(0).to(torch.int32)
             h = torch.randn(T * k, I, device="cuda", generator=g).bfloat16()
             r["grouped_mm"] = time_graph(lambda: grouped_mm_only(xs, h, offs, w13, w2))
-            tk.time(r, x, ids, tw, time_graph)
+            tk.time(r, x, routes, time_graph, round_robin)
             log(f"{name} T={T}: " + " ".join(f"{key}={v:.1f}" for key, v in r.items() if isinstance(v, float))
                 + f" ({time.time() - t0:.0f}s)")
             rows.append(r)
@@ -438,6 +464,8 @@ def main(argv=None):
                    help="weight formats; +a128 / +a32: with fp8 activations (block-128 / mx32 scales)")
     p.add_argument("--no-compile", action="store_true", help="skip HF under torch.compile")
     p.add_argument("--no-tk", action="store_true", help="skip the OpenAI triton_kernels columns")
+    p.add_argument("--same-routing", action="store_true",
+                   help="every call in a graph routes alike (the expert weights stay L2-resident at small T)")
     p.add_argument("--sweep", action="store_true", help="time tile variants per kernel, then exit")
     p.add_argument("--sweep-fp4", action="store_true", help="time fp4 kernel variants, then exit")
     p.add_argument("--sweep-prefill", action="store_true", help="time prefill variants per format, then exit")
@@ -458,7 +486,8 @@ def main(argv=None):
     if args.sweep or args.sweep_fp4 or args.sweep_prefill:
         (sweep if args.sweep else sweep_fp4 if args.sweep_fp4 else sweep_prefill)(log)
         return
-    rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log, with_tk=not args.no_tk)
+    rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log, with_tk=not args.no_tk,
+               same_routing=args.same_routing)
     text = header() + "\n\n" + table(rows)
     with open(os.path.join(out_dir, "moe_bench.md"), "w") as f:
         f.write(text + "\n")

@@ -221,12 +221,13 @@ class TKColumns:
         except Unavailable as e:
             self._na("TK", str(e), name)
 
-    def time(self, row: dict, x, topk_ids, topk_weights, time_fn: Callable) -> None:
+    def time(self, row: dict, x, routes, time_fn: Callable, round_robin: Callable) -> None:
+        """``routes``: [(topk_ids, topk_weights)], one layer call each in turn."""
         for fmt, key in self.KEYS.items():
             row[key] = "n/a"
             if fmt in self.weights:
                 try:
-                    row[key] = time_fn(make_layer(x, topk_ids, topk_weights, self.weights[fmt]))
+                    row[key] = time_fn(round_robin([make_layer(x, i, w, self.weights[fmt]) for i, w in routes]))
                 except Exception as e:  # noqa: BLE001
                     self._na(f"TK {fmt}", f"{type(e).__name__}: {str(e)[:300]}", f"{row['layer']} T={row['T']}")
 

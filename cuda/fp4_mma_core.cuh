@@ -140,6 +140,19 @@ __device__ __forceinline__ u16 float_half(float f) {
   return h;
 }
 
+// Programmatic Dependent Launch (sm_90+; no-ops before, and when launched without the attribute):
+// wait for the previous kernel's results / let the next kernel start launching.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // acc[r][n] += rows (r, this thread's g, g + 8) x tokens (n, this thread's g) over this warp's K steps.
 // wp / sp / xp point at this thread's first values (K = kb); rows with !row_ok and tokens with
 // !tok_ok read nothing and contribute zeros.  Steps are warp, warp + WARPS, ...

@@ -4,8 +4,8 @@
 For FP4 experts (MXFP4 / NVFP4) with bf16 activations at decode (T <= ``MAX_TOKENS``): L1 (gate/up
 GEMM + GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H]
 per-pair rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  No routing
-pass: each CTA finds the pairs routed to its expert itself (see the .cu).  Three launches, no host
-syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take this path; the
+pass: each CTA finds the pairs routed to its expert itself (see the .cu).  Three launches chained
+with PDL, no host syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take this path; the
 caller then runs the Triton pipeline.
 """
 
@@ -27,23 +27,25 @@ _GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 @dataclass(frozen=True)
 class MoEDecodeConfig:
-    """Warps splitting K in each kernel, 8-token MMA tiles per expert, L2's 16-row groups."""
+    """Warps splitting K in each kernel, 8-token MMA tiles per expert, L2's 16-row groups, K steps
+    of loads in flight per warp."""
 
-    gate_up_warps: int = 8
-    down_warps: int = 8
+    gate_up_warps: int = 4
+    down_warps: int = 4
     token_tiles: int = 1
     down_row_groups: int = 1
+    unroll: int = 1
 
 
 def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
                              intermediate: int) -> MoEDecodeConfig:
-    """8 warps split K unless K has too few 128-wide steps to feed them (L2 of qwen3, I = 768:
-    6 steps, 4 warps); a second 8-token tile only where experts get more than 8 tokens on average."""
-    def warps(k: int) -> int:
-        return 8 if -(-k // 128) >= 12 else 4
+    """4 warps per CTA and one K step of loads per warp: the kernels are limited by the bytes in
+    flight per SM, and this leaves the most CTAs resident (H100, benchmarks/NOTES.md: 1.1-1.5x over
+    8 warps x 2 steps at qwen3 / gpt-oss / dsv4, T = 1 and 16); L2 takes two row groups (activations
+    reused across 32 rows) above 8 tokens; a second 8-token tile only where experts get more than
+    8 tokens on average."""
     dense_routing = num_tokens > 8 and num_tokens * top_k >= 8 * num_experts
-    return MoEDecodeConfig(gate_up_warps=warps(hidden), down_warps=warps(intermediate),
-                           token_tiles=2 if dense_routing else 1)
+    return MoEDecodeConfig(down_row_groups=2 if num_tokens > 8 else 1, token_tiles=2 if dense_routing else 1)
 
 
 def _aligned_rows(w: torch.Tensor) -> bool:
@@ -81,9 +83,9 @@ def moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale
     return nvrtc.why_not(x.device.index)
 
 
-def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, token_tiles) -> tuple:
-    return (("NV", int(fmt == "nvfp4")), ("RG", row_groups), ("NT", token_tiles), ("WARPS", warps),
-            ("UNROLL", 2), ("VEC", 1), ("IDS_64", int(ids.dtype == torch.int64)), ("TW_T", _FLOAT_CODES[tw.dtype]),
+def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, cfg: MoEDecodeConfig) -> tuple:
+    return (("NV", int(fmt == "nvfp4")), ("RG", row_groups), ("NT", cfg.token_tiles), ("WARPS", warps),
+            ("UNROLL", cfg.unroll), ("VEC", 1), ("IDS_64", int(ids.dtype == torch.int64)), ("TW_T", _FLOAT_CODES[tw.dtype]),
             ("HAS_BIAS", int(bias is not None)), ("BIAS_T", _FLOAT_CODES[bias.dtype] if bias is not None else 0),
             ("WEIGHT_BEFORE_DOWN", int(spec.weight_position == "before_down")), ("MAX_PAIRS", MAX_PAIRS))
 
@@ -110,23 +112,24 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     gate_up_gscales = w13_global_scale is not None and w13_global_scale.dim() == 2
 
     l1 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_gate_up", _common_defines(
-        spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2, cfg.token_tiles) + (
+        spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2, cfg) + (
         ("STAGE", 1), ("GLU", _GLU_CODES[spec.activation]), ("HAS_LIMIT", int(spec.limit is not None)),
         ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
         ("GATE_UP_GSCALES", int(gate_up_gscales))))
-    l1(grid=(-(-I // 16), N, 1), block=(32 * cfg.gate_up_warps, 1, 1), stream=stream,
-       args=[x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
-             b13 if b13 is not None else x, inter, N, k, E, H, I, x.stride(0),
-             w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), b13.stride(0) if b13 is not None else 0,
-             float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset)])
+    nvrtc.launch(l1, (-(-I // 16), N, 1), (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
+        x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
+        b13 if b13 is not None else x, inter, N, k, E, H, I, x.stride(0),
+        w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), b13.stride(0) if b13 is not None else 0,
+        float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset)])
 
     l2 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_down", _common_defines(
-        spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg.token_tiles) + (
+        spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg) + (
         ("STAGE", 2), ("HAS_GSCALE", int(w2_global_scale is not None))))
-    l2(grid=(-(-H // (16 * cfg.down_row_groups)), N, 1), block=(32 * cfg.down_warps, 1, 1), stream=stream,
-       args=[inter, ids, tw, w2, s2, w2_global_scale if w2_global_scale is not None else tw,
-             b2 if b2 is not None else x, rows, N, E, H, I,
-             w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), b2.stride(0) if b2 is not None else 0])
+    nvrtc.launch(l2, (-(-H // (16 * cfg.down_row_groups)), N, 1), (32 * cfg.down_warps, 1, 1), stream=stream,
+                 pdl=use_pdl, args=[
+                     inter, ids, tw, w2, s2, w2_global_scale if w2_global_scale is not None else tw,
+                     b2 if b2 is not None else x, rows, N, E, H, I,
+                     w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), b2.stride(0) if b2 is not None else 0])
 
     bh = min(1024, 1 << (H - 1).bit_length())
     pdl = {"launch_pdl": True} if use_pdl else {}

@@ -6,6 +6,8 @@
 // combine (templates/moe_combine.py) then sums rows over slots.  The same [N, I] intermediate and
 // [N, H] per-pair rows as the Triton pipeline, rounded to bf16 at the same places.
 //
+// Launched with PDL: gate_up waits for the previous kernel before reading anything, then lets down
+// launch; down finds its pairs while gate_up finishes and waits before reading inter.
 // Grid: (column tiles, pairs).  No routing pass runs first: the CTA of pair p reads ids, exits
 // unless p is the first pair routed to its expert (the "leader"), and otherwise takes every pair
 // routed to that expert as the MMA's tokens, 8 * NT at a time, so each expert's weight tile is read
@@ -145,6 +147,8 @@ fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const t
   const float alpha = (float)alpha_d, limit = (float)limit_d, up_offset = (float)up_offset_d;
   __shared__ float partial[PARTIAL_FLOATS];
   __shared__ int members[MAX_PAIRS];
+  pdl_wait();  // ids and x come from earlier kernels
+  pdl_launch_dependents();
   const int p = blockIdx.y;
   const id_t e = ids[p];
   if (e < 0 || e >= E) return;
@@ -218,15 +222,18 @@ fp4_moe_down(const u16* __restrict__ inter, const id_t* __restrict__ ids, const 
              int w_se, int w_sn, int s_se, int s_sn, int b_se) {
   __shared__ float partial[PARTIAL_FLOATS];
   __shared__ int members[MAX_PAIRS];
+  // Before waiting on gate_up (PDL): ids only, final before gate_up started; inter after the wait.
   const int p = blockIdx.y;
   const id_t e = ids[p];
   if (e < 0 || e >= E) return;
   const int count = routed_pairs(ids, n_pairs, p, e, members);
   if (count < 0) return;
+  const int row0 = blockIdx.x * 16 * RG;
+  pdl_wait();
+  pdl_launch_dependents();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * 16 * RG;
   const int kb = warp * 128 * VEC + t * 32 * VEC;
   int rows[RG][2];
   bool row_ok[RG][2];

@@ -10,6 +10,7 @@ device, why the CUDA kernels cannot run there, and ``why_not`` adds the user's s
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from pathlib import Path
 from typing import Optional
@@ -50,3 +51,34 @@ def why_not(device_index: int) -> Optional[str]:
     if not config.cuda_decode:
         return "config.cuda_decode is off (INDUCTOR_MOE_CUDA_DECODE=0)"
     return unavailable_reason(device_index)
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def launch(kernel, grid, block, args, stream, pdl: bool = False) -> None:
+    """Launch a kernel from ``build`` on ``stream``; arguments as ``torch.cuda._compile_kernel``
+    passes them (tensors as pointers, ints as C int, floats as double).  ``pdl``: with the
+    programmatic-serialization attribute, so the kernel may start while the previous one finishes
+    (its ``griddepcontrol.wait`` holds it until that kernel's results are visible)."""
+    if not pdl:
+        kernel(grid=grid, block=block, args=args, stream=stream)
+        return
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+
+    keep = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
+            ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a) for a in args]
+    params = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in keep])
+    attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
+                        ctypes.c_void_p(stream.cuda_stream), ctypes.pointer(attr), 1)
+    _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None))

@@ -55,15 +55,16 @@ def test_fit_check_reasons():
 
 
 def test_tile_rule():
-    """8 warps split K unless it has fewer than 12 steps of 128; a second token tile only where
-    experts average more than 8 tokens."""
+    """4 warps and one K step per warp everywhere; two L2 row groups above 8 tokens; a second token
+    tile only where experts average more than 8 tokens."""
     from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
 
     qwen3 = choose_moe_decode_config(1, 8, 128, 2048, 768)
-    assert (qwen3.gate_up_warps, qwen3.down_warps, qwen3.token_tiles) == (8, 4, 1)
+    assert (qwen3.gate_up_warps, qwen3.down_warps, qwen3.unroll, qwen3.down_row_groups, qwen3.token_tiles) == (
+        4, 4, 1, 1, 1)
+    assert choose_moe_decode_config(16, 8, 128, 2048, 768).down_row_groups == 2
     assert choose_moe_decode_config(16, 8, 128, 2048, 768).token_tiles == 1
     assert choose_moe_decode_config(16, 2, 4, 4096, 14336).token_tiles == 2
-    assert choose_moe_decode_config(1, 4, 128, 2880, 2880).down_warps == 8
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -141,7 +142,7 @@ def test_gpu_experts_shared_by_many_tokens(fmt, token_tiles):
     ids[3] = 5  # both slots of token 3 on expert 5
     ids[7, 1] = -1
     ids[8, 0] = 8
-    cfg = MoEDecodeConfig(gate_up_warps=4, down_warps=4, token_tiles=token_tiles)
+    cfg = MoEDecodeConfig(gate_up_warps=8, down_warps=2, token_tiles=token_tiles, unroll=2, down_row_groups=2)
     from inductor_moe.cuda import fp4_moe
 
     orig = fp4_moe.choose_moe_decode_config
@@ -166,8 +167,9 @@ def test_gpu_nan_activation_stays_in_its_token():
 @pytest.mark.gpu
 @gpu
 def test_gpu_graph_capture_and_default_path():
-    """Captured in a CUDA graph, replays on new inputs; the op's default at T <= 16 is this path
-    (bitwise the forced call) and the report names it."""
+    """Captured in a CUDA graph, replays on new inputs; launched with and without PDL, bitwise
+    alike; the op's default at T <= 16 is this path (bitwise the forced call) and the report
+    names it."""
     from inductor_moe.lowering import moe
 
     moe.register()
@@ -175,6 +177,7 @@ def test_gpu_graph_capture_and_default_path():
     forced = _run_cuda(x, ids, tw, w13, w2, spec, kw)
     default = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec, **kw)
     assert torch.equal(forced, default)
+    assert torch.equal(forced, _run_cuda(x, ids, tw, w13, w2, spec, kw, use_pdl=False))
     _run_cuda(x, ids, tw, w13, w2, spec, kw)  # built before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
