@@ -307,10 +307,13 @@ SWEEP_SMALL = [(None, None, None),
 
 
 def kernel_times(fn, iters=5):
-    """Mean device microseconds per call of each of our kernels (align, gemm1, gemm2, mega, combine)."""
+    """Mean device microseconds per call of each of our kernels (align, gemm1, gemm2, mega, combine;
+    cuda_gate_up / cuda_down of the CUDA decode kernels)."""
     out = {}
     for name, us in kernel_times_by_name(fn, iters).items():
-        if name.startswith("moe_"):
+        if name.startswith("fp4_moe_"):
+            out[name.replace("fp4_moe_", "cuda_")] = out.get(name, 0.0) + us
+        elif name.startswith("moe_"):
             short = "align" if name.startswith("moe_align") else name.split("_kernel")[0].replace("moe_", "")
             out[short] = out.get(short, 0.0) + us
     return out
@@ -404,6 +407,41 @@ PREFILL_SWEEP = {  # prefill variants per format (None: the tuned or heuristic c
 }
 
 
+CUDA_DECODE_SWEEP = [(8, 8, 2, 1), (4, 4, 1, 1), (4, 4, 2, 1), (4, 4, 1, 2), (2, 2, 1, 1), (8, 4, 1, 1), (4, 2, 1, 2)]
+
+
+def sweep_cuda_decode(log, points=(("qwen3-30b-a3b", 1), ("gpt-oss-120b", 1), ("dsv4-flash", 1),
+                                   ("qwen3-30b-a3b", 16), ("gpt-oss-120b", 16)), formats=("mxfp4", "nvfp4")):
+    """The CUDA MoE decode kernels (cuda/fp4_moe.py) per tile variant (gate_up warps, down warps,
+    K steps per warp, down row groups), with and without PDL, beside the Triton kernels they
+    replace; each call of a graph routed anew."""
+    from inductor_moe.cuda import fp4_moe
+    from inductor_moe.lowering.moe import fused_moe_experts
+    from inductor_moe.spec import MoESpec
+
+    for name, T in points:
+        E, k, H, I = LAYERS[name]
+        x, _, _, w13, w2 = sweep_inputs(T, E, k, H, I)
+        routes = routings(T, E, k, torch.Generator(device="cuda").manual_seed(1), REPEAT)
+        for fmt in formats:
+            q13, q2, kw = quantized_layer(fmt, w13, w2)
+            spec = MoESpec(weight_format=fmt)
+            args = (kw["w13_scale"], kw["w2_scale"], None, None, kw["w13_global_scale"], kw["w2_global_scale"])
+            variants = [("triton", None, True)] + [
+                (f"gu{a} dn{b} u{u} rg{rg}{'' if pdl else ' no-PDL'}",
+                 fp4_moe.MoEDecodeConfig(gate_up_warps=a, down_warps=b, unroll=u, down_row_groups=rg), pdl)
+                for a, b, u, rg in CUDA_DECODE_SWEEP for pdl in ((True, False) if (a, b, u, rg) == (4, 4, 1, 1) else (True,))]
+            for tag, cfg, pdl in variants:
+                def one(i, w, cfg=cfg, pdl=pdl):
+                    if cfg is None:
+                        return fused_moe_experts(x, i, w, q13, q2, spec, *args, use_cuda_decode=False, use_pdl=pdl)
+                    return fp4_moe.moe_decode(x, i, w, q13, q2, spec, *args, torch.empty_like(x), config=cfg, use_pdl=pdl)
+                fn = round_robin([lambda i=i, w=w: one(i, w) for i, w in routes])  # noqa: B023
+                time_variant(log, f"{name} T={T} {fmt} {tag}", fn)
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
 def sweep_prefill(log, points=(("qwen3-30b-a3b", 4096), ("gpt-oss-120b", 4096), ("dsv4-flash", 4096)),
                   formats=None):
     """Prefill variants per format: graph time and per-kernel split of each PREFILL_SWEEP entry,
@@ -469,6 +507,8 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="time tile variants per kernel, then exit")
     p.add_argument("--sweep-fp4", action="store_true", help="time fp4 kernel variants, then exit")
     p.add_argument("--sweep-prefill", action="store_true", help="time prefill variants per format, then exit")
+    p.add_argument("--sweep-cuda-decode", action="store_true",
+                   help="time the CUDA MoE decode kernels' tile variants (FP4, T = 1 / 16), then exit")
     args = p.parse_args(argv)
     layers = args.layers.split(",")
     if args.tokens:
@@ -483,8 +523,9 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
         print(msg, file=log_file, flush=True)
 
-    if args.sweep or args.sweep_fp4 or args.sweep_prefill:
-        (sweep if args.sweep else sweep_fp4 if args.sweep_fp4 else sweep_prefill)(log)
+    if args.sweep or args.sweep_fp4 or args.sweep_prefill or args.sweep_cuda_decode:
+        (sweep if args.sweep else sweep_fp4 if args.sweep_fp4 else sweep_prefill if args.sweep_prefill
+         else sweep_cuda_decode)(log)
         return
     rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log, with_tk=not args.no_tk,
                same_routing=args.same_routing)
