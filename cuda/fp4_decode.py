@@ -90,9 +90,11 @@ def _defines(spec: GemmSpec, m: int, cfg: DecodeMmaConfig, bias: Optional[torch.
             ("ACT", _ACT_CODES[spec.activation]), ("HAS_GSCALE", int(global_scale is not None)))
 
 
-def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: DecodeMmaConfig):
+def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: DecodeMmaConfig,
+                    use_pdl: bool = False):
     """``out[M, N] = act(global_scale * (A @ B^T) + bias)``; inputs validated, ``decode_mma_fits``
-    and ``nvrtc_unavailable_reason`` checked by the caller."""
+    and ``nvrtc_unavailable_reason`` checked by the caller.  ``use_pdl``: launched with PDL (the
+    kernel waits for the previous one before reading anything)."""
     m, n, k = a2.shape[0], b.shape[0], b.shape[1] * 2
     dev = a2.device
     if cfg.vec == 2 and not vec2_fits(k, b_scale, spec):
@@ -101,8 +103,7 @@ def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg
     b_u8 = b if b.dtype == torch.uint8 else b.view(torch.uint8)
     s_u8 = b_scale if b_scale.dtype == torch.uint8 else b_scale.view(torch.uint8)
     rows = 16 * cfg.row_groups
-    kernel(grid=(-(-n // rows), 1, 1), block=(32 * cfg.warps, 1, 1),
-           args=[a2, b_u8, s_u8, global_scale if global_scale is not None else out, bias if bias is not None else out, out,
-                 m, n, k, a2.stride(0), out.stride(0)],
-           stream=torch.cuda.current_stream(dev))
+    nvrtc.launch(kernel, (-(-n // rows), 1, 1), (32 * cfg.warps, 1, 1), stream=torch.cuda.current_stream(dev),
+                 pdl=use_pdl, args=[a2, b_u8, s_u8, global_scale if global_scale is not None else out,
+                                    bias if bias is not None else out, out, m, n, k, a2.stride(0), out.stride(0)])
     return out

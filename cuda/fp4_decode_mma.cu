@@ -52,6 +52,8 @@ fp4_decode_mma(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __
                int M, int N, int K, int ldx, int ldo) {
   constexpr int STEP_K = 128 * VEC;
   __shared__ float partial[PARTIAL_FLOATS];
+  pdl_wait();  // launched with PDL: x (and a weight re-laid out just before) come from earlier kernels
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * (16 * RG);

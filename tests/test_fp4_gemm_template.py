@@ -371,14 +371,16 @@ def test_cuda_decode_graph_capture_and_unaligned_fallback():
     a, _, q, s, gs, bias = make_operands("dense", "nvfp4", 2, 1024, 2048, device="cuda", seed=5)
     spec = GemmSpec(b_format="nvfp4", activation="silu")
     ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
-    block_scaled_gemm(a, q, s, spec, None, gs, bias)  # build outside the capture
+    plain = block_scaled_gemm(a, q, s, spec, None, gs, bias)  # build outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        captured = block_scaled_gemm(a, q, s, spec, None, gs, bias)
+        captured = block_scaled_gemm(a, q, s, spec, None, gs, bias, use_pdl=True)  # chained after a kernel
+        again = block_scaled_gemm(a, q, s, spec, None, gs, bias, use_pdl=True)
     captured.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()
     assert rel_err(captured, ref) <= 5e-3
+    assert torch.equal(captured, plain) and torch.equal(again, plain)  # PDL launch: bitwise the plain one
     # activation rows 8 bytes off 16-byte alignment: the Triton path runs instead, same result
     wide = torch.zeros(2, 2048 + 4, dtype=torch.bfloat16, device="cuda")
     wide[:, 4:] = a
