@@ -5,8 +5,8 @@ For FP4 experts (MXFP4 / NVFP4) with bf16 activations at decode (T <= ``MAX_TOKE
 GEMM + GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H]
 per-pair rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  No routing
 pass: each CTA finds the pairs routed to its expert itself (see the .cu).  Three launches chained
-with PDL, no host syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take this path; the
-caller then runs the Triton pipeline.
+with PDL, no host syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take
+this path; the caller then runs the Triton pipeline.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from ..spec import MoESpec
 from . import nvrtc
 
-MAX_TOKENS = 16  # decode: above this the Triton tiles (more tokens per expert) win
+MAX_TOKENS = 16  # the decode regime (measured at T = 1 and 16); larger calls take the Triton tiles
 MAX_PAIRS = 256  # T * k the kernels' member lists hold (fp4_moe_decode.cu MAX_PAIRS)
 _FLOAT_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
