@@ -312,7 +312,8 @@ def kernel_times(fn, iters=5):
     out = {}
     for name, us in kernel_times_by_name(fn, iters).items():
         if name.startswith("fp4_moe_"):
-            out[name.replace("fp4_moe_", "cuda_")] = out.get(name, 0.0) + us
+            short = name.replace("fp4_moe_", "cuda_")
+            out[short] = out.get(short, 0.0) + us
         elif name.startswith("moe_"):
             short = "align" if name.startswith("moe_align") else name.split("_kernel")[0].replace("moe_", "")
             out[short] = out.get(short, 0.0) + us

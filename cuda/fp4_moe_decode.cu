@@ -133,6 +133,31 @@ __device__ __forceinline__ void point_rows(const u8* w, const u8* scales, int w_
     }
 }
 
+// Split-K partial sums (in `partial`, summed by warp_sum after a __syncthreads) of this CTA's rows
+// of expert e times the activations of pairs members[base .. base + 8 * NT) (fewer past `count`):
+// pair q's activation row is act[(q / pairs_per_row) * ld].
+__device__ __forceinline__ void stash_pair_partials(float* partial, const u8* w, const u8* scales, int w_se, int w_sn,
+                                                    int s_se, int s_sn, int e, const int (&rows)[RG][2],
+                                                    const bool (&row_ok)[RG][2], const u16* act, int ld,
+                                                    int pairs_per_row, const int* members, int base, int count,
+                                                    int K, int kb, int warp, int lane) {
+  const u8* wp[RG][2];
+  const u8* sp[RG][2];
+  point_rows(w, scales, w_se, w_sn, s_se, s_sn, e, rows, row_ok, kb, wp, sp);
+  const u16* xp[NT];
+  bool tok_ok[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int m = base + n * 8 + (lane >> 2);
+    tok_ok[n] = m < count;
+    xp[n] = act + (long long)(tok_ok[n] ? members[m] / pairs_per_row : 0) * ld + kb;
+  }
+  float acc[RG][NT][4];
+  zero_acc(acc);
+  fp4_mma_k_loop(acc, wp, sp, row_ok, xp, tok_ok, kb, K, warp);
+  stash_partials(partial, acc, warp, lane);
+}
+
 #if STAGE == 1
 #if RG != 2
 #error "fp4_moe_gate_up takes the gate and the up rows as its two row groups (RG = 2)"
@@ -175,21 +200,8 @@ fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const t
 #endif
 
   for (int base = 0; base < count; base += 8 * NT) {
-    const u8* wp[RG][2];
-    const u8* sp[RG][2];
-    point_rows(w, scales, w_se, w_sn, s_se, s_sn, (int)e, rows, row_ok, kb, wp, sp);
-    const u16* xp[NT];
-    bool tok_ok[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int m = base + n * 8 + g;
-      tok_ok[n] = m < count;
-      xp[n] = x + (long long)(tok_ok[n] ? members[m] / top_k : 0) * ldx + kb;
-    }
-    float acc[RG][NT][4];
-    zero_acc(acc);
-    fp4_mma_k_loop(acc, wp, sp, row_ok, xp, tok_ok, kb, H, warp);
-    stash_partials(partial, acc, warp, lane);
+    stash_pair_partials(partial, w, scales, w_se, w_sn, s_se, s_sn, (int)e, rows, row_ok, x, ldx, top_k, members, base,
+                        count, H, kb, warp, lane);
     __syncthreads();
     // fragment entry i of group 0 (gate) and i + NT * 4 of group 1 (up) hold the same (column, pair)
     for (int i = warp; i < NT * 4; i += WARPS) {
@@ -250,21 +262,8 @@ fp4_moe_down(const u16* __restrict__ inter, const id_t* __restrict__ ids, const 
 #endif
 
   for (int base = 0; base < count; base += 8 * NT) {
-    const u8* wp[RG][2];
-    const u8* sp[RG][2];
-    point_rows(w, scales, w_se, w_sn, s_se, s_sn, (int)e, rows, row_ok, kb, wp, sp);
-    const u16* xp[NT];
-    bool tok_ok[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int m = base + n * 8 + g;
-      tok_ok[n] = m < count;
-      xp[n] = inter + (long long)(tok_ok[n] ? members[m] : 0) * I + kb;
-    }
-    float acc[RG][NT][4];
-    zero_acc(acc);
-    fp4_mma_k_loop(acc, wp, sp, row_ok, xp, tok_ok, kb, I, warp);
-    stash_partials(partial, acc, warp, lane);
+    stash_pair_partials(partial, w, scales, w_se, w_sn, s_se, s_sn, (int)e, rows, row_ok, inter, I, 1, members, base,
+                        count, I, kb, warp, lane);
     __syncthreads();
     for (int i = warp; i < RG * NT * 4; i += WARPS) {
       const int c = i & 3, n = (i >> 2) % NT, r = (i >> 2) / NT;

@@ -132,7 +132,7 @@ def test_gpu_layer_variants(fmt, variant):
 @gpu
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("token_tiles", [1, 2])
-def test_gpu_experts_shared_by_many_tokens(fmt, token_tiles):
+def test_gpu_experts_shared_by_many_tokens(fmt, token_tiles, monkeypatch):
     """16 tokens all routed to experts 0 and 1 (16 pairs per expert: two passes of 8 tokens, or one
     of 16), a token routing twice to the same expert, and ids outside [0, E)."""
     from inductor_moe.cuda.fp4_moe import MoEDecodeConfig
@@ -142,15 +142,11 @@ def test_gpu_experts_shared_by_many_tokens(fmt, token_tiles):
     ids[3] = 5  # both slots of token 3 on expert 5
     ids[7, 1] = -1
     ids[8, 0] = 8
-    cfg = MoEDecodeConfig(gate_up_warps=8, down_warps=2, token_tiles=token_tiles, unroll=2, down_row_groups=2)
     from inductor_moe.cuda import fp4_moe
 
-    orig = fp4_moe.choose_moe_decode_config
-    fp4_moe.choose_moe_decode_config = lambda *a: cfg
-    try:
-        _check(x, ids, tw, w13, w2, spec, kw, fmt, f"shared experts {fmt} token_tiles={token_tiles}")
-    finally:
-        fp4_moe.choose_moe_decode_config = orig
+    cfg = MoEDecodeConfig(gate_up_warps=8, down_warps=2, token_tiles=token_tiles, unroll=2, down_row_groups=2)
+    monkeypatch.setattr(fp4_moe, "choose_moe_decode_config", lambda *a: cfg)
+    _check(x, ids, tw, w13, w2, spec, kw, fmt, f"shared experts {fmt} token_tiles={token_tiles}")
 
 
 @pytest.mark.gpu
