@@ -221,8 +221,12 @@ def test_fp8_activation_format_matches_quantised_golden():
         q, s = formats.quantize_fp8_per_token(v, group=128)
         return formats.dequantize_fp8_groups(q, s, 128).double()
 
-    assert rel(out, loop_golden(x, ids, w, w13, w2, round_act=fp8_per_128)) < 1e-5
-    assert 1e-3 < rel(out, loop_golden(x, ids, w, w13, w2)) < 0.08  # fp8 really is applied
+    # The op forms the intermediate in fp32, the golden in float64: an element lying within
+    # an fp32 ulp of an fp8 rounding midpoint rounds to the other neighbour in about 1 run in
+    # 100 (fresh inputs), moving the output by up to ~5e-3. Without the fp8 rounding the
+    # output is >= 3.5e-2 away (300 seeds), so 1e-2 still tells the two apart.
+    assert rel(out, loop_golden(x, ids, w, w13, w2, round_act=fp8_per_128)) < 1e-2
+    assert 2e-2 < rel(out, loop_golden(x, ids, w, w13, w2)) < 0.08  # fp8 really is applied
 
 
 @pytest.mark.parametrize("bad,match", [
