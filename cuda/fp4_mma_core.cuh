@@ -25,8 +25,9 @@
 //
 // Split-K over the CTA's warps (warp w takes steps w, w + WARPS, ...), each warp issuing the loads
 // of UNROLL steps before any of their math; VEC 16-byte loads per row and step (a step is 128 * VEC
-// K).  The kernel is instruction bound, not latency bound (H100: a cp.async ring in shared memory
-// with 3-8 steps in flight was slower), so per-step bookkeeping is kept off the hot loop: running
+// K).  Neither more bytes in flight (a cp.async ring with 3-8 steps, whole tiles bulk-copied to
+// shared memory) nor ~40% fewer instructions (a post-scaled f16 decode) made it faster on the H100
+// (benchmarks/NOTES_fp4.md); per-step bookkeeping is still kept off the hot loop: running
 // pointers, and the offset of a scale byte inside its aligned word fixed per row.  Partial sums
 // meet in shared memory and are added in warp order (bitwise deterministic).  Grid: one CTA per
 // 16 * RG weight rows.
