@@ -26,12 +26,14 @@ _ACT_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
 class DecodeMmaConfig:
     """One launch: ``warps`` split K inside a CTA of 16 * ``row_groups`` weight rows; a warp step
     is 128 * ``vec`` K (``vec`` 16-byte loads per row and thread), and each warp issues the loads
-    of ``unroll`` steps before their math."""
+    of ``unroll`` steps before their math; with ``pipe`` it also issues the next ``unroll`` steps'
+    loads before that math (two groups of registers)."""
 
     row_groups: int = 1
     warps: int = 8
     unroll: int = 2
     vec: int = 1
+    pipe: bool = False
 
     def __post_init__(self):
         if self.row_groups not in (1, 2) or self.warps not in (1, 2, 4, 8, 16) or self.unroll < 1 or self.vec not in (1, 2):
@@ -39,11 +41,18 @@ class DecodeMmaConfig:
 
 
 def choose_decode_mma_config(m: int, n: int, k: int, num_sms: int) -> DecodeMmaConfig:
-    """8 warps splitting K, one 16-row group each, two 128-K steps of loads in flight per warp.
-    H100, N x K in {4096, 14336, 2880}^2 shapes, M = 1, 8, 16, weights L2-cold: fastest of 9
-    variants or within 10% of the fastest everywhere (two row groups won by up to 8% at M >= 8
-    on 14336 x 4096 and lost by up to 25% elsewhere; benchmarks/NOTES_fp4.md)."""
-    return DecodeMmaConfig(row_groups=1, warps=8, unroll=2, vec=1)
+    """H100, weights L2-cold, N x K in {4096², 14336 x 4096, 4096 x 14336, 2880², 5760 x 2880},
+    MXFP4 and NVFP4 (benchmarks/NOTES_fp4.md, "next loads before the math"):
+    up to 8 tokens, the pipelined loop (one step of loads in flight through each step's math) beats
+    8 warps x 2 steps by 5-25% but one point (+7%): 8 warps where the grid is at most ~4 CTAs per
+    SM, 4 warps x 2 steps where it has many more row tiles (14336 rows: shorter CTAs, more resident).
+    9-16 tokens keep 8 warps x 2 steps (the pipelined loop holds twice the activation registers
+    there and was within +-10% of it, either way)."""
+    if m > 8:
+        return DecodeMmaConfig(row_groups=1, warps=8, unroll=2)
+    if -(-n // 16) > 4 * num_sms:
+        return DecodeMmaConfig(row_groups=1, warps=4, unroll=2, pipe=True)
+    return DecodeMmaConfig(row_groups=1, warps=8, unroll=1, pipe=True)
 
 
 def vec2_fits(k: int, b_scale: torch.Tensor, spec: GemmSpec) -> bool:
@@ -85,7 +94,8 @@ def nvrtc_unavailable_reason(device_index: int) -> Optional[str]:
 def _defines(spec: GemmSpec, m: int, cfg: DecodeMmaConfig, bias: Optional[torch.Tensor], global_scale,
              out_dtype) -> tuple:
     return (("NV", int(spec.b_format == "nvfp4")), ("RG", cfg.row_groups), ("NT", 2 if m > 8 else 1),
-            ("WARPS", cfg.warps), ("UNROLL", cfg.unroll), ("VEC", cfg.vec), ("HAS_BIAS", int(bias is not None)),
+            ("WARPS", cfg.warps), ("UNROLL", cfg.unroll), ("VEC", cfg.vec), ("PIPE", int(cfg.pipe)),
+            ("HAS_BIAS", int(bias is not None)),
             ("BIAS_T", _DTYPE_CODES[bias.dtype] if bias is not None else 0), ("OUT_T", _DTYPE_CODES[out_dtype]),
             ("ACT", _ACT_CODES[spec.activation]), ("HAS_GSCALE", int(global_scale is not None)))
 
@@ -98,7 +108,7 @@ def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg
     m, n, k = a2.shape[0], b.shape[0], b.shape[1] * 2
     dev = a2.device
     if cfg.vec == 2 and not vec2_fits(k, b_scale, spec):
-        cfg = DecodeMmaConfig(cfg.row_groups, cfg.warps, cfg.unroll, 1)
+        cfg = DecodeMmaConfig(cfg.row_groups, cfg.warps, cfg.unroll, 1, cfg.pipe)
     kernel = nvrtc.build(dev.index, "fp4_decode_mma.cu", "fp4_decode_mma", _defines(spec, m, cfg, bias, global_scale, out.dtype))
     b_u8 = b if b.dtype == torch.uint8 else b.view(torch.uint8)
     s_u8 = b_scale if b_scale.dtype == torch.uint8 else b_scale.view(torch.uint8)

@@ -25,12 +25,13 @@
 //
 // Split-K over the CTA's warps (warp w takes steps w, w + WARPS, ...), each warp issuing the loads
 // of UNROLL steps before any of their math; VEC 16-byte loads per row and step (a step is 128 * VEC
-// K).  Neither more bytes in flight (a cp.async ring with 3-8 steps, whole tiles bulk-copied to
-// shared memory) nor ~40% fewer instructions (a post-scaled f16 decode) made it faster on the H100
-// (benchmarks/NOTES_fp4.md); per-step bookkeeping is still kept off the hot loop: running
-// pointers, and the offset of a scale byte inside its aligned word fixed per row.  Partial sums
-// meet in shared memory and are added in warp order (bitwise deterministic).  Grid: one CTA per
-// 16 * RG weight rows.
+// K).  With PIPE the warp also issues the next UNROLL steps' loads before that math, so its loads
+// stay in flight through the math: 5-25% faster for the GEMM at up to 8 tokens.  More bytes in
+// flight alone (a cp.async ring with 3-8 steps, whole tiles bulk-copied to shared memory) and ~40%
+// fewer instructions (a post-scaled f16 decode) were not faster on the H100 (benchmarks/NOTES_fp4.md).
+// Per-step bookkeeping is kept off the hot loop: running pointers, and the offset of a scale byte
+// inside its aligned word fixed per row.  Partial sums meet in shared memory and are added in warp
+// order (bitwise deterministic).  Grid: one CTA per 16 * RG weight rows.
 
 #ifndef NV
 #define NV 0          // 0: MXFP4 (e8m0 per 32), 1: NVFP4 (e4m3 per 16, global scale)
@@ -49,6 +50,9 @@
 #endif
 #ifndef VEC
 #define VEC 1         // 16-byte weight loads per row and step (32 * VEC K values per thread)
+#endif
+#ifndef PIPE
+#define PIPE 0        // 1: next group's loads issued before the current group's math
 #endif
 #ifndef BIAS_T
 #define BIAS_T 0      // 0 bf16, 1 fp16, 2 fp32
@@ -154,120 +158,149 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// acc[r][n] += rows (r, this thread's g, g + 8) x tokens (n, this thread's g) over this warp's K steps.
-// wp / sp / xp point at this thread's first values (K = kb); rows with !row_ok and tokens with
-// !tok_ok read nothing and contribute zeros.  Steps are warp, warp + WARPS, ...
-__device__ __forceinline__ void fp4_mma_k_loop(float (&acc)[RG][NT][4], const u8* (&wp)[RG][2], const u8* (&sp)[RG][2],
-                                               const bool (&row_ok)[RG][2], const u16* (&xp)[NT],
-                                               const bool (&tok_ok)[NT], int kb, int K, int warp) {
+// One group of UNROLL K steps: the loads (advancing the running pointers) and the math.
+struct StepGroup {
+  uint4 wv[UNROLL][RG][2][VEC];
+  u32 sc[UNROLL][RG][2];
+  uint4 xv[UNROLL][NT][4 * VEC];
+};
+
+__device__ __forceinline__ void load_group(StepGroup& G, const u8* (&wp)[RG][2], const u8* (&sp)[RG][2],
+                                           const bool (&row_ok)[RG][2], const u16* (&xp)[NT],
+                                           const bool (&tok_ok)[NT], int& kb, int K) {
   constexpr int STEP_K = 128 * VEC;                // K per warp step
   constexpr int SCALE_BYTES = NV ? 2 * VEC : VEC;  // a thread's scale bytes per row and step
-  const int nsteps = (K + STEP_K - 1) / STEP_K;
-  for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
-    uint4 wv[UNROLL][RG][2][VEC];
-    u32 sc[UNROLL][RG][2];
-    uint4 xv[UNROLL][NT][4 * VEC];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const bool kval = kb < K;  // K % 32 == 0: a thread's 32-value blocks are all in or all out
-#pragma unroll
-      for (int r = 0; r < RG; ++r)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool v = kval && row_ok[r][h];
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) wv[u][r][h][j] = v ? load_stream(wp[r][h] + 16 * j) : make_uint4(0, 0, 0, 0);
-          u32 sv = 0;
-          if (v) {
-            if (SCALE_BYTES == 1) sv = *sp[r][h];
-            else if (SCALE_BYTES == 2) sv = *(const u16*)sp[r][h];
-            else sv = *(const u32*)sp[r][h];
-          }
-          sc[u][r][h] = sv;
-          wp[r][h] += WARPS * STEP_K / 2;
-          sp[r][h] += WARPS * STEP_K / (NV ? 16 : 32);
-        }
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const bool v = kval && tok_ok[n];
-#pragma unroll
-        for (int q = 0; q < 4 * VEC; ++q) xv[u][n][q] = v ? __ldg((const uint4*)xp[n] + q) : make_uint4(0, 0, 0, 0);
-        xp[n] += WARPS * STEP_K;
-      }
-      kb += WARPS * STEP_K;
-    }
-
-#if NV
-    const bool two_step = false;
-#else
-    bool big = false;
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-      for (int r = 0; r < RG; ++r)
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          big |= (((sc[u][r][0] >> (8 * j)) & 0xFF) > 128u) | (((sc[u][r][1] >> (8 * j)) & 0xFF) > 128u);
-    const bool two_step = __any_sync(0xFFFFFFFFu, big);
-#endif
-
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-    // multipliers per row and word: NVFP4 words 0-1 / 2-3 are two blocks
-    u32 mult[RG][2][2], fix[RG][2];
+  for (int u = 0; u < UNROLL; ++u) {
+    const bool kval = kb < K;  // K % 32 == 0: a thread's 32-value blocks are all in or all out
 #pragma unroll
     for (int r = 0; r < RG; ++r)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-#if NV
-        const u32 e = sc[u][r][h] >> (16 * j);
-        mult[r][h][0] = nv_mult(e & 0xFF);
-        mult[r][h][1] = nv_mult((e >> 8) & 0xFF);
-        fix[r][h] = 0;
-#else
-        const u32 e = (sc[u][r][h] >> (8 * j)) & 0xFF;
-        mult[r][h][0] = mult[r][h][1] = two_step ? 0x7E807E80u : splat((e + 126u) << 7);
-        fix[r][h] = splat(e8m0_bf16(e));
-#endif
-      }
+        const bool v = kval && row_ok[r][h];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      u32 b[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const uint4 xx = xv[u][n][4 * j + q];
-        b[n][0] = __byte_perm(xx.x, xx.y, 0x5410);  // (x0, x2)
-        b[n][1] = __byte_perm(xx.x, xx.y, 0x7632);  // (x1, x3)
-        b[n][2] = __byte_perm(xx.z, xx.w, 0x5410);  // (x4, x6)
-        b[n][3] = __byte_perm(xx.z, xx.w, 0x7632);  // (x5, x7)
-      }
-#pragma unroll
-      for (int r = 0; r < RG; ++r) {
-        const uint4 a0 = wv[u][r][0][j], a1 = wv[u][r][1][j];
-        const u32 w0 = q == 0 ? a0.x : q == 1 ? a0.y : q == 2 ? a0.z : a0.w;
-        const u32 w1 = q == 0 ? a1.x : q == 1 ? a1.y : q == 2 ? a1.z : a1.w;
-        u32 pg[4], ph[4];
-        decode_word(w0, mult[r][0][q >> 1], pg);
-        decode_word(w1, mult[r][1][q >> 1], ph);
-        if (two_step) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            pg[i] = fma_bf16x2(pg[i], fix[r][0], NEG_ZERO2);
-            ph[i] = fma_bf16x2(ph[i], fix[r][1], NEG_ZERO2);
-          }
+        for (int j = 0; j < VEC; ++j) G.wv[u][r][h][j] = v ? load_stream(wp[r][h] + 16 * j) : make_uint4(0, 0, 0, 0);
+        u32 sv = 0;
+        if (v) {
+          if (SCALE_BYTES == 1) sv = *sp[r][h];
+          else if (SCALE_BYTES == 2) sv = *(const u16*)sp[r][h];
+          else sv = *(const u32*)sp[r][h];
         }
+        G.sc[u][r][h] = sv;
+        wp[r][h] += WARPS * STEP_K / 2;
+        sp[r][h] += WARPS * STEP_K / (NV ? 16 : 32);
+      }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const bool v = kval && tok_ok[n];
+#pragma unroll
+      for (int q = 0; q < 4 * VEC; ++q) G.xv[u][n][q] = v ? __ldg((const uint4*)xp[n] + q) : make_uint4(0, 0, 0, 0);
+      xp[n] += WARPS * STEP_K;
+    }
+    kb += WARPS * STEP_K;
+  }
+}
+
+__device__ __forceinline__ void math_group(float (&acc)[RG][NT][4], const StepGroup& G) {
+#if NV
+  const bool two_step = false;
+#else
+  bool big = false;
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+    for (int r = 0; r < RG; ++r)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        big |= (((G.sc[u][r][0] >> (8 * j)) & 0xFF) > 128u) | (((G.sc[u][r][1] >> (8 * j)) & 0xFF) > 128u);
+  const bool two_step = __any_sync(0xFFFFFFFFu, big);
+#endif
+
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      // multipliers per row and word: NVFP4 words 0-1 / 2-3 are two blocks
+      u32 mult[RG][2][2], fix[RG][2];
+#pragma unroll
+      for (int r = 0; r < RG; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#if NV
+          const u32 e = G.sc[u][r][h] >> (16 * j);
+          mult[r][h][0] = nv_mult(e & 0xFF);
+          mult[r][h][1] = nv_mult((e >> 8) & 0xFF);
+          fix[r][h] = 0;
+#else
+          const u32 e = (G.sc[u][r][h] >> (8 * j)) & 0xFF;
+          mult[r][h][0] = mult[r][h][1] = two_step ? 0x7E807E80u : splat((e + 126u) << 7);
+          fix[r][h] = splat(e8m0_bf16(e));
+#endif
+        }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        u32 b[NT][4];
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          mma_bf16(acc[r][n], pg[0], ph[0], pg[1], ph[1], b[n][0], b[n][1]);
-          mma_bf16(acc[r][n], pg[2], ph[2], pg[3], ph[3], b[n][2], b[n][3]);
+          const uint4 xx = G.xv[u][n][4 * j + q];
+          b[n][0] = __byte_perm(xx.x, xx.y, 0x5410);  // (x0, x2)
+          b[n][1] = __byte_perm(xx.x, xx.y, 0x7632);  // (x1, x3)
+          b[n][2] = __byte_perm(xx.z, xx.w, 0x5410);  // (x4, x6)
+          b[n][3] = __byte_perm(xx.z, xx.w, 0x7632);  // (x5, x7)
+        }
+#pragma unroll
+        for (int r = 0; r < RG; ++r) {
+          const uint4 a0 = G.wv[u][r][0][j], a1 = G.wv[u][r][1][j];
+          const u32 w0 = q == 0 ? a0.x : q == 1 ? a0.y : q == 2 ? a0.z : a0.w;
+          const u32 w1 = q == 0 ? a1.x : q == 1 ? a1.y : q == 2 ? a1.z : a1.w;
+          u32 pg[4], ph[4];
+          decode_word(w0, mult[r][0][q >> 1], pg);
+          decode_word(w1, mult[r][1][q >> 1], ph);
+          if (two_step) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              pg[i] = fma_bf16x2(pg[i], fix[r][0], NEG_ZERO2);
+              ph[i] = fma_bf16x2(ph[i], fix[r][1], NEG_ZERO2);
+            }
+          }
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            mma_bf16(acc[r][n], pg[0], ph[0], pg[1], ph[1], b[n][0], b[n][1]);
+            mma_bf16(acc[r][n], pg[2], ph[2], pg[3], ph[3], b[n][2], b[n][3]);
+          }
         }
       }
     }
-    }
-  }
+}
 
+// acc[r][n] += rows (r, this thread's g, g + 8) x tokens (n, this thread's g) over this warp's K steps.
+// wp / sp / xp point at this thread's first values (K = kb); rows with !row_ok and tokens with
+// !tok_ok read nothing and contribute zeros.  Steps are warp, warp + WARPS, ...
+// PIPE: the loads of the next group are issued before the math of the current one (two groups of
+// registers), so a warp keeps loads in flight through its math.
+__device__ __forceinline__ void fp4_mma_k_loop(float (&acc)[RG][NT][4], const u8* (&wp)[RG][2], const u8* (&sp)[RG][2],
+                                               const bool (&row_ok)[RG][2], const u16* (&xp)[NT],
+                                               const bool (&tok_ok)[NT], int kb, int K, int warp) {
+  constexpr int GROUP = WARPS * UNROLL;  // steps between a warp's groups
+  const int nsteps = (K + 128 * VEC - 1) / (128 * VEC);
+#if PIPE
+  StepGroup ga, gb;
+  if (warp < nsteps) load_group(ga, wp, sp, row_ok, xp, tok_ok, kb, K);
+  for (int s0 = warp; s0 < nsteps; s0 += 2 * GROUP) {
+    const bool more = s0 + GROUP < nsteps;
+    if (more) load_group(gb, wp, sp, row_ok, xp, tok_ok, kb, K);
+    math_group(acc, ga);
+    if (!more) break;
+    if (s0 + 2 * GROUP < nsteps) load_group(ga, wp, sp, row_ok, xp, tok_ok, kb, K);
+    math_group(acc, gb);
+  }
+#else
+  for (int s0 = warp; s0 < nsteps; s0 += GROUP) {
+    StepGroup G;
+    load_group(G, wp, sp, row_ok, xp, tok_ok, kb, K);
+    math_group(acc, G);
+  }
+#endif
 }
 
 __device__ __forceinline__ void zero_acc(float (&acc)[RG][NT][4]) {

@@ -11,6 +11,7 @@ this path; the caller then runs the Triton pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,24 +29,33 @@ _GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 @dataclass(frozen=True)
 class MoEDecodeConfig:
     """Warps splitting K in each kernel, 8-token MMA tiles per expert, L2's 16-row groups, K steps
-    of loads in flight per warp."""
+    of loads in flight per warp, and per kernel whether the next steps' loads are issued before
+    the current steps' math (``fp4_mma_core.cuh`` PIPE)."""
 
     gate_up_warps: int = 4
     down_warps: int = 4
     token_tiles: int = 1
     down_row_groups: int = 1
     unroll: int = 1
+    gate_up_pipe: bool = False
+    down_pipe: bool = False
 
 
 def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
-                             intermediate: int) -> MoEDecodeConfig:
+                             intermediate: int, weight_format: str = "mxfp4") -> MoEDecodeConfig:
     """4 warps per CTA and one K step of loads per warp: the kernels are limited by the bytes in
     flight per SM, and this leaves the most CTAs resident (H100, benchmarks/NOTES.md: 1.1-1.5x over
     8 warps x 2 steps at qwen3 / gpt-oss / dsv4, T = 1 and 16); L2 takes two row groups (activations
     reused across 32 rows) above 8 tokens; a second 8-token tile only where experts get more than
-    8 tokens on average."""
+    8 tokens on average.  gate_up issues its next step's loads before the current step's math
+    (PIPE) only for MXFP4 at up to 8 tokens with >= 8 K steps per warp: 8% faster at dsv4 T = 1
+    (H = 4096), 1-4% slower at fewer steps per warp, at 16 tokens and for NVFP4, and down never
+    gained (benchmarks/NOTES.md, "next loads before the math")."""
     dense_routing = num_tokens > 8 and num_tokens * top_k >= 8 * num_experts
-    return MoEDecodeConfig(down_row_groups=2 if num_tokens > 8 else 1, token_tiles=2 if dense_routing else 1)
+    cfg = MoEDecodeConfig(down_row_groups=2 if num_tokens > 8 else 1, token_tiles=2 if dense_routing else 1)
+    steps_per_warp = -(-hidden // 128) // cfg.gate_up_warps
+    gate_up_pipe = weight_format == "mxfp4" and num_tokens <= 8 and steps_per_warp >= 8
+    return dataclasses.replace(cfg, gate_up_pipe=gate_up_pipe)
 
 
 def _aligned_rows(w: torch.Tensor) -> bool:
@@ -83,9 +93,9 @@ def moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale
     return nvrtc.why_not(x.device.index)
 
 
-def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, cfg: MoEDecodeConfig) -> tuple:
+def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, pipe, cfg: MoEDecodeConfig) -> tuple:
     return (("NV", int(fmt == "nvfp4")), ("RG", row_groups), ("NT", cfg.token_tiles), ("WARPS", warps),
-            ("UNROLL", cfg.unroll), ("VEC", 1), ("IDS_64", int(ids.dtype == torch.int64)), ("TW_T", _FLOAT_CODES[tw.dtype]),
+            ("UNROLL", cfg.unroll), ("VEC", 1), ("PIPE", int(pipe)), ("IDS_64", int(ids.dtype == torch.int64)), ("TW_T", _FLOAT_CODES[tw.dtype]),
             ("HAS_BIAS", int(bias is not None)), ("BIAS_T", _FLOAT_CODES[bias.dtype] if bias is not None else 0),
             ("WEIGHT_BEFORE_DOWN", int(spec.weight_position == "before_down")), ("MAX_PAIRS", MAX_PAIRS))
 
@@ -101,7 +111,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     E, I = w13.shape[0], w2.shape[2] * 2
     N = T * k
     fmt = spec.effective_weight_format
-    cfg = config or choose_moe_decode_config(T, k, E, H, I)
+    cfg = config or choose_moe_decode_config(T, k, E, H, I, fmt)
     ids, tw = topk_ids.contiguous(), topk_weights.contiguous()
     s13 = w13_scale.view(torch.uint8)
     s2 = w2_scale.view(torch.uint8)
@@ -112,7 +122,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     gate_up_gscales = w13_global_scale is not None and w13_global_scale.dim() == 2
 
     l1 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_gate_up", _common_defines(
-        spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2, cfg) + (
+        spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2, cfg.gate_up_pipe, cfg) + (
         ("STAGE", 1), ("GLU", _GLU_CODES[spec.activation]), ("HAS_LIMIT", int(spec.limit is not None)),
         ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
         ("GATE_UP_GSCALES", int(gate_up_gscales))))
@@ -123,7 +133,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset)])
 
     l2 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_down", _common_defines(
-        spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg) + (
+        spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg.down_pipe, cfg) + (
         ("STAGE", 2), ("HAS_GSCALE", int(w2_global_scale is not None))))
     nvrtc.launch(l2, (-(-H // (16 * cfg.down_row_groups)), N, 1), (32 * cfg.down_warps, 1, 1), stream=stream,
                  pdl=use_pdl, args=[

@@ -323,7 +323,8 @@ def _check_cuda_decode(fb, m, n, k):
     for act, b_, out_dtype in cases:
         spec = GemmSpec(b_format=fb, activation=act, out_dtype=out_dtype)
         ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, b_)
-        for cfg in (None, DecodeMmaConfig(2, 4, 2), DecodeMmaConfig(1, 8, 1, 2)):
+        for cfg in (None, DecodeMmaConfig(2, 4, 2), DecodeMmaConfig(1, 8, 1, 2), DecodeMmaConfig(1, 8, 2),
+                    DecodeMmaConfig(1, 4, 2, pipe=True), DecodeMmaConfig(1, 8, 1, 2, pipe=True)):
             kw = {"strategy": "cuda_decode"} if cfg is None else {"config": cfg}
             out = block_scaled_gemm(a, q, s, spec, None, gs, b_, **kw)
             assert out.dtype == getattr(torch, out_dtype)

@@ -65,6 +65,11 @@ def test_tile_rule():
     assert choose_moe_decode_config(16, 8, 128, 2048, 768).down_row_groups == 2
     assert choose_moe_decode_config(16, 8, 128, 2048, 768).token_tiles == 1
     assert choose_moe_decode_config(16, 2, 4, 4096, 14336).token_tiles == 2
+    # gate_up's pipelined K loop: MXFP4, <= 8 tokens, >= 8 K steps per warp (dsv4's H = 4096)
+    assert choose_moe_decode_config(1, 6, 256, 4096, 2048, "mxfp4").gate_up_pipe
+    assert not choose_moe_decode_config(1, 6, 256, 4096, 2048, "nvfp4").gate_up_pipe
+    assert not choose_moe_decode_config(16, 6, 256, 4096, 2048, "mxfp4").gate_up_pipe
+    assert not qwen3.gate_up_pipe and not qwen3.down_pipe
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -147,6 +152,27 @@ def test_gpu_experts_shared_by_many_tokens(fmt, token_tiles, monkeypatch):
     cfg = MoEDecodeConfig(gate_up_warps=8, down_warps=2, token_tiles=token_tiles, unroll=2, down_row_groups=2)
     monkeypatch.setattr(fp4_moe, "choose_moe_decode_config", lambda *a: cfg)
     _check(x, ids, tw, w13, w2, spec, kw, fmt, f"shared experts {fmt} token_tiles={token_tiles}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("pipe_cfg", [dict(unroll=1), dict(unroll=2, gate_up_warps=8, down_warps=2)])
+def test_gpu_pipelined_k_loop(fmt, pipe_cfg, monkeypatch):
+    """Both kernels with the next steps' loads issued before the current math (PIPE), on the
+    gpt-oss variant with a K tail step (2880 = 22.5 x 128) and scales >= 4 in some MXFP4 blocks
+    (the two-multiply decode)."""
+    from inductor_moe.cuda import fp4_moe
+    from inductor_moe.cuda.fp4_moe import MoEDecodeConfig
+
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(3, 32, 2880, 2880, 4, fmt, seed=21, bad_ids=True, bias=True,
+                                                spec_extra="gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0")
+    if fmt == "mxfp4":
+        kw["w13_scale"] = kw["w13_scale"].clone()
+        kw["w13_scale"].view(torch.uint8)[:, :64] += 8  # 2^8 larger blocks: scale bytes above 128
+    cfg = MoEDecodeConfig(gate_up_pipe=True, down_pipe=True, **pipe_cfg)
+    monkeypatch.setattr(fp4_moe, "choose_moe_decode_config", lambda *a: cfg)
+    _check(x, ids, tw, w13, w2, spec, kw, fmt, f"pipelined {fmt} {pipe_cfg}")
 
 
 @pytest.mark.gpu
