@@ -293,16 +293,29 @@ def test_gpu_mega_vs_split_vs_reference(seed):
 @gpu
 @pytest.mark.parametrize("fmt", ["dense", "nvfp4"])
 def test_gpu_mega_graph_capture_and_default_choice(fmt):
-    """The default path picks mega at qwen3 T=1 (with the op's label saying so); a captured graph
-    replays with fresh inputs and the counters start from zero on every replay."""
+    """The Triton path picks mega at qwen3 T=1 (with the op's label saying so); a captured graph
+    replays with fresh inputs and the counters start from zero on every replay.  FP4 experts with
+    bf16 activations run the CUDA decode kernels there by default (its label says so); the Triton
+    path, mega included, is what runs with them switched off."""
     from test_moe_kernels import _gpu_inputs
 
+    from inductor_moe import config
+    from inductor_moe.lowering import moe
+
+    moe.register()
+    if fmt != "dense":
+        label = moe.describe_moe_lowering(f"weight_format={fmt}", torch.device("cuda"), torch.bfloat16, 128, 2048, 768, 8)
+        assert "cuda_decode" in label and "triton_mega" not in label, label
+    with config.patch(cuda_decode=False):
+        _check_mega_default_and_capture(fmt, _gpu_inputs)
+
+
+def _check_mega_default_and_capture(fmt, _gpu_inputs):
     from inductor_moe import config
     from inductor_moe.lowering import moe
     from inductor_moe.lowering.moe_mega import choose_mega
     from inductor_moe.spec import MoESpec
 
-    moe.register()
     spec, x, ids, tw, w13, w2, kw = _gpu_inputs(1, 128, 2048, 768, 8, fmt)
     cfg = _qwen3(1, moe._num_sms(x.device), fmt)
     assert choose_mega(cfg, 1, 8, 128, 2048, 768, moe._num_sms(x.device))
