@@ -42,15 +42,16 @@ class DecodeMmaConfig:
 
 def choose_decode_mma_config(m: int, n: int, k: int, num_sms: int) -> DecodeMmaConfig:
     """H100, weights L2-cold, N x K in {4096², 14336 x 4096, 4096 x 14336, 2880², 5760 x 2880},
-    MXFP4 and NVFP4 (benchmarks/NOTES_fp4.md, "next loads before the math"):
-    up to 8 tokens, the pipelined loop (one step of loads in flight through each step's math) beats
-    8 warps x 2 steps by 5-25% but one point (+7%): 8 warps where the grid is at most ~4 CTAs per
-    SM, 4 warps x 2 steps where it has many more row tiles (14336 rows: shorter CTAs, more resident).
-    9-16 tokens: 8 warps, no pipelining (it holds twice the activation registers there: within
-    +-10%, either way), 2 steps of loads in flight where that splits each warp's steps into full
-    groups, else 1 (K = 2880, 23 steps: 10-18% faster than a half-empty second group)."""
+    MXFP4 and NVFP4 (benchmarks/NOTES_fp4.md, "the pipelined K loop").
+    Up to 8 tokens: the pipelined loop (the next step's loads in flight through each step's math),
+    8 warps x 1 step, or 4 warps x 2 steps where the grid has more than 4 CTAs per SM (14336 rows):
+    5-25% faster than 8 warps x 2 steps unpipelined, except NVFP4 14336 x 4096 (4% slower).
+    9-16 tokens: 8 warps, not pipelined (that would hold twice the 16-token activation registers;
+    within +-10% either way); 2 steps of loads in flight where each warp's steps split into full
+    groups, else 1 (K = 2880 has 23 steps: 10-18% faster than a half-empty second group)."""
     if m > 8:
-        steps_per_warp = -(-(-(-k // 128)) // 8)
+        steps = -(-k // 128)
+        steps_per_warp = -(-steps // 8)
         return DecodeMmaConfig(row_groups=1, warps=8, unroll=2 if steps_per_warp % 2 == 0 else 1)
     if -(-n // 16) > 4 * num_sms:
         return DecodeMmaConfig(row_groups=1, warps=4, unroll=2, pipe=True)

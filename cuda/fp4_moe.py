@@ -11,7 +11,6 @@ this path; the caller then runs the Triton pipeline.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,13 +48,13 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     reused across 32 rows) above 8 tokens; a second 8-token tile only where experts get more than
     8 tokens on average.  gate_up issues its next step's loads before the current step's math
     (PIPE) only for MXFP4 at up to 8 tokens with >= 8 K steps per warp: 8% faster at dsv4 T = 1
-    (H = 4096), 1-4% slower at fewer steps per warp, at 16 tokens and for NVFP4, and down never
-    gained (benchmarks/NOTES.md, "next loads before the math")."""
+    (H = 4096, two runs); elsewhere -3% to +10% (benchmarks/NOTES.md, "next loads before the
+    math"), and down was never faster pipelined."""
     dense_routing = num_tokens > 8 and num_tokens * top_k >= 8 * num_experts
-    cfg = MoEDecodeConfig(down_row_groups=2 if num_tokens > 8 else 1, token_tiles=2 if dense_routing else 1)
-    steps_per_warp = -(-hidden // 128) // cfg.gate_up_warps
-    gate_up_pipe = weight_format == "mxfp4" and num_tokens <= 8 and steps_per_warp >= 8
-    return dataclasses.replace(cfg, gate_up_pipe=gate_up_pipe)
+    gate_up_warps = 4
+    gate_up_pipe = weight_format == "mxfp4" and num_tokens <= 8 and -(-hidden // 128) // gate_up_warps >= 8
+    return MoEDecodeConfig(gate_up_warps=gate_up_warps, down_row_groups=2 if num_tokens > 8 else 1,
+                           token_tiles=2 if dense_routing else 1, gate_up_pipe=gate_up_pipe)
 
 
 def _aligned_rows(w: torch.Tensor) -> bool:
