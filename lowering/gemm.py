@@ -47,8 +47,12 @@ def describe_gemm_lowering(spec, device: torch.device, m=None, n=None, k=None) -
     if reason is not None:
         return f"reference ({device.type})"
     name = f"triton block_scaled_gemm ({spec.a_format} x {spec.b_format})"
-    if spec.a_format == "dense" and spec.b_format in ("mxfp4", "nvfp4"):
-        name += "; cuda fp4_decode_mma at M <= 16 (bf16 activations, where NVRTC builds it)"
+    if spec.a_format == "dense" and spec.b_format in ("mxfp4", "nvfp4") and device.type == "cuda":
+        from ..cuda import nvrtc
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if nvrtc.why_not(index) is None:  # built on this GPU and switched on (config.cuda_decode)
+            name += "; cuda fp4_decode_mma at M <= 16 (bf16 activations, where NVRTC builds it)"
     return name
 
 

@@ -331,6 +331,11 @@ def test_cuda_end_to_end_runs_the_triton_kernel():
     out, graph, r = run(m, x)
     assert [mt.lowering for mt in r.matches] == [
         "triton block_scaled_gemm (dense x mxfp4); cuda fp4_decode_mma at M <= 16 (bf16 activations, where NVRTC builds it)"]
+    from inductor_moe import config
+    from inductor_moe.lowering.gemm import describe_gemm_lowering
+
+    with config.patch(cuda_decode=False):  # switched off: the report must not name the CUDA kernel
+        assert describe_gemm_lowering("", x.device) == "triton block_scaled_gemm (dense x mxfp4)"
     ref = block_scaled_mm_reference(x.double(), m.weight_blocks.reshape(256, 256), m.weight_scales,
                                     "activation=silu", bias=m.bias.bfloat16())
     assert rel(out, ref) <= 2e-2
