@@ -158,31 +158,16 @@ __device__ __forceinline__ void stash_pair_partials(float* partial, const u8* w,
   stash_partials(partial, acc, warp, lane);
 }
 
-#if STAGE == 1
-#if RG != 2
-#error "fp4_moe_gate_up takes the gate and the up rows as its two row groups (RG = 2)"
-#endif
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const tw_t* __restrict__ tw,
-                const u8* __restrict__ w, const u8* __restrict__ scales, const float* __restrict__ gscale,
-                const bias_t* __restrict__ bias, u16* __restrict__ inter, int n_pairs, int top_k, int E, int H,
-                int I, int ldx, int w_se, int w_sn, int s_se, int s_sn, int b_se, double alpha_d, double limit_d,
-                double up_offset_d) {
-  // (ints and doubles: the NVRTC launcher passes Python ints as C int and floats as double)
-  const float alpha = (float)alpha_d, limit = (float)limit_d, up_offset = (float)up_offset_d;
-  __shared__ float partial[PARTIAL_FLOATS];
-  __shared__ int members[MAX_PAIRS];
-  pdl_wait();  // ids and x come from earlier kernels
-  pdl_launch_dependents();
-  const int p = blockIdx.y;
-  const id_t e = ids[p];
-  if (e < 0 || e >= E) return;
-  const int count = routed_pairs(ids, n_pairs, p, e, members);
-  if (count < 0) return;
-
+// gate_up tile: inter[q, col0 .. col0 + 16) for every pair q in members[0 .. count) (all routed to
+// expert e).  Ends with a __syncthreads (partial and members may be reused right after).
+__device__ __forceinline__ void gate_up_tile(float* partial, const int* members, int count, int e, int col0,
+                                             const u16* __restrict__ x, int ldx, int top_k, const tw_t* __restrict__ tw,
+                                             const u8* __restrict__ w, const u8* __restrict__ scales,
+                                             const float* __restrict__ gscale, const bias_t* __restrict__ bias,
+                                             u16* __restrict__ inter, int H, int I, int w_se, int w_sn, int s_se,
+                                             int s_sn, int b_se, float alpha, float limit, float up_offset) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int col0 = blockIdx.x * 16;
   const int kb = warp * 128 * VEC + t * 32 * VEC;
   int rows[RG][2];
   bool row_ok[RG][2];
@@ -200,7 +185,7 @@ fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const t
 #endif
 
   for (int base = 0; base < count; base += 8 * NT) {
-    stash_pair_partials(partial, w, scales, w_se, w_sn, s_se, s_sn, (int)e, rows, row_ok, x, ldx, top_k, members, base,
+    stash_pair_partials(partial, w, scales, w_se, w_sn, s_se, s_sn, e, rows, row_ok, x, ldx, top_k, members, base,
                         count, H, kb, warp, lane);
     __syncthreads();
     // fragment entry i of group 0 (gate) and i + NT * 4 of group 1 (up) hold the same (column, pair)
@@ -226,24 +211,14 @@ fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const t
   }
 }
 
-#else
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-fp4_moe_down(const u16* __restrict__ inter, const id_t* __restrict__ ids, const tw_t* __restrict__ tw,
-             const u8* __restrict__ w, const u8* __restrict__ scales, const float* __restrict__ gscale,
-             const bias_t* __restrict__ bias, u16* __restrict__ rows_out, int n_pairs, int E, int H, int I,
-             int w_se, int w_sn, int s_se, int s_sn, int b_se) {
-  __shared__ float partial[PARTIAL_FLOATS];
-  __shared__ int members[MAX_PAIRS];
-  // Before waiting on gate_up (PDL): ids only, final before gate_up started; inter after the wait.
-  const int p = blockIdx.y;
-  const id_t e = ids[p];
-  if (e < 0 || e >= E) return;
-  const int count = routed_pairs(ids, n_pairs, p, e, members);
-  if (count < 0) return;
-  const int row0 = blockIdx.x * 16 * RG;
-  pdl_wait();
-  pdl_launch_dependents();
-
+// down tile: rows[q, row0 .. row0 + 16 * RG) for every pair q in members[0 .. count) (all routed
+// to expert e).  Ends with a __syncthreads.
+__device__ __forceinline__ void down_tile(float* partial, const int* members, int count, int e, int row0,
+                                          const u16* __restrict__ inter, const tw_t* __restrict__ tw,
+                                          const u8* __restrict__ w, const u8* __restrict__ scales,
+                                          const float* __restrict__ gscale, const bias_t* __restrict__ bias,
+                                          u16* __restrict__ rows_out, int H, int I, int w_se, int w_sn, int s_se,
+                                          int s_sn, int b_se) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int kb = warp * 128 * VEC + t * 32 * VEC;
@@ -262,7 +237,7 @@ fp4_moe_down(const u16* __restrict__ inter, const id_t* __restrict__ ids, const 
 #endif
 
   for (int base = 0; base < count; base += 8 * NT) {
-    stash_pair_partials(partial, w, scales, w_se, w_sn, s_se, s_sn, (int)e, rows, row_ok, inter, I, 1, members, base,
+    stash_pair_partials(partial, w, scales, w_se, w_sn, s_se, s_sn, e, rows, row_ok, inter, I, 1, members, base,
                         count, I, kb, warp, lane);
     __syncthreads();
     for (int i = warp; i < RG * NT * 4; i += WARPS) {
@@ -283,4 +258,49 @@ fp4_moe_down(const u16* __restrict__ inter, const id_t* __restrict__ ids, const 
     __syncthreads();
   }
 }
+
+#if STAGE == 1
+#if RG != 2
+#error "fp4_moe_gate_up takes the gate and the up rows as its two row groups (RG = 2)"
+#endif
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const tw_t* __restrict__ tw,
+                const u8* __restrict__ w, const u8* __restrict__ scales, const float* __restrict__ gscale,
+                const bias_t* __restrict__ bias, u16* __restrict__ inter, int n_pairs, int top_k, int E, int H,
+                int I, int ldx, int w_se, int w_sn, int s_se, int s_sn, int b_se, double alpha_d, double limit_d,
+                double up_offset_d) {
+  // (ints and doubles: the NVRTC launcher passes Python ints as C int and floats as double)
+  __shared__ float partial[PARTIAL_FLOATS];
+  __shared__ int members[MAX_PAIRS];
+  pdl_wait();  // ids and x come from earlier kernels
+  pdl_launch_dependents();
+  const int p = blockIdx.y;
+  const id_t e = ids[p];
+  if (e < 0 || e >= E) return;
+  const int count = routed_pairs(ids, n_pairs, p, e, members);
+  if (count < 0) return;
+  gate_up_tile(partial, members, count, (int)e, blockIdx.x * 16, x, ldx, top_k, tw, w, scales, gscale, bias, inter, H,
+               I, w_se, w_sn, s_se, s_sn, b_se, (float)alpha_d, (float)limit_d, (float)up_offset_d);
+}
+
+#else
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+fp4_moe_down(const u16* __restrict__ inter, const id_t* __restrict__ ids, const tw_t* __restrict__ tw,
+             const u8* __restrict__ w, const u8* __restrict__ scales, const float* __restrict__ gscale,
+             const bias_t* __restrict__ bias, u16* __restrict__ rows_out, int n_pairs, int E, int H, int I,
+             int w_se, int w_sn, int s_se, int s_sn, int b_se) {
+  __shared__ float partial[PARTIAL_FLOATS];
+  __shared__ int members[MAX_PAIRS];
+  // Before waiting on gate_up (PDL): ids only, final before gate_up started; inter after the wait.
+  const int p = blockIdx.y;
+  const id_t e = ids[p];
+  if (e < 0 || e >= E) return;
+  const int count = routed_pairs(ids, n_pairs, p, e, members);
+  if (count < 0) return;
+  pdl_wait();
+  pdl_launch_dependents();
+  down_tile(partial, members, count, (int)e, blockIdx.x * 16 * RG, inter, tw, w, scales, gscale, bias, rows_out, H, I,
+            w_se, w_sn, s_se, s_sn, b_se);
+}
+
 #endif
