@@ -1,11 +1,13 @@
 """Host side of the CUDA MoE decode kernels (``fp4_moe_decode.cu``): fit checks, tiles, launches.
 
 # T: tokens, H: hidden, E: experts, k: experts per token, I: expert intermediate size, N = T*k
-For FP4 experts (MXFP4 / NVFP4) with bf16 activations at decode (T <= ``MAX_TOKENS``): L1 (gate/up
-GEMM + GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H]
-per-pair rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  No routing
-pass: each CTA finds the pairs routed to its expert itself (see the .cu).  Three launches chained
-with PDL, no host syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take
+For FP4 experts (MXFP4 / NVFP4) with bf16 activations at up to ``MAX_PAIRS_PER_EXPERT`` pairs
+per expert on average (decode and mid sizes, where the weights' bytes dominate): L1 (gate/up GEMM +
+GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H] per-pair
+rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  Up to
+``SCAN_MAX_TOKENS`` tokens no routing pass runs: each CTA finds the pairs routed to its expert itself
+(see the .cu); above, the Triton align kernel groups the pairs into blocks first.  Three or four
+launches chained with PDL, no host syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take
 this path; the caller then runs the Triton pipeline.
 """
 
@@ -19,8 +21,9 @@ import torch
 from ..spec import MoESpec
 from . import nvrtc
 
-MAX_TOKENS = 16  # the decode regime (measured at T = 1 and 16); larger calls take the Triton tiles
-MAX_PAIRS = 256  # T * k the kernels' member lists hold (fp4_moe_decode.cu MAX_PAIRS)
+SCAN_MAX_TOKENS = 4  # up to here (and MAX_PAIRS pairs) each CTA scans the ids itself: no routing launch
+MAX_PAIRS = 256  # T * k the scanning kernels' member lists hold (fp4_moe_decode.cu MAX_PAIRS)
+MAX_PAIRS_PER_EXPERT = 16  # above this many pairs per expert on average the Triton tensor-core tiles win
 _FLOAT_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -38,23 +41,28 @@ class MoEDecodeConfig:
     unroll: int = 1
     gate_up_pipe: bool = False
     down_pipe: bool = False
+    block_m: int = 0  # 0: each CTA scans the ids (decode); else pairs per align block (mid sizes)
 
 
 def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
                              intermediate: int, weight_format: str = "mxfp4") -> MoEDecodeConfig:
     """4 warps per CTA and one K step of loads per warp: the kernels are limited by the bytes in
     flight per SM, and this leaves the most CTAs resident (H100, benchmarks/NOTES.md: 1.1-1.5x over
-    8 warps x 2 steps at qwen3 / gpt-oss / dsv4, T = 1 and 16); L2 takes two row groups (activations
-    reused across 32 rows) above 8 tokens; a second 8-token tile only where experts get more than
-    8 tokens on average.  gate_up issues its next step's loads before the current step's math
-    (PIPE) only for MXFP4 at up to 8 tokens with >= 8 K steps per warp: 8% faster at dsv4 T = 1
-    (H = 4096, two runs); elsewhere -3% to +10% (benchmarks/NOTES.md, "next loads before the
-    math"), and down was never faster pipelined."""
-    dense_routing = num_tokens > 8 and num_tokens * top_k >= 8 * num_experts
-    gate_up_warps = 4
-    gate_up_pipe = weight_format == "mxfp4" and num_tokens <= 8 and -(-hidden // 128) // gate_up_warps >= 8
-    return MoEDecodeConfig(gate_up_warps=gate_up_warps, down_row_groups=2 if num_tokens > 8 else 1,
-                           token_tiles=2 if dense_routing else 1, gate_up_pipe=gate_up_pipe)
+    8 warps x 2 steps at qwen3 / gpt-oss / dsv4, T = 1 and 16).
+    Up to 4 tokens the CTAs scan the ids; gate_up issues its next step's loads before the current
+    step's math (PIPE) only for MXFP4 with >= 8 K steps per warp: 8% faster at dsv4 T = 1 (H = 4096,
+    two runs); elsewhere -3% to +10% (NOTES.md, "next loads before the math"); down never.
+    Above 4 tokens the align kernel's blocks route the CTAs (``block_m`` pairs of one expert each:
+    16 with a second 8-token tile where experts average 8 or more, else 8) and down takes two row
+    groups (activations reused across 32 rows): against CTAs scanning the ids, 3-7% faster at T = 8
+    and 16, even at T = 4, 6-20% slower at T = 1 (one more launch); up to 16 pairs per expert
+    1.1-1.6x faster than the Triton tiles, which win from ~32 (NOTES.md, "mid sizes")."""
+    if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
+        dense_routing = num_tokens * top_k >= 8 * num_experts
+        return MoEDecodeConfig(down_row_groups=2, token_tiles=2 if dense_routing else 1,
+                               block_m=16 if dense_routing else 8)
+    gate_up_pipe = weight_format == "mxfp4" and -(-hidden // 128) // 4 >= 8
+    return MoEDecodeConfig(gate_up_warps=4, gate_up_pipe=gate_up_pipe)
 
 
 def _aligned_rows(w: torch.Tensor) -> bool:
@@ -70,10 +78,10 @@ def moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale
     if spec.act_format != "dense" or x.dtype != torch.bfloat16:
         return "activations are not bf16"
     T, k = topk_ids.shape
-    if T > MAX_TOKENS:
-        return f"T={T} > {MAX_TOKENS}"
-    if T * k > MAX_PAIRS:
-        return f"T*k={T * k} > {MAX_PAIRS}"
+    E = w13.shape[0]
+    if T * k > MAX_PAIRS_PER_EXPERT * E:
+        return (f"T*k={T * k} pairs over E={E} experts, more than {MAX_PAIRS_PER_EXPERT} per expert "
+                "(the Triton tensor-core tiles are faster there)")
     H, I = x.shape[1], w2.shape[2] * 2
     if H % 32 or I % 32:
         return f"H={H} or I={I} is not a multiple of 32"
@@ -93,10 +101,12 @@ def moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale
 
 
 def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, pipe, cfg: MoEDecodeConfig) -> tuple:
+    routing = (("BLOCKS", 1), ("BLOCK_M", cfg.block_m), ("MAX_PAIRS", cfg.block_m)) if cfg.block_m else (
+        ("MAX_PAIRS", MAX_PAIRS),)
     return (("NV", int(fmt == "nvfp4")), ("RG", row_groups), ("NT", cfg.token_tiles), ("WARPS", warps),
             ("UNROLL", cfg.unroll), ("VEC", 1), ("PIPE", int(pipe)), ("IDS_64", int(ids.dtype == torch.int64)), ("TW_T", _FLOAT_CODES[tw.dtype]),
             ("HAS_BIAS", int(bias is not None)), ("BIAS_T", _FLOAT_CODES[bias.dtype] if bias is not None else 0),
-            ("WEIGHT_BEFORE_DOWN", int(spec.weight_position == "before_down")), ("MAX_PAIRS", MAX_PAIRS))
+            ("WEIGHT_BEFORE_DOWN", int(spec.weight_position == "before_down"))) + routing
 
 
 def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2,
@@ -118,6 +128,15 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     stream = torch.cuda.current_stream(x.device)
     inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
+    if cfg.block_m:  # the align kernel's blocks route the CTAs (one grid row per block)
+        from ..lowering.moe_plan import align_chunk, ALIGN_SINGLE_MAX_ENTRIES
+        from ..templates.moe_align import align_blocks
+
+        blocks = align_blocks(ids, E, cfg.block_m, single=N <= ALIGN_SINGLE_MAX_ENTRIES, chunk=align_chunk(N, E),
+                              use_pdl=use_pdl)
+        route, grid_rows = blocks.scratch, blocks.max_blocks
+    else:  # each CTA scans the ids (one grid row per pair)
+        route, grid_rows = ids, N
     gate_up_gscales = w13_global_scale is not None and w13_global_scale.dim() == 2
 
     l1 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_gate_up", _common_defines(
@@ -125,20 +144,21 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         ("STAGE", 1), ("GLU", _GLU_CODES[spec.activation]), ("HAS_LIMIT", int(spec.limit is not None)),
         ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
         ("GATE_UP_GSCALES", int(gate_up_gscales))))
-    nvrtc.launch(l1, (-(-I // 16), N, 1), (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
+    nvrtc.launch(l1, (-(-I // 16), grid_rows, 1), (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
         x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
         b13 if b13 is not None else x, inter, N, k, E, H, I, x.stride(0),
         w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), b13.stride(0) if b13 is not None else 0,
-        float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset)])
+        float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset), route, grid_rows])
 
     l2 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_down", _common_defines(
         spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg.down_pipe, cfg) + (
         ("STAGE", 2), ("HAS_GSCALE", int(w2_global_scale is not None))))
-    nvrtc.launch(l2, (-(-H // (16 * cfg.down_row_groups)), N, 1), (32 * cfg.down_warps, 1, 1), stream=stream,
+    nvrtc.launch(l2, (-(-H // (16 * cfg.down_row_groups)), grid_rows, 1), (32 * cfg.down_warps, 1, 1), stream=stream,
                  pdl=use_pdl, args=[
                      inter, ids, tw, w2, s2, w2_global_scale if w2_global_scale is not None else tw,
                      b2 if b2 is not None else x, rows, N, E, H, I,
-                     w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), b2.stride(0) if b2 is not None else 0])
+                     w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), b2.stride(0) if b2 is not None else 0,
+                     route, grid_rows])
 
     bh = min(1024, 1 << (H - 1).bit_length())
     pdl = {"launch_pdl": True} if use_pdl else {}

@@ -8,11 +8,14 @@
 //
 // Launched with PDL: gate_up waits for the previous kernel before reading anything, then lets down
 // launch; down finds its pairs while gate_up finishes and waits before reading inter.
-// Grid: (column tiles, pairs).  No routing pass runs first: the CTA of pair p reads ids, exits
-// unless p is the first pair routed to its expert (the "leader"), and otherwise takes every pair
-// routed to that expert as the MMA's tokens, 8 * NT at a time, so each expert's weight tile is read
-// and decoded once per call however many tokens chose it.  Ids outside [0, E) are skipped (their
-// rows are never written; the combine skips them too).
+// Two ways to find a CTA's pairs (BLOCKS):
+//   0 (decode, a few dozen pairs): grid (column tiles, pairs), no routing pass.  The CTA of pair p
+//     reads ids, exits unless p is the first pair routed to its expert (the "leader"), and otherwise
+//     takes every pair routed to that expert as the MMA's tokens, 8 * NT at a time, so each expert's
+//     weight tile is read and decoded once per call however many tokens chose it.
+//   1 (hundreds of pairs, where a scan per CTA would cost more than a routing pass): grid (column
+//     tiles, blocks of the align kernel, templates/moe_align.py, BLOCK_M pairs of one expert each).
+// Ids outside [0, E) are skipped either way (their rows are never written; the combine skips them).
 //
 // fp4_moe_gate_up runs two row groups (RG = 2): the gate rows and the up rows of 16 intermediate
 // columns, so the GLU of a column meets both halves in one thread after the split-K sum.
@@ -52,6 +55,12 @@
 #endif
 #ifndef MAX_PAIRS
 #define MAX_PAIRS 256   // pairs (T * top_k) one call may have; the host checks
+#endif
+#ifndef BLOCKS
+#define BLOCKS 0        // 1: the CTAs take the align kernel's blocks (see above)
+#endif
+#ifndef BLOCK_M
+#define BLOCK_M 8       // pairs per align block (BLOCKS = 1; at most MAX_PAIRS)
 #endif
 
 #include "fp4_mma_core.cuh"
@@ -103,6 +112,29 @@ __device__ int routed_pairs(const id_t* __restrict__ ids, int n_pairs, int p, id
     __syncthreads();
   }
   return count;
+}
+
+// This CTA's expert (e) and its pairs in members[0 .. count); returns count, or -1 where the CTA has
+// nothing to do (CTA-uniform).  BLOCKS: route is the align kernel's int32 scratch -- expert_count [E],
+// expert_start [E], sorted_ids [max_blocks * BLOCK_M], block_expert [max_blocks] -- and blockIdx.y
+// its block; else blockIdx.y is a pair and the CTA scans ids (routed_pairs).
+__device__ __forceinline__ int cta_pairs(const id_t* __restrict__ ids, int n_pairs, int E, const int* __restrict__ route,
+                                         int max_blocks, int* members, int& e) {
+#if BLOCKS
+  const int b = blockIdx.y;
+  e = route[2 * E + max_blocks * BLOCK_M + b];
+  if (e < 0 || e >= E) return -1;
+  const int count = min(BLOCK_M, route[e] - (b * BLOCK_M - route[E + e]));
+  for (int i = threadIdx.x; i < count; i += WARPS * 32) members[i] = route[2 * E + b * BLOCK_M + i];
+  __syncthreads();
+  return count;
+#else
+  const int p = blockIdx.y;
+  const id_t id = ids[p];
+  if (id < 0 || id >= E) return -1;
+  e = (int)id;
+  return routed_pairs(ids, n_pairs, p, id, members);
+#endif
 }
 
 __device__ __forceinline__ float glu(float gate, float up, float alpha, float limit, float up_offset) {
@@ -268,18 +300,16 @@ fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const t
                 const u8* __restrict__ w, const u8* __restrict__ scales, const float* __restrict__ gscale,
                 const bias_t* __restrict__ bias, u16* __restrict__ inter, int n_pairs, int top_k, int E, int H,
                 int I, int ldx, int w_se, int w_sn, int s_se, int s_sn, int b_se, double alpha_d, double limit_d,
-                double up_offset_d) {
+                double up_offset_d, const int* __restrict__ route, int max_blocks) {
   // (ints and doubles: the NVRTC launcher passes Python ints as C int and floats as double)
   __shared__ float partial[PARTIAL_FLOATS];
   __shared__ int members[MAX_PAIRS];
-  pdl_wait();  // ids and x come from earlier kernels
+  pdl_wait();  // ids (or the align kernel's blocks) and x come from earlier kernels
   pdl_launch_dependents();
-  const int p = blockIdx.y;
-  const id_t e = ids[p];
-  if (e < 0 || e >= E) return;
-  const int count = routed_pairs(ids, n_pairs, p, e, members);
+  int e;
+  const int count = cta_pairs(ids, n_pairs, E, route, max_blocks, members, e);
   if (count < 0) return;
-  gate_up_tile(partial, members, count, (int)e, blockIdx.x * 16, x, ldx, top_k, tw, w, scales, gscale, bias, inter, H,
+  gate_up_tile(partial, members, count, e, blockIdx.x * 16, x, ldx, top_k, tw, w, scales, gscale, bias, inter, H,
                I, w_se, w_sn, s_se, s_sn, b_se, (float)alpha_d, (float)limit_d, (float)up_offset_d);
 }
 
@@ -288,18 +318,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 fp4_moe_down(const u16* __restrict__ inter, const id_t* __restrict__ ids, const tw_t* __restrict__ tw,
              const u8* __restrict__ w, const u8* __restrict__ scales, const float* __restrict__ gscale,
              const bias_t* __restrict__ bias, u16* __restrict__ rows_out, int n_pairs, int E, int H, int I,
-             int w_se, int w_sn, int s_se, int s_sn, int b_se) {
+             int w_se, int w_sn, int s_se, int s_sn, int b_se, const int* __restrict__ route, int max_blocks) {
   __shared__ float partial[PARTIAL_FLOATS];
   __shared__ int members[MAX_PAIRS];
-  // Before waiting on gate_up (PDL): ids only, final before gate_up started; inter after the wait.
-  const int p = blockIdx.y;
-  const id_t e = ids[p];
-  if (e < 0 || e >= E) return;
-  const int count = routed_pairs(ids, n_pairs, p, e, members);
+  // Before waiting on gate_up (PDL): the routing only (ids, or the align kernel's blocks), final
+  // before gate_up started; inter after the wait.
+  int e;
+  const int count = cta_pairs(ids, n_pairs, E, route, max_blocks, members, e);
   if (count < 0) return;
   pdl_wait();
   pdl_launch_dependents();
-  down_tile(partial, members, count, (int)e, blockIdx.x * 16 * RG, inter, tw, w, scales, gscale, bias, rows_out, H, I,
+  down_tile(partial, members, count, e, blockIdx.x * 16 * RG, inter, tw, w, scales, gscale, bias, rows_out, H, I,
             w_se, w_sn, s_se, s_sn, b_se);
 }
 

@@ -106,9 +106,9 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
     pdl = "_pdl" if pdl_enabled(device) else ""
     name = f"triton_fused{pdl}[{label}]"
     if _cuda_decode_available(spec, device, x_dtype):  # cuda/fp4_moe.py, where operands are aligned
-        from ..cuda.fp4_moe import MAX_TOKENS
+        from ..cuda.fp4_moe import MAX_PAIRS_PER_EXPERT
 
-        return f"{name} + cuda_decode[{label}] for T <= {MAX_TOKENS}"
+        return f"{name} + cuda_decode[{label}] for <= {MAX_PAIRS_PER_EXPERT} pairs per expert"
     if device.type == "cuda" and moe_config.mega_kernel and all(
             isinstance(v, int) for v in (num_experts, hidden, intermediate, top_k)):
         sms = _num_sms(device)
@@ -226,9 +226,9 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     """Run the fused kernels (inputs already validated and supported).  Works on CUDA, and on CPU
     under TRITON_INTERPRET=1.  ``use_mega``: force the persistent L1+L2 kernel on or off (None:
     on CUDA where ``config.mega_kernel`` and ``moe_mega.choose_mega`` say so).  ``use_cuda_decode``:
-    the CUDA decode kernels for FP4 experts at T <= 16 (``cuda/fp4_moe.py``); None: wherever they
+    the CUDA decode kernels for FP4 experts at decode / mid sizes (``cuda/fp4_moe.py``); None: wherever they
     fit, False: never, True: required (raises where they do not fit)."""
-    from ..templates.moe_align import moe_align_count, moe_align_offsets, moe_align_scatter, moe_align_single
+    from ..templates.moe_align import align_blocks
     from ..templates.moe_combine import moe_combine_kernel
     from ..templates.moe_common import ACT_FORMAT_CODES, ACT_GROUPS, moe_quant_act_kernel
     from ..templates.moe_gemm1 import moe_gemm1_kernel
@@ -269,24 +269,11 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     tw = topk_weights.contiguous()
     N = T * k
     BM = cfg.block_m
-    max_blocks = (N + min(E, N) * (BM - 1)) // BM
     if use_mega is None:
         use_mega = x.device.type == "cuda" and moe_config.mega_kernel and choose_mega(
             cfg, T, k, E, H, I, _num_sms(x.device))
-    e_p2 = max(16, 1 << (E - 1).bit_length())
-    chunk = cfg.align_chunk
-    num_chunks = -(-N // chunk)
-    n_ready = max_blocks if use_mega else 0  # persistent kernel: finished L1 tiles per M-block
-    scratch = torch.empty(2 * E + max_blocks * BM + max_blocks + n_ready
-                          + (0 if cfg.align_single else num_chunks * e_p2), dtype=torch.int32, device=x.device)
-    expert_count, expert_start = scratch[:E], scratch[E:2 * E]
-    sorted_ids = scratch[2 * E:2 * E + max_blocks * BM]
-    block_expert = scratch[2 * E + max_blocks * BM:2 * E + max_blocks * BM + max_blocks]
-    ready = scratch[2 * E + max_blocks * BM + max_blocks:2 * E + max_blocks * BM + max_blocks + n_ready]
     use_mega = bool(use_mega)
-    zero_ready = dict(ready_ptr=ready if use_mega else block_expert, ZERO_READY=use_mega)
     pdl = {"launch_pdl": True} if use_pdl else {}
-    nb_chunk = max(16, 8192 // e_p2)
     act = ACT_FORMAT_CODES[spec.act_format]
     if act:  # fp8 activations: x -> e4m3 + per-token group scales, once (not per L1 tile)
         G = ACT_GROUPS[act]
@@ -305,19 +292,11 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
         a1, a1_s, inter_s, inter_s_stride = x, x, x, 0
 
-    if cfg.align_single:
-        moe_align_single[(1,)](ids, N, E, max_blocks, expert_count, expert_start, sorted_ids, block_expert,
-                               BLOCK_M=BM, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk, USE_PDL=use_pdl,
-                               num_warps=4, **zero_ready, **pdl)
-    else:
-        chunk_counts = scratch[2 * E + max_blocks * BM + max_blocks + n_ready:]
-        moe_align_count[(num_chunks,)](ids, N, E, chunk_counts, E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl,
-                                       num_warps=4, **pdl)
-        moe_align_offsets[(1,)](chunk_counts, num_chunks, E, max_blocks, expert_count, expert_start, block_expert,
-                                BLOCK_M=BM, E_P2=e_p2, ROWS=max(1, 8192 // e_p2), NB_CHUNK=nb_chunk,
-                                USE_PDL=use_pdl, num_warps=4, **zero_ready, **pdl)
-        moe_align_scatter[(num_chunks,)](ids, N, E, chunk_counts, expert_start, sorted_ids, E_P2=e_p2,
-                                         CHUNK=chunk, USE_PDL=use_pdl, num_warps=4, **pdl)
+    blocks = align_blocks(ids, E, BM, single=cfg.align_single, chunk=cfg.align_chunk, use_pdl=use_pdl,
+                          zero_ready=use_mega)
+    max_blocks = blocks.max_blocks
+    sorted_ids, block_expert = blocks.sorted_ids, blocks.block_expert
+    expert_start, expert_count = blocks.expert_start, blocks.expert_count
 
     w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
@@ -342,7 +321,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
                w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0, inter_s_stride)
     l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab)
     if use_mega:  # one persistent launch runs the same L1 and L2 tiles
-        launch_mega(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw, ready=ready,
+        launch_mega(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw, ready=blocks.ready,
                     max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)
     else:
         moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)

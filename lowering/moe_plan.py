@@ -162,6 +162,11 @@ def fp4_swap_ab(setting: str) -> bool:
     return setting == "on"
 
 
+def align_chunk(n_entries: int, num_experts: int) -> int:
+    """Entries per align step: a [chunk, E] one-hot of at most 16K elements."""
+    return max(16, min(256, 16384 // _pow2_at_least(num_experts), _pow2_at_least(n_entries)))
+
+
 def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                       weight_format: str = "dense", num_sms: int = 132,
                       overrides: Optional[dict] = None, act_format: str = "dense") -> MoEKernelConfig:
@@ -170,7 +175,6 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
     n_entries = max(num_tokens * top_k, 1)
     active = min(num_experts, n_entries)
     rows_per_expert = n_entries / active
-    e_p2 = _pow2_at_least(num_experts)
 
     if rows_per_expert <= 16:
         regime, block_m = "decode", 16
@@ -221,9 +225,9 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
             # gpt-oss: fp8_block128 x mxfp4 4402 -> 2327 / 12700 -> 6939 us, x nvfp4 5009 -> 2521 /
             # 13374 -> 7070; fp8_mx32 x nvfp4 6853 -> 1718 / 19782 -> 4893)
 
-    align_chunk = max(16, min(256, 16384 // e_p2, _pow2_at_least(n_entries)))
+    align_chunk_ = align_chunk(n_entries, num_experts)
     cfg = MoEKernelConfig(
-        block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk,
+        block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk_,
         align_single=n_entries <= ALIGN_SINGLE_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)

@@ -20,6 +20,7 @@ Two forms: ``moe_align_single`` (one program, loops over chunks; decode and mid 
 for the histogram and the scatter; prefill sizes).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -131,3 +132,51 @@ def moe_align_scatter(ids_ptr, N, E, chunk_prefix_ptr, expert_start_ptr, sorted_
     base += tl.load(expert_start_ptr + experts, mask=experts < E, other=0)
     _scatter_chunk(ids_ptr, sorted_ids_ptr, pid * CHUNK, N, E, base, CHUNK, E_P2)
     pdl_launch_dependents(USE_PDL)
+
+
+# ------------------------------------------------------------------------------ host side
+
+class AlignedBlocks:
+    """The align kernels' outputs for one call, as views of one int32 ``scratch`` laid out
+    expert_count [E] | expert_start [E] | sorted_ids [max_blocks * block_m] | block_expert [max_blocks]
+    | ready [n_ready] (| per-chunk counts): kernels that take the whole layout get ``scratch``."""
+
+    def __init__(self, scratch: torch.Tensor, E: int, block_m: int, max_blocks: int, n_ready: int):
+        self.scratch, self.max_blocks, self.block_m = scratch, max_blocks, block_m
+        ids_end = 2 * E + max_blocks * block_m
+        self.expert_count, self.expert_start = scratch[:E], scratch[E:2 * E]
+        self.sorted_ids = scratch[2 * E:ids_end]
+        self.block_expert = scratch[ids_end:ids_end + max_blocks]
+        self.ready = scratch[ids_end + max_blocks:ids_end + max_blocks + n_ready]
+        self.chunk_counts = scratch[ids_end + max_blocks + n_ready:]
+
+
+def align_blocks(ids, E: int, block_m: int, *, single: bool, chunk: int, use_pdl: bool,
+                 zero_ready: bool = False) -> AlignedBlocks:
+    """Launch the align kernels on ``ids`` ([T, k] expert ids, contiguous) for ``block_m``-pair
+    blocks: ``moe_align_single`` (one program) or count -> offsets -> scatter (one program per
+    ``chunk`` entries).  ``zero_ready``: also zero one counter per block (the persistent kernel's)."""
+    N = ids.numel()
+    max_blocks = (N + min(E, N) * (block_m - 1)) // block_m
+    e_p2 = max(16, 1 << (E - 1).bit_length())
+    num_chunks = -(-N // chunk)
+    n_ready = max_blocks if zero_ready else 0
+    scratch = torch.empty(2 * E + max_blocks * block_m + max_blocks + n_ready + (0 if single else num_chunks * e_p2),
+                          dtype=torch.int32, device=ids.device)
+    out = AlignedBlocks(scratch, E, block_m, max_blocks, n_ready)
+    ready = dict(ready_ptr=out.ready if zero_ready else out.block_expert, ZERO_READY=zero_ready)
+    pdl = {"launch_pdl": True} if use_pdl else {}
+    nb_chunk = max(16, 8192 // e_p2)
+    if single:
+        moe_align_single[(1,)](ids, N, E, max_blocks, out.expert_count, out.expert_start, out.sorted_ids,
+                               out.block_expert, BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk,
+                               USE_PDL=use_pdl, num_warps=4, **ready, **pdl)
+    else:
+        moe_align_count[(num_chunks,)](ids, N, E, out.chunk_counts, E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl,
+                                       num_warps=4, **pdl)
+        moe_align_offsets[(1,)](out.chunk_counts, num_chunks, E, max_blocks, out.expert_count, out.expert_start,
+                                out.block_expert, BLOCK_M=block_m, E_P2=e_p2, ROWS=max(1, 8192 // e_p2),
+                                NB_CHUNK=nb_chunk, USE_PDL=use_pdl, num_warps=4, **ready, **pdl)
+        moe_align_scatter[(num_chunks,)](ids, N, E, out.chunk_counts, out.expert_start, out.sorted_ids, E_P2=e_p2,
+                                         CHUNK=chunk, USE_PDL=use_pdl, num_warps=4, **pdl)
+    return out

@@ -1,6 +1,6 @@
 """CUDA MoE decode kernels for FP4 experts (cuda/fp4_moe_decode.cu via cuda/fp4_moe.py).
 
-CPU: the fit checks and the tile rule.  GPU (marked ``gpu``): the kernels forced on
+CPU: the fit checks and the tile rule (decode: CTAs scan the ids; mid sizes: the align kernel's blocks).  GPU (marked ``gpu``): the kernels forced on
 (``use_cuda_decode=True`` raises instead of falling back) against the float64 reference of the same
 quantised weights, every buffer the call allocates NaN-poisoned first, two runs bitwise equal;
 experts shared by many tokens (the per-expert token loop), duplicate and out-of-range ids, NaN
@@ -39,8 +39,7 @@ def test_fit_check_reasons():
         call.update(tensors)
         return moe_decode_fits(**call)
 
-    assert "T=17 > 16" in why(dict(T=17))
-    assert "T*k=272 > 256" in why(dict(T=16, k=17))
+    assert "more than 16 per expert" in why(dict(T=33, k=8))  # 264 pairs over 16 experts
     assert "not bf16" in why(dict(x_dtype=torch.float16))
     assert "not bf16" in why(dict(spec_extra="act_format=fp8_mx32"))
     assert "not a multiple of 32" in why(dict(fmt="nvfp4", I=144))
@@ -55,8 +54,9 @@ def test_fit_check_reasons():
 
 
 def test_tile_rule():
-    """4 warps and one K step per warp everywhere; two L2 row groups above 8 tokens; a second token
-    tile only where experts average more than 8 tokens."""
+    """4 warps and one K step per warp everywhere; up to 4 tokens the CTAs scan the ids, above the
+    align kernel's blocks route them, with two L2 row groups, and 16-pair blocks of two token tiles
+    where experts average 8 pairs or more."""
     from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
 
     qwen3 = choose_moe_decode_config(1, 8, 128, 2048, 768)
@@ -65,11 +65,20 @@ def test_tile_rule():
     assert choose_moe_decode_config(16, 8, 128, 2048, 768).down_row_groups == 2
     assert choose_moe_decode_config(16, 8, 128, 2048, 768).token_tiles == 1
     assert choose_moe_decode_config(16, 2, 4, 4096, 14336).token_tiles == 2
-    # gate_up's pipelined K loop: MXFP4, <= 8 tokens, >= 8 K steps per warp (dsv4's H = 4096)
+    # gate_up's pipelined K loop: MXFP4, scanning kernels (<= 4 tokens), >= 8 K steps per warp (dsv4's H = 4096)
     assert choose_moe_decode_config(1, 6, 256, 4096, 2048, "mxfp4").gate_up_pipe
     assert not choose_moe_decode_config(1, 6, 256, 4096, 2048, "nvfp4").gate_up_pipe
     assert not choose_moe_decode_config(16, 6, 256, 4096, 2048, "mxfp4").gate_up_pipe
+    assert not choose_moe_decode_config(4, 1, 8, 512, 256).gate_up_pipe  # 1 K step per warp
     assert not qwen3.gate_up_pipe and not qwen3.down_pipe
+    assert qwen3.block_m == 0 and choose_moe_decode_config(4, 8, 128, 2048, 768).block_m == 0  # CTAs scan ids
+    assert choose_moe_decode_config(5, 8, 128, 2048, 768).block_m == 8
+    # above 16 tokens the align kernel's blocks route the CTAs: 8 pairs per block, or 16 (two token
+    # tiles) where experts average 8 or more
+    gpt_oss = choose_moe_decode_config(128, 4, 128, 2880, 2880)
+    assert (gpt_oss.block_m, gpt_oss.token_tiles, gpt_oss.down_row_groups) == (8, 1, 2)
+    qwen3_mid = choose_moe_decode_config(128, 8, 128, 2048, 768)
+    assert (qwen3_mid.block_m, qwen3_mid.token_tiles, qwen3_mid.down_row_groups) == (16, 2, 2)
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -177,6 +186,31 @@ def test_gpu_pipelined_k_loop(fmt, pipe_cfg, monkeypatch):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("case", ["qwen3_like", "gpt_oss_like", "skewed"])
+def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
+    """Above 16 tokens the CTAs take the align kernel's blocks: 16-pair blocks with two token tiles
+    (experts with more pairs than a block span several), 8-pair blocks with one; the gpt-oss
+    variant with biases and a K tail step; out-of-range ids; all pairs on three experts."""
+    if case == "qwen3_like":
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(100, 64, 512, 256, 8, fmt, seed=3)  # 12.5 pairs per expert
+    elif case == "gpt_oss_like":
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(
+            40, 32, 2880, 2880, 4, fmt, seed=4, bad_ids=True, bias=True,
+            spec_extra="gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0")
+    else:
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(24, 8, 256, 128, 2, fmt, seed=5)
+        ids[:, 0] = 0
+        ids[:, 1] = torch.arange(24, device="cuda") % 2 + 1  # 24 pairs on expert 0: three blocks of 8
+    from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
+
+    T, k = ids.shape
+    assert choose_moe_decode_config(T, k, w13.shape[0], x.shape[1], w2.shape[2] * 2, fmt).block_m > 0
+    _check(x, ids, tw, w13, w2, spec, kw, fmt, f"mid {case} {fmt}")
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_nan_activation_stays_in_its_token():
     spec, x, ids, tw, w13, w2, kw = _gpu_inputs(4, 8, 256, 128, 2, "mxfp4", seed=2)
     ids[:] = torch.tensor([0, 1], device="cuda")  # every token on the same two experts
@@ -190,7 +224,7 @@ def test_gpu_nan_activation_stays_in_its_token():
 @gpu
 def test_gpu_graph_capture_and_default_path():
     """Captured in a CUDA graph, replays on new inputs; launched with and without PDL, bitwise
-    alike; the op's default at T <= 16 is this path (bitwise the forced call) and the report
+    alike; the op's default at decode and mid sizes is this path (bitwise the forced call) and the report
     names it."""
     from inductor_moe.lowering import moe
 
@@ -210,4 +244,15 @@ def test_gpu_graph_capture_and_default_path():
     torch.cuda.synchronize()
     assert torch.equal(captured, _run_cuda(x, ids, tw, w13, w2, spec, kw))
     label = moe.describe_moe_lowering(spec, x.device, x.dtype, 128, 2048, 768, 8)
-    assert "cuda_decode[mxfp4] for T <= 16" in label, label
+    assert "cuda_decode[mxfp4] for <= 16 pairs per expert" in label, label
+    # the same at a mid size, where the align kernel routes the CTAs (one more launch in the graph)
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(64, 128, 2048, 768, 8, "mxfp4", seed=6)
+    forced = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+    assert torch.equal(forced, torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec, **kw))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+    ids.copy_(torch.rand(64, 128, device="cuda").topk(8, dim=1).indices.int())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, _run_cuda(x, ids, tw, w13, w2, spec, kw))
