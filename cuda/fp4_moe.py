@@ -56,10 +56,13 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     16 with a second 8-token tile where experts average 8 or more, else 8) and down takes two row
     groups (activations reused across 32 rows): against CTAs scanning the ids, 3-7% faster at T = 8
     and 16, even at T = 4, 6-20% slower at T = 1 (one more launch); up to 16 pairs per expert
-    1.1-1.6x faster than the Triton tiles, which win from ~32 (NOTES.md, "mid sizes")."""
+    1.1-1.6x faster than the Triton tiles, which win from ~32 (NOTES.md, "mid sizes").  There, down
+    runs 2 warps where 4 would get under 4 K steps each (qwen3's I = 768: 2-6% faster at T = 16-256;
+    1-3% slower at gpt-oss's I = 2880, even at dsv4's 2048)."""
     if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
         dense_routing = num_tokens * top_k >= 8 * num_experts
-        return MoEDecodeConfig(down_row_groups=2, token_tiles=2 if dense_routing else 1,
+        down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
+        return MoEDecodeConfig(down_warps=down_warps, down_row_groups=2, token_tiles=2 if dense_routing else 1,
                                block_m=16 if dense_routing else 8)
     gate_up_pipe = weight_format == "mxfp4" and -(-hidden // 128) // 4 >= 8
     return MoEDecodeConfig(gate_up_warps=4, gate_up_pipe=gate_up_pipe)

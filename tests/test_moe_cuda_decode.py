@@ -79,6 +79,9 @@ def test_tile_rule():
     assert (gpt_oss.block_m, gpt_oss.token_tiles, gpt_oss.down_row_groups) == (8, 1, 2)
     qwen3_mid = choose_moe_decode_config(128, 8, 128, 2048, 768)
     assert (qwen3_mid.block_m, qwen3_mid.token_tiles, qwen3_mid.down_row_groups) == (16, 2, 2)
+    # down's warps split K: 2 where 4 would get under 4 steps of 128 each (I = 768), else 4
+    assert (qwen3_mid.down_warps, gpt_oss.down_warps, choose_moe_decode_config(128, 6, 256, 4096, 2048).down_warps) == (
+        2, 4, 4)
 
 
 # ------------------------------------------------------------------------------ GPU
