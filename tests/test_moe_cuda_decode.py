@@ -190,13 +190,16 @@ def test_gpu_pipelined_k_loop(fmt, pipe_cfg, monkeypatch):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("case", ["qwen3_like", "gpt_oss_like", "skewed"])
+@pytest.mark.parametrize("case", ["qwen3_like", "gpt_oss_like", "skewed", "many_pairs"])
 def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
-    """Above 16 tokens the CTAs take the align kernel's blocks: 16-pair blocks with two token tiles
+    """Above 4 tokens the CTAs take the align kernel's blocks: 16-pair blocks with two token tiles
     (experts with more pairs than a block span several), 8-pair blocks with one; the gpt-oss
-    variant with biases and a K tail step; out-of-range ids; all pairs on three experts."""
+    variant with biases and a K tail step; out-of-range ids; all pairs on three experts; more
+    pairs than one align program takes (the count / offsets / scatter kernels)."""
     if case == "qwen3_like":
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(100, 64, 512, 256, 8, fmt, seed=3)  # 12.5 pairs per expert
+    elif case == "many_pairs":
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(160, 128, 256, 128, 8, fmt, seed=7, bad_ids=True)  # 1280 pairs
     elif case == "gpt_oss_like":
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(
             40, 32, 2880, 2880, 4, fmt, seed=4, bad_ids=True, bias=True,
