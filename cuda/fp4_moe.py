@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..lowering.moe_plan import ALIGN_SINGLE_MAX_ENTRIES, align_chunk
 from ..spec import MoESpec
 from . import nvrtc
 
@@ -132,7 +133,6 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     if cfg.block_m:  # the align kernel's blocks route the CTAs (one grid row per block)
-        from ..lowering.moe_plan import align_chunk, ALIGN_SINGLE_MAX_ENTRIES
         from ..templates.moe_align import align_blocks
 
         blocks = align_blocks(ids, E, cfg.block_m, single=N <= ALIGN_SINGLE_MAX_ENTRIES, chunk=align_chunk(N, E),
