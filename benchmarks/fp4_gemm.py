@@ -289,7 +289,7 @@ def main(argv=None) -> int:
                 t_bf16 = graph_time_us(lambda: x @ w_bf16.T)
                 default = strategy if strategy == "dequant_chunks" else (
                     choose_gemv_config(m, n, k, _num_sms(dev)) if strategy == "gemv" else
-                    choose_decode_mma_config(m, n, k, _num_sms(dev)) if strategy == "cuda_decode" else cfg)
+                    choose_decode_mma_config(m, n, k, _num_sms(dev), fmt) if strategy == "cuda_decode" else cfg)
                 best = (t_ours, default)
                 if args.sweep:
                     for cand in sweep_configs(m, fmt):

@@ -40,7 +40,7 @@ class DecodeMmaConfig:
             raise ValueError(f"unsupported {self}")
 
 
-def choose_decode_mma_config(m: int, n: int, k: int, num_sms: int) -> DecodeMmaConfig:
+def choose_decode_mma_config(m: int, n: int, k: int, num_sms: int, weight_format: str = "mxfp4") -> DecodeMmaConfig:
     """H100, weights L2-cold, N x K in {4096², 14336 x 4096, 4096 x 14336, 2880², 5760 x 2880},
     MXFP4 and NVFP4 (benchmarks/NOTES_fp4.md, "the pipelined K loop").
     Up to 8 tokens: the pipelined loop (the next step's loads in flight through each step's math),
@@ -48,8 +48,14 @@ def choose_decode_mma_config(m: int, n: int, k: int, num_sms: int) -> DecodeMmaC
     5-25% faster than 8 warps x 2 steps unpipelined, except NVFP4 14336 x 4096 (4% slower).
     9-16 tokens: 8 warps, not pipelined (that would hold twice the 16-token activation registers;
     within +-10% either way); 2 steps of loads in flight where each warp's steps split into full
-    groups, else 1 (K = 2880 has 23 steps: 10-18% faster than a half-empty second group)."""
+    groups, else 1 (K = 2880 has 23 steps: 10-18% faster than a half-empty second group).
+    MXFP4 with N >= 8192 at 9-16 tokens: two row groups per warp, 1 step.  With one, each CTA of 16
+    rows re-reads all of X (16 tokens x K) from L2, four times its weight bytes; sharing the
+    activation fragments across 32 rows was 8-22% faster at N = 8192-28672 (M = 12 and 16, two
+    runs), not at N = 4096, and mixed for NVFP4 (benchmarks/NOTES_fp4.md, "activation re-reads")."""
     if m > 8:
+        if weight_format == "mxfp4" and n >= 8192:
+            return DecodeMmaConfig(row_groups=2, warps=8, unroll=1)
         steps = -(-k // 128)
         steps_per_warp = -(-steps // 8)
         return DecodeMmaConfig(row_groups=1, warps=8, unroll=2 if steps_per_warp % 2 == 0 else 1)

@@ -289,6 +289,11 @@ def test_cuda_decode_fit_checks():
     assert choose_strategy(1, 4096, 4096, spec, torch.bfloat16, 90, cuda_decode=False) == "gemv"
     with pytest.raises(ValueError):
         type(choose_decode_mma_config(1, 4096, 4096, 132))(row_groups=3)
+    # 9-16 tokens: MXFP4 from N = 8192 shares the activation fragments across two row groups
+    assert choose_decode_mma_config(16, 14336, 4096, 132, "mxfp4").row_groups == 2
+    assert choose_decode_mma_config(16, 14336, 4096, 132, "nvfp4").row_groups == 1
+    assert choose_decode_mma_config(16, 4096, 14336, 132, "mxfp4").row_groups == 1
+    assert choose_decode_mma_config(8, 14336, 4096, 132, "mxfp4").row_groups == 1
 
 
 @cuda
@@ -323,7 +328,7 @@ def _check_cuda_decode(fb, m, n, k):
     for act, b_, out_dtype in cases:
         spec = GemmSpec(b_format=fb, activation=act, out_dtype=out_dtype)
         ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, b_)
-        for cfg in (None, DecodeMmaConfig(2, 4, 2), DecodeMmaConfig(1, 8, 1, 2), DecodeMmaConfig(1, 8, 2),
+        for cfg in (None, DecodeMmaConfig(2, 4, 2), DecodeMmaConfig(2, 8, 1), DecodeMmaConfig(1, 8, 1, 2), DecodeMmaConfig(1, 8, 2),
                     DecodeMmaConfig(1, 4, 2, pipe=True), DecodeMmaConfig(1, 8, 1, 2, pipe=True)):
             kw = {"strategy": "cuda_decode"} if cfg is None else {"config": cfg}
             out = block_scaled_gemm(a, q, s, spec, None, gs, b_, **kw)
