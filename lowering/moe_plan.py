@@ -225,9 +225,8 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
             # gpt-oss: fp8_block128 x mxfp4 4402 -> 2327 / 12700 -> 6939 us, x nvfp4 5009 -> 2521 /
             # 13374 -> 7070; fp8_mx32 x nvfp4 6853 -> 1718 / 19782 -> 4893)
 
-    align_chunk_ = align_chunk(n_entries, num_experts)
     cfg = MoEKernelConfig(
-        block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk_,
+        block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk(n_entries, num_experts),
         align_single=n_entries <= ALIGN_SINGLE_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)

@@ -142,7 +142,7 @@ class AlignedBlocks:
     | ready [n_ready] (| per-chunk counts): kernels that take the whole layout get ``scratch``."""
 
     def __init__(self, scratch: torch.Tensor, E: int, block_m: int, max_blocks: int, n_ready: int):
-        self.scratch, self.max_blocks, self.block_m = scratch, max_blocks, block_m
+        self.scratch, self.max_blocks = scratch, max_blocks
         ids_end = 2 * E + max_blocks * block_m
         self.expert_count, self.expert_start = scratch[:E], scratch[E:2 * E]
         self.sorted_ids = scratch[2 * E:ids_end]
