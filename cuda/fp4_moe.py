@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..lowering.moe_plan import ALIGN_SINGLE_MAX_ENTRIES, align_chunk
+from ..lowering.moe_plan import ALIGN_ONE_LAUNCH_MAX_ENTRIES, align_chunk
 from ..spec import MoESpec
 from . import nvrtc
 
@@ -43,6 +43,7 @@ class MoEDecodeConfig:
     gate_up_pipe: bool = False
     down_pipe: bool = False
     block_m: int = 0  # 0: each CTA scans the ids (decode); else pairs per align block (mid sizes)
+    gate_up_col_groups: int = 1  # 16-column groups per gate_up CTA (activation fragments shared)
 
 
 def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
@@ -59,12 +60,16 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     and 16, even at T = 4, 6-20% slower at T = 1 (one more launch); up to 16 pairs per expert
     1.1-1.6x faster than the Triton tiles, which win from ~32 (NOTES.md, "mid sizes").  There, down
     runs 2 warps where 4 would get under 4 K steps each (qwen3's I = 768: 2-6% faster at T = 16-256;
-    1-3% slower at gpt-oss's I = 2880, even at dsv4's 2048)."""
+    1-3% slower at gpt-oss's I = 2880, even at dsv4's 2048).  With 16-pair blocks and MXFP4, gate_up
+    takes 32 columns per CTA (two column groups: each CTA's 16 activation rows, 2x its weight bytes at
+    qwen3, serve twice the weights): 3-5% faster at qwen3 T = 128 / 256 in two runs, 1-2% at dsv4
+    T = 128 (8-pair blocks there); elsewhere with 8-pair blocks -1% to +1.5%, with NVFP4 up to 20% slower (NOTES.md, "align")."""
     if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
         dense_routing = num_tokens * top_k >= 8 * num_experts
         down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
         return MoEDecodeConfig(down_warps=down_warps, down_row_groups=2, token_tiles=2 if dense_routing else 1,
-                               block_m=16 if dense_routing else 8)
+                               block_m=16 if dense_routing else 8,
+                               gate_up_col_groups=2 if dense_routing and weight_format == "mxfp4" else 1)
     gate_up_pipe = weight_format == "mxfp4" and -(-hidden // 128) // 4 >= 8
     return MoEDecodeConfig(gate_up_warps=4, gate_up_pipe=gate_up_pipe)
 
@@ -135,7 +140,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     if cfg.block_m:  # the align kernel's blocks route the CTAs (one grid row per block)
         from ..templates.moe_align import align_blocks
 
-        blocks = align_blocks(ids, E, cfg.block_m, single=N <= ALIGN_SINGLE_MAX_ENTRIES, chunk=align_chunk(N, E),
+        blocks = align_blocks(ids, E, cfg.block_m, one_launch=N <= ALIGN_ONE_LAUNCH_MAX_ENTRIES, chunk=align_chunk(N, E),
                               use_pdl=use_pdl)
         route, grid_rows = blocks.scratch, blocks.max_blocks
     else:  # each CTA scans the ids (one grid row per pair)
@@ -143,11 +148,11 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     gate_up_gscales = w13_global_scale is not None and w13_global_scale.dim() == 2
 
     l1 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_gate_up", _common_defines(
-        spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2, cfg.gate_up_pipe, cfg) + (
-        ("STAGE", 1), ("GLU", _GLU_CODES[spec.activation]), ("HAS_LIMIT", int(spec.limit is not None)),
+        spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2 * cfg.gate_up_col_groups, cfg.gate_up_pipe, cfg) + (
+        ("STAGE", 1), ("COL_GROUPS", cfg.gate_up_col_groups), ("GLU", _GLU_CODES[spec.activation]), ("HAS_LIMIT", int(spec.limit is not None)),
         ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
         ("GATE_UP_GSCALES", int(gate_up_gscales))))
-    nvrtc.launch(l1, (-(-I // 16), grid_rows, 1), (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
+    nvrtc.launch(l1, (-(-I // (16 * cfg.gate_up_col_groups)), grid_rows, 1), (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
         x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
         b13 if b13 is not None else x, inter, N, k, E, H, I, x.stride(0),
         w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), b13.stride(0) if b13 is not None else 0,

@@ -17,14 +17,18 @@
 //     tiles, blocks of the align kernel, templates/moe_align.py, BLOCK_M pairs of one expert each).
 // Ids outside [0, E) are skipped either way (their rows are never written; the combine skips them).
 //
-// fp4_moe_gate_up runs two row groups (RG = 2): the gate rows and the up rows of 16 intermediate
-// columns, so the GLU of a column meets both halves in one thread after the split-K sum.
+// fp4_moe_gate_up runs two row groups per 16 intermediate columns (RG = 2 * COL_GROUPS): their gate
+// rows and their up rows, so the GLU of a column meets both halves in one thread after the split-K
+// sum.
 // Weights: W [E, rows, K/2] uint8 with contiguous rows (strides in bytes: w_se, w_sn), scales
 // [E, rows, K/32] e8m0 or [E, rows, K/16] e4m3 (s_se, s_sn), NVFP4 global scales [E] (or [E, 2]:
 // gate's and up's, GATE_UP_GSCALES).  K % 32 == 0, 16-byte aligned rows (checked by the host).
 
 #ifndef STAGE
 #define STAGE 1         // the kernel this build holds: 1 fp4_moe_gate_up (RG must be 2), 2 fp4_moe_down
+#endif
+#ifndef COL_GROUPS
+#define COL_GROUPS 1    // fp4_moe_gate_up: 16-column groups per CTA (their gate and up rows share the activations)
 #endif
 #ifndef IDS_64
 #define IDS_64 1        // topk_ids int64 (else int32)
@@ -190,7 +194,7 @@ __device__ __forceinline__ void stash_pair_partials(float* partial, const u8* w,
   stash_partials(partial, acc, warp, lane);
 }
 
-// gate_up tile: inter[q, col0 .. col0 + 16) for every pair q in members[0 .. count) (all routed to
+// gate_up tile: inter[q, col0 .. col0 + 16 * COL_GROUPS) for every pair q in members[0 .. count) (all routed to
 // expert e).  Ends with a __syncthreads (partial and members may be reused right after).
 __device__ __forceinline__ void gate_up_tile(float* partial, const int* members, int count, int e, int col0,
                                              const u16* __restrict__ x, int ldx, int top_k, const tw_t* __restrict__ tw,
@@ -204,12 +208,14 @@ __device__ __forceinline__ void gate_up_tile(float* partial, const int* members,
   int rows[RG][2];
   bool row_ok[RG][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int col = col0 + g + 8 * h;
-    row_ok[0][h] = row_ok[1][h] = col < I;
-    rows[0][h] = INTERLEAVED ? 2 * col : col;
-    rows[1][h] = INTERLEAVED ? 2 * col + 1 : I + col;
-  }
+  for (int r = 0; r < RG; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // row group 2c: the gate rows of columns col0 + 16c .., 2c + 1: their up rows
+      const int col = col0 + 16 * (r >> 1) + g + 8 * h;
+      const bool up = r & 1;
+      row_ok[r][h] = col < I;
+      rows[r][h] = INTERLEAVED ? 2 * col + up : col + (up ? I : 0);
+    }
   float alpha_gate = NV ? 512.0f : 1.0f, alpha_up = alpha_gate;  // NVFP4 values were decoded times 2^-9
 #if HAS_GSCALE
   alpha_gate *= gscale[GATE_UP_GSCALES ? 2 * e : e];
@@ -220,10 +226,11 @@ __device__ __forceinline__ void gate_up_tile(float* partial, const int* members,
     stash_pair_partials(partial, w, scales, w_se, w_sn, s_se, s_sn, e, rows, row_ok, x, ldx, top_k, members, base,
                         count, H, kb, warp, lane);
     __syncthreads();
-    // fragment entry i of group 0 (gate) and i + NT * 4 of group 1 (up) hold the same (column, pair)
-    for (int i = warp; i < NT * 4; i += WARPS) {
-      const int c = i & 3, n = i >> 2;
-      const int col = col0 + g + 8 * (c >> 1);
+    // fragment entry i of group 2c (gate) and i + NT * 4 of group 2c + 1 (up) hold the same (column, pair)
+    for (int j = warp; j < COL_GROUPS * NT * 4; j += WARPS) {
+      const int c = j & 3, n = (j >> 2) % NT, cg = (j >> 2) / NT;
+      const int i = (2 * cg * NT + n) * 4 + c;
+      const int col = col0 + 16 * cg + g + 8 * (c >> 1);
       const int m = base + n * 8 + 2 * t + (c & 1);
       if (col >= I || m >= count) continue;
       float gate = warp_sum(partial, i, lane) * alpha_gate;
@@ -292,8 +299,8 @@ __device__ __forceinline__ void down_tile(float* partial, const int* members, in
 }
 
 #if STAGE == 1
-#if RG != 2
-#error "fp4_moe_gate_up takes the gate and the up rows as its two row groups (RG = 2)"
+#if RG != 2 * COL_GROUPS
+#error "fp4_moe_gate_up takes the gate and the up rows of each 16-column group as two row groups (RG = 2 * COL_GROUPS)"
 #endif
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const tw_t* __restrict__ tw,
@@ -309,8 +316,8 @@ fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const t
   int e;
   const int count = cta_pairs(ids, n_pairs, E, route, max_blocks, members, e);
   if (count < 0) return;
-  gate_up_tile(partial, members, count, e, blockIdx.x * 16, x, ldx, top_k, tw, w, scales, gscale, bias, inter, H,
-               I, w_se, w_sn, s_se, s_sn, b_se, (float)alpha_d, (float)limit_d, (float)up_offset_d);
+  gate_up_tile(partial, members, count, e, blockIdx.x * 16 * COL_GROUPS, x, ldx, top_k, tw, w, scales, gscale, bias,
+               inter, H, I, w_se, w_sn, s_se, s_sn, b_se, (float)alpha_d, (float)limit_d, (float)up_offset_d);
 }
 
 #else

@@ -292,7 +292,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
         a1, a1_s, inter_s, inter_s_stride = x, x, x, 0
 
-    blocks = align_blocks(ids, E, BM, single=cfg.align_single, chunk=cfg.align_chunk, use_pdl=use_pdl,
+    blocks = align_blocks(ids, E, BM, one_launch=cfg.align_one_launch, chunk=cfg.align_chunk, use_pdl=use_pdl,
                           zero_ready=use_mega)
     max_blocks = blocks.max_blocks
     sorted_ids, block_expert = blocks.sorted_ids, blocks.block_expert

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-ALIGN_SINGLE_MAX_ENTRIES = 1024  # up to this many (token, slot) entries one program aligns them all
+ALIGN_ONE_LAUNCH_MAX_ENTRIES = 8192  # up to this many (token, slot) entries one align launch takes them all
 CONFIG_SOURCES = ("heuristic", "tuned", "tuned-cache", "tuned-shipped")  # MoEKernelConfig.source
 
 
@@ -40,7 +40,7 @@ class MoEKernelConfig:
     gemm1: GemmTiles  # L1: x @ w13 with the SwiGLU epilogue
     gemm2: GemmTiles  # L2: intermediate @ w2
     align_chunk: int  # entries per align step (a power of two)
-    align_single: bool  # one program aligns everything (small N) or count/offsets/scatter
+    align_one_launch: bool  # one align launch (moe_align_fused) or count / offsets / scatter
     combine_block_t: int  # tokens per combine program
     combine_block_h: int  # hidden columns per combine program
     regime: str  # "decode", "mid" or "prefill", for people and the report
@@ -227,7 +227,7 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
 
     cfg = MoEKernelConfig(
         block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk(n_entries, num_experts),
-        align_single=n_entries <= ALIGN_SINGLE_MAX_ENTRIES,
+        align_one_launch=n_entries <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)
     if overrides:

@@ -15,9 +15,11 @@
 #                             call's align keeps the count correct on every CUDA-graph replay
 # Within an expert, entries keep their flat order (stable), so the layout is deterministic.
 
-Two forms: ``moe_align_single`` (one program, loops over chunks; decode and mid sizes) and
-``moe_align_count`` -> ``moe_align_offsets`` -> ``moe_align_scatter`` (one program per chunk
-for the histogram and the scatter; prefill sizes).
+Two forms: ``moe_align_fused`` (one launch: every program counts all entries, then places its own
+chunk; up to a few thousand entries, where it takes 3-15 µs on an H100 against 12-23 µs for the three
+launches) and ``moe_align_count`` -> ``moe_align_offsets`` -> ``moe_align_scatter`` (one program per
+chunk for the histogram and the scatter; prefill sizes, where counting everything in every program
+would cost more).
 """
 
 import torch
@@ -72,21 +74,68 @@ def _scatter_chunk(ids_ptr, sorted_ids_ptr, c0, N, E, base,
 
 
 @triton.jit
-def moe_align_single(ids_ptr, N, E, max_blocks,
-                     expert_count_ptr, expert_start_ptr, sorted_ids_ptr, block_expert_ptr, ready_ptr,
-                     BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr,
-                     NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr, ZERO_READY: tl.constexpr = False):
-    tl.static_assert(E_P2 >= 1, "E_P2 is E rounded up to a power of two")
+def _valid_histogram(e, valid, E_P2: tl.constexpr):
+    """Entries per expert among the valid ones (the invalid ones are counted in bin 0, then removed)."""
+    counts = tl.histogram(tl.where(valid, e, 0), E_P2)
+    return counts - tl.where(tl.arange(0, E_P2) == 0, tl.sum((~valid).to(tl.int32), axis=0), 0)
+
+
+@triton.jit
+def moe_align_fused(ids_ptr, N, E, max_blocks,
+                    expert_count_ptr, expert_start_ptr, sorted_ids_ptr, block_expert_ptr, ready_ptr,
+                    BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr,
+                    SCAN: tl.constexpr, NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr, ZERO_READY: tl.constexpr = False):
+    """Program p places entries [p * CHUNK, (p + 1) * CHUNK).  Every program counts all N entries
+    (the totals give each expert's rows, the entries before its chunk the rank they start from), so
+    one launch needs no grid-wide sync; within the chunk one sort of (expert, entry) keys gives the
+    order.  Program 0 writes the counts and starts; the blocks' experts are spread over the grid."""
+    tl.static_assert(CHUNK == 1 << LOG_CHUNK, "CHUNK is 2 ** LOG_CHUNK")
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
     pdl_wait(USE_PDL)
-    counts = tl.zeros([E_P2], dtype=tl.int32)
-    for c0 in range(0, N, CHUNK):
-        _, _, onehot = _chunk_onehot(ids_ptr, c0, N, E, CHUNK, E_P2)
-        counts += tl.sum(onehot.to(tl.int32), axis=0)
-    start = _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
-                   BLOCK_M, E_P2, NB_CHUNK, ZERO_READY)
-    running = start
-    for c0 in range(0, N, CHUNK):
-        running += _scatter_chunk(ids_ptr, sorted_ids_ptr, c0, N, E, running, CHUNK, E_P2)
+    chunk0 = pid * CHUNK
+    total = tl.zeros([E_P2], dtype=tl.int32)
+    before = tl.zeros([E_P2], dtype=tl.int32)
+    for s0 in range(0, N, SCAN):
+        offs = s0 + tl.arange(0, SCAN)
+        e = tl.load(ids_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
+        valid = (e >= 0) & (e < E)
+        total += _valid_histogram(e, valid, E_P2)
+        if s0 < chunk0:
+            before += _valid_histogram(e, valid & (offs < chunk0), E_P2)
+    experts = tl.arange(0, E_P2)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.cumsum(padded, axis=0) - padded
+    if pid == 0:
+        tl.store(expert_count_ptr + experts, total, mask=experts < E)
+        tl.store(expert_start_ptr + experts, start, mask=experts < E)
+
+    # this chunk's entries: sorted by (expert, entry), the one at sorted position i is rank
+    # before[e] + i - (chunk entries of experts below e) within expert e
+    local = tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + chunk0 + local, mask=chunk0 + local < N, other=-1).to(tl.int32)
+    valid = (e >= 0) & (e < E)
+    chunk_counts = _valid_histogram(e, valid, E_P2)
+    keys = tl.sort((tl.where(valid, e, E_P2) << LOG_CHUNK) | local)
+    key_expert = keys >> LOG_CHUNK
+    base = start + before - (tl.cumsum(chunk_counts, axis=0) - chunk_counts)
+    pos = tl.gather(base, tl.minimum(key_expert, E_P2 - 1), 0) + local
+    tl.store(sorted_ids_ptr + pos, chunk0 + (keys & (CHUNK - 1)), mask=key_expert < E)
+
+    # expert e owns blocks [start / BLOCK_M, + padded / BLOCK_M); program p writes every expert's
+    # blocks p, p + grid, ..., then its share of the unused tail (-1)
+    blocks = padded // BLOCK_M
+    first_block = start // BLOCK_M
+    for j in range(pid, tl.max(blocks, axis=0), grid):
+        tl.store(block_expert_ptr + first_block + j, experts, mask=j < blocks)
+    used = tl.sum(blocks, axis=0)
+    for b0 in range(used + pid * NB_CHUNK, max_blocks, grid * NB_CHUNK):
+        b = b0 + tl.arange(0, NB_CHUNK)
+        tl.store(block_expert_ptr + b, tl.full([NB_CHUNK], -1, dtype=tl.int32), mask=b < max_blocks)
+    if ZERO_READY:
+        for b0 in range(pid * NB_CHUNK, max_blocks, grid * NB_CHUNK):
+            b = b0 + tl.arange(0, NB_CHUNK)
+            tl.store(ready_ptr + b, tl.zeros([NB_CHUNK], dtype=tl.int32), mask=b < max_blocks)
     pdl_launch_dependents(USE_PDL)
 
 
@@ -151,26 +200,35 @@ class AlignedBlocks:
         self.chunk_counts = scratch[ids_end + max_blocks + n_ready:]
 
 
-def align_blocks(ids, E: int, block_m: int, *, single: bool, chunk: int, use_pdl: bool,
+def _fused_tiles(n_entries: int) -> tuple:
+    """(entries per program, entries counted per step, warps) of ``moe_align_fused``: H100, graph
+    medians at E = 32-256 (benchmarks/NOTES.md, "align"): 128 / 1024 / 4 up to 1024 entries (3-4 µs),
+    256 / 2048 / 8 above (8192 entries: 11 µs against 15 for the small tiles)."""
+    return (128, 1024, 4) if n_entries <= 1024 else (256, 2048, 8)
+
+
+def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use_pdl: bool,
                  zero_ready: bool = False) -> AlignedBlocks:
     """Launch the align kernels on ``ids`` ([T, k] expert ids, contiguous) for ``block_m``-pair
-    blocks: ``moe_align_single`` (one program) or count -> offsets -> scatter (one program per
+    blocks: ``moe_align_fused`` (one launch) or count -> offsets -> scatter (one program per
     ``chunk`` entries).  ``zero_ready``: also zero one counter per block (the persistent kernel's)."""
     N = ids.numel()
     max_blocks = (N + min(E, N) * (block_m - 1)) // block_m
     e_p2 = max(16, 1 << (E - 1).bit_length())
     num_chunks = -(-N // chunk)
     n_ready = max_blocks if zero_ready else 0
-    scratch = torch.empty(2 * E + max_blocks * block_m + max_blocks + n_ready + (0 if single else num_chunks * e_p2),
+    scratch = torch.empty(2 * E + max_blocks * block_m + max_blocks + n_ready + (0 if one_launch else num_chunks * e_p2),
                           dtype=torch.int32, device=ids.device)
     out = AlignedBlocks(scratch, E, block_m, max_blocks, n_ready)
     ready = dict(ready_ptr=out.ready if zero_ready else out.block_expert, ZERO_READY=zero_ready)
     pdl = {"launch_pdl": True} if use_pdl else {}
     nb_chunk = max(16, 8192 // e_p2)
-    if single:
-        moe_align_single[(1,)](ids, N, E, max_blocks, out.expert_count, out.expert_start, out.sorted_ids,
-                               out.block_expert, BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk,
-                               USE_PDL=use_pdl, num_warps=4, **ready, **pdl)
+    if one_launch:
+        fused_chunk, scan, warps = _fused_tiles(N)
+        moe_align_fused[(max(1, -(-N // fused_chunk)),)](
+            ids, N, E, max_blocks, out.expert_count, out.expert_start, out.sorted_ids, out.block_expert, BLOCK_M=block_m,
+            E_P2=e_p2, CHUNK=fused_chunk, LOG_CHUNK=fused_chunk.bit_length() - 1, SCAN=scan, NB_CHUNK=nb_chunk,
+            USE_PDL=use_pdl, num_warps=warps, **ready, **pdl)
     else:
         moe_align_count[(num_chunks,)](ids, N, E, out.chunk_counts, E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl,
                                        num_warps=4, **pdl)

@@ -82,6 +82,10 @@ def test_tile_rule():
     # down's warps split K: 2 where 4 would get under 4 steps of 128 each (I = 768), else 4
     assert (qwen3_mid.down_warps, gpt_oss.down_warps, choose_moe_decode_config(128, 6, 256, 4096, 2048).down_warps) == (
         2, 4, 4)
+    # gate_up takes two 16-column groups per CTA with 16-pair blocks and MXFP4 only
+    assert (qwen3_mid.gate_up_col_groups, gpt_oss.gate_up_col_groups) == (2, 1)
+    assert choose_moe_decode_config(128, 8, 128, 2048, 768, "nvfp4").gate_up_col_groups == 1
+    assert qwen3.gate_up_col_groups == 1
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -190,19 +194,26 @@ def test_gpu_pipelined_k_loop(fmt, pipe_cfg, monkeypatch):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("case", ["qwen3_like", "gpt_oss_like", "skewed", "many_pairs"])
+@pytest.mark.parametrize("case", ["qwen3_like", "gpt_oss_like", "gpt_oss_dense", "skewed", "many_pairs",
+                                  "more_pairs_than_one_launch"])
 def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
     """Above 4 tokens the CTAs take the align kernel's blocks: 16-pair blocks with two token tiles
-    (experts with more pairs than a block span several), 8-pair blocks with one; the gpt-oss
-    variant with biases and a K tail step; out-of-range ids; all pairs on three experts; more
-    pairs than one align program takes (the count / offsets / scatter kernels)."""
+    (experts with more pairs than a block span several; MXFP4's gate_up with two column groups),
+    8-pair blocks with one; the gpt-oss variant with biases and a K tail step, in both; out-of-range
+    ids; all pairs on three experts; several programs of the one-launch align; more pairs than it
+    takes (the count / offsets / scatter kernels)."""
     if case == "qwen3_like":
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(100, 64, 512, 256, 8, fmt, seed=3)  # 12.5 pairs per expert
     elif case == "many_pairs":
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(160, 128, 256, 128, 8, fmt, seed=7, bad_ids=True)  # 1280 pairs
-    elif case == "gpt_oss_like":
+    elif case == "more_pairs_than_one_launch":
+        from inductor_moe.lowering.moe_plan import ALIGN_ONE_LAUNCH_MAX_ENTRIES
+
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(1040, 576, 256, 128, 8, fmt, seed=8, bad_ids=True)
+        assert ids.numel() > ALIGN_ONE_LAUNCH_MAX_ENTRIES
+    elif case.startswith("gpt_oss"):
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(
-            40, 32, 2880, 2880, 4, fmt, seed=4, bad_ids=True, bias=True,
+            80 if case == "gpt_oss_dense" else 40, 32, 2880, 2880, 4, fmt, seed=4, bad_ids=True, bias=True,
             spec_extra="gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0")
     else:
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(24, 8, 256, 128, 2, fmt, seed=5)
@@ -211,7 +222,9 @@ def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
     from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
 
     T, k = ids.shape
-    assert choose_moe_decode_config(T, k, w13.shape[0], x.shape[1], w2.shape[2] * 2, fmt).block_m > 0
+    cfg = choose_moe_decode_config(T, k, w13.shape[0], x.shape[1], w2.shape[2] * 2, fmt)
+    assert cfg.block_m == (8 if case in ("gpt_oss_like", "skewed") else 16)
+    assert cfg.gate_up_col_groups == (2 if cfg.block_m == 16 and fmt == "mxfp4" else 1)
     _check(x, ids, tw, w13, w2, spec, kw, fmt, f"mid {case} {fmt}")
 
 

@@ -55,7 +55,7 @@ CASES = [
     _case("bad_ids", T=33, k=6, bad_ids=True),
     _case("fp16", T=5, k=2, dtype="float16", bias=True),
     _case("chunked_align", T=33, k=6, bad_ids=True,
-          overrides={"align_single": False, "align_chunk": 16}),
+          overrides={"align_one_launch": False, "align_chunk": 16}),
     _case("tiles_bm32_even_k", T=33, k=2, I=64,
           overrides={"block_m": 32, "gemm1.block_k": 32, "gemm2.block_k": 32, "gemm1.block_n": 16}),
     _case("fp8_block128", T=33, k=2, weight_format="fp8_block128", bad_ids=True),
@@ -291,9 +291,9 @@ def test_plan_regimes_and_overrides():
     from inductor_moe.lowering.moe_plan import choose_moe_config
 
     decode = choose_moe_config(1, 8, 128, 2048, 768)
-    assert decode.regime == "decode" and decode.block_m == 16 and decode.align_single
+    assert decode.regime == "decode" and decode.block_m == 16 and decode.align_one_launch
     prefill = choose_moe_config(16384, 8, 128, 2048, 768)
-    assert prefill.regime == "prefill" and prefill.block_m == 128 and not prefill.align_single
+    assert prefill.regime == "prefill" and prefill.block_m == 128 and not prefill.align_one_launch
     fp8 = choose_moe_config(1, 8, 128, 2048, 768, "fp8_block128")
     assert fp8.gemm1.block_k <= 128 and 128 % fp8.gemm1.block_k == 0
     assert choose_moe_config(1, 8, 128, 2048, 768, overrides={"gemm1.block_n": 32}).gemm1.block_n == 32

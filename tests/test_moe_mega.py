@@ -34,7 +34,7 @@ CASES = [
           bias=True, overrides={"gate_up_one_dot": False}),
     _case("gelu_tanh_limit", T=5, k=6, spec="activation=gelu_tanh,limit=10.0"),
     _case("before_down_bias_fp16", T=7, k=2, dtype="float16", spec="weight_position=before_down", bias=True),
-    _case("chunked_align", T=33, k=6, bad_ids=True, overrides={"align_single": False, "align_chunk": 16}),
+    _case("chunked_align", T=33, k=6, bad_ids=True, overrides={"align_one_launch": False, "align_chunk": 16}),
     _case("fp8_block128", T=9, k=2, weight_format="fp8_block128", bad_ids=True),
     _case("mxfp4", T=9, k=2, I=64, weight_format="mxfp4"),
     _case("mxfp4_in_registers", T=5, k=2, I=64, weight_format="mxfp4", overrides={"fp4_dot_scaled": False}),
@@ -48,7 +48,7 @@ MUTANT = _case("unzeroed_counters_are_caught", T=5, k=2)
 
 
 class _AlignWithoutZeroing:
-    """moe_align_single that never zeroes the readiness counters (the mutation case)."""
+    """moe_align_fused that never zeroes the readiness counters (the mutation case)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -91,12 +91,12 @@ def run_case(case) -> dict:
 def run_mutant(case) -> dict:
     import inductor_moe.templates.moe_align as align
 
-    original = align.moe_align_single
-    align.moe_align_single = _AlignWithoutZeroing(original)
+    original = align.moe_align_fused
+    align.moe_align_fused = _AlignWithoutZeroing(original)
     try:
         r = run_case(case)
     finally:
-        align.moe_align_single = original
+        align.moe_align_fused = original
     return r
 
 

@@ -1,0 +1,114 @@
+"""The align kernels (templates/moe_align.py) against a plain-torch layout of the same ids.
+
+Both forms -- one launch (``moe_align_fused``: every program counts all entries, then places its
+own chunk) and count -> offsets -> scatter -- must give every expert's entries in flat order from
+its BLOCK_M-aligned start, each block's expert (-1 past the used ones), and zeroed readiness
+counters when asked; ids outside [0, E) are dropped.  The kernels run under TRITON_INTERPRET=1 in
+a subprocess (see test_moe_kernels.py for why); int scratch starts at -7.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_moe_kernels import interpreted_results, report_cases  # noqa: E402
+
+
+def _case(name, T, k, E, block_m, routing="random", one_launch=True, chunk=16):
+    return dict(name=name, T=T, k=k, E=E, block_m=block_m, routing=routing, one_launch=one_launch, chunk=chunk)
+
+
+CASES = [
+    _case("decode_one_program", T=1, k=8, E=128, block_m=16),
+    _case("bad_ids", T=37, k=4, E=8, block_m=4, routing="bad_ids"),
+    _case("several_programs", T=75, k=4, E=33, block_m=8, routing="bad_ids"),  # 300 entries: 3 programs of 128
+    _case("several_count_steps", T=650, k=4, E=16, block_m=16, routing="bad_ids"),  # 2600: 2 steps of 2048
+    _case("skewed_many_blocks", T=300, k=2, E=8, block_m=8, routing="skewed"),
+    _case("zero_tokens", T=0, k=2, E=8, block_m=16),
+    _case("three_launches", T=75, k=4, E=33, block_m=8, routing="bad_ids", one_launch=False),
+    _case("three_launches_skewed", T=300, k=2, E=8, block_m=8, routing="skewed", one_launch=False, chunk=64),
+]
+
+
+def _ids(case):
+    g = torch.Generator().manual_seed(case["T"] * 31 + case["E"])
+    T, k, E = case["T"], case["k"], case["E"]
+    ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices if T else torch.zeros(0, k, dtype=torch.int64)
+    if case["routing"] == "bad_ids":
+        flat = ids.view(-1)
+        flat[::7] = E + 2
+        flat[3::11] = -1
+    elif case["routing"] == "skewed":  # most entries on expert 3: it spans many blocks
+        ids[: 3 * T // 4, 0] = 3
+    return ids.int().contiguous()
+
+
+def _reference_layout(ids, E, block_m):
+    flat = ids.view(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    counts = torch.bincount(flat[valid], minlength=E)
+    padded = (counts + block_m - 1) // block_m * block_m
+    start = torch.cumsum(padded, 0) - padded
+    rows = {e: torch.nonzero(flat == e).view(-1).tolist() for e in range(E)}
+    owners = [e for e in range(E) for _ in range(int(padded[e]) // block_m)]
+    return counts, start, rows, owners
+
+
+def run_case(case) -> dict:
+    import inductor_moe.templates.moe_align as align
+
+    ids = _ids(case)
+    E, bm = case["E"], case["block_m"]
+    empty = torch.empty
+    align.torch.empty = lambda *a, **kw: empty(*a, **kw).fill_(-7)  # poisoned scratch
+    try:
+        out = align.align_blocks(ids, E, bm, one_launch=case["one_launch"], chunk=case["chunk"], use_pdl=False,
+                                 zero_ready=True)
+    finally:
+        align.torch.empty = empty
+    counts, start, rows, owners = _reference_layout(ids, E, bm)
+    placed = all(out.sorted_ids[int(start[e]):int(start[e]) + len(rows[e])].tolist() == rows[e] for e in range(E))
+    block_expert = out.block_expert.tolist()
+    return dict(name=case["name"], counts=torch.equal(out.expert_count.long(), counts),
+                starts=torch.equal(out.expert_start.long(), start), placed=placed,
+                blocks=block_expert[:len(owners)] == owners and all(b == -1 for b in block_expert[len(owners):]),
+                ready_zeroed=bool((out.ready == 0).all()), n_blocks=len(owners), max_blocks=out.max_blocks)
+
+
+def _main():
+    report_cases([(c, run_case) for c in CASES])
+
+
+# ----------------------------------------------------------------------------- pytest side
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return interpreted_results(__file__)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_align_layout_matches_torch(interpreted, case):
+    r = interpreted[case["name"]]
+    assert "error" not in r, r
+    assert r["counts"] and r["starts"] and r["placed"] and r["blocks"] and r["ready_zeroed"], r
+    if case["routing"] == "skewed":
+        assert r["n_blocks"] > 20, r  # expert 3 spans many blocks
+
+
+def test_one_launch_covers_the_mid_sizes():
+    """The CUDA MoE kernels' mid sizes (<= 16 pairs per expert at qwen3 / gpt-oss shapes) take one
+    align launch; prefill sizes the three launches."""
+    from inductor_moe.lowering.moe_plan import ALIGN_ONE_LAUNCH_MAX_ENTRIES, choose_moe_config
+
+    assert ALIGN_ONE_LAUNCH_MAX_ENTRIES >= 16 * 128 * 2
+    assert choose_moe_config(256, 8, 128, 2048, 768).align_one_launch
+    assert not choose_moe_config(4096, 8, 128, 2048, 768).align_one_launch
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    _main()
