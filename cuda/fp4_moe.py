@@ -1,8 +1,8 @@
 """Host side of the CUDA MoE decode kernels (``fp4_moe_decode.cu``): fit checks, tiles, launches.
 
 # T: tokens, H: hidden, E: experts, k: experts per token, I: expert intermediate size, N = T*k
-For FP4 experts (MXFP4 / NVFP4) with bf16 activations at up to ``MAX_PAIRS_PER_EXPERT`` pairs
-per expert on average (decode and mid sizes, where the weights' bytes dominate): L1 (gate/up GEMM +
+For FP4 experts (MXFP4 / NVFP4) with bf16 activations at up to ``MAX_PAIRS_PER_EXPERT[format]``
+pairs per expert on average (decode and mid sizes, where the weights' bytes dominate): L1 (gate/up GEMM +
 GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H] per-pair
 rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  Up to
 ``SCAN_MAX_TOKENS`` tokens no routing pass runs: each CTA finds the pairs routed to its expert itself
@@ -24,7 +24,10 @@ from . import nvrtc
 
 SCAN_MAX_TOKENS = 4  # up to here (and MAX_PAIRS pairs) each CTA scans the ids itself: no routing launch
 MAX_PAIRS = 256  # T * k the scanning kernels' member lists hold (fp4_moe_decode.cu MAX_PAIRS)
-MAX_PAIRS_PER_EXPERT = 16  # above this many pairs per expert on average the Triton tensor-core tiles win
+# above this many pairs per expert on average the Triton tensor-core tiles win (H100, benchmarks/NOTES.md,
+# "crossover"): at 24 and 32 pairs the NVFP4 kernels are 4-20% faster than NVFP4's Triton tiles at
+# qwen3 / gpt-oss / dsv4, the MXFP4 ones 3-8% slower at 24 (qwen3, dsv4)
+MAX_PAIRS_PER_EXPERT = {"mxfp4": 16, "nvfp4": 32}
 _FLOAT_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -88,8 +91,8 @@ def moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale
         return "activations are not bf16"
     T, k = topk_ids.shape
     E = w13.shape[0]
-    if T * k > MAX_PAIRS_PER_EXPERT * E:
-        return (f"T*k={T * k} pairs over E={E} experts, more than {MAX_PAIRS_PER_EXPERT} per expert "
+    if T * k > MAX_PAIRS_PER_EXPERT[fmt] * E:
+        return (f"T*k={T * k} pairs over E={E} experts, more than {MAX_PAIRS_PER_EXPERT[fmt]} per expert "
                 "(the Triton tensor-core tiles are faster there)")
     H, I = x.shape[1], w2.shape[2] * 2
     if H % 32 or I % 32:

@@ -108,7 +108,7 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
     if _cuda_decode_available(spec, device, x_dtype):  # cuda/fp4_moe.py, where operands are aligned
         from ..cuda.fp4_moe import MAX_PAIRS_PER_EXPERT
 
-        return f"{name} + cuda_decode[{label}] for <= {MAX_PAIRS_PER_EXPERT} pairs per expert"
+        return f"{name} + cuda_decode[{label}] for <= {MAX_PAIRS_PER_EXPERT[fmt]} pairs per expert"
     if device.type == "cuda" and moe_config.mega_kernel and all(
             isinstance(v, int) for v in (num_experts, hidden, intermediate, top_k)):
         sms = _num_sms(device)

@@ -31,6 +31,14 @@ def _meta_call(T=1, k=8, E=16, H=256, I=128, fmt="mxfp4", x_dtype=torch.bfloat16
                 b13=None, b2=None)
 
 
+def _why_on_cpu(why, shape) -> str:
+    """The fit check's answer short of its last step (NVRTC and a device, absent on the CPU)."""
+    try:
+        return why(shape) or ""
+    except (AssertionError, RuntimeError) as e:  # reached the device check: every shape check passed
+        return f"device check: {e}"
+
+
 def test_fit_check_reasons():
     from inductor_moe.cuda.fp4_moe import moe_decode_fits
 
@@ -40,6 +48,9 @@ def test_fit_check_reasons():
         return moe_decode_fits(**call)
 
     assert "more than 16 per expert" in why(dict(T=33, k=8))  # 264 pairs over 16 experts
+    # NVFP4's kernels stay ahead of its Triton tiles up to 32 pairs per expert
+    assert "per expert" not in _why_on_cpu(why, dict(T=33, k=8, fmt="nvfp4"))
+    assert "more than 32 per expert" in why(dict(T=65, k=8, fmt="nvfp4"))
     assert "not bf16" in why(dict(x_dtype=torch.float16))
     assert "not bf16" in why(dict(spec_extra="act_format=fp8_mx32"))
     assert "not a multiple of 32" in why(dict(fmt="nvfp4", I=144))
@@ -226,6 +237,18 @@ def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
     assert cfg.block_m == (8 if case in ("gpt_oss_like", "skewed") else 16)
     assert cfg.gate_up_col_groups == (2 if cfg.block_m == 16 and fmt == "mxfp4" else 1)
     _check(x, ids, tw, w13, w2, spec, kw, fmt, f"mid {case} {fmt}")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_nvfp4_up_to_32_pairs_per_expert():
+    """NVFP4 takes the CUDA kernels up to 32 pairs per expert (experts spanning two 16-pair blocks);
+    MXFP4 at the same size goes to the Triton tiles, and forcing it says why."""
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(256, 64, 512, 256, 8, "nvfp4", seed=9, bad_ids=True)  # 32 per expert
+    _check(x, ids, tw, w13, w2, spec, kw, "nvfp4", "nvfp4 32 pairs per expert")
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(256, 64, 512, 256, 8, "mxfp4", seed=9)
+    with pytest.raises(ValueError, match="more than 16 per expert"):
+        _run_cuda(x, ids, tw, w13, w2, spec, kw)
 
 
 @pytest.mark.gpu
