@@ -98,8 +98,9 @@ def moe_align_fused(ids_ptr, N, E, max_blocks,
     before = tl.zeros([E_P2], dtype=tl.int32)
     for s0 in range(0, N, SCAN):
         offs = s0 + tl.arange(0, SCAN)
-        e = tl.load(ids_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
-        valid = (e >= 0) & (e < E)
+        e = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
+        valid = (e >= 0) & (e < E)  # before the cast: an int64 id past 2^31 must not wrap into range
+        e = e.to(tl.int32)
         total += _valid_histogram(e, valid, E_P2)
         if s0 < chunk0:
             before += _valid_histogram(e, valid & (offs < chunk0), E_P2)
@@ -113,8 +114,9 @@ def moe_align_fused(ids_ptr, N, E, max_blocks,
     # this chunk's entries: sorted by (expert, entry), the one at sorted position i is rank
     # before[e] + i - (chunk entries of experts below e) within expert e
     local = tl.arange(0, CHUNK)
-    e = tl.load(ids_ptr + chunk0 + local, mask=chunk0 + local < N, other=-1).to(tl.int32)
+    e = tl.load(ids_ptr + chunk0 + local, mask=chunk0 + local < N, other=-1)
     valid = (e >= 0) & (e < E)
+    e = e.to(tl.int32)
     chunk_counts = _valid_histogram(e, valid, E_P2)
     keys = tl.sort((tl.where(valid, e, E_P2) << LOG_CHUNK) | local)
     key_expert = keys >> LOG_CHUNK

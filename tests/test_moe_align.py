@@ -43,6 +43,8 @@ def _ids(case):
         flat = ids.view(-1)
         flat[::7] = E + 2
         flat[3::11] = -1
+        flat[5::13] = 2**32 + 1  # an int64 id that wraps to 1 as int32
+        return ids.contiguous()
     elif case["routing"] == "skewed":  # most entries on expert 3: it spans many blocks
         ids[: 3 * T // 4, 0] = 3
     return ids.int().contiguous()
