@@ -195,7 +195,7 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True, same_routi
                     variants.append(("_nopdl", {"pdl": False}))
                 if fmt == "mxfp4":  # tl.dot_scaled forced (auto picks the packed decode on sm_90)
                     variants.append(("_ds", {"mxfp4_mma": "dot_scaled", "cuda_decode": False}))
-                if fmt in ("mxfp4", "nvfp4") and T * k <= MAX_PAIRS_PER_EXPERT[fmt] * E:  # what the CUDA decode replaces
+                if fmt in ("mxfp4", "nvfp4") and T * k <= MAX_PAIRS_PER_EXPERT[fmt] * E:  # what CUDA decode replaces
                     variants.append(("_triton", {"cuda_decode": False}))
                 for suffix, patch in variants:
                     with config.patch(**patch):

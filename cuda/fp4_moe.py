@@ -66,7 +66,8 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     1-3% slower at gpt-oss's I = 2880, even at dsv4's 2048).  With 16-pair blocks and MXFP4, gate_up
     takes 32 columns per CTA (two column groups: each CTA's 16 activation rows, 2x its weight bytes at
     qwen3, serve twice the weights): 3-5% faster at qwen3 T = 128 / 256 in two runs, 1-2% at dsv4
-    T = 128 (8-pair blocks there); elsewhere with 8-pair blocks -1% to +1.5%, with NVFP4 up to 20% slower (NOTES.md, "align")."""
+    T = 128 (8-pair blocks there); elsewhere with 8-pair blocks -1% to +1.5%, with NVFP4 up to 20%
+    slower (NOTES.md, "The align kernel, and gate_up with two column groups")."""
     if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
         dense_routing = num_tokens * top_k >= 8 * num_experts
         down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
@@ -116,7 +117,8 @@ def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, pipe, 
     routing = (("BLOCKS", 1), ("BLOCK_M", cfg.block_m), ("MAX_PAIRS", cfg.block_m)) if cfg.block_m else (
         ("MAX_PAIRS", MAX_PAIRS),)
     return (("NV", int(fmt == "nvfp4")), ("RG", row_groups), ("NT", cfg.token_tiles), ("WARPS", warps),
-            ("UNROLL", cfg.unroll), ("VEC", 1), ("PIPE", int(pipe)), ("IDS_64", int(ids.dtype == torch.int64)), ("TW_T", _FLOAT_CODES[tw.dtype]),
+            ("UNROLL", cfg.unroll), ("VEC", 1), ("PIPE", int(pipe)), ("IDS_64", int(ids.dtype == torch.int64)),
+            ("TW_T", _FLOAT_CODES[tw.dtype]),
             ("HAS_BIAS", int(bias is not None)), ("BIAS_T", _FLOAT_CODES[bias.dtype] if bias is not None else 0),
             ("WEIGHT_BEFORE_DOWN", int(spec.weight_position == "before_down"))) + routing
 
@@ -143,8 +145,8 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     if cfg.block_m:  # the align kernel's blocks route the CTAs (one grid row per block)
         from ..templates.moe_align import align_blocks
 
-        blocks = align_blocks(ids, E, cfg.block_m, one_launch=N <= ALIGN_ONE_LAUNCH_MAX_ENTRIES, chunk=align_chunk(N, E),
-                              use_pdl=use_pdl)
+        blocks = align_blocks(ids, E, cfg.block_m, one_launch=N <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
+                              chunk=align_chunk(N, E), use_pdl=use_pdl)
         route, grid_rows = blocks.scratch, blocks.max_blocks
     else:  # each CTA scans the ids (one grid row per pair)
         route, grid_rows = ids, N
@@ -152,10 +154,12 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
 
     l1 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_gate_up", _common_defines(
         spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2 * cfg.gate_up_col_groups, cfg.gate_up_pipe, cfg) + (
-        ("STAGE", 1), ("COL_GROUPS", cfg.gate_up_col_groups), ("GLU", _GLU_CODES[spec.activation]), ("HAS_LIMIT", int(spec.limit is not None)),
+        ("STAGE", 1), ("COL_GROUPS", cfg.gate_up_col_groups), ("GLU", _GLU_CODES[spec.activation]),
+        ("HAS_LIMIT", int(spec.limit is not None)),
         ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
         ("GATE_UP_GSCALES", int(gate_up_gscales))))
-    nvrtc.launch(l1, (-(-I // (16 * cfg.gate_up_col_groups)), grid_rows, 1), (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
+    l1_grid = (-(-I // (16 * cfg.gate_up_col_groups)), grid_rows, 1)
+    nvrtc.launch(l1, l1_grid, (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
         x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
         b13 if b13 is not None else x, inter, N, k, E, H, I, x.stride(0),
         w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), b13.stride(0) if b13 is not None else 0,

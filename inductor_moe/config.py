@@ -54,7 +54,8 @@ mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
 fp4_swap_ab: str = Config(default="auto", env_name_force="INDUCTOR_MOE_FP4_SWAP_AB")
 
 # Run decode calls on the CUDA kernels (cuda/, built by NVRTC at run time) where they fit: FP4
-# matmuls at M <= 16 and FP4 MoE experts at <= 16 (token, slot) pairs per expert, bf16 activations.  Off: the Triton paths.
+# matmuls at M <= 16 and FP4 MoE experts up to 16 (MXFP4) or 32 (NVFP4) (token, slot) pairs per
+# expert, bf16 activations.  Off: the Triton paths.
 # Read when the kernels run.
 cuda_decode: bool = Config(default=True, env_name_force="INDUCTOR_MOE_CUDA_DECODE")
 

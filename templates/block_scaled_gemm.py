@@ -346,7 +346,8 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
 
         if decode_reason is not None:
             raise ValueError(f"the cuda_decode strategy cannot take this call: {decode_reason}")
-        cfg = config if isinstance(config, DecodeMmaConfig) else choose_decode_mma_config(M, N, K, _num_sms(a.device), spec.b_format)
+        cfg = config if isinstance(config, DecodeMmaConfig) else choose_decode_mma_config(
+            M, N, K, _num_sms(a.device), spec.b_format)
         return decode_mma_gemm(a2, b, b_scale, spec, global_scale, bias, out, cfg, use_pdl).reshape(*lead, N)
     if isinstance(config, GemvConfig):
         strategy = "gemv"

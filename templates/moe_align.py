@@ -84,7 +84,8 @@ def _valid_histogram(e, valid, E_P2: tl.constexpr):
 def moe_align_fused(ids_ptr, N, E, max_blocks,
                     expert_count_ptr, expert_start_ptr, sorted_ids_ptr, block_expert_ptr, ready_ptr,
                     BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr,
-                    SCAN: tl.constexpr, NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr, ZERO_READY: tl.constexpr = False):
+                    SCAN: tl.constexpr, NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
+                    ZERO_READY: tl.constexpr = False):
     """Program p places entries [p * CHUNK, (p + 1) * CHUNK).  Every program counts all N entries
     (the totals give each expert's rows, the entries before its chunk the rank they start from), so
     one launch needs no grid-wide sync; within the chunk one sort of (expert, entry) keys gives the
@@ -219,8 +220,9 @@ def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use
     e_p2 = max(16, 1 << (E - 1).bit_length())
     num_chunks = -(-N // chunk)
     n_ready = max_blocks if zero_ready else 0
-    scratch = torch.empty(2 * E + max_blocks * block_m + max_blocks + n_ready + (0 if one_launch else num_chunks * e_p2),
-                          dtype=torch.int32, device=ids.device)
+    chunk_counts = 0 if one_launch else num_chunks * e_p2
+    scratch = torch.empty(2 * E + max_blocks * block_m + max_blocks + n_ready + chunk_counts, dtype=torch.int32,
+                          device=ids.device)
     out = AlignedBlocks(scratch, E, block_m, max_blocks, n_ready)
     ready = dict(ready_ptr=out.ready if zero_ready else out.block_expert, ZERO_READY=zero_ready)
     pdl = {"launch_pdl": True} if use_pdl else {}
