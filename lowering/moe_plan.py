@@ -176,9 +176,15 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
     active = min(num_experts, n_entries)
     rows_per_expert = n_entries / active
 
+    # FP4 weights with bf16 activations are decoded in registers (sm_90) once per M-block, and that
+    # decode, more than the MMA rows, is what the mid tiles spend their time on: 32-row blocks up to
+    # 28 rows per expert on average (few experts then need a second block), 64-row blocks above,
+    # where 32 would decode many experts' weights twice (H100, benchmarks/NOTES.md, "FP4 mid sizes")
+    fp4_in_registers = weight_format in ("mxfp4", "nvfp4") and act_format == "dense"
+    mid_32_max = 28 if fp4_in_registers else 48
     if rows_per_expert <= 16:
         regime, block_m = "decode", 16
-    elif rows_per_expert <= 48:
+    elif rows_per_expert <= mid_32_max:
         regime, block_m = "mid", 32
     elif rows_per_expert <= 96:
         regime, block_m = "mid", 64
@@ -215,6 +221,9 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         g1, g2 = _nvfp4_register_budget(g1, g2, regime)
     elif weight_format == "mxfp4" and regime != "prefill":  # the sm_90 in-register decode path
         g1, g2 = _fp4_decode_register_budget(g1, g2)
+    if fp4_in_registers and regime == "mid":  # 4 stages and 64-deep L2 steps at 32 rows too (as at 64)
+        g1 = dataclasses.replace(g1, num_stages=4)
+        g2 = dataclasses.replace(g2, block_k=64, num_stages=4)
     if act_format != "dense":
         g1, g2 = _fp8_act_tiles(g1, g2, act_format, weight_format, regime)
         if regime == "prefill" and weight_format not in ("mxfp4", "nvfp4"):

@@ -105,6 +105,8 @@ needs_ptxas = pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled 
     ("dense", "nvfp4", 1), ("dense", "nvfp4", 16), ("dense", "nvfp4", 128),
     # MXFP4 through the packed in-register decode (the sm_90 decode/mid path)
     ("dense", "mxfp4", 1), ("dense", "mxfp4", 16),
+    # mid sizes: 32-row blocks (28 rows per expert), 64-row blocks (64)
+    ("dense", "mxfp4", 448), ("dense", "nvfp4", 448), ("dense", "mxfp4", 1024), ("dense", "nvfp4", 1024),
     # fp8 activations, decode and prefill
     # (not fp8_block128 x fp8_block128: its 128-deep tiles spill ~1.9 KB in L1 with triton 3.6 and
     # still ran 1.2-2x faster on H100 than the spill-free 32-deep ones, lowering/moe_plan.py)

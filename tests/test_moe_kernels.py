@@ -309,6 +309,22 @@ def test_plan_regimes_and_overrides():
         choose_moe_config(1, 8, 128, 2048, 768, overrides={"block_m": 48})
 
 
+def test_plan_fp4_mid_block_rows():
+    """FP4 weights decoded in registers: 32-row blocks up to 28 rows per expert, 64-row blocks
+    above (each expert's weights decoded once, not twice); other formats keep 32 up to 48."""
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+
+    for fmt in ("mxfp4", "nvfp4"):  # qwen3-30b-a3b: T * 8 / 128 rows per expert
+        for T, block_m in ((384, 32), (448, 32), (449, 64), (512, 64), (1536, 64), (1537, 128)):
+            cfg = choose_moe_config(T, 8, 128, 2048, 768, fmt)
+            assert cfg.block_m == block_m, (fmt, T, cfg)
+            if block_m < 128:
+                assert cfg.regime == "mid" and cfg.gemm2.block_k == 64, cfg
+                assert cfg.gemm1.num_stages == cfg.gemm2.num_stages == 4, cfg
+    for fmt, act in (("dense", "dense"), ("fp8_block128", "dense"), ("mxfp4", "fp8_mx32")):
+        assert choose_moe_config(512, 8, 128, 2048, 768, fmt, act_format=act).block_m == 32, (fmt, act)
+
+
 def test_cuda_impl_falls_back_on_cpu_with_reason():
     from inductor_moe import config
     from inductor_moe.lowering.moe import moe_experts_cuda
