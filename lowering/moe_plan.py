@@ -176,12 +176,12 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
     active = min(num_experts, n_entries)
     rows_per_expert = n_entries / active
 
-    # FP4 weights with bf16 activations are decoded in registers (sm_90) once per M-block, and that
-    # decode, more than the MMA rows, is what the mid tiles spend their time on: 32-row blocks up to
-    # 28 rows per expert on average (few experts then need a second block), 64-row blocks above,
-    # where 32 would decode many experts' weights twice (H100, benchmarks/NOTES.md, "FP4 mid sizes")
+    # Every M-block reads (and for FP4 / fp8 weights decodes or scales in registers) its expert's
+    # whole weight: with bf16 activations, 32-row blocks up to 28 rows per expert on average (few
+    # experts need a second block), 64-row blocks above, where 32 would process many experts'
+    # weights twice (H100, benchmarks/NOTES.md, "Mid sizes: 64-row blocks from 29 rows per expert")
+    mid_32_max = 28 if act_format == "dense" else 48
     fp4_in_registers = weight_format in ("mxfp4", "nvfp4") and act_format == "dense"
-    mid_32_max = 28 if fp4_in_registers else 48
     if rows_per_expert <= 16:
         regime, block_m = "decode", 16
     elif rows_per_expert <= mid_32_max:
@@ -195,7 +195,9 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         # measured on H100 (benchmarks/NOTES.md, sweep at d67d346)
         if regime == "prefill":  # L1: 128 x (2*128) MMA tile; L2: 128 x 256
             return GemmTiles(block_n=128 if two_acc else 256, block_k=64, num_warps=8, num_stages=3)
-        if block_m == 64:
+        # 64-row blocks: these tiles, but fp8 weights keep the 128-deep steps below up to 48 rows
+        # per expert (4-19% faster at 32-40, H100)
+        if block_m == 64 and (weight_format != "fp8_block128" or rows_per_expert > 48):
             return GemmTiles(block_n=64 if two_acc else 128, block_k=64, num_warps=4, num_stages=4)
         # weight-bandwidth bound: enough programs for ~2 waves over the active experts
         blocks_m = max(1, n_entries // block_m) if regime == "mid" else active

@@ -309,9 +309,10 @@ def test_plan_regimes_and_overrides():
         choose_moe_config(1, 8, 128, 2048, 768, overrides={"block_m": 48})
 
 
-def test_plan_fp4_mid_block_rows():
-    """FP4 weights decoded in registers: 32-row blocks up to 28 rows per expert, 64-row blocks
-    above (each expert's weights decoded once, not twice); other formats keep 32 up to 48."""
+def test_plan_mid_block_rows():
+    """bf16 activations: 32-row blocks up to 28 rows per expert, 64-row blocks above (each
+    expert's weights read, and decoded or scaled in registers, once rather than twice); fp8
+    activations keep 32 rows up to 48."""
     from inductor_moe.lowering.moe_plan import choose_moe_config
 
     for fmt in ("mxfp4", "nvfp4"):  # qwen3-30b-a3b: T * 8 / 128 rows per expert
@@ -321,8 +322,13 @@ def test_plan_fp4_mid_block_rows():
             if block_m < 128:
                 assert cfg.regime == "mid" and cfg.gemm2.block_k == 64, cfg
                 assert cfg.gemm1.num_stages == cfg.gemm2.num_stages == 4, cfg
-    for fmt, act in (("dense", "dense"), ("fp8_block128", "dense"), ("mxfp4", "fp8_mx32")):
-        assert choose_moe_config(512, 8, 128, 2048, 768, fmt, act_format=act).block_m == 32, (fmt, act)
+    for fmt in ("dense", "fp8_block128"):  # the same rows for weights read as they are stored
+        assert [choose_moe_config(T, 8, 128, 2048, 768, fmt).block_m for T in (448, 449, 1536)] == [32, 64, 64]
+    fp8_mid = choose_moe_config(512, 8, 128, 2048, 768, "fp8_block128")
+    assert fp8_mid.gemm1.block_k == fp8_mid.gemm2.block_k == 128, fp8_mid  # 128-deep steps up to 48 rows
+    assert choose_moe_config(1024, 8, 128, 2048, 768, "fp8_block128").gemm1.block_k == 64
+    for fmt in ("dense", "mxfp4"):  # fp8 activations: 32 rows up to 48
+        assert choose_moe_config(512, 8, 128, 2048, 768, fmt, act_format="fp8_mx32").block_m == 32, fmt
 
 
 def test_cuda_impl_falls_back_on_cpu_with_reason():
