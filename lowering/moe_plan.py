@@ -226,6 +226,14 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
     if fp4_in_registers and regime == "mid":  # 4 stages and 64-deep L2 steps at 32 rows too (as at 64)
         g1 = dataclasses.replace(g1, num_stages=4)
         g2 = dataclasses.replace(g2, block_k=64, num_stages=4)
+    elif fp4_in_registers and regime == "prefill":
+        # what moe_tune chose at every FP4 prefill bucket of lowering/tuned/ (3 layers, T = 4096 /
+        # 16384); at untuned buckets (T = 2048, 8192) against the tiles above: MXFP4 1-8% faster,
+        # NVFP4 7-15% (H100, benchmarks/NOTES.md, "FP4 prefill tiles")
+        if weight_format == "mxfp4":
+            g1, g2 = GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4)
+        else:
+            g1, g2 = GemmTiles(32, 64, 8, 3), GemmTiles(64, 64, 8, 3)
     if act_format != "dense":
         g1, g2 = _fp8_act_tiles(g1, g2, act_format, weight_format, regime)
         if regime == "prefill" and weight_format not in ("mxfp4", "nvfp4"):

@@ -107,6 +107,9 @@ needs_ptxas = pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled 
     ("dense", "mxfp4", 1), ("dense", "mxfp4", 16),
     # mid sizes: 32-row blocks (28 rows per expert), 64-row blocks (64)
     ("dense", "mxfp4", 448), ("dense", "nvfp4", 448), ("dense", "mxfp4", 1024), ("dense", "nvfp4", 1024),
+    # prefill (not MXFP4: its L1 spills 456 bytes here, the 8-warp 128 x 256 tiles it replaced 572 in
+    # L1 and 2068 in L2, and it is the fastest measured on H100: lowering/moe_plan.py)
+    ("dense", "nvfp4", 4096),
     # (not bf16 x fp8_block128 at mid sizes: with triton 3.9 L1 spills 84 / 412 / 28 bytes here at
     # 32 rows, 64 rows with 128-deep steps, 64 rows with 64-deep steps; the 128-deep 64-row tiles ran
     # 4-19% faster on H100 (triton 3.6) than the 64-deep ones at 32-40 rows per expert)

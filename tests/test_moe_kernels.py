@@ -309,11 +309,11 @@ def test_plan_regimes_and_overrides():
         choose_moe_config(1, 8, 128, 2048, 768, overrides={"block_m": 48})
 
 
-def test_plan_mid_block_rows():
+def test_plan_mid_block_rows_and_fp4_prefill_tiles():
     """bf16 activations: 32-row blocks up to 28 rows per expert, 64-row blocks above (each
     expert's weights read, and decoded or scaled in registers, once rather than twice); fp8
-    activations keep 32 rows up to 48."""
-    from inductor_moe.lowering.moe_plan import choose_moe_config
+    activations keep 32 rows up to 48.  FP4 prefill: the tiles moe_tune picked at every bucket."""
+    from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
 
     for fmt in ("mxfp4", "nvfp4"):  # qwen3-30b-a3b: T * 8 / 128 rows per expert
         for T, block_m in ((384, 32), (448, 32), (449, 64), (512, 64), (1536, 64), (1537, 128)):
@@ -322,6 +322,10 @@ def test_plan_mid_block_rows():
             if block_m < 128:
                 assert cfg.regime == "mid" and cfg.gemm2.block_k == 64, cfg
                 assert cfg.gemm1.num_stages == cfg.gemm2.num_stages == 4, cfg
+    prefill = {fmt: choose_moe_config(4096, 8, 128, 2048, 768, fmt) for fmt in ("mxfp4", "nvfp4")}
+    assert (prefill["mxfp4"].gemm1, prefill["mxfp4"].gemm2) == (GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4))
+    assert (prefill["nvfp4"].gemm1, prefill["nvfp4"].gemm2) == (GemmTiles(32, 64, 8, 3), GemmTiles(64, 64, 8, 3))
+    assert choose_moe_config(4096, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").gemm1.block_k == 32
     for fmt in ("dense", "fp8_block128"):  # the same rows for weights read as they are stored
         assert [choose_moe_config(T, 8, 128, 2048, 768, fmt).block_m for T in (448, 449, 1536)] == [32, 64, 64]
     fp8_mid = choose_moe_config(512, 8, 128, 2048, 768, "fp8_block128")
