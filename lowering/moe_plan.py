@@ -75,23 +75,14 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
-def _nvfp4_register_budget(g1: GemmTiles, g2: GemmTiles, regime: str) -> tuple[GemmTiles, GemmTiles]:
-    """NVFP4 weights are decoded in registers (e2m1 halves and e4m3 scales): tiles past these
-    sizes spill.  ptxas -v for sm_90a (triton 3.9): at decode, L1 32 x 64 and L2 64 x 64 use
-    155 / 148 registers and no spills, while the bf16 tiles (L1 64 x 256, L2 128 x 256) spill
-    2.4 KB per thread -- measured 7.2 ms instead of ~0.3 ms at qwen3 T=16 on H100 (commit 559d0b1).
-    At prefill 64 x 64 spills 92 B (L1) / none (L2) against 808 / 400 B for 128 x 64."""
-    if regime == "prefill":
-        return (dataclasses.replace(g1, block_n=64, block_k=64), dataclasses.replace(g2, block_n=64, block_k=64))
-    return _fp4_decode_register_budget(g1, g2)
-
-
 def _fp4_decode_register_budget(g1: GemmTiles, g2: GemmTiles) -> tuple[GemmTiles, GemmTiles]:
     """Decode/mid tiles for e2m1 weights decoded in registers (templates/_details/fp_codes.py:
     e2m1_pairs_to_bf16): L1 32 (x2 gate/up) columns by 64 K, L2 64 columns by 128 K -- what
     moe_tune picked on H100 for MXFP4 and NVFP4 at T = 16 and 128 on all three TARGETS layers
     (1.3-1.5x over 32x256 / 64x256 tiles; lowering/tuned/).  ptxas -v for sm_90a: 256-K tiles
-    already fit (157-164 registers); these are smaller."""
+    already fit (157-164 registers); these are smaller.  Past such a budget the decode spills:
+    NVFP4 with the bf16 tiles (L1 64 x 256, L2 128 x 256) spilled 2.4 KB per thread and ran 7.2 ms
+    instead of ~0.3 ms at qwen3 T=16 on H100 (commit 559d0b1)."""
     return (dataclasses.replace(g1, block_n=min(g1.block_n, 32), block_k=64),
             dataclasses.replace(g2, block_n=min(g2.block_n, 64), block_k=max(64, min(g2.block_k, 128))))
 
@@ -219,9 +210,7 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         g1 = dataclasses.replace(g1, block_k=max(g1.block_k, 64))
         g2 = dataclasses.replace(g2, block_k=max(g2.block_k, 64))
 
-    if weight_format == "nvfp4":
-        g1, g2 = _nvfp4_register_budget(g1, g2, regime)
-    elif weight_format == "mxfp4" and regime != "prefill":  # the sm_90 in-register decode path
+    if weight_format in ("mxfp4", "nvfp4") and regime != "prefill":  # the sm_90 in-register decode
         g1, g2 = _fp4_decode_register_budget(g1, g2)
     if fp4_in_registers and regime == "mid":  # 4 stages and 64-deep L2 steps at 32 rows too (as at 64)
         g1 = dataclasses.replace(g1, num_stages=4)

@@ -9,8 +9,8 @@ Candidates (per regime, <= MAX_PER_GEMM per GEMM, the heuristic's first): a regi
 plus single-step neighbours of the heuristic's, legalised to what the kernels assert (fp8 block-128:
 block_k | 128; fp4: 32 | block_k, block_k >= 64 unless the heuristic goes lower; fp8 activations:
 L1 block_n holds whole scale groups).  Where the heuristic's tiles are set by a register budget
-(NVFP4 weights and fp8 activations: moe_plan._nvfp4_register_budget / _fp8_act_tiles; MXFP4 where
-e2m1 may be decoded in registers), a candidate may not hold more per warp than the heuristic does
+(NVFP4 weights and fp8 activations: moe_plan._fp4_decode_register_budget / _fp8_act_tiles; MXFP4
+where e2m1 may be decoded in registers), a candidate may not hold more per warp than the heuristic does
 (accumulator, weight tile, activation tile, pipeline stages), so no candidate spills where the
 heuristic, checked with ptxas, does not.
 
