@@ -26,7 +26,8 @@ from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
-from .moe_plan import MoEKernelConfig, choose_moe_config, fp4_swap_ab, mxfp4_dot_scaled
+from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_swap_ab, mxfp4_dot_scaled, swap_ab_fits,
+                       with_swap_ab)
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4", "nvfp4")  # what the templates read
@@ -230,7 +231,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     fit, False: never, True: required (raises where they do not fit)."""
     from ..templates.moe_align import align_blocks
     from ..templates.moe_combine import moe_combine_kernel
-    from ..templates.moe_common import ACT_FORMAT_CODES, ACT_GROUPS, moe_quant_act_kernel
+    from ..templates.moe_common import ACT_FORMAT_CODES, ACT_GROUPS, moe_kperm_kernel, moe_quant_act_kernel
     from ..templates.moe_gemm1 import moe_gemm1_kernel
     from ..templates.moe_gemm2 import moe_gemm2_kernel
 
@@ -304,8 +305,14 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     g2s = w2_global_scale if w2_global_scale is not None else x
     fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
                       and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))
-    swap_ab = (fmt in ("mxfp4", "nvfp4") and not fp4_dot_scaled and act == 0 and x.dtype == torch.bfloat16
-               and fp4_swap_ab(moe_config.fp4_swap_ab))
+    swap_ab = (not fp4_dot_scaled and x.dtype == torch.bfloat16 and not use_mega
+               and swap_ab_fits(fmt, spec.act_format, H, I) and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab))
+    if swap_ab and (cfg.gemm1.block_n % 64 or cfg.gemm1.block_k % 64 or cfg.gemm2.block_k % 64):
+        cfg = with_swap_ab(cfg, H, I)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
+    if swap_ab:  # L1 reads x with K in to_mma_k_order (L1 writes the intermediate so for L2)
+        a1 = torch.empty((T, H), dtype=x.dtype, device=x.device)
+        moe_kperm_kernel[(-(-T // 16), -(-H // 256))](x, a1, T, H, x.stride(0), BLOCK_T=16, BLOCK_K=256,
+                                                       USE_PDL=use_pdl, num_warps=4, **pdl)
     l1_args = (a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
                sorted_ids, block_expert, expert_start, expert_count, a1_s, inter_s,
                H, I, k,

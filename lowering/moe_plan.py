@@ -46,6 +46,7 @@ class MoEKernelConfig:
     regime: str  # "decode", "mid" or "prefill", for people and the report
     gate_up_one_dot: bool = True  # L1: one [BK, 2*block_n] weight tile (gate/up alternating) per step
     fp4_dot_scaled: bool = True  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
+    swap_ab: bool = False  # FP4 decoded in registers as wgmma's register A operand (fp4_swap_ab)
     source: str = "heuristic"  # where block_m / gemm tiles came from: "heuristic", or tuned (lowering/moe_tune.py):
     # "tuned" (this process), "tuned-cache" (user cache file), "tuned-shipped" (lowering/tuned/<device>.json)
 
@@ -143,14 +144,42 @@ def mxfp4_dot_scaled(setting: str, arch_major: int) -> bool:
     return arch_major >= 10
 
 
-def fp4_swap_ab(setting: str) -> bool:
-    """Whether the in-register FP4 decode tiles run swapped (acc^T = W @ X^T): ``setting`` is
-    config.fp4_swap_ab.  Swapped, wgmma takes the decoded weight rows as its register A operand
-    (M = 64) and the few rows per expert as N; unswapped, 16-row tiles run mma.sync, which reads
-    the decoded weight from registers too.  auto keeps them unswapped: on H100 the swapped tiles
-    were 8-30% slower at every decode/mid point measured (qwen3 T = 1..1024, gpt-oss T = 1, 128;
-    ptxas: more layout shuffles per weight; benchmarks/NOTES.md)."""
-    return setting == "on"
+def fp4_swap_ab(setting: str, planned: bool) -> bool:
+    """Whether FP4 weights decoded in registers run the swapped tiles (acc^T = W @ X^T, the decoded
+    weight as wgmma's register A operand, activations in moe_common.to_mma_k_order): ``setting``
+    is config.fp4_swap_ab, ``planned`` what choose_moe_config (or the tuned table) decided."""
+    return planned if setting == "auto" else setting == "on"
+
+
+def swap_ab_fits(weight_format: str, act_format: str, hidden: int, intermediate: int) -> bool:
+    """The swapped FP4 tiles take bf16 activations and K permuted per 64 (both GEMMs' K)."""
+    return (weight_format in ("mxfp4", "nvfp4") and act_format == "dense"
+            and hidden % 64 == 0 and intermediate % 64 == 0)
+
+
+def with_swap_ab(cfg: "MoEKernelConfig", hidden: int = 128, intermediate: int = 128) -> "MoEKernelConfig":
+    """``cfg`` with the swapped FP4 tiles, 4 warps (one warpgroup: 64 weight rows per wgmma), 128
+    weight rows per program (L1: 64 intermediate columns, gate and up): 128 of K per step with 3
+    stages where both GEMMs' K are multiples of 128, else 64 with 4 (gpt-oss's 2880 would leave a
+    masked half step).  Fastest or within 8% of it at every point of an H100 sweep (qwen3, gpt-oss,
+    dsv4, T = 256-16384; benchmarks/NOTES.md, "Swapped FP4 tiles")."""
+    if hidden % 128 == 0 and intermediate % 128 == 0:
+        g1, g2 = GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)
+    else:
+        g1, g2 = GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4)
+    return cfg.replace(swap_ab=True, gemm1=g1, gemm2=g2)
+
+
+def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str) -> int:
+    """Rows per M-block for the swapped tiles, where the tokens are wgmma's N: 32 up to 32 rows per
+    expert, 64 up to 48, then 128 -- but NVFP4 keeps 64 at mid sizes (H100 sweep: 32 beat 16 at 16
+    rows per expert by 14-25% and 64 at 24-32 by 3-30%; at 64 rows per expert 128 beat 64 by 7%
+    with MXFP4 and lost by 25% with NVFP4; at 256, MXFP4, 128 beat 64 by 30%)."""
+    if rows_per_expert <= 32:
+        return 32
+    if rows_per_expert <= 48 or (weight_format == "nvfp4" and regime == "mid"):
+        return 64
+    return 128
 
 
 def align_chunk(n_entries: int, num_experts: int) -> int:
@@ -238,6 +267,9 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         align_one_launch=n_entries <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)
+    if regime != "decode" and swap_ab_fits(weight_format, act_format, hidden, intermediate):
+        cfg = with_swap_ab(cfg, hidden, intermediate).replace(
+            block_m=swap_ab_block_m(rows_per_expert, weight_format, regime))
     if overrides:
         cfg = _apply_overrides(cfg, overrides)
     return cfg

@@ -132,6 +132,7 @@ class TunedTiles:
     gemm1: GemmTiles  # L1 tiles
     gemm2: GemmTiles  # L2 tiles
     gate_up_one_dot: bool = True  # L1 gate/up as one wide MMA (MoEKernelConfig.gate_up_one_dot)
+    swap_ab: bool = False  # swapped FP4 tiles (MoEKernelConfig.swap_ab); absent in older tables
 
     def __post_init__(self):
         if self.block_m not in BLOCK_M_CHOICES:
@@ -141,29 +142,33 @@ class TunedTiles:
 
     @staticmethod
     def of(cfg: MoEKernelConfig) -> "TunedTiles":
-        return TunedTiles(cfg.block_m, cfg.gemm1, cfg.gemm2, cfg.gate_up_one_dot)
+        return TunedTiles(cfg.block_m, cfg.gemm1, cfg.gemm2, cfg.gate_up_one_dot, cfg.swap_ab)
 
     def apply(self, cfg: MoEKernelConfig, source: str) -> MoEKernelConfig:
         return cfg.replace(block_m=self.block_m, gemm1=self.gemm1, gemm2=self.gemm2,
-                           gate_up_one_dot=self.gate_up_one_dot, source=source)
+                           gate_up_one_dot=self.gate_up_one_dot, swap_ab=self.swap_ab, source=source)
 
     def to_json(self) -> dict:
-        return {"block_m": self.block_m, "gate_up_one_dot": self.gate_up_one_dot,
-                "gemm1": dataclasses.asdict(self.gemm1), "gemm2": dataclasses.asdict(self.gemm2)}
+        out = {"block_m": self.block_m, "gate_up_one_dot": self.gate_up_one_dot,
+               "gemm1": dataclasses.asdict(self.gemm1), "gemm2": dataclasses.asdict(self.gemm2)}
+        if self.swap_ab:  # written only where set: older readers and tables stay as they were
+            out["swap_ab"] = True
+        return out
 
     @staticmethod
     def from_json(d: dict) -> "TunedTiles":
-        one_dot = d.get("gate_up_one_dot", True)
-        if not isinstance(one_dot, bool):
-            raise ValueError(f"gate_up_one_dot={one_dot!r} must be a bool")
+        one_dot, swap = d.get("gate_up_one_dot", True), d.get("swap_ab", False)
+        for name, v in (("gate_up_one_dot", one_dot), ("swap_ab", swap)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}={v!r} must be a bool")
         return TunedTiles(_int(d["block_m"]), GemmTiles(**{f: _int(v) for f, v in d["gemm1"].items()}),
-                          GemmTiles(**{f: _int(v) for f, v in d["gemm2"].items()}), one_dot)
+                          GemmTiles(**{f: _int(v) for f, v in d["gemm2"].items()}), one_dot, swap)
 
     def __str__(self):
         g1, g2 = self.gemm1, self.gemm2
         return (f"bm{self.block_m} L1 {g1.block_n}x{g1.block_k} w{g1.num_warps} s{g1.num_stages}"
                 f"{'' if self.gate_up_one_dot else ' two-dot'} L2 {g2.block_n}x{g2.block_k} w{g2.num_warps} "
-                f"s{g2.num_stages}")
+                f"s{g2.num_stages}{' swap' if self.swap_ab else ''}")
 
 
 def _int(v) -> int:

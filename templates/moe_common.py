@@ -150,6 +150,36 @@ def quantize_fp8_groups(h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT_FOR
 
 
 @triton.jit
+def to_mma_k_order(v, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] in K order -> the K order of the swapped FP4 tiles (COLS a multiple of 64).
+
+    Within each 64 of K, the element at k = 16c + 8q + 4g + 2e + h moves to 32q + 16h + 8g + 2c + e.
+    A tl.dot reads its register A operand (wgmma) as, per row and 16 of K, lane c of each quad
+    holding k = 2c, 2c+1, 2c+8, 2c+9: in this order, that lane's values of a row are the 8
+    consecutive packed weight bytes 8c..8c+7 of the 64 (both nibbles of each byte), so the
+    decoded FP4 weight lands in the MMA's registers with no shuffle.  The activations go through
+    the same permutation (the sum over K does not care), once: x by ``moe_kperm_kernel``, the
+    intermediate by L1's epilogue."""
+    v = tl.reshape(v, [ROWS, COLS // 64, 4, 2, 2, 2, 2])  # (c, q, g, e, h)
+    v = tl.permute(v, (0, 1, 3, 6, 4, 2, 5))  # (q, h, g, c, e)
+    return tl.reshape(v, [ROWS, COLS])
+
+
+@triton.jit
+def moe_kperm_kernel(x_ptr, out_ptr, T, K, stride_xt, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    """x [T, K] -> out [T, K] (row stride K) in ``to_mma_k_order`` (K a multiple of 64): the
+    activations of L1 when its tiles run swapped."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (t[:, None] < T) & (kk[None, :] < K)
+    pdl_wait(USE_PDL)
+    x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xt + kk[None, :], mask=mask, other=0.0)
+    pdl_launch_dependents(USE_PDL)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * K + kk[None, :], to_mma_k_order(x, BLOCK_T, BLOCK_K), mask=mask)
+
+
+@triton.jit
 def moe_quant_act_kernel(x_ptr, q_ptr, s_ptr, T, K, stride_xt, stride_st,
                          ACT_FORMAT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                          USE_PDL: tl.constexpr):

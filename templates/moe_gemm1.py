@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .moe_common import (expert_block_of_program, pdl_launch_dependents, quantize_fp8_groups, store_cast,
-                          swiglu_epilogue)
+                          swiglu_epilogue, to_mma_k_order)
 from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
@@ -41,13 +41,15 @@ def gemm1_tile(
 ):
     """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
-    False and triggers on its own).  SWAP_AB: the accumulators are [columns, rows] in the K loop
-    (moe_tiles._even_odd_dot), transposed once after it."""
+    False and triggers on its own).  SWAP_AB: x is in moe_common.to_mma_k_order, the accumulators
+    are [columns, rows] in the K loop (moe_tiles._fp4_weight_rows_dot), transposed once after it,
+    and h is written in to_mma_k_order for L2's swapped tiles."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(WEIGHT_FORMAT < 2 or BLOCK_K % 32 == 0, "fp4 scales need 32 | BLOCK_K")
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
+    tl.static_assert(not SWAP_AB or BLOCK_N % 64 == 0, "swapped tiles write whole 64-column K-order groups")
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
     row_mask = rows < row_end
@@ -123,6 +125,8 @@ def gemm1_tile(
         h *= tl.load(topk_weights_ptr + entry, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     out = inter_ptr + entry.to(tl.int64)[:, None] * I + n[None, :]
     if ACT_FORMAT == 0:
+        if SWAP_AB:  # L2's swapped tiles read the intermediate's K in to_mma_k_order (I % 64 == 0)
+            h = to_mma_k_order(h, BLOCK_M, BLOCK_N)
         tl.store(out, store_cast(h, inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
     else:  # fp8 intermediate: e4m3 + one scale per row per group of I (BLOCK_N holds whole groups)
         G: tl.constexpr = 128 if ACT_FORMAT == 1 else 32

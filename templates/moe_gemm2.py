@@ -28,8 +28,9 @@ def gemm2_tile(
 ):
     """Output columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
-    False and triggers on its own).  SWAP_AB: the accumulator is [columns, rows] in the K loop
-    (moe_tiles._even_odd_dot), transposed once after it."""
+    False and triggers on its own).  SWAP_AB: the intermediate is in moe_common.to_mma_k_order (L1
+    wrote it so), the accumulator is [columns, rows] in the K loop (moe_tiles._fp4_weight_rows_dot),
+    transposed once after it."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")

@@ -10,13 +10,15 @@
 # FP4_DOT_SCALED: mxfp4 through tl.dot_scaled (tcgen05 block-scaled MMA on sm_100; emulated on
 # sm_90); otherwise e2m1 is decoded in registers (exact: value * power-of-two or e4m3 scale fits
 # the activation dtype) and fed to tl.dot.  Neither ever writes a dequantised weight to memory.
+# SWAP_AB (FP4 decoded in registers, bf16 activations): the tile computes acc^T = W @ X^T with the
+# activations' K in moe_common.to_mma_k_order, so the decoded weight is wgmma's register operand.
 """
 
 import triton
 import triton.language as tl
 
 from ._details.fp_codes import e2m1_pairs_to_bf16, e8m0_to_bf16, mul_bf16
-from .moe_common import INTERPRET, e8m0_to_fp32, store_cast
+from .moe_common import INTERPRET, e8m0_to_fp32, store_cast, to_mma_k_order
 
 DENSE, FP8_BLOCK128, MXFP4, NVFP4 = 0, 1, 2, 3
 WEIGHT_FORMAT_CODES = {"dense": DENSE, "fp8_block128": FP8_BLOCK128, "mxfp4": MXFP4, "nvfp4": NVFP4}
@@ -52,23 +54,49 @@ def _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk):
 
 
 @triton.jit
-def _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr = False):
+def _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K: tl.constexpr):
     """acc += a[:, 0::2] @ w_even + a[:, 1::2] @ w_odd: low nibbles (even k) and high nibbles (odd k)
-    of a packed e2m1 tile meet their activations without any shuffle of the weight tile.
-    SWAP_AB: acc is the transposed [BN, BM] product, w^T @ a^T: the decoded weight is the MMA's
-    A operand, which wgmma reads from registers (M = 64 weight rows, the few tokens as N), so it
-    never goes through shared memory; the non-swapped B operand must."""
+    of a packed e2m1 tile meet their activations without any shuffle of the weight tile."""
     a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
     if INTERPRET:  # see moe_common.INTERPRET
         a_even, a_odd = a_even.to(tl.float32), a_odd.to(tl.float32)
         w_even, w_odd = w_even.to(tl.float32), w_odd.to(tl.float32)
-    if SWAP_AB:
-        acc = tl.dot(tl.trans(w_even), tl.trans(a_even), acc)
-        acc = tl.dot(tl.trans(w_odd), tl.trans(a_odd), acc)
-    else:
-        acc = tl.dot(a_even, w_even, acc)
-        acc = tl.dot(a_odd, w_odd, acc)
+    acc = tl.dot(a_even, w_even, acc)
+    acc = tl.dot(a_odd, w_odd, acc)
     return acc
+
+
+@triton.jit
+def _fp4_weight_rows_dot(acc, a, w_ptr, s_ptr, n, n_mask, k0, K, stride_wn, stride_wk, stride_sn, stride_sk,
+                         BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc [BN, BM] += W[n, k0:k0+BK] @ a^T, the swapped tile: the decoded weight rows are wgmma's
+    register A operand (64 weight rows per warpgroup, the tokens as N) and the activation tile,
+    already in ``to_mma_k_order``, is B straight from shared memory.  Each lane loads the 8
+    consecutive bytes per row and 64 of K that its A fragment needs (moe_common.to_mma_k_order),
+    so neither operand is shuffled or stored back to shared memory in the K loop, and wgmma
+    runs asynchronously with the next tile's decode."""
+    GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
+    BN: tl.constexpr = n.shape[0]
+    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ks = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    w_ptrs = w_ptr + n[:, None] * stride_wn + kb[None, :] * stride_wk
+    s_ptrs = s_ptr + n[:, None] * stride_sn + ks[None, :] * stride_sk
+    if EVEN_K:
+        b = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        s_mask = n_mask[:, None]
+    else:
+        b = tl.load(w_ptrs, mask=n_mask[:, None] & (kb[None, :] < K // 2), other=0)
+        s_mask = n_mask[:, None] & (ks[None, :] < K // GROUP)
+    if WEIGHT_FORMAT == 2:
+        scale = e8m0_to_bf16(tl.load(s_ptrs, mask=s_mask, other=0).to(tl.int32))
+    else:  # e4m3 -> bf16 is exact; the caller applies the fp32 global scale
+        scale = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32).to(tl.bfloat16)
+    lo, hi = e2m1_pairs_to_bf16(b)
+    w = mul_bf16(tl.reshape(tl.join(lo, hi), [BN, BLOCK_K // GROUP, GROUP]), scale[:, :, None])
+    w = to_mma_k_order(tl.reshape(w, [BN, BLOCK_K]), BN, BLOCK_K)
+    if INTERPRET:  # see moe_common.INTERPRET
+        w, a = w.to(tl.float32), a.to(tl.float32)
+    return tl.dot(w, tl.trans(a), acc)
 
 
 @triton.jit
@@ -76,11 +104,16 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
                     BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr,
                     FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False):
     """acc += a [BM, BK] @ w[n, k0:k0+BK]^T, dequantising the weight tile in registers only.
-    SWAP_AB (bf16 activations, FP4 decoded in registers): acc is [BN, BM] (see _even_odd_dot)."""
-    tl.static_assert(not SWAP_AB or (WEIGHT_FORMAT >= 2 and not FP4_DOT_SCALED and a.dtype == tl.bfloat16),
-                     "SWAP_AB runs the packed bf16 decode of FP4 weights only")
+    SWAP_AB (bf16 activations in ``to_mma_k_order``, FP4 decoded in registers, BK a multiple of
+    64): acc is [BN, BM] (see _fp4_weight_rows_dot)."""
+    tl.static_assert(not SWAP_AB or (WEIGHT_FORMAT >= 2 and not FP4_DOT_SCALED and a.dtype == tl.bfloat16
+                                     and BLOCK_K % 64 == 0),
+                     "SWAP_AB runs the packed bf16 decode of FP4 weights only, in 64-deep K steps")
     n_mask = n < N
-    if WEIGHT_FORMAT >= 2:
+    if SWAP_AB:
+        acc = _fp4_weight_rows_dot(acc, a, w_ptr, s_ptr, n, n_mask, k0, K, stride_wn, stride_wk, stride_sn, stride_sk,
+                                   BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+    elif WEIGHT_FORMAT >= 2:
         GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
         # e2m1 pairs along K: BK // 2 bytes; one scale per GROUP of K
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -115,7 +148,7 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
             lo, hi = e2m1_pairs_to_bf16(b3)
             w_even = tl.reshape(mul_bf16(lo, scale), [BLOCK_K // 2, n.shape[0]])
             w_odd = tl.reshape(mul_bf16(hi, scale), [BLOCK_K // 2, n.shape[0]])
-            acc = _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K, SWAP_AB)
+            acc = _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K)
         else:  # fp16 activations: the fp32 decoder
             b = tl.load(w_ptr + kb[:, None] * stride_wk + n[None, :] * stride_wn,
                         mask=n_mask[None, :] & (kb[:, None] < K // 2), other=0)

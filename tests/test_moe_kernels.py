@@ -76,10 +76,14 @@ CASES = [
           settings={"fp4_swap_ab": "off"}),
     _case("nvfp4_gpt_oss", T=5, k=2, I=32, weight_format="nvfp4",
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", bias=True, settings={"fp4_swap_ab": "off"}),
-    # swapped FP4 decode tiles (acc^T = W @ X^T): one gate/up dot and two, L2, uneven K
+    # swapped FP4 tiles (acc^T = W @ X^T, activations in to_mma_k_order): one gate/up dot and two, L2,
+    # a K tail of 64 in L1 (H = 192, 128-deep steps); H = 96 does not fit them (unswapped then)
     _case("mxfp4_swap_ab", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}),
-    _case("nvfp4_swap_ab_two_dot_gpt_oss", T=5, k=6, I=64, H=96, weight_format="nvfp4", bias=True,
+    _case("nvfp4_swap_ab_two_dot_gpt_oss_k_tail", T=5, k=6, I=128, H=192, weight_format="nvfp4", bias=True,
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
+          overrides={"gate_up_one_dot": False}),
+    _case("nvfp4_swap_ab_h96_unswapped", T=5, k=6, I=64, H=96, weight_format="nvfp4", bias=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
           overrides={"gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64}),
     _case("quantize_fp8", T=5, k=2, I=64, spec="quantize_weights=fp8_block128"),
