@@ -101,8 +101,10 @@ def discover_specs():
     return found, missing
 
 
-def compile_to_ptx(kernel, signature: dict, constexprs: dict, arch: int, options: dict | None = None) -> str:
-    """Run Triton's NVIDIA pipeline up to PTX for ``sm_{arch}a`` (no GPU, no ptxas)."""
+def compile_to_ptx(kernel, signature: dict, constexprs: dict, arch: int, options: dict | None = None,
+                   divisible_by_16: tuple = ()) -> str:
+    """Run Triton's NVIDIA pipeline up to PTX for ``sm_{arch}a`` (no GPU, no ptxas).
+    ``divisible_by_16``: arguments the JIT would specialise as multiples of 16 (pointers, strides)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
@@ -110,7 +112,9 @@ def compile_to_ptx(kernel, signature: dict, constexprs: dict, arch: int, options
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    src = ASTSource(fn=kernel, signature=signature, constexprs=_constexpr_keys(kernel, constexprs))
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=_constexpr_keys(kernel, constexprs),
+                    **({"attrs": attrs} if attrs else {}))
     opts = dict(options or {})
     fields = getattr(type(backend.parse_options({})), "__dataclass_fields__", {})
     if "ptx_version" in fields:

@@ -274,8 +274,18 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         use_mega = x.device.type == "cuda" and moe_config.mega_kernel and choose_mega(
             cfg, T, k, E, H, I, _num_sms(x.device))
     use_mega = bool(use_mega)
-    pdl = {"launch_pdl": True} if use_pdl else {}
     act = ACT_FORMAT_CODES[spec.act_format]
+    fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
+                      and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))
+    swap_ab = (not fp4_dot_scaled and x.dtype == torch.bfloat16 and not use_mega
+               and swap_ab_fits(fmt, spec.act_format, H, I) and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab))
+    if cfg.swap_ab and not swap_ab and cfg.source == "heuristic":  # planned swapped, runs unswapped
+        cfg = choose_moe_config(T, k, E, H, I, fmt, _num_sms(x.device), act_format=spec.act_format,
+                                allow_swap_ab=False).replace(fp4_dot_scaled=cfg.fp4_dot_scaled)
+    elif swap_ab and (cfg.gemm1.block_n % 64 or cfg.gemm1.block_k % 64 or cfg.gemm2.block_k % 64):
+        cfg = with_swap_ab(cfg, H, I)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
+    BM = cfg.block_m
+    pdl = {"launch_pdl": True} if use_pdl else {}
     if act:  # fp8 activations: x -> e4m3 + per-token group scales, once (not per L1 tile)
         G = ACT_GROUPS[act]
         s_dtype = torch.float32 if spec.act_format == "fp8_block128" else torch.uint8
@@ -303,12 +313,6 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     g13 = w13_global_scale if w13_global_scale is not None else x
     g2s = w2_global_scale if w2_global_scale is not None else x
-    fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
-                      and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))
-    swap_ab = (not fp4_dot_scaled and x.dtype == torch.bfloat16 and not use_mega
-               and swap_ab_fits(fmt, spec.act_format, H, I) and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab))
-    if swap_ab and (cfg.gemm1.block_n % 64 or cfg.gemm1.block_k % 64 or cfg.gemm2.block_k % 64):
-        cfg = with_swap_ab(cfg, H, I)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
     if swap_ab:  # L1 reads x with K in to_mma_k_order (L1 writes the intermediate so for L2)
         a1 = torch.empty((T, H), dtype=x.dtype, device=x.device)
         moe_kperm_kernel[(-(-T // 16), -(-H // 256))](x, a1, T, H, x.stride(0), BLOCK_T=16, BLOCK_K=256,

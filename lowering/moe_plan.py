@@ -189,9 +189,12 @@ def align_chunk(n_entries: int, num_experts: int) -> int:
 
 def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                       weight_format: str = "dense", num_sms: int = 132,
-                      overrides: Optional[dict] = None, act_format: str = "dense") -> MoEKernelConfig:
+                      overrides: Optional[dict] = None, act_format: str = "dense",
+                      allow_swap_ab: bool = True) -> MoEKernelConfig:
     """Pick tiles for one MoE layer call.  ``weight_format`` is the format the GEMMs read,
-    ``act_format`` the activations' (dense, or fp8 e4m3 with per-128 / per-32 scales)."""
+    ``act_format`` the activations' (dense, or fp8 e4m3 with per-128 / per-32 scales).
+    ``allow_swap_ab=False``: the tiles for FP4 weights that will not run swapped (tl.dot_scaled,
+    fp16 activations, the persistent kernel, config.fp4_swap_ab off)."""
     n_entries = max(num_tokens * top_k, 1)
     active = min(num_experts, n_entries)
     rows_per_expert = n_entries / active
@@ -267,7 +270,7 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         align_one_launch=n_entries <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)
-    if regime != "decode" and swap_ab_fits(weight_format, act_format, hidden, intermediate):
+    if allow_swap_ab and regime != "decode" and swap_ab_fits(weight_format, act_format, hidden, intermediate):
         cfg = with_swap_ab(cfg, hidden, intermediate).replace(
             block_m=swap_ab_block_m(rows_per_expert, weight_format, regime))
     if overrides:

@@ -137,7 +137,7 @@ def gemm_candidates(which: str, key: TuneKey, base: MoEKernelConfig, block_m: in
         if t in out or (register_budgeted(key, base.regime) and not _fits(block_m, t, base.block_m, base_t)):
             continue
         pair = (t, base.gemm2) if which == "gemm1" else (base.gemm1, t)
-        if kernel_constraint_violation(block_m, *pair, key.weight_format, key.act_format):
+        if kernel_constraint_violation(block_m, *pair, key.weight_format, key.act_format, base.swap_ab):
             continue
         out.append(t)
     return out[:limit]

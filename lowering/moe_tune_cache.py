@@ -104,11 +104,16 @@ def _key_for(device, dtype, bucket, E, k, H, I, weight_format, act_format) -> Tu
 
 
 def kernel_constraint_violation(block_m: int, g1: GemmTiles, g2: GemmTiles, weight_format: str,
-                                act_format: str) -> Optional[str]:
+                                act_format: str, swap_ab: bool = False) -> Optional[str]:
     """Why templates/moe_gemm1.py / moe_gemm2.py would reject these tiles at compile time (their
-    ``tl.static_assert``s and moe_common.quantize_fp8_groups), or None when they accept them."""
+    ``tl.static_assert``s and moe_common.quantize_fp8_groups), or None when they accept them.
+    ``swap_ab``: the swapped FP4 tiles (the launcher would replace tiles they cannot take)."""
     if min(block_m, g1.block_n, g1.block_k, g2.block_n, g2.block_k) < 16:
         return "tl.dot needs tiles of at least 16"
+    if swap_ab and g1.block_n % 64:
+        return "gemm1: swapped tiles write whole 64-column K-order groups"
+    if swap_ab and (g1.block_k % 64 or g2.block_k % 64):
+        return "swapped FP4 tiles take 64-deep K steps (moe_tiles.weight_tile_dot)"
     for name, g in (("gemm1", g1), ("gemm2", g2)):
         if weight_format == "fp8_block128" and 128 % g.block_k:
             return f"{name}: fp8 block-128 weight scales need block_k | 128"

@@ -61,7 +61,9 @@ def _ptxas():
 
 def _moe_gemms_spill_bytes(act: str, fmt: str, tokens: int, tmp_path) -> dict:
     """{label: ptxas spill-store line} for L1 and L2 exactly as the launcher builds them for a
-    qwen3-30b-a3b call (E=128, k=8, H=2048, I=768) with ``tokens`` tokens, on sm_90a."""
+    qwen3-30b-a3b call (E=128, k=8, H=2048, I=768) with ``tokens`` tokens, on sm_90a, with the
+    JIT's specialisations of such a call: unit K strides of the weights and their scales, and
+    pointers, strides and sizes divisible by 16."""
     import subprocess
 
     from inductor_moe.lowering.moe import gemm1_constexprs, gemm2_constexprs, isa_specs
@@ -78,7 +80,8 @@ def _moe_gemms_spill_bytes(act: str, fmt: str, tokens: int, tmp_path) -> dict:
     for label, build, k_dim in ((f"moe_gemm1[{prefix} x {fmt}]", gemm1_constexprs, 2048),
                                 (f"moe_gemm2[{prefix} x {fmt}]", gemm2_constexprs, 768)):
         dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and mxfp4_dot_scaled("auto", 9)
-        const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True)
+        swap = cfg.swap_ab and dense_act and not dot_scaled
+        const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True, swap)
         options = {"num_warps": const.pop("num_warps"), "num_stages": const.pop("num_stages")}
         if label in specs:
             kernel, signature = specs[label][:2]
@@ -87,8 +90,12 @@ def _moe_gemms_spill_bytes(act: str, fmt: str, tokens: int, tmp_path) -> dict:
             w, ws = {"dense": ("*bf16", "*bf16"), "fp8_block128": ("*fp8e4nv", "*fp32"), "mxfp4": ("*u8", "*u8"),
                      "nvfp4": ("*u8", "*fp8e4nv")}[fmt]
             signature = {**signature, "w_ptr": w, "w_scale_ptr": ws}
+        signature = {**signature, "stride_wk": "constexpr", "stride_sk": "constexpr"}
+        const = {**const, "stride_wk": 1, "stride_sk": 1}
+        divisible = tuple(a for a, t in signature.items()
+                          if t != "constexpr" and (t.startswith("*") or a.startswith("stride") or a in ("H", "I")))
         ptx = tmp_path / "k.ptx"
-        ptx.write_text(isa.compile_to_ptx(kernel, signature, const, 90, options))
+        ptx.write_text(isa.compile_to_ptx(kernel, signature, const, 90, options, divisible))
         out = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -107,9 +114,8 @@ needs_ptxas = pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled 
     ("dense", "mxfp4", 1), ("dense", "mxfp4", 16),
     # mid sizes: 32-row blocks (28 rows per expert), 64-row blocks (64)
     ("dense", "mxfp4", 448), ("dense", "nvfp4", 448), ("dense", "mxfp4", 1024), ("dense", "nvfp4", 1024),
-    # prefill (not MXFP4: its L1 spills 456 bytes here, the 8-warp 128 x 256 tiles it replaced 572 in
-    # L1 and 2068 in L2, and it is the fastest measured on H100: lowering/moe_plan.py)
-    ("dense", "nvfp4", 4096),
+    # prefill; above 16 rows per expert FP4 runs the swapped tiles (lowering/moe_plan.py: with_swap_ab)
+    ("dense", "mxfp4", 4096), ("dense", "nvfp4", 4096),
     # (not bf16 x fp8_block128 at mid sizes: with triton 3.9 L1 spills 84 / 412 / 28 bytes here at
     # 32 rows, 64 rows with 128-deep steps, 64 rows with 64-deep steps; the 128-deep 64-row tiles ran
     # 4-19% faster on H100 (triton 3.6) than the 64-deep ones at 32-40 rows per expert)
@@ -119,9 +125,8 @@ needs_ptxas = pytest.mark.skipif(_ptxas() is None, reason="needs ptxas (bundled 
     ("fp8_block128", "dense", 16), ("fp8_mx32", "mxfp4", 16), ("fp8_block128", "nvfp4", 16), ("fp8_mx32", "nvfp4", 16),
     ("fp8_mx32", "dense", 16), ("fp8_mx32", "mxfp4", 4096), ("fp8_mx32", "nvfp4", 4096)])
 def test_moe_gemm_tiles_do_not_spill(act, fmt, tokens, tmp_path):
-    """A few bytes are tolerated: this AOT compile lacks the JIT's specialisation of unit strides
-    and 16-divisible arguments, which frees registers (qwen3 L2 nvfp4 at T=16: 4 bytes here, 71
-    registers and none with those hints); spilling tiles spill kilobytes."""
+    """A few bytes are tolerated; spilling tiles spill kilobytes (the swapped FP4 tiles spill 0.4-3 KB
+    without the JIT's unit-stride and divisibility specialisations, none with them)."""
     import re
 
     for label, report in _moe_gemms_spill_bytes(act, fmt, tokens, tmp_path).items():

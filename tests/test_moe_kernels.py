@@ -316,17 +316,18 @@ def test_plan_regimes_and_overrides():
 def test_plan_mid_block_rows_and_fp4_prefill_tiles():
     """bf16 activations: 32-row blocks up to 28 rows per expert, 64-row blocks above (each
     expert's weights read, and decoded or scaled in registers, once rather than twice); fp8
-    activations keep 32 rows up to 48.  FP4 prefill: the tiles moe_tune picked at every bucket."""
+    activations keep 32 rows up to 48.  FP4 tiles that run unswapped (allow_swap_ab=False: fp16
+    activations, tl.dot_scaled): at prefill the tiles moe_tune picked at every bucket."""
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
 
     for fmt in ("mxfp4", "nvfp4"):  # qwen3-30b-a3b: T * 8 / 128 rows per expert
         for T, block_m in ((384, 32), (448, 32), (449, 64), (512, 64), (1536, 64), (1537, 128)):
-            cfg = choose_moe_config(T, 8, 128, 2048, 768, fmt)
-            assert cfg.block_m == block_m, (fmt, T, cfg)
+            cfg = choose_moe_config(T, 8, 128, 2048, 768, fmt, allow_swap_ab=False)
+            assert cfg.block_m == block_m and not cfg.swap_ab, (fmt, T, cfg)
             if block_m < 128:
                 assert cfg.regime == "mid" and cfg.gemm2.block_k == 64, cfg
                 assert cfg.gemm1.num_stages == cfg.gemm2.num_stages == 4, cfg
-    prefill = {fmt: choose_moe_config(4096, 8, 128, 2048, 768, fmt) for fmt in ("mxfp4", "nvfp4")}
+    prefill = {fmt: choose_moe_config(4096, 8, 128, 2048, 768, fmt, allow_swap_ab=False) for fmt in ("mxfp4", "nvfp4")}
     assert (prefill["mxfp4"].gemm1, prefill["mxfp4"].gemm2) == (GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4))
     assert (prefill["nvfp4"].gemm1, prefill["nvfp4"].gemm2) == (GemmTiles(32, 64, 8, 3), GemmTiles(64, 64, 8, 3))
     assert choose_moe_config(4096, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").gemm1.block_k == 32
@@ -337,6 +338,29 @@ def test_plan_mid_block_rows_and_fp4_prefill_tiles():
     assert choose_moe_config(1024, 8, 128, 2048, 768, "fp8_block128").gemm1.block_k == 64
     for fmt in ("dense", "mxfp4"):  # fp8 activations: 32 rows up to 48
         assert choose_moe_config(512, 8, 128, 2048, 768, fmt, act_format="fp8_mx32").block_m == 32, fmt
+
+
+def test_plan_swapped_fp4_tiles():
+    """FP4 weights with bf16 activations above 16 rows per expert run the swapped tiles: 32-row
+    blocks up to 32 rows per expert, 64 up to 48, then 128 (NVFP4: 64 through the mid sizes);
+    128-deep steps with 3 stages where both K are multiples of 128, else 64-deep with 4.  Not at
+    decode sizes, not with fp8 activations, not where H or I is not a multiple of 64."""
+    from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
+
+    rows = {"mxfp4": ((256, 16), (257, 32), (512, 32), (513, 64), (768, 64), (769, 128), (4096, 128)),
+            "nvfp4": ((257, 32), (513, 64), (1536, 64), (1537, 128))}
+    for fmt, points in rows.items():  # qwen3-30b-a3b: T * 8 / 128 rows per expert
+        for T, block_m in points:
+            cfg = choose_moe_config(T, 8, 128, 2048, 768, fmt)
+            assert cfg.block_m == block_m and cfg.swap_ab == (T > 256), (fmt, T, cfg)
+            if cfg.swap_ab:
+                assert (cfg.gemm1, cfg.gemm2) == (GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)), cfg
+    gpt_oss = choose_moe_config(1024, 4, 128, 2880, 2880, "mxfp4")  # 32 rows per expert, K = 2880
+    assert gpt_oss.swap_ab and gpt_oss.block_m == 32
+    assert (gpt_oss.gemm1, gpt_oss.gemm2) == (GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4))
+    assert not choose_moe_config(1024, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").swap_ab
+    assert not choose_moe_config(1024, 8, 128, 96, 768, "nvfp4").swap_ab
+    assert not choose_moe_config(1024, 8, 128, 2048, 768, "dense").swap_ab
 
 
 def test_cuda_impl_falls_back_on_cpu_with_reason():
@@ -384,7 +408,7 @@ def _aot_compile(fn, pointer_types, constexprs, arch):
     return triton.compile(src, target=GPUTarget("cuda", arch, 128 if arch == 90 else 32)).asm["ptx"]
 
 
-@pytest.mark.parametrize("case", ["bf16_prefill", "fp8_prefill", "nvfp4_decode", "nvfp4_decode_swapped"])
+@pytest.mark.parametrize("case", ["bf16_prefill", "fp8_prefill", "nvfp4_decode", "nvfp4_swapped"])
 def test_templates_compile_for_sm90(case):
     """CI has no GPU: build the GEMM templates for sm_90 and check the MMA kind in the PTX."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -400,9 +424,9 @@ def test_templates_compile_for_sm90(case):
                         {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}, "wgmma"),
         "nvfp4_decode": (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256),
                          {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "mma.sync"),
-        # swapped: 64 decoded weight rows are wgmma's register A operand (L1: 2 x 32 gate/up columns)
-        "nvfp4_decode_swapped": (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SWAP_AB=True),
-                                 {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "wgmma"),
+        # swapped: 128 decoded weight rows are wgmma's register A operand (L1: 2 x 64 gate/up columns)
+        "nvfp4_swapped": (3, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SWAP_AB=True),
+                          {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "wgmma"),
     }[case]
     tiles.setdefault("SWAP_AB", False)
     common = dict(WEIGHT_FORMAT=fmt, EVEN_K=True, FP4_DOT_SCALED=False, USE_PDL=True, ACT_FORMAT=0, **tiles)
@@ -410,7 +434,7 @@ def test_templates_compile_for_sm90(case):
               GATE_UP_ONE_DOT=True, **common)
     l2 = dict(HAS_BIAS=True, WEIGHT_AFTER_DOWN=True, **common)
     if tiles["SWAP_AB"]:
-        l2["BLOCK_N"] = 64
+        l2["BLOCK_N"] = 128
     for fn, consts in ((moe_gemm1_kernel, l1), (moe_gemm2_kernel, l2)):
         try:
             ptx = _aot_compile(fn, {**ints, **ptrs}, consts, 90)
@@ -615,12 +639,14 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--interpret"
 
 
 def test_fp4_swap_ab_rule():
-    """auto keeps the FP4 decode tiles unswapped (measured faster on H100); explicit settings win."""
+    """auto follows the plan (choose_moe_config, or the tuned table's entry); explicit settings win."""
     from inductor_moe import config
     from inductor_moe.lowering.moe_plan import fp4_swap_ab
 
     assert config.choices()["fp4_swap_ab"] == ("auto", "on", "off")
-    assert not fp4_swap_ab("auto") and not fp4_swap_ab("off") and fp4_swap_ab("on")
+    for planned in (True, False):
+        assert fp4_swap_ab("auto", planned) == planned
+        assert fp4_swap_ab("on", planned) and not fp4_swap_ab("off", planned)
 
 
 def test_mxfp4_mma_rule_and_decode_tiles():

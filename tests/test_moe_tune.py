@@ -134,9 +134,15 @@ def test_candidates_explore_more_than_the_heuristic():
         assert len(mt.gemm_candidates("gemm2", key, base, base.block_m)) >= n
     prefill = choose_moe_config(16384, 8, 128, 2048, 768)
     assert mt.block_m_candidates(_key(), prefill) == [128, 64]
-    nv = choose_moe_config(16384, 8, 128, 2048, 768, "nvfp4")  # register-budgeted: never 128 x 128 at prefill
-    assert all(t.block_n * t.block_k <= 64 * 64 * t.num_warps / nv.gemm1.num_warps
+    nv = choose_moe_config(16384, 8, 128, 2048, 768, "nvfp4", allow_swap_ab=False)  # register-budgeted:
+    assert all(t.block_n * t.block_k <= 64 * 64 * t.num_warps / nv.gemm1.num_warps  # never 128 x 128 at prefill
                for t, _ in mt.gemm1_candidates(_key(weight_format="nvfp4"), nv, 128))
+    swapped = choose_moe_config(16384, 8, 128, 2048, 768, "mxfp4")  # the swapped tiles' own constraints
+    assert swapped.swap_ab
+    g1s = [t for t, _ in mt.gemm1_candidates(_key(weight_format="mxfp4"), swapped, 128)]
+    g2s = mt.gemm_candidates("gemm2", _key(weight_format="mxfp4"), swapped, 128)
+    assert len(g1s) >= 2 and len(g2s) >= 2
+    assert all(t.block_n % 64 == 0 and t.block_k % 64 == 0 for t in g1s) and all(t.block_k % 64 == 0 for t in g2s)
 
 
 def test_constraint_check_mirrors_the_kernels_static_asserts():
@@ -148,7 +154,7 @@ def test_constraint_check_mirrors_the_kernels_static_asserts():
     root = os.path.join(os.path.dirname(__file__), "..", "templates")
     known = {"tl.dot needs tiles of at least 16", "fp8 block-128 scales need BLOCK_K | 128",
              "fp4 scales need 32 | BLOCK_K", "fp8 block-128 activations need BLOCK_K | 128",
-             "fp8 mx32 activations need 32 | BLOCK_K"}
+             "fp8 mx32 activations need 32 | BLOCK_K", "swapped tiles write whole 64-column K-order groups"}
     for name in ("moe_gemm1.py", "moe_gemm2.py"):
         with open(os.path.join(root, name)) as f:
             msgs = set(re.findall(r'tl\.static_assert\(.*?,\s*"([^"]+)"\)', f.read()))
@@ -158,6 +164,9 @@ def test_constraint_check_mirrors_the_kernels_static_asserts():
     assert why(16, ok, ok, "dense", "dense") is None
     assert "128" in why(16, g(64, 256, 4, 3), ok, "fp8_block128", "dense")
     assert "fp4" in why(16, ok, g(64, 16, 4, 3), "nvfp4", "dense")
+    assert "64-column" in why(32, g(32, 128, 4, 3), ok, "mxfp4", "dense", swap_ab=True)
+    assert "64-deep" in why(32, ok, g(128, 32, 4, 3), "nvfp4", "dense", swap_ab=True)
+    assert why(32, g(32, 128, 4, 3), ok, "mxfp4", "dense") is None
     assert "activations" in why(16, ok, g(64, 256, 4, 3), "dense", "fp8_block128")
     assert "mx32" in why(16, ok, g(64, 16, 4, 3), "dense", "fp8_mx32")
     assert "straddle" in why(16, ok, ok, "dense", "fp8_block128")
@@ -557,3 +566,19 @@ if __name__ == "__main__" and "--interpret" in sys.argv:
     except Exception as e:  # noqa: BLE001 - reported to the parent test
         result = dict(error=f"{type(e).__name__}: {e}")
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def test_tuned_tiles_carry_swap_ab():
+    """A tuned entry says whether its tiles ran swapped; entries written before the field read as
+    unswapped, and unswapped entries are written without it."""
+    from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
+    from inductor_moe.lowering.moe_tune_cache import TunedTiles
+
+    swapped = TunedTiles(32, GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3), True, True)
+    assert TunedTiles.from_json(swapped.to_json()) == swapped and "swap" in str(swapped)
+    plain = dataclasses.replace(swapped, swap_ab=False)
+    assert "swap_ab" not in plain.to_json() and TunedTiles.from_json(plain.to_json()) == plain
+    base = choose_moe_config(1024, 8, 128, 2048, 768, "mxfp4")
+    assert base.swap_ab and not plain.apply(base, "tuned-shipped").swap_ab
+    with pytest.raises(ValueError, match="swap_ab"):
+        TunedTiles.from_json({**plain.to_json(), "swap_ab": "yes"})
