@@ -182,7 +182,8 @@ def isa_specs() -> dict:
     specs: dict = {"moe_gemm1": [], "moe_gemm2": []}
     for act, fmt in combos:
         spec = MoESpec(act_format=act)
-        cfg = choose_moe_config(4096, 8, 128, 2048, 768, fmt, 132, act_format=act)
+        # MXFP4 as sm_100 runs it (tl.dot_scaled, unswapped); NVFP4 through the swapped tiles
+        cfg = choose_moe_config(4096, 8, 128, 2048, 768, fmt, 132, act_format=act, allow_swap_ab=fmt != "mxfp4")
         dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4"
         w, s = wtypes[fmt]
         a = "*bf16" if act == "dense" else "*fp8e4nv"
@@ -195,7 +196,7 @@ def isa_specs() -> dict:
                  {"inter_ptr": a, "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16",
                   "inter_scale_ptr": act_scale[act]},
                  (), 768)):
-            const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True)
+            const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True, cfg.swap_ab)
             options = {"num_warps": const.pop("num_warps"), "num_stages": const.pop("num_stages")}
             if act == "fp8_mx32" and dot_scaled:  # e4m3 x e2m1 through tl.dot_scaled: CI checks the MMA
                 options["expect_sm100"] = "block_scale"
@@ -269,7 +270,6 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()
     N = T * k
-    BM = cfg.block_m
     if use_mega is None:
         use_mega = x.device.type == "cuda" and moe_config.mega_kernel and choose_mega(
             cfg, T, k, E, H, I, _num_sms(x.device))
