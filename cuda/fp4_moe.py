@@ -24,12 +24,11 @@ from . import nvrtc
 
 SCAN_MAX_TOKENS = 4  # up to here (and MAX_PAIRS pairs) each CTA scans the ids itself: no routing launch
 MAX_PAIRS = 256  # T * k the scanning kernels' member lists hold (fp4_moe_decode.cu MAX_PAIRS)
-# above this many pairs per expert on average the Triton tensor-core tiles win (H100, benchmarks/NOTES.md,
-# "crossover" and "Swapped FP4 tiles"): the MXFP4 kernels were 3-8% slower at 24 (qwen3, dsv4) than
-# the Triton tiles; the NVFP4 ones, 4-20% faster than the unswapped Triton tiles at 24-32 pairs, are
-# 1.3-1.8x slower than the swapped ones there (qwen3 T = 512 495 vs ~290 us, gpt-oss T = 1024 2479
-# vs ~1500)
-MAX_PAIRS_PER_EXPERT = {"mxfp4": 16, "nvfp4": 16}
+# above this many pairs per expert on average the swapped Triton tiles win (H100, benchmarks/NOTES.md,
+# "Swapped FP4 tiles"): at 16 pairs they ran 0-17% faster than these kernels (qwen3 T = 256 MXFP4 204
+# vs 245 us, gpt-oss T = 512 MXFP4 1197 vs 1196, NVFP4 1273 vs 1435), at 8 these kernels 3-23% faster
+# (qwen3 / gpt-oss T = 128); 12 lies between the measured points, not on a measured crossover
+MAX_PAIRS_PER_EXPERT = {"mxfp4": 12, "nvfp4": 12}
 _FLOAT_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 

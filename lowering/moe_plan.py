@@ -171,10 +171,13 @@ def with_swap_ab(cfg: "MoEKernelConfig", hidden: int = 128, intermediate: int = 
 
 
 def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str) -> int:
-    """Rows per M-block for the swapped tiles, where the tokens are wgmma's N: 32 up to 32 rows per
-    expert, 64 up to 48, then 128 -- but NVFP4 keeps 64 at mid sizes (H100 sweep: 32 beat 16 at 16
-    rows per expert by 14-25% and 64 at 24-32 by 3-30%; at 64 rows per expert 128 beat 64 by 7%
-    with MXFP4 and lost by 25% with NVFP4; at 256, MXFP4, 128 beat 64 by 30%)."""
+    """Rows per M-block for the swapped tiles, where the tokens are wgmma's N: 16 up to 8 rows per
+    expert, 32 up to 32, 64 up to 48, then 128 -- but NVFP4 keeps 64 at mid sizes (H100 sweeps:
+    16 beat 32 at 8 rows per expert by 9%, 32 beat 16 at 16 rows by 0-25% and 64 at 24-32 by
+    3-30%; at 64 rows 128 beat 64 by 7% with MXFP4 and lost by 25% with NVFP4; at 256, MXFP4,
+    128 beat 64 by 30%)."""
+    if rows_per_expert <= 8:
+        return 16
     if rows_per_expert <= 32:
         return 32
     if rows_per_expert <= 48 or (weight_format == "nvfp4" and regime == "mid"):
@@ -270,7 +273,7 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         align_one_launch=n_entries <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)
-    if allow_swap_ab and regime != "decode" and swap_ab_fits(weight_format, act_format, hidden, intermediate):
+    if allow_swap_ab and swap_ab_fits(weight_format, act_format, hidden, intermediate):
         cfg = with_swap_ab(cfg, hidden, intermediate).replace(
             block_m=swap_ab_block_m(rows_per_expert, weight_format, regime))
     if overrides:

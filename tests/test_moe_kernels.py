@@ -341,20 +341,19 @@ def test_plan_mid_block_rows_and_fp4_prefill_tiles():
 
 
 def test_plan_swapped_fp4_tiles():
-    """FP4 weights with bf16 activations above 16 rows per expert run the swapped tiles: 32-row
-    blocks up to 32 rows per expert, 64 up to 48, then 128 (NVFP4: 64 through the mid sizes);
-    128-deep steps with 3 stages where both K are multiples of 128, else 64-deep with 4.  Not at
-    decode sizes, not with fp8 activations, not where H or I is not a multiple of 64."""
+    """FP4 weights with bf16 activations run the swapped tiles: 16-row blocks up to 8 rows per
+    expert, 32 up to 32, 64 up to 48, then 128 (NVFP4: 64 through the mid sizes); 128-deep steps
+    with 3 stages where both K are multiples of 128, else 64-deep with 4.  Not with fp8
+    activations, not where H or I is not a multiple of 64."""
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
 
-    rows = {"mxfp4": ((256, 16), (257, 32), (512, 32), (513, 64), (768, 64), (769, 128), (4096, 128)),
-            "nvfp4": ((257, 32), (513, 64), (1536, 64), (1537, 128))}
+    rows = {"mxfp4": ((1, 16), (128, 16), (129, 32), (512, 32), (513, 64), (768, 64), (769, 128), (4096, 128)),
+            "nvfp4": ((129, 32), (513, 64), (1536, 64), (1537, 128))}
     for fmt, points in rows.items():  # qwen3-30b-a3b: T * 8 / 128 rows per expert
         for T, block_m in points:
             cfg = choose_moe_config(T, 8, 128, 2048, 768, fmt)
-            assert cfg.block_m == block_m and cfg.swap_ab == (T > 256), (fmt, T, cfg)
-            if cfg.swap_ab:
-                assert (cfg.gemm1, cfg.gemm2) == (GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)), cfg
+            assert cfg.block_m == block_m and cfg.swap_ab, (fmt, T, cfg)
+            assert (cfg.gemm1, cfg.gemm2) == (GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)), cfg
     gpt_oss = choose_moe_config(1024, 4, 128, 2880, 2880, "mxfp4")  # 32 rows per expert, K = 2880
     assert gpt_oss.swap_ab and gpt_oss.block_m == 32
     assert (gpt_oss.gemm1, gpt_oss.gemm2) == (GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4))
@@ -658,7 +657,7 @@ def test_mxfp4_mma_rule_and_decode_tiles():
     assert config.choices()["mxfp4_mma"] == ("auto", "dot_scaled", "decode")
     assert not mxfp4_dot_scaled("auto", 9) and mxfp4_dot_scaled("auto", 10)
     assert mxfp4_dot_scaled("dot_scaled", 9) and not mxfp4_dot_scaled("decode", 10)
-    for T in (1, 16, 128):
-        cfg = choose_moe_config(T, 8, 128, 2048, 768, "mxfp4", 132)
+    for T in (1, 16, 128):  # the unswapped tiles (fp16 activations, the persistent kernel)
+        cfg = choose_moe_config(T, 8, 128, 2048, 768, "mxfp4", 132, allow_swap_ab=False)
         assert cfg.regime != "prefill"
         assert cfg.gemm1.block_n <= 32 and cfg.gemm2.block_n <= 64 and cfg.gemm1.block_k <= 256, cfg
