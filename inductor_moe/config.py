@@ -50,12 +50,12 @@ mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
 # MoE FP4 weights decoded in registers (NVFP4, and MXFP4 on the "decode" path), bf16 activations,
 # H and I multiples of 64: "on" computes each tile transposed, the decoded weight rows as wgmma's
 # register operand and the tokens as its small side, with the activations' K permuted to match
-# (templates/moe_common.py: to_mma_k_order); "off" keeps tokens as rows; "auto" swaps above 16
-# (token, slot) pairs per expert (lowering/moe_plan.py: choose_moe_config; 1.2-1.8x faster on H100).
+# (templates/moe_common.py: to_mma_k_order); "off" keeps tokens as rows; "auto" swaps (lowering/
+# moe_plan.py: choose_moe_config; 1.2-1.8x faster on H100 at every size measured).
 fp4_swap_ab: str = Config(default="auto", env_name_force="INDUCTOR_MOE_FP4_SWAP_AB")
 
 # Run decode calls on the CUDA kernels (cuda/, built by NVRTC at run time) where they fit: FP4
-# matmuls at M <= 16 and FP4 MoE experts up to 16 (token, slot) pairs per
+# matmuls at M <= 16 and FP4 MoE experts up to 12 (token, slot) pairs per
 # expert, bf16 activations.  Off: the Triton paths.
 # Read when the kernels run.
 cuda_decode: bool = Config(default=True, env_name_force="INDUCTOR_MOE_CUDA_DECODE")
