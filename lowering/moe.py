@@ -5,6 +5,8 @@ Pipeline (templates/): align (route + pad per expert) -> L1 (dispatch x w13, Swi
 writes the one [N, I] intermediate) -> L2 (x w2, routing weight, writes [N, H] per-(token, slot)
 rows) -> combine (fixed-order fp32 sum over slots).  Chained with PDL on sm_90+.  Where
 ``moe_mega.choose_mega`` says so (small decode calls), L1 and L2 run as one persistent launch.
+FP4 experts with bf16 activations run swapped tiles (``MoEKernelConfig.swap_ab``): x's K is
+permuted once first (``moe_kperm_kernel``) and L1 writes the intermediate in the same order.
 
 ``register()`` installs the CUDA kernel of the op; anything the kernels do not cover runs the
 reference op, with the reason recorded in the report, never a wrong result.  No host syncs and

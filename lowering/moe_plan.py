@@ -157,7 +157,7 @@ def swap_ab_fits(weight_format: str, act_format: str, hidden: int, intermediate:
             and hidden % 64 == 0 and intermediate % 64 == 0)
 
 
-def with_swap_ab(cfg: "MoEKernelConfig", hidden: int = 128, intermediate: int = 128) -> "MoEKernelConfig":
+def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int) -> "MoEKernelConfig":
     """``cfg`` with the swapped FP4 tiles, 4 warps (one warpgroup: 64 weight rows per wgmma), 128
     weight rows per program (L1: 64 intermediate columns, gate and up): 128 of K per step with 3
     stages where both GEMMs' K are multiples of 128, else 64 with 4 (gpt-oss's 2880 would leave a
