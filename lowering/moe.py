@@ -30,6 +30,7 @@ from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_swap_ab, mxfp4_dot_scaled, swap_ab_fits,
                        with_swap_ab)
+from .moe_tune_cache import kernel_constraint_violation
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 KERNEL_WEIGHT_FORMATS = ("dense", "fp8_block128", "mxfp4", "nvfp4")  # what the templates read
@@ -135,6 +136,13 @@ def _cuda_decode_available(spec: MoESpec, device: torch.device, x_dtype) -> bool
 
 
 # ------------------------------------------------------------------------------ launcher
+
+@functools.lru_cache(maxsize=1024)
+def _unswapped_plan(T, k, E, H, I, fmt, num_sms, act_format) -> MoEKernelConfig:  # noqa: E741
+    """The heuristic's tiles for a call planned swapped that cannot run so (tl.dot_scaled, fp16
+    activations, the persistent kernel, config.fp4_swap_ab off): planned once per shape, not per call."""
+    return choose_moe_config(T, k, E, H, I, fmt, num_sms, act_format=act_format, allow_swap_ab=False)
+
 
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
                      hidden: int, use_pdl: bool, swap_ab: bool = False, gate_up_gscales: bool = False) -> dict:
@@ -282,9 +290,9 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     swap_ab = (not fp4_dot_scaled and x.dtype == torch.bfloat16 and not use_mega
                and swap_ab_fits(fmt, spec.act_format, H, I) and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab))
     if cfg.swap_ab and not swap_ab and cfg.source == "heuristic":  # planned swapped, runs unswapped
-        cfg = choose_moe_config(T, k, E, H, I, fmt, _num_sms(x.device), act_format=spec.act_format,
-                                allow_swap_ab=False).replace(fp4_dot_scaled=cfg.fp4_dot_scaled)
-    elif swap_ab and (cfg.gemm1.block_n % 64 or cfg.gemm1.block_k % 64 or cfg.gemm2.block_k % 64):
+        cfg = _unswapped_plan(T, k, E, H, I, fmt, _num_sms(x.device), spec.act_format).replace(
+            fp4_dot_scaled=cfg.fp4_dot_scaled)
+    elif swap_ab and kernel_constraint_violation(cfg.block_m, cfg.gemm1, cfg.gemm2, fmt, spec.act_format, True):
         cfg = with_swap_ab(cfg, H, I)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
     BM = cfg.block_m
     pdl = {"launch_pdl": True} if use_pdl else {}

@@ -24,12 +24,13 @@ TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
-          overrides=None, weight_format="dense", act="dense", settings=None, gate_up_gscales=False):
+          overrides=None, weight_format="dense", act="dense", settings=None, gate_up_gscales=False, swapped=None):
     """``settings``: inductor_moe.config keys patched for the call.  ``gate_up_gscales``: NVFP4 gate and
-    up quantised on their own (w13 global scales [E, 2])."""
+    up quantised on their own (w13 global scales [E, 2]).  ``swapped``: whether the call must run the
+    swapped FP4 tiles (None: not checked)."""
     return dict(name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
                 overrides=overrides or {}, weight_format=weight_format, act=act, settings=settings or {},
-                gate_up_gscales=gate_up_gscales)
+                gate_up_gscales=gate_up_gscales, swapped=swapped)
 
 
 def _tol(case):
@@ -61,12 +62,14 @@ CASES = [
     _case("fp8_block128", T=33, k=2, weight_format="fp8_block128", bad_ids=True),
     _case("fp8_block128_k6", T=5, k=6, I=64, H=128, weight_format="fp8_block128",
           spec="gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True),
-    _case("mxfp4", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True, settings={"mxfp4_mma": "dot_scaled"}),
+    _case("mxfp4", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True, settings={"mxfp4_mma": "dot_scaled"},
+          swapped=False),
     _case("mxfp4_interleaved", T=5, k=6, I=64, weight_format="mxfp4", spec="gate_up=interleaved"),
     _case("mxfp4_in_registers", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
-          overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "off"}),
-    _case("mxfp4_fp16_bias", T=5, k=2, I=64, H=128, dtype="float16", weight_format="mxfp4", bias=True),
-    _case("nvfp4", T=33, k=6, I=64, weight_format="nvfp4", bad_ids=True),
+          overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "off"}, swapped=False),
+    _case("mxfp4_fp16_bias", T=5, k=2, I=64, H=128, dtype="float16", weight_format="mxfp4", bias=True,
+          swapped=False),
+    _case("nvfp4", T=33, k=6, I=64, weight_format="nvfp4", bad_ids=True, swapped=True),
     _case("nvfp4_gate_up_gscales", T=33, k=2, I=64, weight_format="nvfp4", gate_up_gscales=True),
     _case("nvfp4_gate_up_gscales_interleaved_two_dot", T=5, k=6, I=64, weight_format="nvfp4", gate_up_gscales=True,
           spec="gate_up=interleaved", overrides={"gate_up_one_dot": False}, settings={"fp4_swap_ab": "on"}),
@@ -79,13 +82,13 @@ CASES = [
     # swapped FP4 tiles (acc^T = W @ X^T, activations in to_mma_k_order): one gate/up dot and two, L2,
     # a K tail of 64 in L1 (H = 192, 128-deep steps); H = 96 does not fit them (unswapped then)
     _case("mxfp4_swap_ab", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
-          overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}),
+          overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=True),
     _case("nvfp4_swap_ab_two_dot_gpt_oss_k_tail", T=5, k=6, I=128, H=192, weight_format="nvfp4", bias=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
-          overrides={"gate_up_one_dot": False}),
+          overrides={"gate_up_one_dot": False}, swapped=True),
     _case("nvfp4_swap_ab_h96_unswapped", T=5, k=6, I=64, H=96, weight_format="nvfp4", bias=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
-          overrides={"gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64}),
+          overrides={"gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64}, swapped=False),
     _case("quantize_fp8", T=5, k=2, I=64, spec="quantize_weights=fp8_block128"),
     # fp8 activations (x quantised per token once, the intermediate quantised in L1's epilogue)
     _case("a128_dense_t0", T=0, act="fp8_block128"),
@@ -215,13 +218,25 @@ def run_case(case) -> dict:
     from inductor_moe.lowering.moe import fused_moe_experts
     from inductor_moe.ops.moe_experts import moe_experts_reference
 
+    from inductor_moe.templates import moe_common
+
     (s, spec, x, ids, tw, w13, w2, extra, b13, b2), cfg = case_inputs_and_config(case)
 
     outs = []
-    for _ in range(2):
-        with _Poison(), config.patch(**case["settings"]):
-            outs.append(fused_moe_experts(x, ids, tw, w13, w2, s, b13=b13, b2=b2, kernel_config=cfg,
-                                          use_pdl=False, **extra))
+    kperm, kperm_grids = moe_common.moe_kperm_kernel, []  # launched only where the tiles run swapped
+
+    class _CountingKperm:
+        def __getitem__(self, grid):
+            kperm_grids.append(grid)
+            return kperm[grid]
+    moe_common.moe_kperm_kernel = _CountingKperm()
+    try:
+        for _ in range(2):
+            with _Poison(), config.patch(**case["settings"]):
+                outs.append(fused_moe_experts(x, ids, tw, w13, w2, s, b13=b13, b2=b2, kernel_config=cfg,
+                                              use_pdl=False, **extra))
+    finally:
+        moe_common.moe_kperm_kernel = kperm
     f64 = lambda t: None if t is None else (t.double() if t.dtype in (torch.bfloat16, torch.float16) else t)  # noqa
     ref = moe_experts_reference(x.double(), ids, tw.double(), f64(w13), f64(w2), spec, b13=f64(b13), b2=f64(b2),
                                 **extra)
@@ -230,7 +245,7 @@ def run_case(case) -> dict:
     err = (out.double() - ref).norm().item() / denom if denom > 0 else (out.double() - ref).norm().item()
     return dict(name=case["name"], shape=list(out.shape), dtype=str(out.dtype), err=err,
                 nan=bool(out.isnan().any()), deterministic=bool(torch.equal(outs[0], outs[1])),
-                config=repr(cfg))
+                config=repr(cfg), swapped=bool(kperm_grids))
 
 
 def report_cases(cases_and_runners):
@@ -284,6 +299,8 @@ def check_interpreted_case(r, case) -> None:
     assert not r["nan"], "NaN in output (an unwritten or poisoned buffer was read)"
     assert r["deterministic"], "two runs differ bitwise"
     assert r["err"] <= _tol(case), f"rel err {r['err']:.3g} ({r['config']})"
+    if case.get("swapped") is not None and "swapped" in r:  # the mega cases report no launch count
+        assert r["swapped"] == case["swapped"], f"swapped FP4 tiles: ran {r['swapped']}, expected {case['swapped']}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
