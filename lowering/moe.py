@@ -28,8 +28,8 @@ from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
-from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_swap_ab, mxfp4_dot_scaled, swap_ab_fits,
-                       with_swap_ab)
+from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_swap_ab, k_half_tail, mxfp4_dot_scaled,
+                       swap_ab_fits, with_swap_ab)
 from .moe_tune_cache import kernel_constraint_violation
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -144,6 +144,12 @@ def _unswapped_plan(T, k, E, H, I, fmt, num_sms, act_format) -> MoEKernelConfig:
     return choose_moe_config(T, k, E, H, I, fmt, num_sms, act_format=act_format, allow_swap_ab=False)
 
 
+def _tail_constexprs(cfg: MoEKernelConfig, half_tail: bool) -> dict:
+    """K_HALF_TAIL / TAIL_BLOCK_M (the persistent kernel takes neither: lowering/moe_mega.py); a
+    tail_block_m not below block_m (a tuned block_m) means none."""
+    return dict(K_HALF_TAIL=half_tail, TAIL_BLOCK_M=cfg.tail_block_m if cfg.tail_block_m < cfg.block_m else 0)
+
+
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
                      hidden: int, use_pdl: bool, swap_ab: bool = False, gate_up_gscales: bool = False) -> dict:
     """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing.
@@ -152,12 +158,14 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
     g1 = cfg.gemm1
+    half_tail = k_half_tail(hidden, g1.block_k, swap_ab)
     return dict(ACTIVATION=ACTIVATION_CODES[spec.activation], HAS_LIMIT=spec.limit is not None, HAS_BIAS=has_bias,
                 INTERLEAVED=spec.gate_up == "interleaved", WEIGHT_BEFORE_DOWN=spec.weight_position == "before_down",
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n,
-                BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
+                BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0 or half_tail, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales, num_warps=g1.num_warps, num_stages=g1.num_stages)
+                SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales, **_tail_constexprs(cfg, half_tail),
+                num_warps=g1.num_warps, num_stages=g1.num_stages)
 
 
 def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
@@ -167,11 +175,12 @@ def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
     g2 = cfg.gemm2
+    half_tail = k_half_tail(intermediate, g2.block_k, swap_ab)
     return dict(HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=spec.weight_position == "after_down",
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n,
-                BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0, FP4_DOT_SCALED=fp4_dot_scaled,
+                BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0 or half_tail, FP4_DOT_SCALED=fp4_dot_scaled,
                 USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                SWAP_AB=swap_ab, num_warps=g2.num_warps, num_stages=g2.num_stages)
+                SWAP_AB=swap_ab, **_tail_constexprs(cfg, half_tail), num_warps=g2.num_warps, num_stages=g2.num_stages)
 
 
 def isa_specs() -> dict:
@@ -284,6 +293,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         use_mega = x.device.type == "cuda" and moe_config.mega_kernel and choose_mega(
             cfg, T, k, E, H, I, _num_sms(x.device))
     use_mega = bool(use_mega)
+    if use_mega and cfg.tail_block_m:  # the persistent kernel's tile loops run whole blocks only
+        cfg = cfg.replace(tail_block_m=0)
     act = ACT_FORMAT_CODES[spec.act_format]
     fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
                       and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))

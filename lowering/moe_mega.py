@@ -69,6 +69,9 @@ def mega_arguments(gemm1_kernel, gemm1_args: tuple, gemm1_kw: dict, gemm2_kernel
     l2 = {**dict(zip(gemm2_kernel.arg_names, gemm2_args)), **gemm2_kw}
     if l2.pop("WEIGHT_AFTER_DOWN") == l1["WEIGHT_BEFORE_DOWN"]:
         raise ValueError("the routing weight must apply exactly once (before or after the down projection)")
+    for args in (l1, l2):  # whole K steps and whole blocks only in the persistent kernel's tile loops
+        if any([args.pop("K_HALF_TAIL", False), args.pop("TAIL_BLOCK_M", 0)]):
+            raise ValueError("the persistent kernel runs neither half-deep K tails nor smaller tail blocks")
     out = {}
     for prefix, args in (("l1_", l1), ("l2_", l2)):
         for name, value in args.items():

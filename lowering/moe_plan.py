@@ -47,12 +47,16 @@ class MoEKernelConfig:
     gate_up_one_dot: bool = True  # L1: one [BK, 2*block_n] weight tile (gate/up alternating) per step
     fp4_dot_scaled: bool = True  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
     swap_ab: bool = False  # FP4 decoded in registers as wgmma's register A operand (fp4_swap_ab)
+    tail_block_m: int = 0  # > 0 and < block_m: an expert's last M-block runs tiles of this many rows, or
+    # twice it, where they hold its rows (moe_gemm1_kernel); swap_ab_tail_block_m
     source: str = "heuristic"  # where block_m / gemm tiles came from: "heuristic", or tuned (lowering/moe_tune.py):
     # "tuned" (this process), "tuned-cache" (user cache file), "tuned-shipped" (lowering/tuned/<device>.json)
 
     def __post_init__(self):
         if self.block_m not in (16, 32, 64, 128, 256):
             raise ValueError(f"block_m={self.block_m} must be one of 16, 32, 64, 128, 256")
+        if self.tail_block_m not in (0, 16, 32, 64, 128):
+            raise ValueError(f"tail_block_m={self.tail_block_m} must be 0 or one of 16, 32, 64, 128")
         if self.source not in CONFIG_SOURCES:
             raise ValueError(f"source={self.source!r} must be one of {CONFIG_SOURCES}")
         for name in ("align_chunk", "combine_block_t", "combine_block_h"):
@@ -158,30 +162,59 @@ def swap_ab_fits(weight_format: str, act_format: str, hidden: int, intermediate:
 
 
 def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int) -> "MoEKernelConfig":
-    """``cfg`` with the swapped FP4 tiles, 4 warps (one warpgroup: 64 weight rows per wgmma), 128
-    weight rows per program (L1: 64 intermediate columns, gate and up): 128 of K per step with 3
-    stages where both GEMMs' K are multiples of 128, else 64 with 4 (gpt-oss's 2880 would leave a
-    masked half step).  Fastest or within 8% of it at every point of an H100 sweep (qwen3, gpt-oss,
-    dsv4, T = 256-16384; benchmarks/NOTES.md, "Swapped FP4 tiles")."""
-    if hidden % 128 == 0 and intermediate % 128 == 0:
+    """``cfg`` with the swapped FP4 tiles at its block_m.  Up to 128 rows: 4 warps (one warpgroup:
+    64 weight rows per wgmma), 128 weight rows per program (L1: 64 intermediate columns, gate and
+    up), 128 of K per step with 3 stages where both GEMMs' K are multiples of 128, else 64 with 4
+    (gpt-oss's 2880 would leave a masked half step; 128-deep steps with one unmasked 64-deep step
+    at the end (K_HALF_TAIL) measured 1-7% slower there).  Fastest or within 8% of it at every
+    point of an H100 sweep (qwen3, gpt-oss, dsv4, T = 256-16384; benchmarks/NOTES.md, "Swapped FP4
+    tiles").  256 rows: 8 warps, 64-deep steps, 3 stages (two warpgroups of 64 weight rows by 256
+    tokens: each decoded weight serves twice the tokens).  An expert's last block runs shorter
+    tiles (swap_ab_tail_block_m)."""
+    if cfg.block_m == 256:
+        g1, g2 = GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3)
+    elif hidden % 128 == 0 and intermediate % 128 == 0:
         g1, g2 = GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)
     else:
         g1, g2 = GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4)
-    return cfg.replace(swap_ab=True, gemm1=g1, gemm2=g2)
+    return cfg.replace(swap_ab=True, gemm1=g1, gemm2=g2, tail_block_m=swap_ab_tail_block_m(cfg.block_m))
 
 
-def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str) -> int:
+def swap_ab_tail_block_m(block_m: int) -> int:
+    """The swapped tiles' shortest tile for an expert's last block: a quarter of block_m (the
+    kernels try it, then twice it), 64 at 256 rows, 16 at 32, none at 16.  With random routing
+    about half the experts end in a block of a few rows, which otherwise costs a full-height
+    MMA: on H100 (benchmarks/NOTES.md, "Shorter tiles for an expert's last block") 1-10% faster
+    at 128 rows (MXFP4 qwen3 T = 1024 402 -> 361 us, gpt-oss T = 4096 3159 -> 2962, NVFP4 gpt-oss
+    T = 4096 3377 -> 3082), except NVFP4 on qwen3 and dsv4 at >= 256 rows per expert (2-6%
+    slower; they take 256-row blocks)."""
+    return {16: 0, 32: 16, 256: 64}.get(block_m, block_m // 4)
+
+
+def k_half_tail(k_dim: int, block_k: int, swap_ab: bool) -> bool:
+    """Whether a GEMM with reduction ``k_dim`` ends with one unmasked half-deep step (K_HALF_TAIL):
+    the swapped tiles only, where K = n * block_k + block_k / 2 and the half step still takes
+    whole 64s of K (gpt-oss's 2880 = 22 * 128 + 64); elsewhere a K tail is masked (EVEN_K off)."""
+    return swap_ab and block_k >= 128 and k_dim % block_k == block_k // 2
+
+
+def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str, hidden: int,
+                    intermediate: int) -> int:
     """Rows per M-block for the swapped tiles, where the tokens are wgmma's N: 16 up to 8 rows per
-    expert, 32 up to 32, 64 up to 48, then 128 -- but NVFP4 keeps 64 at mid sizes (H100 sweeps:
-    16 beat 32 at 8 rows per expert by 9%, 32 beat 16 at 16 rows by 0-25% and 64 at 24-32 by
-    3-30%; at 64 rows 128 beat 64 by 7% with MXFP4 and lost by 25% with NVFP4; at 256, MXFP4,
-    128 beat 64 by 30%)."""
+    expert, 32 up to 32, 64 up to 48, then 128 -- but NVFP4 keeps 64 at mid sizes, and takes 256
+    from 128 rows per expert where both K are multiples of 128 (H100 sweeps: 16 beat 32 at 8 rows
+    per expert by 9%, 32 beat 16 at 16 rows by 0-25% and 64 at 24-32 by 3-30%; at 64 rows 128 beat
+    64 by 7% with MXFP4 and lost by 25% with NVFP4; at 256, MXFP4, 128 beat 64 by 30%; NVFP4 256
+    rows, 8 warps, against 128: qwen3 T = 2048-16384 4-20% faster, dsv4 T = 16384 13%, gpt-oss
+    (K = 2880) 9-37% slower; MXFP4 256 rows: -4% to +6%, not taken)."""
     if rows_per_expert <= 8:
         return 16
     if rows_per_expert <= 32:
         return 32
     if rows_per_expert <= 48 or (weight_format == "nvfp4" and regime == "mid"):
         return 64
+    if weight_format == "nvfp4" and rows_per_expert >= 128 and hidden % 128 == 0 and intermediate % 128 == 0:
+        return 256
     return 128
 
 
@@ -274,8 +307,8 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)
     if allow_swap_ab and swap_ab_fits(weight_format, act_format, hidden, intermediate):
-        cfg = with_swap_ab(cfg, hidden, intermediate).replace(
-            block_m=swap_ab_block_m(rows_per_expert, weight_format, regime))
+        cfg = with_swap_ab(cfg.replace(block_m=swap_ab_block_m(rows_per_expert, weight_format, regime, hidden,
+                                                               intermediate)), hidden, intermediate)
     if overrides:
         cfg = _apply_overrides(cfg, overrides)
     return cfg

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .moe_plan import GemmTiles, MoEKernelConfig
+from .moe_plan import GemmTiles, MoEKernelConfig, swap_ab_tail_block_m
 
 log = logging.getLogger("inductor_moe.tune")
 
@@ -151,7 +151,8 @@ class TunedTiles:
 
     def apply(self, cfg: MoEKernelConfig, source: str) -> MoEKernelConfig:
         return cfg.replace(block_m=self.block_m, gemm1=self.gemm1, gemm2=self.gemm2,
-                           gate_up_one_dot=self.gate_up_one_dot, swap_ab=self.swap_ab, source=source)
+                           gate_up_one_dot=self.gate_up_one_dot, swap_ab=self.swap_ab, source=source,
+                           tail_block_m=swap_ab_tail_block_m(self.block_m) if self.swap_ab else 0)
 
     def to_json(self) -> dict:
         out = {"block_m": self.block_m, "gate_up_one_dot": self.gate_up_one_dot,

@@ -64,6 +64,12 @@ def expert_block_of_program(block_expert_ptr, num_n, USE_PDL: tl.constexpr):
 
 
 @triton.jit
+def rows_left_in_expert(expert_start_ptr, expert_count_ptr, e, row_start):
+    """Rows of expert e from row_start on (its blocks are padded: the last one holds the rest)."""
+    return tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e) - row_start
+
+
+@triton.jit
 def store_cast(x, dtype: tl.constexpr):
     """fp32 -> bf16/fp16 (for a store or an MMA operand), round to nearest even on every backend."""
     if INTERPRET:

@@ -19,14 +19,36 @@
 import triton
 import triton.language as tl
 
-from .moe_common import (expert_block_of_program, pdl_launch_dependents, quantize_fp8_groups, store_cast,
-                          swiglu_epilogue, to_mma_k_order)
+from .moe_common import (expert_block_of_program, pdl_launch_dependents, quantize_fp8_groups, rows_left_in_expert,
+                          store_cast, swiglu_epilogue, to_mma_k_order)
 from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
 @triton.jit
+def _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up, n_cat, k0, H, I,
+                  stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
+                  ACT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_ONE_DOT: tl.constexpr,
+                  FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
+    """One K step of L1: gather the token rows' x[:, k0:k0+BK], multiply by the gate/up weight tile(s)
+    (GATE_UP_ONE_DOT: acc_gate is the one accumulator, acc_up a placeholder)."""
+    a, a_s = load_act_tile(x_rows, xs_rows, row_mask, k0, H, BLOCK_K, ACT_FORMAT, EVEN_K)
+    if GATE_UP_ONE_DOT:
+        acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
+                                       stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K,
+                                       FP4_DOT_SCALED, SWAP_AB)
+    else:
+        acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn,
+                                       stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
+                                       EVEN_K, FP4_DOT_SCALED, SWAP_AB)
+        acc_up = act_weight_tile_dot(acc_up, a, a_s, w_base, s_base, n_up, k0, H, 2 * I, stride_wn,
+                                     stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
+                                     EVEN_K, FP4_DOT_SCALED, SWAP_AB)
+    return acc_gate, acc_up
+
+
+@triton.jit
 def gemm1_tile(
-    pid_m, pid_n, e,
+    row_start, pid_n, e,
     x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
     sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
     H, I, top_k,
@@ -38,8 +60,10 @@ def gemm1_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
+    K_HALF_TAIL: tl.constexpr = False,
 ):
-    """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
+    """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one
+    expert's, e >= 0).
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
     False and triggers on its own).  SWAP_AB: x is in moe_common.to_mma_k_order, the accumulators
     are [columns, rows] in the K loop (moe_tiles._fp4_weight_rows_dot), transposed once after it,
@@ -50,7 +74,7 @@ def gemm1_tile(
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
     tl.static_assert(not SWAP_AB or BLOCK_N % 64 == 0, "swapped tiles write whole 64-column K-order groups")
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row_start + tl.arange(0, BLOCK_M)
     row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
     row_mask = rows < row_end
     entry = tl.load(sorted_ids_ptr + rows, mask=row_mask, other=0)
@@ -67,6 +91,7 @@ def gemm1_tile(
     s_base = w_scale_ptr + e.to(tl.int64) * stride_se
     x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_xt
     xs_rows = x_scale_ptr + token.to(tl.int64) * stride_xst  # fp8 activations: the row's scales
+    n_cat = n  # the one-dot weight rows (unused with two dots)
     if GATE_UP_ONE_DOT:
         j = tl.arange(0, 2 * BLOCK_N)
         col = pid_n * BLOCK_N + j // 2
@@ -84,19 +109,21 @@ def gemm1_tile(
     else:
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        a, a_s = load_act_tile(x_rows, xs_rows, row_mask, k0, H, BLOCK_K, ACT_FORMAT, EVEN_K)
-        if GATE_UP_ONE_DOT:
-            acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
-                                      stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K,
-                                      FP4_DOT_SCALED, SWAP_AB)
-        else:
-            acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn,
-                                           stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
-                                           EVEN_K, FP4_DOT_SCALED, SWAP_AB)
-            acc_up = act_weight_tile_dot(acc_up, a, a_s, w_base, s_base, n_up, k0, H, 2 * I, stride_wn,
-                                         stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
-                                         EVEN_K, FP4_DOT_SCALED, SWAP_AB)
+    if GATE_UP_ONE_DOT:
+        acc_gate, acc_up = acc, 0.0  # one accumulator: gate and up columns alternating
+    # K_HALF_TAIL: H = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
+    k_main = H - BLOCK_K // 2 if K_HALF_TAIL else H
+    for k0 in range(0, k_main, BLOCK_K):
+        acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
+                                         n_cat, k0, H, I, stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K,
+                                         WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, SWAP_AB)
+    if K_HALF_TAIL:
+        acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
+                                         n_cat, k_main, H, I, stride_wn, stride_wk, stride_sn, stride_sk,
+                                         BLOCK_K // 2, WEIGHT_FORMAT, ACT_FORMAT, True, GATE_UP_ONE_DOT,
+                                         FP4_DOT_SCALED, SWAP_AB)
+    if GATE_UP_ONE_DOT:
+        acc = acc_gate
     if SWAP_AB:
         if GATE_UP_ONE_DOT:
             acc = tl.trans(acc)
@@ -151,14 +178,57 @@ def moe_gemm1_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
+    K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0,
 ):
+    """TAIL_BLOCK_M > 0: a block holding at most that many rows (an expert's last) runs a tile of
+    TAIL_BLOCK_M rows, so its MMA does not spend BLOCK_M rows' work on a few tokens."""
     pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(I, BLOCK_N), USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
-        gemm1_tile(pid_m, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, inter_ptr,
-                   sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
-                   H, I, top_k,
-                   stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
-                   stride_xst, stride_ist, alpha, limit, up_offset,
-                   ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
-                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL, ACT_FORMAT,
-                   SWAP_AB, GATE_UP_GSCALES)
+        row_start = pid_m * BLOCK_M
+        if TAIL_BLOCK_M == 0:
+            gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                       inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
+                       H, I, top_k,
+                       stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+                       stride_xst, stride_ist, alpha, limit, up_offset,
+                       ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
+                       ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+        else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
+            left = rows_left_in_expert(expert_start_ptr, expert_count_ptr, e, row_start)
+            if left <= TAIL_BLOCK_M:
+                gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                           inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
+                           H, I, top_k,
+                           stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+                           stride_xst, stride_ist, alpha, limit, up_offset,
+                           ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
+                           TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+            elif 2 * TAIL_BLOCK_M == BLOCK_M:
+                gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                           inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
+                           H, I, top_k,
+                           stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+                           stride_xst, stride_ist, alpha, limit, up_offset,
+                           ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+            elif left <= 2 * TAIL_BLOCK_M:
+                gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                           inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
+                           H, I, top_k,
+                           stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+                           stride_xst, stride_ist, alpha, limit, up_offset,
+                           ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
+                           2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+            else:
+                gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                           inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
+                           H, I, top_k,
+                           stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be,
+                           stride_xst, stride_ist, alpha, limit, up_offset,
+                           ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)

@@ -11,13 +11,13 @@
 import triton
 import triton.language as tl
 
-from .moe_common import expert_block_of_program, pdl_launch_dependents, store_cast
+from .moe_common import expert_block_of_program, pdl_launch_dependents, rows_left_in_expert, store_cast
 from .moe_tiles import act_weight_tile_dot, load_act_tile
 
 
 @triton.jit
 def gemm2_tile(
-    pid_m, pid_n, e,
+    row_start, pid_n, e,
     inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
     sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
     H, I,
@@ -25,8 +25,10 @@ def gemm2_tile(
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    K_HALF_TAIL: tl.constexpr = False,
 ):
-    """Output columns [pid_n * BLOCK_N, +BLOCK_N) of M-block pid_m, whose expert is e >= 0.
+    """Output columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one expert's,
+    e >= 0).
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
     False and triggers on its own).  SWAP_AB: the intermediate is in moe_common.to_mma_k_order (L1
     wrote it so), the accumulator is [columns, rows] in the K loop (moe_tiles._fp4_weight_rows_dot),
@@ -35,7 +37,7 @@ def gemm2_tile(
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row_start + tl.arange(0, BLOCK_M)
     row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
     row_mask = rows < row_end
     entry = tl.load(sorted_ids_ptr + rows, mask=row_mask, other=0)
@@ -49,10 +51,17 @@ def gemm2_tile(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_rows = inter_ptr + entry.to(tl.int64)[:, None] * I
     as_rows = inter_scale_ptr + entry.to(tl.int64) * stride_ist  # fp8 intermediate: the row's scales
-    for k0 in range(0, I, BLOCK_K):
+    # K_HALF_TAIL: I = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
+    k_main = I - BLOCK_K // 2 if K_HALF_TAIL else I
+    for k0 in range(0, k_main, BLOCK_K):
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k0, I, BLOCK_K, ACT_FORMAT, EVEN_K)
         acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
                                   stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED,
+                                  SWAP_AB)
+    if K_HALF_TAIL:
+        a, a_s = load_act_tile(a_rows, as_rows, row_mask, k_main, I, BLOCK_K // 2, ACT_FORMAT, True)
+        acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k_main, I, H, stride_wn, stride_wk,
+                                  stride_sn, stride_sk, BLOCK_K // 2, WEIGHT_FORMAT, ACT_FORMAT, True, FP4_DOT_SCALED,
                                   SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -78,11 +87,41 @@ def moe_gemm2_kernel(
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0,
 ):
+    """TAIL_BLOCK_M: as in moe_gemm1_kernel."""
     pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(H, BLOCK_N), USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
-        gemm2_tile(pid_m, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
-                   rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
-                   stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
-                   HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                   FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB)
+        row_start = pid_m * BLOCK_M
+        if TAIL_BLOCK_M == 0:
+            gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                       rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
+                       stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+                       HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                       FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+        else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
+            left = rows_left_in_expert(expert_start_ptr, expert_count_ptr, e, row_start)
+            if left <= TAIL_BLOCK_M:
+                gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                           rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
+                           stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+                           HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+            elif 2 * TAIL_BLOCK_M == BLOCK_M:
+                gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                           rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
+                           stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+                           HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+            elif left <= 2 * TAIL_BLOCK_M:
+                gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                           rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
+                           stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+                           HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, 2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+            else:
+                gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
+                           rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
+                           stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+                           HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)

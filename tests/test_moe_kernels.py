@@ -86,6 +86,13 @@ CASES = [
     _case("nvfp4_swap_ab_two_dot_gpt_oss_k_tail", T=5, k=6, I=128, H=192, weight_format="nvfp4", bias=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
           overrides={"gate_up_one_dot": False}, swapped=True),
+    # 128-deep steps ending in one unmasked 64-deep step (H = I = 192, K_HALF_TAIL in both GEMMs), and
+    # blocks of at most 16 rows run 16-row tiles (TAIL_BLOCK_M; ~16.5 rows per expert: both kinds run)
+    _case("mxfp4_swap_ab_half_k_tail_small_blocks", T=66, E=8, k=2, I=192, H=192, weight_format="mxfp4",
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", bias=True, settings={"fp4_swap_ab": "on"},
+          overrides={"fp4_dot_scaled": False, "block_m": 32, "tail_block_m": 16, "gemm1.block_k": 128,
+                     "gemm2.block_k": 128}, swapped=True),
+    _case("dense_small_blocks", T=66, E=8, k=2, bad_ids=True, overrides={"block_m": 32, "tail_block_m": 16}),
     _case("nvfp4_swap_ab_h96_unswapped", T=5, k=6, I=64, H=96, weight_format="nvfp4", bias=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
           overrides={"gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64}, swapped=False),
@@ -359,7 +366,8 @@ def test_plan_mid_block_rows_and_fp4_prefill_tiles():
 
 def test_plan_swapped_fp4_tiles():
     """FP4 weights with bf16 activations run the swapped tiles: 16-row blocks up to 8 rows per
-    expert, 32 up to 32, 64 up to 48, then 128 (NVFP4: 64 through the mid sizes); 128-deep steps
+    expert, 32 up to 32, 64 up to 48, then 128 (NVFP4: 64 through the mid sizes, 256 from 128 rows
+    where both K are multiples of 128), shorter tiles for an expert's last block; 128-deep steps
     with 3 stages where both K are multiples of 128, else 64-deep with 4.  Not with fp8
     activations, not where H or I is not a multiple of 64."""
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
@@ -374,6 +382,15 @@ def test_plan_swapped_fp4_tiles():
     gpt_oss = choose_moe_config(1024, 4, 128, 2880, 2880, "mxfp4")  # 32 rows per expert, K = 2880
     assert gpt_oss.swap_ab and gpt_oss.block_m == 32
     assert (gpt_oss.gemm1, gpt_oss.gemm2) == (GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4))
+    # an expert's last block runs shorter tiles: a quarter of block_m (then half), 16 at 32 rows, none at 16
+    for T, block_m, tail in ((64, 16, 0), (256, 32, 16), (768, 64, 16), (4096, 128, 32)):
+        assert choose_moe_config(T, 8, 128, 2048, 768, "mxfp4").tail_block_m == tail, T
+    # NVFP4 from 128 rows per expert: 256-row blocks, two warpgroups, where both K are multiples of 128
+    for T, block_m in ((1536, 64), (2048, 256), (16384, 256)):
+        cfg = choose_moe_config(T, 8, 128, 2048, 768, "nvfp4")
+        assert cfg.block_m == block_m, (T, cfg)
+    assert (cfg.gemm1, cfg.gemm2, cfg.tail_block_m) == (GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3), 64)
+    assert choose_moe_config(4096, 4, 128, 2880, 2880, "nvfp4").block_m == 128  # gpt-oss: slower at 256
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").swap_ab
     assert not choose_moe_config(1024, 8, 128, 96, 768, "nvfp4").swap_ab
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "dense").swap_ab
@@ -440,11 +457,14 @@ def test_templates_compile_for_sm90(case):
                         {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}, "wgmma"),
         "nvfp4_decode": (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256),
                          {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "mma.sync"),
-        # swapped: 128 decoded weight rows are wgmma's register A operand (L1: 2 x 64 gate/up columns)
-        "nvfp4_swapped": (3, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SWAP_AB=True),
-                          {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "wgmma"),
+        # swapped: 128 decoded weight rows are wgmma's register A operand (L1: 2 x 64 gate/up columns),
+        # 128-deep steps ending in a 64-deep one, 16-row tiles for an expert's short last block
+        "nvfp4_swapped": (3, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SWAP_AB=True, K_HALF_TAIL=True,
+                                  TAIL_BLOCK_M=16), {"w_ptr": "*u8", "w_scale_ptr": "*fp8e4nv"}, "wgmma"),
     }[case]
     tiles.setdefault("SWAP_AB", False)
+    tiles.setdefault("K_HALF_TAIL", False)
+    tiles.setdefault("TAIL_BLOCK_M", 0)
     common = dict(WEIGHT_FORMAT=fmt, EVEN_K=True, FP4_DOT_SCALED=False, USE_PDL=True, ACT_FORMAT=0, **tiles)
     l1 = dict(ACTIVATION=0, HAS_LIMIT=True, HAS_BIAS=True, INTERLEAVED=False, WEIGHT_BEFORE_DOWN=False,
               GATE_UP_ONE_DOT=True, **common)
@@ -593,6 +613,31 @@ def test_gpu_fp4_swapped_tiles(fmt, swap):
             _check_gpu(T, 128, 2048, 768, 8, fmt, seed=T)
         _check_gpu(5, 32, 2880, 2880, 4, fmt, "gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True,
                    bad_ids=True)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_fp4_swapped_prefill_tails(fmt):
+    """Swapped prefill tiles: an expert's short last block on 32 / 64-row tiles (NVFP4: 256-row
+    blocks of two warpgroups, tails of 64 / 128), and gpt-oss's K = 2880 in 128-deep steps ending in
+    one 64-deep step (K_HALF_TAIL, through an explicit kernel config)."""
+    from inductor_moe.lowering.moe import fused_moe_experts
+    from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
+    from inductor_moe.ops.moe_experts import moe_experts_reference
+
+    _check_gpu(2048, 128, 2048, 768, 8, fmt, seed=7)
+    T, E, H, I, k = 600, 16, 2880, 2880, 4  # 150 rows per expert: 128-row blocks and short last ones
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(T, E, H, I, k, fmt, "gate_up=interleaved,alpha=1.702,limit=7.0",
+                                               bias=True, seed=8)
+    cfg = choose_moe_config(T, k, E, H, I, fmt).replace(gemm1=GemmTiles(64, 128, 4, 3), gemm2=GemmTiles(128, 128, 4, 3))
+    assert cfg.swap_ab and cfg.block_m == 128 and cfg.tail_block_m == 32
+    with _Poison():
+        out = fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg, use_cuda_decode=False, **kw)
+    f64 = {n: (v.double() if v.dtype == torch.bfloat16 else v) for n, v in kw.items()}
+    ref = moe_experts_reference(x.double(), ids, tw.double(), w13, w2, spec, **f64)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert not out.isnan().any() and err <= TOL[fmt], f"rel err {err:.3g}"
 
 
 @pytest.mark.gpu
