@@ -625,6 +625,7 @@ def test_gpu_fp4_swapped_prefill_tails(fmt):
     from inductor_moe.lowering.moe import fused_moe_experts
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
     from inductor_moe.ops.moe_experts import moe_experts_reference
+    from inductor_moe.spec import MoESpec
 
     _check_gpu(2048, 128, 2048, 768, 8, fmt, seed=7)
     T, E, H, I, k = 600, 16, 2880, 2880, 4  # 150 rows per expert: 128-row blocks and short last ones
@@ -632,8 +633,9 @@ def test_gpu_fp4_swapped_prefill_tails(fmt):
                                                bias=True, seed=8)
     cfg = choose_moe_config(T, k, E, H, I, fmt).replace(gemm1=GemmTiles(64, 128, 4, 3), gemm2=GemmTiles(128, 128, 4, 3))
     assert cfg.swap_ab and cfg.block_m == 128 and cfg.tail_block_m == 32
+    s = MoESpec.from_str(spec)
     with _Poison():
-        out = fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg, use_cuda_decode=False, **kw)
+        out = fused_moe_experts(x, ids, tw, w13, w2, s, kernel_config=cfg, use_cuda_decode=False, **kw)
     f64 = {n: (v.double() if v.dtype == torch.bfloat16 else v) for n, v in kw.items()}
     ref = moe_experts_reference(x.double(), ids, tw.double(), w13, w2, spec, **f64)
     err = ((out.double() - ref).norm() / ref.norm()).item()
