@@ -21,21 +21,22 @@ import triton.language as tl
 
 from .moe_common import (expert_block_of_program, pdl_launch_dependents, quantize_fp8_groups, rows_left_in_expert,
                           store_cast, swiglu_epilogue, to_mma_k_order)
-from .moe_tiles import act_weight_tile_dot, load_act_tile
+from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile
 
 
 @triton.jit
 def _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up, n_cat, k0, H, I,
                   stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
                   ACT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_ONE_DOT: tl.constexpr,
-                  FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr):
+                  FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr, w_scales=None):
     """One K step of L1: gather the token rows' x[:, k0:k0+BK], multiply by the gate/up weight tile(s)
-    (GATE_UP_ONE_DOT: acc_gate is the one accumulator, acc_up a placeholder)."""
+    (GATE_UP_ONE_DOT: acc_gate is the one accumulator, acc_up a placeholder; ``w_scales``: the
+    swapped one-dot tile's scales, loaded a step ahead)."""
     a, a_s = load_act_tile(x_rows, xs_rows, row_mask, k0, H, BLOCK_K, ACT_FORMAT, EVEN_K)
     if GATE_UP_ONE_DOT:
         acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
                                        stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K,
-                                       FP4_DOT_SCALED, SWAP_AB)
+                                       FP4_DOT_SCALED, SWAP_AB, w_scales)
     else:
         acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn,
                                        stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
@@ -113,10 +114,21 @@ def gemm1_tile(
         acc_gate, acc_up = acc, 0.0  # one accumulator: gate and up columns alternating
     # K_HALF_TAIL: H = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
     k_main = H - BLOCK_K // 2 if K_HALF_TAIL else H
+    s_next = None
+    if SWAP_AB:
+        if GATE_UP_ONE_DOT:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
+            s_next = fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, 0, H, stride_sn, stride_sk, BLOCK_K,
+                                       WEIGHT_FORMAT, EVEN_K)
     for k0 in range(0, k_main, BLOCK_K):
+        s_now = s_next
+        if s_next is not None:  # the last step reloads its own (always a whole step inside K)
+            k_ahead = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
+            s_next = fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, k_ahead, H, stride_sn, stride_sk, BLOCK_K,
+                                       WEIGHT_FORMAT, EVEN_K)
         acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
                                          n_cat, k0, H, I, stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K,
-                                         WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, SWAP_AB)
+                                         WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, SWAP_AB,
+                                         s_now)
     if K_HALF_TAIL:
         acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
                                          n_cat, k_main, H, I, stride_wn, stride_wk, stride_sn, stride_sk,

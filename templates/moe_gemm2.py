@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .moe_common import expert_block_of_program, pdl_launch_dependents, rows_left_in_expert, store_cast
-from .moe_tiles import act_weight_tile_dot, load_act_tile
+from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile
 
 
 @triton.jit
@@ -53,11 +53,19 @@ def gemm2_tile(
     as_rows = inter_scale_ptr + entry.to(tl.int64) * stride_ist  # fp8 intermediate: the row's scales
     # K_HALF_TAIL: I = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
     k_main = I - BLOCK_K // 2 if K_HALF_TAIL else I
+    s_next = None
+    if SWAP_AB:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
+        s_next = fp4_weight_scales(s_base, n, n < H, 0, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
     for k0 in range(0, k_main, BLOCK_K):
+        s_now = s_next
+        if s_next is not None:  # the last step reloads its own (always a whole step inside K)
+            k_ahead = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
+            s_next = fp4_weight_scales(s_base, n, n < H, k_ahead, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT,
+                                       EVEN_K)
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k0, I, BLOCK_K, ACT_FORMAT, EVEN_K)
         acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
                                   stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED,
-                                  SWAP_AB)
+                                  SWAP_AB, s_now)
     if K_HALF_TAIL:
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k_main, I, BLOCK_K // 2, ACT_FORMAT, True)
         acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k_main, I, H, stride_wn, stride_wk,

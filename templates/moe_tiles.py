@@ -67,30 +67,46 @@ def _even_odd_dot(acc, a, w_even, w_odd, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fp4_weight_rows_dot(acc, a, w_ptr, s_ptr, n, n_mask, k0, K, stride_wn, stride_wk, stride_sn, stride_sk,
+def fp4_weight_scales(s_ptr, n, n_mask, k0, K, stride_sn, stride_sk, BLOCK_K: tl.constexpr,
+                      WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr):
+    """The raw block scales [BN, BK / GROUP] of FP4 weight rows n at K step k0.  The swapped tiles
+    load them a K step ahead: a row's one or two scale bytes per step are too narrow for Triton to
+    pipeline (cp.async takes 4 bytes and more), so a load issued in the step that uses it stalls
+    the warps on DRAM latency every step (ncu, gpt-oss: 20-28% of the L1 kernel's stall samples)."""
+    GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
+    ks = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    s_ptrs = s_ptr + n[:, None] * stride_sn + ks[None, :] * stride_sk
+    if EVEN_K:
+        mask = n_mask[:, None]
+    else:
+        mask = n_mask[:, None] & (ks[None, :] < K // GROUP)
+    if WEIGHT_FORMAT == 2:  # e8m0 bytes
+        return tl.load(s_ptrs, mask=mask, other=0)
+    else:  # e4m3
+        return tl.load(s_ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, stride_wk,
                          BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr):
     """acc [BN, BM] += W[n, k0:k0+BK] @ a^T, the swapped tile: the decoded weight rows are wgmma's
     register A operand (64 weight rows per warpgroup, the tokens as N) and the activation tile,
     already in ``to_mma_k_order``, is B straight from shared memory.  Each lane loads the 8
     consecutive bytes per row and 64 of K that its A fragment needs (moe_common.to_mma_k_order),
     so neither operand is shuffled or stored back to shared memory in the K loop, and wgmma
-    runs asynchronously with the next tile's decode."""
+    runs asynchronously with the next tile's decode.  ``w_scales``: fp4_weight_scales of this step."""
     GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
     BN: tl.constexpr = n.shape[0]
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    ks = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
     w_ptrs = w_ptr + n[:, None] * stride_wn + kb[None, :] * stride_wk
-    s_ptrs = s_ptr + n[:, None] * stride_sn + ks[None, :] * stride_sk
     if EVEN_K:
         b = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
-        s_mask = n_mask[:, None]
     else:
         b = tl.load(w_ptrs, mask=n_mask[:, None] & (kb[None, :] < K // 2), other=0)
-        s_mask = n_mask[:, None] & (ks[None, :] < K // GROUP)
     if WEIGHT_FORMAT == 2:
-        scale = e8m0_to_bf16(tl.load(s_ptrs, mask=s_mask, other=0).to(tl.int32))
+        scale = e8m0_to_bf16(w_scales.to(tl.int32))
     else:  # e4m3 -> bf16 is exact; the caller applies the fp32 global scale
-        scale = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32).to(tl.bfloat16)
+        scale = w_scales.to(tl.float32).to(tl.bfloat16)
     lo, hi = e2m1_pairs_to_bf16(b)
     w = mul_bf16(tl.reshape(tl.join(lo, hi), [BN, BLOCK_K // GROUP, GROUP]), scale[:, :, None])
     w = to_mma_k_order(tl.reshape(w, [BN, BLOCK_K]), BN, BLOCK_K)
@@ -102,16 +118,18 @@ def _fp4_weight_rows_dot(acc, a, w_ptr, s_ptr, n, n_mask, k0, K, stride_wn, stri
 @triton.jit
 def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                     BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr,
-                    FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False):
+                    FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False, w_scales=None):
     """acc += a [BM, BK] @ w[n, k0:k0+BK]^T, dequantising the weight tile in registers only.
     SWAP_AB (bf16 activations in ``to_mma_k_order``, FP4 decoded in registers, BK a multiple of
-    64): acc is [BN, BM] (see _fp4_weight_rows_dot)."""
+    64): acc is [BN, BM]; ``w_scales``: this step's fp4_weight_scales if the caller loaded them ahead."""
     tl.static_assert(not SWAP_AB or (WEIGHT_FORMAT >= 2 and not FP4_DOT_SCALED and a.dtype == tl.bfloat16
                                      and BLOCK_K % 64 == 0),
                      "SWAP_AB runs the packed bf16 decode of FP4 weights only, in 64-deep K steps")
     n_mask = n < N
     if SWAP_AB:
-        acc = _fp4_weight_rows_dot(acc, a, w_ptr, s_ptr, n, n_mask, k0, K, stride_wn, stride_wk, stride_sn, stride_sk,
+        if w_scales is None:  # not loaded ahead by the caller
+            w_scales = fp4_weight_scales(s_ptr, n, n_mask, k0, K, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
+        acc = _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, stride_wk,
                                    BLOCK_K, WEIGHT_FORMAT, EVEN_K)
     elif WEIGHT_FORMAT >= 2:
         GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
@@ -211,9 +229,11 @@ def dequant_mx32_tile(a, a_s, BLOCK_K: tl.constexpr):
 @triton.jit
 def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                         BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
-                        EVEN_K: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False):
+                        EVEN_K: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False,
+                        w_scales=None):
     """acc += dequant(a, a_s) [BM, BK] @ w[n, k0:k0+BK]^T for any activation format (SWAP_AB: acc
-    is [BN, BM]; dense bf16 activations with FP4 weights decoded in registers only).
+    is [BN, BM]; dense bf16 activations with FP4 weights decoded in registers only; ``w_scales``:
+    this step's fp4_weight_scales if the caller loaded them ahead).
 
     fp8_mx32 x mxfp4 with FP4_DOT_SCALED: one tl.dot_scaled(e4m3, e8m0, e2m1, e8m0) -- tcgen05
     ``kind::mxf8f6f4.block_scale`` on sm_100.  fp8_block128 x fp8_block128 (DeepSeek): an e4m3 x
@@ -226,7 +246,7 @@ def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, strid
     tl.static_assert(not SWAP_AB or ACT_FORMAT == 0, "SWAP_AB takes dense activations")
     if ACT_FORMAT == 0:
         acc = weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
-                              BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED, SWAP_AB)
+                              BLOCK_K, WEIGHT_FORMAT, EVEN_K, FP4_DOT_SCALED, SWAP_AB, w_scales)
     elif ACT_FORMAT == 2 and WEIGHT_FORMAT == 2 and FP4_DOT_SCALED:
         n_mask = n < N
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
