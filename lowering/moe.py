@@ -28,8 +28,8 @@ from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
-from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_swap_ab, k_half_tail, mxfp4_dot_scaled,
-                       swap_ab_fits, with_swap_ab)
+from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, k_half_tail,
+                       mxfp4_dot_scaled, swap_ab_fits, with_swap_ab)
 from .moe_tune_cache import kernel_constraint_violation
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -144,16 +144,19 @@ def _unswapped_plan(T, k, E, H, I, fmt, num_sms, act_format) -> MoEKernelConfig:
     return choose_moe_config(T, k, E, H, I, fmt, num_sms, act_format=act_format, allow_swap_ab=False)
 
 
-def _tail_constexprs(cfg: MoEKernelConfig, half_tail: bool) -> dict:
-    """K_HALF_TAIL / TAIL_BLOCK_M (the persistent kernel takes neither: lowering/moe_mega.py); a
-    tail_block_m not below block_m (a tuned block_m) means none."""
-    return dict(K_HALF_TAIL=half_tail, TAIL_BLOCK_M=cfg.tail_block_m if cfg.tail_block_m < cfg.block_m else 0)
+def _tail_constexprs(cfg: MoEKernelConfig, half_tail: bool, scales_ahead: bool) -> dict:
+    """K_HALF_TAIL / TAIL_BLOCK_M / SCALES_AHEAD (the persistent kernel takes none of them:
+    lowering/moe_mega.py); a tail_block_m not below block_m (a tuned block_m) means none."""
+    return dict(K_HALF_TAIL=half_tail, TAIL_BLOCK_M=cfg.tail_block_m if cfg.tail_block_m < cfg.block_m else 0,
+                SCALES_AHEAD=scales_ahead)
 
 
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
-                     hidden: int, use_pdl: bool, swap_ab: bool = False, gate_up_gscales: bool = False) -> dict:
+                     hidden: int, use_pdl: bool, swap_ab: bool = False, gate_up_gscales: bool = False,
+                     scales_ahead: bool = False) -> dict:
     """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing.
-    ``gate_up_gscales``: NVFP4 w13 global scales are [E, 2] (gate's, up's), not [E]."""
+    ``gate_up_gscales``: NVFP4 w13 global scales are [E, 2] (gate's, up's), not [E].  ``scales_ahead``:
+    moe_plan.fp4_scales_ahead (the swapped one-dot tiles only)."""
     from ..templates.moe_common import ACT_FORMAT_CODES, ACTIVATION_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
@@ -164,12 +167,13 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n,
                 BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0 or half_tail, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales, **_tail_constexprs(cfg, half_tail),
+                SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales,
+                **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab and cfg.gate_up_one_dot),
                 num_warps=g1.num_warps, num_stages=g1.num_stages)
 
 
 def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
-                     intermediate: int, use_pdl: bool, swap_ab: bool = False) -> dict:
+                     intermediate: int, use_pdl: bool, swap_ab: bool = False, scales_ahead: bool = False) -> dict:
     """Compile-time arguments (and launch options) of L2; shared by the launcher and the ISA listing."""
     from ..templates.moe_common import ACT_FORMAT_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
@@ -180,7 +184,8 @@ def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n,
                 BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0 or half_tail, FP4_DOT_SCALED=fp4_dot_scaled,
                 USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                SWAP_AB=swap_ab, **_tail_constexprs(cfg, half_tail), num_warps=g2.num_warps, num_stages=g2.num_stages)
+                SWAP_AB=swap_ab, **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab), num_warps=g2.num_warps,
+                num_stages=g2.num_stages)
 
 
 def isa_specs() -> dict:
@@ -345,13 +350,14 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
                a1_s.stride(0) if act else 0, inter_s_stride,
                float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset))
     l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab,
-                             W.gate_up_global_scales(spec, w13_global_scale))
+                             W.gate_up_global_scales(spec, w13_global_scale), fp4_scales_ahead(fmt, s13_sn))
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     l2_args = (inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
                sorted_ids, block_expert, expert_start, expert_count, inter_s,
                H, I,
                w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0, inter_s_stride)
-    l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab)
+    l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab,
+                             fp4_scales_ahead(fmt, s2_sn))
     if use_mega:  # one persistent launch runs the same L1 and L2 tiles
         launch_mega(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw, ready=blocks.ready,
                     max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)

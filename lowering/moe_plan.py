@@ -180,6 +180,18 @@ def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int) -> "MoE
     return cfg.replace(swap_ab=True, gemm1=g1, gemm2=g2, tail_block_m=swap_ab_tail_block_m(cfg.block_m))
 
 
+def fp4_scales_ahead(weight_format: str, scale_row_stride: int) -> bool:
+    """Whether the swapped tiles load each K step's block scales one step ahead (SCALES_AHEAD):
+    NVFP4 where the scales' row stride is not a multiple of 16 bytes.  Triton pipelines a row's
+    scale bytes (cp.async) only when they are 4 bytes and aligned, which the JIT knows from a
+    16-divisible stride; otherwise each step waits on a synchronous DRAM load (ncu, gpt-oss:
+    20-28% of L1's stall samples).  H100, benchmarks.moe at 5e0bcb9 (ahead for every FP4 call)
+    against 2028d36: gpt-oss NVFP4 (stride 180) T = 512-16384 9-15% faster; where Triton already
+    pipelined them (qwen3, dsv4) 10-55% slower, and MXFP4 on gpt-oss (stride 90, 2 bytes a step)
+    up to 31% slower (benchmarks/NOTES.md, "Block scales a K step ahead")."""
+    return weight_format == "nvfp4" and scale_row_stride % 16 != 0
+
+
 def swap_ab_tail_block_m(block_m: int) -> int:
     """The swapped tiles' shortest tile for an expert's last block: a quarter of block_m (the
     kernels try it, then twice it), 64 at 256 rows, 16 at 32, none at 16.  With random routing

@@ -61,7 +61,7 @@ def gemm1_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
-    K_HALF_TAIL: tl.constexpr = False,
+    K_HALF_TAIL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
 ):
     """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one
     expert's, e >= 0).
@@ -115,8 +115,9 @@ def gemm1_tile(
     # K_HALF_TAIL: H = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
     k_main = H - BLOCK_K // 2 if K_HALF_TAIL else H
     s_next = None
-    if SWAP_AB:
-        if GATE_UP_ONE_DOT:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
+    if SCALES_AHEAD:
+        tl.static_assert(SWAP_AB and GATE_UP_ONE_DOT, "scales ahead: the swapped one-dot tile only")
+        if SWAP_AB and GATE_UP_ONE_DOT:  # its scales one K step ahead (moe_tiles.fp4_weight_scales)
             s_next = fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, 0, H, stride_sn, stride_sk, BLOCK_K,
                                        WEIGHT_FORMAT, EVEN_K)
     for k0 in range(0, k_main, BLOCK_K):
@@ -190,7 +191,7 @@ def moe_gemm1_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
-    K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0,
+    K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
 ):
     """TAIL_BLOCK_M > 0: a block holding at most that many rows (an expert's last) runs a tile of
     TAIL_BLOCK_M rows, so its MMA does not spend BLOCK_M rows' work on a few tokens."""
@@ -205,7 +206,7 @@ def moe_gemm1_kernel(
                        stride_xst, stride_ist, alpha, limit, up_offset,
                        ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                       ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+                       ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = rows_left_in_expert(expert_start_ptr, expert_count_ptr, e, row_start)
             if left <= TAIL_BLOCK_M:
@@ -216,7 +217,7 @@ def moe_gemm1_kernel(
                            stride_xst, stride_ist, alpha, limit, up_offset,
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
             elif 2 * TAIL_BLOCK_M == BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -225,7 +226,7 @@ def moe_gemm1_kernel(
                            stride_xst, stride_ist, alpha, limit, up_offset,
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
             elif left <= 2 * TAIL_BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -234,7 +235,7 @@ def moe_gemm1_kernel(
                            stride_xst, stride_ist, alpha, limit, up_offset,
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
             else:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -243,4 +244,4 @@ def moe_gemm1_kernel(
                            stride_xst, stride_ist, alpha, limit, up_offset,
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL)
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)

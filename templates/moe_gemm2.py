@@ -25,7 +25,7 @@ def gemm2_tile(
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
-    K_HALF_TAIL: tl.constexpr = False,
+    K_HALF_TAIL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
 ):
     """Output columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one expert's,
     e >= 0).
@@ -54,7 +54,8 @@ def gemm2_tile(
     # K_HALF_TAIL: I = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
     k_main = I - BLOCK_K // 2 if K_HALF_TAIL else I
     s_next = None
-    if SWAP_AB:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
+    if SCALES_AHEAD:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
+        tl.static_assert(SWAP_AB, "scales ahead: the swapped tile only")
         s_next = fp4_weight_scales(s_base, n, n < H, 0, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
     for k0 in range(0, k_main, BLOCK_K):
         s_now = s_next
@@ -95,7 +96,7 @@ def moe_gemm2_kernel(
     HAS_BIAS: tl.constexpr, WEIGHT_AFTER_DOWN: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
-    K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0,
+    K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
 ):
     """TAIL_BLOCK_M: as in moe_gemm1_kernel."""
     pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(H, BLOCK_N), USE_PDL)
@@ -106,7 +107,7 @@ def moe_gemm2_kernel(
                        rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                        stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                        HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                       FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+                       FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = rows_left_in_expert(expert_start_ptr, expert_count_ptr, e, row_start)
             if left <= TAIL_BLOCK_M:
@@ -114,22 +115,22 @@ def moe_gemm2_kernel(
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
             elif 2 * TAIL_BLOCK_M == BLOCK_M:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
             elif left <= 2 * TAIL_BLOCK_M:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, 2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
             else:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL)
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)

@@ -112,7 +112,8 @@ def moe_mega_kernel(
         e = tl.load(block_expert_ptr + pid_m)
         if e >= 0:
             if _wait_l1_block(ready_ptr + pid_m, n1):
-                gemm2_tile(pid_m * BLOCK_M, (t - l1_tiles) % n2, e, inter_ptr, l2_w_ptr, l2_w_scale_ptr, l2_w_gscale_ptr,
+                gemm2_tile(pid_m * BLOCK_M, (t - l1_tiles) % n2, e, inter_ptr, l2_w_ptr, l2_w_scale_ptr,
+                           l2_w_gscale_ptr,
                            l2_b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, expert_start_ptr,
                            expert_count_ptr, inter_scale_ptr, H, I,
                            l2_stride_we, l2_stride_wn, l2_stride_wk, l2_stride_se, l2_stride_sn, l2_stride_sk,

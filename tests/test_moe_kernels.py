@@ -396,6 +396,24 @@ def test_plan_swapped_fp4_tiles():
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "dense").swap_ab
 
 
+def test_fp4_scales_ahead_only_where_triton_cannot_pipeline_them():
+    """NVFP4 scales with a row stride Triton cannot prove 16-byte aligned (gpt-oss: 2880 / 16 = 180)
+    are loaded a K step ahead by the swapped tiles (the one-dot L1 tile and L2); elsewhere not."""
+    from inductor_moe.lowering.moe import gemm1_constexprs, gemm2_constexprs
+    from inductor_moe.lowering.moe_plan import choose_moe_config, fp4_scales_ahead
+    from inductor_moe.spec import MoESpec
+
+    assert fp4_scales_ahead("nvfp4", 180) and not fp4_scales_ahead("nvfp4", 128)
+    assert not fp4_scales_ahead("mxfp4", 90) and not fp4_scales_ahead("mxfp4", 64)
+    cfg = choose_moe_config(4096, 4, 128, 2880, 2880, "nvfp4")
+    spec = MoESpec(weight_format="nvfp4")
+    assert gemm1_constexprs(spec, cfg, "nvfp4", False, False, 2880, True, True, False, True)["SCALES_AHEAD"]
+    assert gemm2_constexprs(spec, cfg, "nvfp4", False, False, 2880, True, True, True)["SCALES_AHEAD"]
+    two_dot = cfg.replace(gate_up_one_dot=False)  # its two scale tiles load in place
+    assert not gemm1_constexprs(spec, two_dot, "nvfp4", False, False, 2880, True, True, False, True)["SCALES_AHEAD"]
+    assert not gemm2_constexprs(spec, cfg, "nvfp4", False, False, 2880, True, False, True)["SCALES_AHEAD"]
+
+
 def test_cuda_impl_falls_back_on_cpu_with_reason():
     from inductor_moe import config
     from inductor_moe.lowering.moe import moe_experts_cuda
@@ -465,6 +483,7 @@ def test_templates_compile_for_sm90(case):
     tiles.setdefault("SWAP_AB", False)
     tiles.setdefault("K_HALF_TAIL", False)
     tiles.setdefault("TAIL_BLOCK_M", 0)
+    tiles.setdefault("SCALES_AHEAD", False)
     common = dict(WEIGHT_FORMAT=fmt, EVEN_K=True, FP4_DOT_SCALED=False, USE_PDL=True, ACT_FORMAT=0, **tiles)
     l1 = dict(ACTIVATION=0, HAS_LIMIT=True, HAS_BIAS=True, INTERLEAVED=False, WEIGHT_BEFORE_DOWN=False,
               GATE_UP_ONE_DOT=True, **common)
