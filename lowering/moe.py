@@ -232,6 +232,26 @@ def isa_specs() -> dict:
     return specs
 
 
+def mxfp4_scales_16b_rows(scale: torch.Tensor) -> torch.Tensor:
+    """MXFP4 scales [E, N, K / 32] whose rows start on 16-byte boundaries: the tensor itself where
+    they do, else a view of a padded copy made once per weight (``weight_cache``; 16 / 32 of a
+    byte more per weight element at most, e.g. 96 for gpt-oss's 90-byte rows).  The swapped tiles
+    read 4 scale bytes per row and 128-deep K step; Triton turns that load into cp.async (pipelined
+    with the weight bytes) only when it can prove it 4-byte aligned, which it knows from a row
+    stride divisible by 16.  As stored they were a synchronous DRAM load every step."""
+    if scale.stride(2) == 1 and scale.stride(1) % 16 == 0 and scale.stride(0) % 16 == 0:
+        return scale
+    from .. import weight_cache
+
+    def build():
+        E, N, G = scale.shape
+        rows = torch.zeros((E, N, -(-G // 16) * 16), dtype=torch.uint8, device=scale.device)
+        rows[..., :G] = scale.view(torch.uint8)  # e8m0 bytes, whatever dtype holds them
+        return rows.view(scale.dtype)[..., :G]
+
+    return weight_cache.cached("mxfp4_scales_16b_rows", (scale,), build)
+
+
 def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
     """(weight, scale-or-dummy, strides e/n/k of the weight, strides e/n/k of the scale)."""
     if fmt == "dense":
@@ -309,7 +329,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         cfg = _unswapped_plan(T, k, E, H, I, fmt, _num_sms(x.device), spec.act_format).replace(
             fp4_dot_scaled=cfg.fp4_dot_scaled)
     elif swap_ab and kernel_constraint_violation(cfg.block_m, cfg.gemm1, cfg.gemm2, fmt, spec.act_format, True):
-        cfg = with_swap_ab(cfg, H, I)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
+        cfg = with_swap_ab(cfg, H, I, fmt)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
     BM = cfg.block_m
     pdl = {"launch_pdl": True} if use_pdl else {}
     if act:  # fp8 activations: x -> e4m3 + per-token group scales, once (not per L1 tile)
@@ -335,6 +355,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     sorted_ids, block_expert = blocks.sorted_ids, blocks.block_expert
     expert_start, expert_count = blocks.expert_start, blocks.expert_count
 
+    if swap_ab and fmt == "mxfp4":  # scale rows Triton can pipeline (a cached copy where they are not so)
+        w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
     w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     g13 = w13_global_scale if w13_global_scale is not None else x

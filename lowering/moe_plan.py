@@ -161,7 +161,7 @@ def swap_ab_fits(weight_format: str, act_format: str, hidden: int, intermediate:
             and hidden % 64 == 0 and intermediate % 64 == 0)
 
 
-def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int) -> "MoEKernelConfig":
+def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_format: str) -> "MoEKernelConfig":
     """``cfg`` with the swapped FP4 tiles at its block_m.  Up to 128 rows: 4 warps (one warpgroup:
     64 weight rows per wgmma), 128 weight rows per program (L1: 64 intermediate columns, gate and
     up), 128 of K per step with 3 stages where both GEMMs' K are multiples of 128, else 64 with 4
@@ -170,10 +170,14 @@ def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int) -> "MoE
     point of an H100 sweep (qwen3, gpt-oss, dsv4, T = 256-16384; benchmarks/NOTES.md, "Swapped FP4
     tiles").  256 rows: 8 warps, 64-deep steps, 3 stages (two warpgroups of 64 weight rows by 256
     tokens: each decoded weight serves twice the tokens).  An expert's last block runs shorter
-    tiles (swap_ab_tail_block_m)."""
+    tiles (swap_ab_tail_block_m).  MXFP4 takes 128-deep steps at any K (a K of 128n + 64 ends in one
+    64-deep step, K_HALF_TAIL) with its scale rows 16-byte aligned (lowering/moe.py:
+    mxfp4_scales_16b_rows), so Triton pipelines a step's 4 scale bytes per row: gpt-oss T =
+    512-16384 9-17% faster than 64-deep steps with the scales as stored (benchmarks/NOTES.md,
+    "MXFP4 scales in 16-byte rows")."""
     if cfg.block_m == 256:
         g1, g2 = GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3)
-    elif hidden % 128 == 0 and intermediate % 128 == 0:
+    elif (hidden % 128 == 0 and intermediate % 128 == 0) or weight_format == "mxfp4":
         g1, g2 = GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)
     else:
         g1, g2 = GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4)
@@ -320,7 +324,7 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)
     if allow_swap_ab and swap_ab_fits(weight_format, act_format, hidden, intermediate):
         cfg = with_swap_ab(cfg.replace(block_m=swap_ab_block_m(rows_per_expert, weight_format, regime, hidden,
-                                                               intermediate)), hidden, intermediate)
+                                                               intermediate)), hidden, intermediate, weight_format)
     if overrides:
         cfg = _apply_overrides(cfg, overrides)
     return cfg

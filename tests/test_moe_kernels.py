@@ -368,7 +368,7 @@ def test_plan_swapped_fp4_tiles():
     """FP4 weights with bf16 activations run the swapped tiles: 16-row blocks up to 8 rows per
     expert, 32 up to 32, 64 up to 48, then 128 (NVFP4: 64 through the mid sizes, 256 from 128 rows
     where both K are multiples of 128), shorter tiles for an expert's last block; 128-deep steps
-    with 3 stages where both K are multiples of 128, else 64-deep with 4.  Not with fp8
+    with 3 stages where both K are multiples of 128 (MXFP4: at any K), else 64-deep with 4.  Not with fp8
     activations, not where H or I is not a multiple of 64."""
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
 
@@ -379,9 +379,12 @@ def test_plan_swapped_fp4_tiles():
             cfg = choose_moe_config(T, 8, 128, 2048, 768, fmt)
             assert cfg.block_m == block_m and cfg.swap_ab, (fmt, T, cfg)
             assert (cfg.gemm1, cfg.gemm2) == (GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)), cfg
-    gpt_oss = choose_moe_config(1024, 4, 128, 2880, 2880, "mxfp4")  # 32 rows per expert, K = 2880
+    gpt_oss = choose_moe_config(1024, 4, 128, 2880, 2880, "nvfp4")  # 32 rows per expert, K = 2880
     assert gpt_oss.swap_ab and gpt_oss.block_m == 32
     assert (gpt_oss.gemm1, gpt_oss.gemm2) == (GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4))
+    # MXFP4 (scales in 16-byte rows, see test_mxfp4_scales_16b_rows): 128-deep steps, the last one 64 deep
+    gpt_oss = choose_moe_config(1024, 4, 128, 2880, 2880, "mxfp4")
+    assert (gpt_oss.gemm1, gpt_oss.gemm2) == (GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3))
     # an expert's last block runs shorter tiles: a quarter of block_m (then half), 16 at 32 rows, none at 16
     for T, block_m, tail in ((64, 16, 0), (256, 32, 16), (768, 64, 16), (4096, 128, 32)):
         assert choose_moe_config(T, 8, 128, 2048, 768, "mxfp4").tail_block_m == tail, T
@@ -394,6 +397,24 @@ def test_plan_swapped_fp4_tiles():
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").swap_ab
     assert not choose_moe_config(1024, 8, 128, 96, 768, "nvfp4").swap_ab
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "dense").swap_ab
+
+
+def test_mxfp4_scales_16b_rows():
+    """MXFP4 scale rows not on 16-byte boundaries (gpt-oss: 90 bytes) become a view of a padded copy,
+    made once per weight and rebuilt after an in-place update; aligned ones are used as they are."""
+    from inductor_moe import weight_cache
+    from inductor_moe.lowering.moe import mxfp4_scales_16b_rows
+
+    weight_cache.clear()
+    aligned = torch.randint(0, 255, (2, 8, 64), dtype=torch.uint8)
+    assert mxfp4_scales_16b_rows(aligned) is aligned
+    odd = torch.randint(0, 255, (3, 8, 90), dtype=torch.uint8)
+    rows = mxfp4_scales_16b_rows(odd)
+    assert rows.shape == odd.shape and rows.stride() == (8 * 96, 96, 1) and torch.equal(rows, odd)
+    assert mxfp4_scales_16b_rows(odd) is rows  # cached
+    odd[0, 0, 0] ^= 1
+    again = mxfp4_scales_16b_rows(odd)
+    assert again is not rows and torch.equal(again, odd)
 
 
 def test_fp4_scales_ahead_only_where_triton_cannot_pipeline_them():
