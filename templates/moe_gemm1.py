@@ -115,8 +115,7 @@ def gemm1_tile(
     # K_HALF_TAIL: H = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
     k_main = H - BLOCK_K // 2 if K_HALF_TAIL else H
     s_next = None
-    if SCALES_AHEAD:
-        tl.static_assert(SWAP_AB and GATE_UP_ONE_DOT, "scales ahead: the swapped one-dot tile only")
+    if SCALES_AHEAD:  # the swapped one-dot tile only (ignored elsewhere)
         if SWAP_AB and GATE_UP_ONE_DOT:  # its scales one K step ahead (moe_tiles.fp4_weight_scales)
             s_next = fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, 0, H, stride_sn, stride_sk, BLOCK_K,
                                        WEIGHT_FORMAT, EVEN_K)

@@ -54,8 +54,7 @@ def gemm2_tile(
     # K_HALF_TAIL: I = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
     k_main = I - BLOCK_K // 2 if K_HALF_TAIL else I
     s_next = None
-    if SCALES_AHEAD:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
-        tl.static_assert(SWAP_AB, "scales ahead: the swapped tile only")
+    if SCALES_AHEAD and SWAP_AB:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
         s_next = fp4_weight_scales(s_base, n, n < H, 0, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
     for k0 in range(0, k_main, BLOCK_K):
         s_now = s_next
