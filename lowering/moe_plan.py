@@ -164,11 +164,11 @@ def swap_ab_fits(weight_format: str, act_format: str, hidden: int, intermediate:
 def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_format: str) -> "MoEKernelConfig":
     """``cfg`` with the swapped FP4 tiles at its block_m.  Up to 128 rows: 4 warps (one warpgroup:
     64 weight rows per wgmma), 128 weight rows per program (L1: 64 intermediate columns, gate and
-    up), 128 of K per step with 3 stages where both GEMMs' K are multiples of 128, else 64 with 4
-    (gpt-oss's 2880 would leave a masked half step; 128-deep steps with one unmasked 64-deep step
-    at the end (K_HALF_TAIL) measured 3-7% slower there at T = 1024 and 16384).  Fastest or within 8% of it at every
-    point of an H100 sweep (qwen3, gpt-oss, dsv4, T = 256-16384; benchmarks/NOTES.md, "Swapped FP4
-    tiles").  256 rows: 8 warps, 64-deep steps, 3 stages (two warpgroups of 64 weight rows by 256
+    up), 128 of K per step with 3 stages where both GEMMs' K are multiples of 128, else (NVFP4) 64
+    with 4: on gpt-oss (K = 2880) 128-deep steps ending in one 64-deep step (K_HALF_TAIL) measured
+    3-7% slower at T = 1024 and 16384 and up to 43% with padded scales.  Fastest or within 8% of
+    it at every point of an H100 sweep (qwen3, gpt-oss, dsv4, T = 256-16384; benchmarks/NOTES.md,
+    "Swapped FP4 tiles").  256 rows: 8 warps, 64-deep steps, 3 stages (two warpgroups of 64 weight rows by 256
     tokens: each decoded weight serves twice the tokens).  An expert's last block runs shorter
     tiles (swap_ab_tail_block_m).  MXFP4 takes 128-deep steps at any K (a K of 128n + 64 ends in one
     64-deep step, K_HALF_TAIL) with its scale rows 16-byte aligned (lowering/moe.py:
