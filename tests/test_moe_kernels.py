@@ -366,13 +366,13 @@ def test_plan_mid_block_rows_and_fp4_prefill_tiles():
 
 def test_plan_swapped_fp4_tiles():
     """FP4 weights with bf16 activations run the swapped tiles: 16-row blocks up to 8 rows per
-    expert, 32 up to 32, 64 up to 48, then 128 (NVFP4: 64 through the mid sizes, 256 from 128 rows
+    expert, 32 up to 32 (MXFP4: 28), 64 up to 48, then 128 (NVFP4: 64 through the mid sizes, 256 from 128 rows
     where both K are multiples of 128), shorter tiles for an expert's last block; 128-deep steps
     with 3 stages where both K are multiples of 128 (MXFP4: at any K), else 64-deep with 4.  Not with fp8
     activations, not where H or I is not a multiple of 64."""
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
 
-    rows = {"mxfp4": ((1, 16), (128, 16), (129, 32), (512, 32), (513, 64), (768, 64), (769, 128), (4096, 128)),
+    rows = {"mxfp4": ((1, 16), (128, 16), (129, 32), (448, 32), (449, 64), (768, 64), (769, 128), (4096, 128)),
             "nvfp4": ((129, 32), (513, 64), (1536, 64), (1537, 128))}
     for fmt, points in rows.items():  # qwen3-30b-a3b: T * 8 / 128 rows per expert
         for T, block_m in points:
