@@ -14,6 +14,10 @@
 # one M-block's gathered rows (read once from DRAM, then from L2); blocks past the last exit at once.
 # ``gemm1_tile`` is one (M-block, N-tile) of this GEMM; the persistent kernel (moe_mega.py) runs
 # the same tiles from its own tile loop.
+# TAIL_BLOCK_M (kernel): an expert's last, short block runs a tile of TAIL_BLOCK_M or twice that
+# many rows.  K_HALF_TAIL: K = n * BLOCK_K + BLOCK_K / 2 ends in one unmasked half-deep step.
+# SCALES_AHEAD: the swapped tile loads each K step's FP4 block scales one step ahead (where
+# Triton cannot pipeline them; lowering/moe_plan.py: fp4_scales_ahead).  All three: L2 as well.
 """
 
 import triton
