@@ -64,9 +64,9 @@ def expert_block_of_program(block_expert_ptr, num_n, USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def rows_left_in_expert(expert_start_ptr, expert_count_ptr, e, row_start):
-    """Rows of expert e from row_start on (its blocks are padded: the last one holds the rest)."""
-    return tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e) - row_start
+def expert_row_end(expert_start_ptr, expert_count_ptr, e):
+    """One past expert e's last sorted row (its blocks are padded: rows from here on are not its)."""
+    return tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
 
 
 @triton.jit

@@ -23,7 +23,7 @@
 import triton
 import triton.language as tl
 
-from .moe_common import (expert_block_of_program, pdl_launch_dependents, quantize_fp8_groups, rows_left_in_expert,
+from .moe_common import (expert_block_of_program, expert_row_end, pdl_launch_dependents, quantize_fp8_groups,
                           store_cast, swiglu_epilogue, to_mma_k_order)
 from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile
 
@@ -80,7 +80,7 @@ def gemm1_tile(
     tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
     tl.static_assert(not SWAP_AB or BLOCK_N % 64 == 0, "swapped tiles write whole 64-column K-order groups")
     rows = row_start + tl.arange(0, BLOCK_M)
-    row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
+    row_end = expert_row_end(expert_start_ptr, expert_count_ptr, e)
     row_mask = rows < row_end
     entry = tl.load(sorted_ids_ptr + rows, mask=row_mask, other=0)
     token = entry // top_k
@@ -211,7 +211,7 @@ def moe_gemm1_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                        ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
-            left = rows_left_in_expert(expert_start_ptr, expert_count_ptr, e, row_start)
+            left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,

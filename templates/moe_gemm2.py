@@ -11,7 +11,7 @@
 import triton
 import triton.language as tl
 
-from .moe_common import expert_block_of_program, pdl_launch_dependents, rows_left_in_expert, store_cast
+from .moe_common import expert_block_of_program, expert_row_end, pdl_launch_dependents, store_cast
 from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile
 
 
@@ -38,7 +38,7 @@ def gemm2_tile(
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
     rows = row_start + tl.arange(0, BLOCK_M)
-    row_end = tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)
+    row_end = expert_row_end(expert_start_ptr, expert_count_ptr, e)
     row_mask = rows < row_end
     entry = tl.load(sorted_ids_ptr + rows, mask=row_mask, other=0)
 
@@ -108,7 +108,7 @@ def moe_gemm2_kernel(
                        HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                        FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
-            left = rows_left_in_expert(expert_start_ptr, expert_count_ptr, e, row_start)
+            left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
