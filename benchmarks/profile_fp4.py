@@ -2,7 +2,11 @@
 
     ncu --profile-from-start off --clock-control none --section WarpStateStats ... \
         python -m benchmarks.profile_fp4 [--points qwen3-30b-a3b:1:mxfp4,...] [--gemm 4096x4096:1,...]
-    python -m benchmarks.profile_fp4 --time ...   (no profiler: CUDA-graph replay median per point)
+    python -m benchmarks.profile_fp4 --time ...   (no profiler: CUDA-graph replay median per point,
+                                                  and each kernel's device time)
+
+A point's format "tk" runs OpenAI triton_kernels' MXFP4 layer on the same inputs (its kernels are
+matched by scripts/gpu_check.sh ncu too), so both sides' kernels are profiled in one run.
 
 Every kernel is compiled and run once before the profiled region (cudaProfilerStart/Stop), so
 the profiler sees exactly one launch per kernel of each point and none of the compilation.
@@ -27,6 +31,10 @@ def moe_call(name: str, T: int, fmt: str):
 
     E, k, H, I = LAYERS[name]
     x, ids, tw, w13, w2 = sweep_inputs(T, E, k, H, I)
+    if fmt == "tk":
+        from . import tk_baseline
+
+        return tk_baseline.make_layer(x, ids, tw, tk_baseline.prepare_weights(w13, w2, "mxfp4"))
     q13, q2, kw = quantized_layer(fmt, w13, w2)
     spec = MoESpec(weight_format=fmt)
     return lambda: fused_moe_experts(x, ids, tw, q13, q2, spec, **kw)
@@ -57,10 +65,11 @@ def main(argv=None) -> int:
         n, k = (int(v) for v in nk.split("x"))
         calls.append((pt, gemm_call(n, k, int(m), fmt)))
     if args.time:
-        from .timing import graph_time_us
+        from .timing import graph_time_us, kernel_times_by_name
 
         for pt, fn in calls:
-            print(f"time {pt} {graph_time_us(fn):.1f} us", flush=True)
+            split = " ".join(f"{n[:48]}={us:.1f}" for n, us in kernel_times_by_name(fn, 5).items())
+            print(f"time {pt} {graph_time_us(fn):.1f} us | {split}", flush=True)
         return 0
     calls = [fn for _, fn in calls]
     for fn in calls:  # compile and warm up outside the profiled region

@@ -29,6 +29,7 @@ from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, k_half_tail,
+                       swap_ab_max_registers,
                        mxfp4_dot_scaled, swap_ab_fits, with_swap_ab)
 from .moe_tune_cache import kernel_constraint_violation
 
@@ -151,6 +152,23 @@ def _tail_constexprs(cfg: MoEKernelConfig, half_tail: bool, scales_ahead: bool) 
                 SCALES_AHEAD=scales_ahead)
 
 
+def _launch_options(tiles, block_m: int, swap_ab: bool, gemm: int) -> dict:
+    """num_warps / num_stages, and the swapped tiles' register cap (moe_plan.swap_ab_max_registers)."""
+    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    cap = swap_ab_max_registers(block_m, tiles.num_warps, gemm) if swap_ab else None
+    if cap is not None:
+        options["maxnreg"] = cap
+    return options
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # what gemm*_constexprs adds besides constexprs
+
+
+def split_launch_options(const: dict) -> dict:
+    """Pop the launch options out of a gemm*_constexprs dict (for an AOT compile's options)."""
+    return {name: const.pop(name) for name in LAUNCH_OPTIONS if name in const}
+
+
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
                      hidden: int, use_pdl: bool, swap_ab: bool = False, gate_up_gscales: bool = False,
                      scales_ahead: bool = False) -> dict:
@@ -169,7 +187,7 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
                 SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales,
                 **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab and cfg.gate_up_one_dot),
-                num_warps=g1.num_warps, num_stages=g1.num_stages)
+                **_launch_options(g1, cfg.block_m, swap_ab, 1))
 
 
 def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
@@ -184,8 +202,8 @@ def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n,
                 BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0 or half_tail, FP4_DOT_SCALED=fp4_dot_scaled,
                 USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                SWAP_AB=swap_ab, **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab), num_warps=g2.num_warps,
-                num_stages=g2.num_stages)
+                SWAP_AB=swap_ab, **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab),
+                **_launch_options(g2, cfg.block_m, swap_ab, 2))
 
 
 def isa_specs() -> dict:
@@ -221,7 +239,7 @@ def isa_specs() -> dict:
                   "inter_scale_ptr": act_scale[act]},
                  (), 768)):
             const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True, cfg.swap_ab)
-            options = {"num_warps": const.pop("num_warps"), "num_stages": const.pop("num_stages")}
+            options = split_launch_options(const)
             if act == "fp8_mx32" and dot_scaled:  # e4m3 x e2m1 through tl.dot_scaled: CI checks the MMA
                 options["expect_sm100"] = "block_scale"
             ptr_types = {**ptrs, "w_ptr": w, "w_scale_ptr": s, "w_gscale_ptr": "*fp32"}

@@ -78,7 +78,7 @@ def mega_arguments(gemm1_kernel, gemm1_args: tuple, gemm1_kw: dict, gemm2_kernel
         for name, value in args.items():
             if name in PER_GEMM_ARGS:
                 out[(prefix.upper() if name.isupper() else prefix) + name] = value
-            elif name in ("num_warps", "num_stages"):
+            elif name in ("num_warps", "num_stages", "maxnreg"):
                 continue
             elif name in out and not _same(out[name], value):
                 raise ValueError(f"L1 and L2 disagree on the shared argument {name}")

@@ -207,11 +207,29 @@ def swap_ab_tail_block_m(block_m: int) -> int:
     return {16: 0, 32: 16, 256: 64}.get(block_m, block_m // 4)
 
 
+SWAP_AB_PROGRAMS_PER_SM_REGISTERS = 168  # 65536 / (3 programs x 128 threads), in ptxas's steps of 8
+
+
+def swap_ab_max_registers(block_m: int, num_warps: int, gemm: int) -> Optional[int]:
+    """The register cap (Triton's ``maxnreg``) of a swapped tile of ``block_m`` rows in L1 (``gemm``
+    1) or L2 (2), or None.  With its wgmmas asynchronous (templates/moe_common.py, k_loop_steps)
+    ptxas gives the 4-warp tiles 162-202 registers at 32-64 rows: two programs per SM.  Capped at
+    168, three fit: on H100 (benchmarks/NOTES.md, "Asynchronous wgmma in the swapped tiles") MXFP4
+    gpt-oss T = 512 (32 rows) 975 -> 882 us, T = 1024 (64 rows) 1141 -> 1108, qwen3 T = 512 254 ->
+    238, NVFP4 qwen3 T = 512 / 1024 268 -> 251 / 360 -> 347.  At 64 rows only L1 is capped: L2
+    spills 136 bytes there (ptxas, triton 3.9) and gained 0-3%.  128 registers (four programs)
+    spilled and ran up to 1.5x slower; 128-row tiles keep 255 (their accumulator alone is 128)."""
+    if num_warps == 4 and (block_m <= 32 or (block_m == 64 and gemm == 1)):
+        return SWAP_AB_PROGRAMS_PER_SM_REGISTERS
+    return None
+
+
 def k_half_tail(k_dim: int, block_k: int, swap_ab: bool) -> bool:
     """Whether a GEMM with reduction ``k_dim`` ends with one unmasked half-deep step (K_HALF_TAIL):
     the swapped tiles only, where K = n * block_k + block_k / 2 and the half step still takes
-    whole 64s of K (gpt-oss's 2880 = 22 * 128 + 64); elsewhere a K tail is masked (EVEN_K off)."""
-    return swap_ab and block_k >= 128 and k_dim % block_k == block_k // 2
+    whole 64s of K (gpt-oss's 2880 = 22 * 128 + 64) after at least one whole step (the K loop runs at
+    least once: templates/moe_common.py, k_loop_steps); elsewhere a K tail is masked (EVEN_K off)."""
+    return swap_ab and block_k >= 128 and k_dim % block_k == block_k // 2 and k_dim > block_k
 
 
 def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str, hidden: int,

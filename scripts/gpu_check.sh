@@ -22,7 +22,7 @@ PY
 echo "commit: $INDUCTOR_MOE_COMMIT"
 
 if [ "$WHAT" = ncu ]; then  # stall reasons of the FP4 decode kernels (benchmarks/profile_fp4.py)
-  ncu --profile-from-start off --clock-control none --kernel-name regex:"moe_mega|moe_gemm|block_scaled_gemm|fp4_gemv" \
+  ncu --profile-from-start off --clock-control none --kernel-name regex:"moe_mega|moe_gemm|block_scaled_gemm|fp4_gemv|matmul_ogs" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
     -f -o "$OUT/fp4" python3 -m benchmarks.profile_fp4 ${NCU_ARGS:-} 2>&1 | tail -20

@@ -64,6 +64,20 @@ def expert_block_of_program(block_expert_ptr, num_n, USE_PDL: tl.constexpr):
 
 
 @triton.jit
+def k_loop_steps(k_main, BLOCK_K: tl.constexpr, AT_LEAST_ONE: tl.constexpr):
+    """Steps of BLOCK_K in a K loop over [0, k_main).  AT_LEAST_ONE (the swapped FP4 tiles; k_main > 0:
+    K > 0, and K_HALF_TAIL only after a whole step, moe_plan.k_half_tail): max(steps, 1), so the
+    compiler knows the loop body runs.
+    Otherwise the loop gets a zero-trip path that zeroes the accumulator registers outside the
+    loop, which ptxas takes for non-wgmma writes inside a wgmma pipeline stage: it then serialises
+    every wgmma of the kernel (ptxas C7515; a wait for each 64x16 MMA before the next)."""
+    steps = tl.cdiv(k_main, BLOCK_K)
+    if AT_LEAST_ONE:
+        steps = tl.maximum(steps, 1)
+    return steps
+
+
+@triton.jit
 def expert_row_end(expert_start_ptr, expert_count_ptr, e):
     """One past expert e's last sorted row (its blocks are padded: rows from here on are not its)."""
     return tl.load(expert_start_ptr + e) + tl.load(expert_count_ptr + e)

@@ -11,7 +11,7 @@
 import triton
 import triton.language as tl
 
-from .moe_common import expert_block_of_program, expert_row_end, pdl_launch_dependents, store_cast
+from .moe_common import expert_block_of_program, expert_row_end, k_loop_steps, pdl_launch_dependents, store_cast
 from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile
 
 
@@ -56,7 +56,8 @@ def gemm2_tile(
     s_next = None
     if SCALES_AHEAD and SWAP_AB:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
         s_next = fp4_weight_scales(s_base, n, n < H, 0, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
-    for k0 in range(0, k_main, BLOCK_K):
+    for step in range(0, k_loop_steps(k_main, BLOCK_K, SWAP_AB)):
+        k0 = step * BLOCK_K
         s_now = s_next
         if s_next is not None:  # the last step reloads its own (always a whole step inside K)
             k_ahead = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)

@@ -399,6 +399,33 @@ def test_plan_swapped_fp4_tiles():
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "dense").swap_ab
 
 
+def test_plan_swapped_k_loop_and_register_cap():
+    """The swapped tiles' K loop runs at least once (templates/moe_common.py, k_loop_steps), so a
+    half-deep last step needs a whole one before it (else K < BLOCK_K is one masked step); and
+    4-warp tiles of up to 32 rows (64 in L1) are capped at 168 registers: three programs per SM."""
+    from inductor_moe.lowering.moe import gemm1_constexprs, gemm2_constexprs
+    from inductor_moe.lowering.moe_plan import choose_moe_config, k_half_tail, swap_ab_max_registers
+    from inductor_moe.spec import MoESpec
+
+    assert k_half_tail(2880, 128, True) and k_half_tail(192, 128, True)
+    assert not k_half_tail(64, 128, True) and not k_half_tail(2880, 128, False) and not k_half_tail(2880, 64, True)
+    caps = {(bm, warps, gemm): swap_ab_max_registers(bm, warps, gemm)
+            for bm in (16, 32, 64, 128, 256) for warps in (4, 8) for gemm in (1, 2)}
+    assert {key for key, cap in caps.items() if cap is not None} == {
+        (16, 4, 1), (16, 4, 2), (32, 4, 1), (32, 4, 2), (64, 4, 1)}
+    assert set(caps.values()) == {None, 168}
+    spec = MoESpec(weight_format="mxfp4", gate_up="interleaved", limit=7.0)
+    cfg = choose_moe_config(512, 4, 128, 2880, 2880, "mxfp4")  # 16 rows per expert: 32-row blocks
+    assert cfg.swap_ab and cfg.block_m == 32
+    l1 = gemm1_constexprs(spec, cfg, "mxfp4", False, False, 2880, True, True)
+    l2 = gemm2_constexprs(spec, cfg, "mxfp4", False, False, 2880, True, True)
+    assert l1["maxnreg"] == l2["maxnreg"] == 168 and l1["K_HALF_TAIL"] and l2["K_HALF_TAIL"]
+    unswapped = gemm1_constexprs(spec, cfg, "mxfp4", False, False, 2880, True, False)
+    assert "maxnreg" not in unswapped and not unswapped["K_HALF_TAIL"]
+    big = choose_moe_config(4096, 4, 128, 2880, 2880, "mxfp4")
+    assert big.block_m == 128 and "maxnreg" not in gemm2_constexprs(spec, big, "mxfp4", False, False, 2880, True, True)
+
+
 def test_mxfp4_scales_16b_rows():
     """MXFP4 scale rows not on 16-byte boundaries (gpt-oss: 90 bytes) become a view of a padded copy,
     made once per weight and rebuilt after an in-place update; aligned ones are used as they are."""
