@@ -168,11 +168,11 @@ def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_
     with 4: on gpt-oss (K = 2880) 128-deep steps ending in one 64-deep step (K_HALF_TAIL) measured
     3-7% slower at T = 1024 and 16384 and up to 43% with padded scales.  Fastest or within 8% of
     it at every point of an H100 sweep (qwen3, gpt-oss, dsv4, T = 256-16384; benchmarks/NOTES.md,
-    "Swapped FP4 tiles").  256 rows: 8 warps, 64-deep steps, 3 stages (two warpgroups of 64 weight rows by 256
-    tokens: each decoded weight serves twice the tokens).  NVFP4's 64-deep L1 at 128 rows: 8 warps too
-    (gpt-oss T = 4096 / 16384: L1 1653 -> 1445 / 5191 -> 4640 us on H100 with asynchronous wgmma;
-    8-warp L2 and MXFP4 were 5-25% slower, benchmarks/NOTES.md, "Asynchronous wgmma in the swapped tiles").  An expert's last block runs shorter
-    tiles (swap_ab_tail_block_m).  MXFP4 takes 128-deep steps at any K (a K of 128n + 64 ends in one
+    "Swapped FP4 tiles").  256 rows: 8 warps, 64-deep steps, 3 stages (two warpgroups of 64 weight
+    rows by 256 tokens: each decoded weight serves twice the tokens).  NVFP4's 64-deep L1 at 128
+    rows: 8 warps too (gpt-oss T = 4096 / 16384: L1 1653 -> 1445 / 5191 -> 4640 us on H100 with
+    asynchronous wgmma; 8-warp L2 and MXFP4 were 5-25% slower, benchmarks/NOTES.md, "Asynchronous
+    wgmma in the swapped tiles").  An expert's last block runs shorter tiles (swap_ab_tail_block_m).  MXFP4 takes 128-deep steps at any K (a K of 128n + 64 ends in one
     64-deep step, K_HALF_TAIL) with its scale rows 16-byte aligned (lowering/moe.py:
     mxfp4_scales_16b_rows), so Triton pipelines a step's 4 scale bytes per row: gpt-oss T =
     512-16384 9-17% faster than 64-deep steps with the scales as stored (benchmarks/NOTES.md,
