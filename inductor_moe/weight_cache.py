@@ -58,6 +58,15 @@ def cached(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], object
     return entry.value
 
 
+def lookup(tag: str, sources: Sequence[torch.Tensor]):
+    """What ``cached`` holds for (tag, sources) as they are now, else None; builds nothing (for a
+    value whose build cannot run now, e.g. a host read during CUDA-graph capture)."""
+    hit = _cache.get((tag, tuple(t.data_ptr() for t in sources), tuple(sources[0].shape) if sources else ()))
+    if hit is not None and hit.versions == _versions(sources) and hit.alive():
+        return hit.value
+    return None
+
+
 def clear() -> None:
     _cache.clear()
 

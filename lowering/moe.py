@@ -9,9 +9,9 @@ FP4 experts with bf16 activations run swapped tiles (``MoEKernelConfig.swap_ab``
 permuted once first (``moe_kperm_kernel``) and L1 writes the intermediate in the same order.
 
 ``register()`` installs the CUDA kernel of the op; anything the kernels do not cover runs the
-reference op, with the reason recorded in the report, never a wrong result.  No host syncs and
-no per-expert Python loops: every launch is sized from shapes alone, so the whole call is
-CUDA-graph capturable.
+reference op, with the reason recorded in the report, never a wrong result.  No per-call host
+syncs and no per-expert Python loops: every launch is sized from shapes alone, so the whole call
+is CUDA-graph capturable (MXFP4 scales are read once per weight version: mxfp4_scales_in_decode).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import config as moe_config
-from ..report import record_runtime_fallback
+from ..report import log, record_runtime_fallback
 from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
@@ -269,6 +269,27 @@ def mxfp4_scales_16b_rows(scale: torch.Tensor) -> torch.Tensor:
     return weight_cache.cached("mxfp4_scales_16b_rows", (scale,), build)
 
 
+def mxfp4_scales_in_decode(scale: torch.Tensor) -> bool:
+    """Whether the swapped tiles can take these MXFP4 scales: every e8m0 byte is at most 128 (a
+    scale of at most 2: weights under 12 in magnitude, as in every trained model we know) or 255
+    (NaN), so the scale rides in the decode's one multiply (fp_codes.e8m0_decode_factor).  Other
+    weights run the unswapped tiles.  Read once per weight version (one host sync, ``weight_cache``);
+    during CUDA-graph capture, where it cannot be read, a weight not read before counts as not fitting."""
+    from .. import weight_cache
+
+    if scale.is_cuda and torch.cuda.is_current_stream_capturing():
+        return bool(weight_cache.lookup("mxfp4_scales_in_decode", (scale,)))
+
+    def build():
+        b = scale.view(torch.uint8)
+        fits = bool(((b <= 128) | (b == 255)).all())
+        if not fits:
+            log.info("MXFP4 scales above 2 (e8m0 bytes 129..254): the unswapped FP4 tiles run this weight")
+        return fits
+
+    return weight_cache.cached("mxfp4_scales_in_decode", (scale,), build)
+
+
 def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
     """(weight, scale-or-dummy, strides e/n/k of the weight, strides e/n/k of the scale)."""
     if fmt == "dense":
@@ -341,7 +362,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
                       and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))
     swap_ab = (not fp4_dot_scaled and x.dtype == torch.bfloat16 and not use_mega
-               and swap_ab_fits(fmt, spec.act_format, H, I) and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab))
+               and swap_ab_fits(fmt, spec.act_format, H, I) and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab)
+               and (fmt != "mxfp4" or mxfp4_scales_in_decode(w13_scale) and mxfp4_scales_in_decode(w2_scale)))
     if cfg.swap_ab and not swap_ab and cfg.source == "heuristic":  # planned swapped, runs unswapped
         cfg = _unswapped_plan(T, k, E, H, I, fmt, _num_sms(x.device), spec.act_format).replace(
             fp4_dot_scaled=cfg.fp4_dot_scaled)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .moe_common import (expert_block_of_program, expert_row_end, k_loop_steps, pdl_launch_dependents, quantize_fp8_groups,
                           store_cast, swiglu_epilogue, to_mma_k_order)
-from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile
+from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale
 
 
 @triton.jit
@@ -151,10 +151,10 @@ def gemm1_tile(
         acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
     if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once (GATE_UP_GSCALES: gate's, up's)
         if GATE_UP_GSCALES:
-            acc_gate *= tl.load(w_gscale_ptr + 2 * e)
-            acc_up *= tl.load(w_gscale_ptr + 2 * e + 1)
+            acc_gate *= nvfp4_global_scale(w_gscale_ptr + 2 * e, SWAP_AB)
+            acc_up *= nvfp4_global_scale(w_gscale_ptr + 2 * e + 1, SWAP_AB)
         else:
-            gscale = tl.load(w_gscale_ptr + e)
+            gscale = nvfp4_global_scale(w_gscale_ptr + e, SWAP_AB)
             acc_gate *= gscale
             acc_up *= gscale
     pdl_launch_dependents(USE_PDL)

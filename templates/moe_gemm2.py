@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .moe_common import expert_block_of_program, expert_row_end, k_loop_steps, pdl_launch_dependents, store_cast
-from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile
+from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def gemm2_tile(
 
     n_mask = n < H
     if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once
-        acc *= tl.load(w_gscale_ptr + e)
+        acc *= nvfp4_global_scale(w_gscale_ptr + e, SWAP_AB)
     if HAS_BIAS:
         acc += tl.load(b_ptr + e * stride_be + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if WEIGHT_AFTER_DOWN:

@@ -17,7 +17,8 @@
 import triton
 import triton.language as tl
 
-from ._details.fp_codes import e2m1_pairs_to_bf16, e8m0_to_bf16, mul_bf16
+from ._details.fp_codes import (E4M3_DECODE_SHIFT, e2m1_pairs_to_bf16, e2m1_pairs_to_scaled_bf16, e4m3_decode_factor,
+                               e8m0_decode_factor, e8m0_to_bf16, mul_bf16)
 from .moe_common import INTERPRET, e8m0_to_fp32, store_cast, to_mma_k_order
 
 DENSE, FP8_BLOCK128, MXFP4, NVFP4 = 0, 1, 2, 3
@@ -94,7 +95,9 @@ def _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, s
     already in ``to_mma_k_order``, is B straight from shared memory.  Each lane loads the 8
     consecutive bytes per row and 64 of K that its A fragment needs (moe_common.to_mma_k_order),
     so neither operand is shuffled or stored back to shared memory in the K loop, and wgmma
-    runs asynchronously with the next tile's decode.  ``w_scales``: fp4_weight_scales of this step."""
+    runs asynchronously with the next tile's decode.  The block scale rides in the decode's one
+    multiply per value pair (fp_codes.e2m1_pairs_to_scaled_bf16).  ``w_scales``: fp4_weight_scales
+    of this step."""
     GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
     BN: tl.constexpr = n.shape[0]
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -103,16 +106,27 @@ def _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, s
         b = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
     else:
         b = tl.load(w_ptrs, mask=n_mask[:, None] & (kb[None, :] < K // 2), other=0)
-    if WEIGHT_FORMAT == 2:
-        scale = e8m0_to_bf16(w_scales.to(tl.int32))
-    else:  # e4m3 -> bf16 is exact; the caller applies the fp32 global scale
-        scale = w_scales.to(tl.float32).to(tl.bfloat16)
-    lo, hi = e2m1_pairs_to_bf16(b)
-    w = mul_bf16(tl.reshape(tl.join(lo, hi), [BN, BLOCK_K // GROUP, GROUP]), scale[:, :, None])
-    w = to_mma_k_order(tl.reshape(w, [BN, BLOCK_K]), BN, BLOCK_K)
+    if WEIGHT_FORMAT == 2:  # every scale byte <= 128 or 255 (lowering.moe.mxfp4_scales_in_decode)
+        factor = e8m0_decode_factor(w_scales.to(tl.int32))
+    else:  # NVFP4: weights E4M3_DECODE_SHIFT times small; the caller applies it with the global scale
+        factor = e4m3_decode_factor(w_scales)
+    b = tl.reshape(b, [BN, BLOCK_K // GROUP, GROUP // 2])
+    factor = tl.broadcast_to(factor[:, :, None], [BN, BLOCK_K // GROUP, GROUP // 2])
+    lo, hi = e2m1_pairs_to_scaled_bf16(b, factor)
+    w = to_mma_k_order(tl.reshape(tl.join(lo, hi), [BN, BLOCK_K]), BN, BLOCK_K)
     if INTERPRET:  # see moe_common.INTERPRET
         w, a = w.to(tl.float32), a.to(tl.float32)
     return tl.dot(w, tl.trans(a), acc)
+
+
+@triton.jit
+def nvfp4_global_scale(gscale_ptr, SWAP_AB: tl.constexpr):
+    """The fp32 factor of an NVFP4 accumulator, once after its K loop: the global scale at
+    ``gscale_ptr``, times E4M3_DECODE_SHIFT where the swapped tiles decoded the weights that small."""
+    g = tl.load(gscale_ptr)
+    if SWAP_AB:
+        g = g * E4M3_DECODE_SHIFT
+    return g
 
 
 @triton.jit

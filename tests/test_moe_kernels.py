@@ -24,13 +24,15 @@ TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
-          overrides=None, weight_format="dense", act="dense", settings=None, gate_up_gscales=False, swapped=None):
+          overrides=None, weight_format="dense", act="dense", settings=None, gate_up_gscales=False, swapped=None,
+          big_expert=False):
     """``settings``: inductor_moe.config keys patched for the call.  ``gate_up_gscales``: NVFP4 gate and
     up quantised on their own (w13 global scales [E, 2]).  ``swapped``: whether the call must run the
-    swapped FP4 tiles (None: not checked)."""
+    swapped FP4 tiles (None: not checked).  ``big_expert``: expert 0's weights 256x larger (MXFP4
+    scales above 2)."""
     return dict(name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
                 overrides=overrides or {}, weight_format=weight_format, act=act, settings=settings or {},
-                gate_up_gscales=gate_up_gscales, swapped=swapped)
+                gate_up_gscales=gate_up_gscales, swapped=swapped, big_expert=big_expert)
 
 
 def _tol(case):
@@ -83,6 +85,8 @@ CASES = [
     # a K tail of 64 in L1 (H = 192, 128-deep steps); H = 96 does not fit them (unswapped then)
     _case("mxfp4_swap_ab", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=True),
+    _case("mxfp4_scales_above_2_unswapped", T=33, k=2, I=64, weight_format="mxfp4", big_expert=True,
+          overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=False),
     _case("nvfp4_swap_ab_two_dot_gpt_oss_k_tail", T=5, k=6, I=128, H=192, weight_format="nvfp4", bias=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
           overrides={"gate_up_one_dot": False}, swapped=True),
@@ -154,6 +158,9 @@ def _inputs(case, gen):
     tw = torch.softmax(torch.randn(T, k, generator=gen), dim=1)
     w13 = torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5
     w2 = torch.randn(E, H, I, generator=gen) / I ** 0.5
+    if case.get("big_expert"):
+        w13[0] *= 256.0
+        w2[0] *= 256.0
     extra = {}
     if fmt == "dense":
         if s.transposed:
@@ -443,6 +450,26 @@ def test_mxfp4_scales_16b_rows():
     odd[0, 0, 0] ^= 1
     again = mxfp4_scales_16b_rows(odd)
     assert again is not rows and torch.equal(again, odd)
+
+
+def test_mxfp4_scales_in_decode_read_once_per_weight_version():
+    """The swapped tiles fold an e8m0 scale into the decode's multiply only for bytes <= 128 and
+    255 (NaN); the answer is read once per weight and again after an in-place update."""
+    from inductor_moe import weight_cache
+    from inductor_moe.lowering.moe import mxfp4_scales_in_decode
+
+    weight_cache.clear()
+    scales = torch.randint(0, 129, (2, 8, 64), dtype=torch.uint8)
+    scales[0, 0, :3] = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    assert mxfp4_scales_in_decode(scales)
+    assert weight_cache.lookup("mxfp4_scales_in_decode", (scales,)) is True  # cached
+    scales[1, 7, 63] = 129  # a scale of 4: 2^128 does not fit bf16's factor
+    assert not mxfp4_scales_in_decode(scales)
+    scales[1, 7, 63] = 254
+    assert not mxfp4_scales_in_decode(scales)
+    scales[1, 7, 63] = 255
+    assert mxfp4_scales_in_decode(scales)
+    assert weight_cache.lookup("mxfp4_scales_in_decode", (torch.zeros(1, 1, 1, dtype=torch.uint8),)) is None
 
 
 def test_fp4_scales_ahead_only_where_triton_cannot_pipeline_them():

@@ -69,10 +69,12 @@ def apply_block_scale(values, scale, ROWS: tl.constexpr, COLS: tl.constexpr, BLO
 # bit 15 and its 3 magnitude bits one shift from bits 6..8, where they read as value * 2^-126
 # (exponent field e, mantissa bit m: 2^(e-127) * (1 + m/2), or the subnormal m * 2^-127 for e = 0).
 # fma.rn.bf16x2 by 2^126 (0x7E80) makes them exact e2m1 values; bf16 fma keeps subnormal inputs,
-# and adding -0.0 keeps the sign of zero.
-def _e2m1_pair_ptx(selector: str, lo: str, hi: str) -> str:
+# and adding -0.0 keeps the sign of zero.  The scaled form multiplies by (block scale * 2^126)
+# instead: the scale costs no multiply of its own (``e8m0_decode_factor``, ``e4m3_decode_factor``).
+def _e2m1_pair_ptx(selector: str, lo: str, hi: str, factor: str) -> str:
     """PTX for one byte pair of the packed input $4 (bytes picked by the prmt selector): the two
-    low nibbles as bf16x2 into register ``lo``, the two high nibbles into ``hi``."""
+    low nibbles as bf16x2 into register ``lo``, the two high nibbles into ``hi``, each times the
+    bf16x2 register ``factor`` (the first byte's factor in its low half, the second's in its high)."""
     return f"""
 prmt.b32 t, $4, 0, {selector};
 shl.b32 u, t, 4;
@@ -80,17 +82,23 @@ and.b32 u, u, 0x80008000;
 shr.b32 v, t, 2;
 and.b32 v, v, 0x01C001C0;
 or.b32 u, u, v;
-fma.rn.bf16x2 {lo}, u, c, z;
+fma.rn.bf16x2 {lo}, u, {factor}, z;
 and.b32 u, t, 0x80008000;
 shr.b32 v, t, 6;
 and.b32 v, v, 0x01C001C0;
 or.b32 u, u, v;
-fma.rn.bf16x2 {hi}, u, c, z;"""
+fma.rn.bf16x2 {hi}, u, {factor}, z;"""
 
 
-# bytes 0, 1 -> low nibbles $0, high nibbles $2; bytes 2, 3 -> $1, $3
+# bytes 0, 1 -> low nibbles $0, high nibbles $2; bytes 2, 3 -> $1, $3.  Scaled: the four bytes'
+# bf16 factors arrive packed as $5 (bytes 0, 1) and $6 (bytes 2, 3).
 _E2M1_PAIRS_PTX = tl.constexpr("{\n.reg .b32 t, u, v, c, z;\nmov.b32 c, 0x7E807E80;\nmov.b32 z, 0x80008000;"
-                               + _e2m1_pair_ptx("0x1404", "$0", "$2") + _e2m1_pair_ptx("0x3424", "$1", "$3") + "\n}")
+                               + _e2m1_pair_ptx("0x1404", "$0", "$2", "c") + _e2m1_pair_ptx("0x3424", "$1", "$3", "c")
+                               + "\n}")
+_E2M1_PAIRS_SCALED_PTX = tl.constexpr("{\n.reg .b32 t, u, v, z;\nmov.b32 z, 0x80008000;"
+                                      + _e2m1_pair_ptx("0x1404", "$0", "$2", "$5")
+                                      + _e2m1_pair_ptx("0x3424", "$1", "$3", "$6") + "\n}")
+_TWO_POW_M126 = tl.constexpr(2.0**-126)
 
 
 @triton.jit
@@ -104,6 +112,43 @@ def e2m1_pairs_to_bf16(packed):
     else:
         return tl.inline_asm_elementwise(_E2M1_PAIRS_PTX, "=r,=r,=r,=r,r", [packed],
                                          dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def e2m1_pairs_to_scaled_bf16(packed, factor):
+    """``e2m1_pairs_to_bf16`` times 2^-126 * ``factor`` (bfloat16, one per byte, e.g. broadcast
+    from a block scale: ``e8m0_decode_factor`` / ``e4m3_decode_factor``), in the decode's one
+    multiply per value pair; exact wherever the product fits bf16."""
+    if _INTERPRET:
+        codes = packed.to(tl.int32)
+        f = factor.to(tl.float32) * _TWO_POW_M126
+        return (e2m1_to_f32(codes & 15) * f).to(tl.bfloat16), (e2m1_to_f32(codes >> 4) * f).to(tl.bfloat16)
+    else:
+        return tl.inline_asm_elementwise(_E2M1_PAIRS_SCALED_PTX, "=r,=r,=r,=r,r,r,r", [packed, factor],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def e8m0_decode_factor(byte):
+    """e8m0 scale byte (int32) -> the factor ``e2m1_pairs_to_scaled_bf16`` takes for it: the scale
+    times 2^126, 2^(byte - 1), in bfloat16 (byte 255: NaN).  Bytes 129..254 (scales above 2) do
+    not fit bf16: callers check the weight's scales first (lowering.moe.mxfp4_scales_in_decode)."""
+    bits = tl.minimum((byte + 126) << 7, 0x7FC0)  # 255: 0xBE80, clamped to NaN; 0..128 unchanged
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+# An e4m3 scale (up to 448) times 2^126 does not fit bf16; times 2^118 it does, for every e4m3 scale,
+# and the decoded weights, 2^-8 of their values, stay normal (>= 2^-18): exact.  The kernel takes the
+# 2^8 back on the fp32 accumulator, with the NVFP4 global scale.
+E4M3_DECODE_SHIFT = tl.constexpr(256.0)
+_TWO_POW_118 = tl.constexpr(2.0**118)
+
+
+@triton.jit
+def e4m3_decode_factor(scale):
+    """e4m3 scale -> the factor ``e2m1_pairs_to_scaled_bf16`` takes for it: scale * 2^118 in
+    bfloat16 (exact: 4 significant bits), i.e. weights come out ``E4M3_DECODE_SHIFT`` times small."""
+    return (scale.to(tl.float32) * _TWO_POW_118).to(tl.bfloat16)
 
 
 @triton.jit
