@@ -25,10 +25,10 @@ from . import nvrtc
 SCAN_MAX_TOKENS = 4  # up to here (and MAX_PAIRS pairs) each CTA scans the ids itself: no routing launch
 MAX_PAIRS = 256  # T * k the scanning kernels' member lists hold (fp4_moe_decode.cu MAX_PAIRS)
 # above this many pairs per expert on average the swapped Triton tiles win (H100, benchmarks/NOTES.md,
-# "Swapped FP4 tiles"): at 16 pairs they ran 0-17% faster than these kernels (qwen3 T = 256 MXFP4 204
-# vs 245 us, gpt-oss T = 512 MXFP4 1197 vs 1196, NVFP4 1273 vs 1435), at 8 these kernels 3-23% faster
-# (qwen3 / gpt-oss T = 128); 12 lies between the measured points, not on a measured crossover
-MAX_PAIRS_PER_EXPERT = {"mxfp4": 12, "nvfp4": 12}
+# "The CUDA decode kernels against the swapped tiles, again"): from 9 to 12 pairs they ran 4-32% faster
+# than these kernels at qwen3 / gpt-oss / dsv4, both formats; at 8, 21-33% slower at qwen3 (T = 128),
+# 3-30% faster at gpt-oss / dsv4; at 4 (gpt-oss T = 128) 1.6x slower
+MAX_PAIRS_PER_EXPERT = {"mxfp4": 8, "nvfp4": 8}
 _FLOAT_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -61,8 +61,8 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     Above 4 tokens the align kernel's blocks route the CTAs (``block_m`` pairs of one expert each:
     16 with a second 8-token tile where experts average 8 or more, else 8) and down takes two row
     groups (activations reused across 32 rows): against CTAs scanning the ids, 3-7% faster at T = 8
-    and 16, even at T = 4, 6-20% slower at T = 1 (one more launch); up to 16 pairs per expert
-    1.1-1.6x faster than the Triton tiles, which win from ~32 (NOTES.md, "mid sizes").  There, down
+    and 16, even at T = 4, 6-20% slower at T = 1 (one more launch); up to 8 pairs per expert
+    on average (MAX_PAIRS_PER_EXPERT) faster than the Triton tiles at qwen3 (NOTES.md, "mid sizes").  There, down
     runs 2 warps where 4 would get under 4 K steps each (qwen3's I = 768: 2-6% faster at T = 16-256;
     1-3% slower at gpt-oss's I = 2880, even at dsv4's 2048).  With 16-pair blocks and MXFP4, gate_up
     takes 32 columns per CTA (two column groups: each CTA's 16 activation rows, 2x its weight bytes at

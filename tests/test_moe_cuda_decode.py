@@ -47,10 +47,10 @@ def test_fit_check_reasons():
         call.update(tensors)
         return moe_decode_fits(**call)
 
-    assert "more than 12 per expert" in why(dict(T=25, k=8))  # 200 pairs over 16 experts
-    # both formats up to 12 pairs per expert (above, the swapped Triton tiles are faster)
-    assert "per expert" not in _why_on_cpu(why, dict(T=24, k=8, fmt="nvfp4"))
-    assert "more than 12 per expert" in why(dict(T=25, k=8, fmt="nvfp4"))
+    assert "more than 8 per expert" in why(dict(T=17, k=8))  # 136 pairs over 16 experts
+    # both formats up to 8 pairs per expert (above, the swapped Triton tiles are faster)
+    assert "per expert" not in _why_on_cpu(why, dict(T=16, k=8, fmt="nvfp4"))
+    assert "more than 8 per expert" in why(dict(T=17, k=8, fmt="nvfp4"))
     assert "not bf16" in why(dict(x_dtype=torch.float16))
     assert "not bf16" in why(dict(spec_extra="act_format=fp8_mx32"))
     assert "not a multiple of 32" in why(dict(fmt="nvfp4", I=144))
@@ -214,17 +214,17 @@ def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
     ids; all pairs on three experts; several programs of the one-launch align; more pairs than it
     takes (the count / offsets / scatter kernels)."""
     if case == "qwen3_like":
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(96, 64, 512, 256, 8, fmt, seed=3)  # 12 pairs per expert
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(64, 64, 512, 256, 8, fmt, seed=3)  # 8 pairs per expert
     elif case == "many_pairs":
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(160, 128, 256, 128, 8, fmt, seed=7, bad_ids=True)  # 1280 pairs
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(128, 128, 256, 128, 8, fmt, seed=7, bad_ids=True)  # 1024 pairs
     elif case == "more_pairs_than_one_launch":
         from inductor_moe.lowering.moe_plan import ALIGN_ONE_LAUNCH_MAX_ENTRIES
 
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(1040, 704, 256, 128, 8, fmt, seed=8, bad_ids=True)  # 11.8 per expert
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(1040, 1040, 256, 128, 8, fmt, seed=8, bad_ids=True)  # 8 per expert
         assert ids.numel() > ALIGN_ONE_LAUNCH_MAX_ENTRIES
     elif case.startswith("gpt_oss"):
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(
-            80 if case == "gpt_oss_dense" else 40, 32, 2880, 2880, 4, fmt, seed=4, bad_ids=True, bias=True,
+            64 if case == "gpt_oss_dense" else 40, 32, 2880, 2880, 4, fmt, seed=4, bad_ids=True, bias=True,
             spec_extra="gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0")
     else:
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(24, 8, 256, 128, 2, fmt, seed=5)
@@ -241,16 +241,18 @@ def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_up_to_12_pairs_per_expert():
-    """Both FP4 formats take the CUDA kernels up to 12 pairs per expert on average (random routing:
-    some experts hold more than 16 and span two 16-pair blocks); above, the swapped Triton tiles
-    run them, and forcing the CUDA kernels says why."""
+def test_gpu_up_to_8_pairs_per_expert():
+    """Both FP4 formats take the CUDA kernels up to 8 pairs per expert on average (experts 0-3 in
+    every token: 64 pairs each, four 16-pair blocks); above, the swapped Triton tiles run them, and
+    forcing the CUDA kernels says why."""
     for fmt in ("nvfp4", "mxfp4"):
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(96, 64, 512, 256, 8, fmt, seed=9, bad_ids=True)  # 12 per expert
-        assert int(torch.bincount(ids[(ids >= 0) & (ids < 64)].flatten(), minlength=64).max()) > 16  # some span two blocks
-        _check(x, ids, tw, w13, w2, spec, kw, fmt, f"{fmt} 12 pairs per expert")
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(128, 64, 512, 256, 8, fmt, seed=9)  # 16 per expert
-        with pytest.raises(ValueError, match="more than 12 per expert"):
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(64, 64, 512, 256, 8, fmt, seed=9, bad_ids=True)  # 8 per expert
+        ids[:, :4] = torch.arange(4, device="cuda", dtype=ids.dtype)
+        ids[:, 4:] = torch.rand(64, 60, device="cuda").topk(4, dim=1).indices.to(ids.dtype) + 4
+        ids[0, 5], ids[1, 6] = -1, 64  # ids out of range still skipped
+        _check(x, ids, tw, w13, w2, spec, kw, fmt, f"{fmt} 8 pairs per expert")
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(65, 64, 512, 256, 8, fmt, seed=9)  # 8.1 per expert
+        with pytest.raises(ValueError, match="more than 8 per expert"):
             _run_cuda(x, ids, tw, w13, w2, spec, kw)
 
 
@@ -289,7 +291,7 @@ def test_gpu_graph_capture_and_default_path():
     torch.cuda.synchronize()
     assert torch.equal(captured, _run_cuda(x, ids, tw, w13, w2, spec, kw))
     label = moe.describe_moe_lowering(spec, x.device, x.dtype, 128, 2048, 768, 8)
-    assert "cuda_decode[mxfp4] for <= 12 pairs per expert" in label, label
+    assert "cuda_decode[mxfp4] for <= 8 pairs per expert" in label, label
     # the same at a mid size, where the align kernel routes the CTAs (one more launch in the graph)
     spec, x, ids, tw, w13, w2, kw = _gpu_inputs(64, 128, 2048, 768, 8, "mxfp4", seed=6)
     forced = _run_cuda(x, ids, tw, w13, w2, spec, kw)
