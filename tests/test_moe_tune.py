@@ -428,6 +428,22 @@ def test_package_data_ships_the_tables():
         assert all(e["key"]["device"] and cache.device_slug(e["key"]["device"]) == p.stem for e in data["entries"])
 
 
+def test_shipped_fp4_entries_not_unswapped_where_the_rule_swaps():
+    """Shipped tuned tiles for FP4 weights with bf16 activations may override the rule's swapped
+    tiles with unswapped ones only at decode (T <= 4); such entries from before the swapped tiles ran
+    1.26-1.88x slower at T = 16 and 128 (benchmarks/NOTES.md, "Stale tuned FP4 tiles")."""
+    from inductor_moe.lowering import moe_tune_cache as cache
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+
+    assert any(cache.SHIPPED_DIR.glob("*.json"))
+    for p in cache.SHIPPED_DIR.glob("*.json"):
+        for key, entry in cache.read_table(p).items():
+            if key.weight_format not in ("mxfp4", "nvfp4") or key.act_format != "dense" or key.tokens <= 4:
+                continue
+            rule = choose_moe_config(key.tokens, key.k, key.E, key.H, key.I, key.weight_format, 132)
+            assert entry.tiles.swap_ab or not rule.swap_ab, (p.name, key)
+
+
 def test_cli_sweep_writes_resumes_and_stops(tmp_path):
     """The CLI's loop on CPU with a fake timer: one table entry per bucket, written as it goes;
     a second run keeps them; a spent budget starts nothing."""
