@@ -45,9 +45,13 @@ def _versions(sources: Sequence[torch.Tensor]) -> tuple:
         return tuple(-1 if t.is_inference() else t._version for t in sources)
 
 
+def _key(tag: str, sources: Sequence[torch.Tensor]) -> tuple:
+    return (tag, tuple(t.data_ptr() for t in sources), tuple(sources[0].shape) if sources else ())
+
+
 def cached(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], object]):
     """Return ``build()``, computed once per (tag, sources, their storages and versions)."""
-    key = (tag, tuple(t.data_ptr() for t in sources), tuple(sources[0].shape) if sources else ())
+    key = _key(tag, sources)
     versions = _versions(sources)
     hit = _cache.get(key)
     if hit is not None and hit.versions == versions and hit.alive():
@@ -61,7 +65,7 @@ def cached(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], object
 def lookup(tag: str, sources: Sequence[torch.Tensor]):
     """What ``cached`` holds for (tag, sources) as they are now, else None; builds nothing (for a
     value whose build cannot run now, e.g. a host read during CUDA-graph capture)."""
-    hit = _cache.get((tag, tuple(t.data_ptr() for t in sources), tuple(sources[0].shape) if sources else ()))
+    hit = _cache.get(_key(tag, sources))
     if hit is not None and hit.versions == _versions(sources) and hit.alive():
         return hit.value
     return None
