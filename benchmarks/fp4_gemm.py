@@ -34,9 +34,8 @@ from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
 from inductor_moe.spec import GemmSpec
 
 from .timing import graph_time_us, kernel_us
-from inductor_moe.cuda.fp4_decode import choose_decode_mma_config
-from inductor_moe.templates.block_scaled_gemm import (_cuda_decode_reason, _num_sms, block_scaled_gemm,
-                                                      choose_gemm_config, choose_gemv_config, choose_strategy)
+from inductor_moe.templates.block_scaled_gemm import (_num_sms, block_scaled_gemm, choose_gemm_config, choose_strategy,
+                                                      default_plan)
 
 L2_COLD_BYTES = 150 << 20  # weight copies cycled through per timed graph: well past the 50 MB L2
 
@@ -104,6 +103,8 @@ def sweep_configs(m: int, fmt: str):
                  C(128, 64, 256, 4, num_warps=8, num_stages=1), C(64, 64, 256, 8, num_warps=4, num_stages=1),
                  C(128, 128, 128, 4, num_warps=8, num_stages=1), C(128, 64, 128, 8, num_warps=8, num_stages=1,
                                                                    prefetch=True), "dequant_chunks"]
+        cands += _swapped(64) + [C(128, 128, 64, 2, num_warps=4, num_stages=4, swap_ab=True),
+                                 C(128, 128, 64, 2, num_warps=8, num_stages=3, swap_ab=True)]
     else:
         cands = [C(128, 256, 64, num_warps=8, num_stages=3), C(128, 128, 64, num_warps=4, num_stages=4),
                  C(128, 128, 128, num_warps=8, num_stages=2, prefetch=True), "dequant_chunks"]
@@ -251,9 +252,8 @@ def main(argv=None) -> int:
                 err = ((ours().double() - ref).norm() / ref.norm()).item()
                 t_ours = graph_time_us(ours)
                 t_cold = cold_time_us(x, q, s, g, spec)
-                cfg = choose_gemm_config(m, n, k, spec, x.dtype, _num_sms(dev), 90)
-                strategy = choose_strategy(m, n, k, spec, x.dtype, 90,
-                                           cuda_decode=_cuda_decode_reason(x, q, s, spec, None) is None)
+                strategy, default = default_plan(x, q, s, spec)
+                cfg = default if strategy == "fused" else choose_gemm_config(m, n, k, spec, x.dtype, _num_sms(dev), 90)
                 # the Triton path the CUDA decode GEMM replaced (its default without cuda_decode)
                 t_triton = (cold_time_us(x, q, s, g, spec, strategy=choose_strategy(m, n, k, spec, x.dtype, 90))
                             if strategy == "cuda_decode" else float("nan"))
@@ -287,9 +287,7 @@ def main(argv=None) -> int:
                     print("fp8 failed:", type(e).__name__, str(e)[:200], file=sys.stderr)
                     t_fp8 = float("nan")
                 t_bf16 = graph_time_us(lambda: x @ w_bf16.T)
-                default = strategy if strategy == "dequant_chunks" else (
-                    choose_gemv_config(m, n, k, _num_sms(dev)) if strategy == "gemv" else
-                    choose_decode_mma_config(m, n, k, _num_sms(dev), fmt) if strategy == "cuda_decode" else cfg)
+                default = default or strategy
                 best = (t_ours, default)
                 if args.sweep:
                     for cand in sweep_configs(m, fmt):

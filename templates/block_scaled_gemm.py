@@ -8,14 +8,16 @@ Tiles come from ``choose_gemm_config`` (a pure function, testable without a GPU)
     weight stream; the split partials are summed in a fixed order (deterministic).
   * prefill (large M): MMA bound.  128 x 128 tiles, grouped ordering for L2 reuse.
 ``choose_strategy`` picks, per call, between "cuda_decode" (M <= 16, bf16 activations: the CUDA
-mma.sync decode GEMM of ``cuda/fp4_decode_mma.cu``, built by NVRTC, where it builds), "gemv" (M <= ``GEMV_MAX_M``, dense activations: a
-tl.dot-free kernel that decodes each weight slice once into fp32 registers, many small programs
-with split-K for bytes in flight; ``templates/_details/_fp4_gemv.py``), that kernel ("fused") and
-"dequant_chunks": on GPUs
+mma.sync decode GEMM of ``cuda/fp4_decode_mma.cu``, built by NVRTC, where it builds), "gemv" (M <=
+``GEMV_MAX_M``, dense activations: a tl.dot-free kernel that decodes each weight slice once into
+fp32 registers, many small programs with split-K for bytes in flight;
+``templates/_details/_fp4_gemv.py``), that kernel ("fused": on sm_90 with bf16 activations from
+17 to ``swapped_tile_max_m`` rows the MoE's swapped FP4 tile) and "dequant_chunks": on GPUs
 without FP4 MMA (Hopper) at large M the fused kernel re-decodes every weight tile once per M tile,
 so instead chunks of weight rows are decoded once into a bounded bf16 workspace
 (``DEQUANT_CHUNK_BYTES``, reused chunk after chunk; the whole dequantised weight never exists)
-and multiplied by cuBLAS straight into the output's columns.
+and multiplied by cuBLAS straight into the output's columns.  ``default_plan`` is that choice
+for one call.
 """
 
 from __future__ import annotations
@@ -95,10 +97,13 @@ class GemmKernelConfig:
     # decoded weight tile as the MMA's A operand (out^T = B @ A^T): on sm_90 the weight rows fill
     # wgmma's M = 64 straight from registers and the few tokens are its N (>= 16); dense bf16 A only
     swap_ab: bool = False
+    scales_ahead: Optional[bool] = None  # swapped tile: block scales a K step ahead (None: the MoE's rule)
 
     def __post_init__(self):
         if self.swap_ab and self.dot_scaled:
             raise ValueError("swap_ab decodes the weight in registers; it excludes dot_scaled")
+        if self.swap_ab and (self.block_k % 64 or self.prefetch):
+            raise ValueError("swap_ab takes K steps of whole 64s (the activations' K order) and no prefetch")
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -123,6 +128,27 @@ def swap_ab_fits(spec: GemmSpec, a_dtype: torch.dtype) -> bool:
     return spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.b_format in _PACKED
 
 
+def swapped_tile_max_m(n: int) -> int:
+    """Rows of A up to which the swapped tile beats "dequant_chunks" on sm_90 (H100 sweep,
+    benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the GEMM"): at 128 rows 1.2-1.9x faster
+    (N x K = 4096^2, 2880^2, 14336 x 4096); at 256, 1.25x faster at N = 14336 and 1.2-1.3x slower
+    at N = 4096 and 2880 (too few tiles there); at 512 and more slower everywhere (cuBLAS)."""
+    return 256 if n >= 8192 else 128
+
+
+def swapped_tile_takes(b_scale: torch.Tensor, k: int, spec: GemmSpec) -> bool:
+    """What the swapped tile needs of the operands beyond ``swap_ab_fits``: K in whole 64s (the
+    activations' to_mma_k_order), and MXFP4 scales that fit the decode's multiply (read once per
+    weight version: lowering.moe.mxfp4_scales_in_decode)."""
+    if k % 64:
+        return False
+    if spec.b_format == "mxfp4":
+        from ..lowering.moe import mxfp4_scales_in_decode
+
+        return mxfp4_scales_in_decode(b_scale)
+    return True
+
+
 def dot_scaled_fits(spec: GemmSpec, a_dtype: torch.dtype, arch: int) -> bool:
     """Whether tl.dot_scaled can take these operands (else the in-register dequant path runs).
     NV scales (e4m3 per 16) go through dot_scaled only on sm_100, where Triton lowers them natively."""
@@ -134,22 +160,31 @@ def dot_scaled_fits(spec: GemmSpec, a_dtype: torch.dtype, arch: int) -> bool:
 
 
 def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype, num_sms: int,
-                       arch: int = 90) -> GemmKernelConfig:
-    """Tiles for one call; pure, so tests can check it without a GPU."""
+                       arch: int = 90, swap_allowed: bool = True) -> GemmKernelConfig:
+    """Tiles for one call; pure, so tests can check it without a GPU.  ``swap_allowed``: False
+    where the operands do not suit the swapped tile (``swapped_tile_takes``)."""
     use_dot_scaled = dot_scaled_fits(spec, a_dtype, arch) and (arch >= 100 or os.environ.get(
         "INDUCTOR_MOE_FP4_DOT_SCALED", "0") == "1")
-    if 16 < m <= 64 and arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype):
-        # 17..64 rows on Hopper, bf16 activations: the swapped tile (64 decoded weight rows as
-        # wgmma's register A operand, the tokens as N), ~2 programs per SM, each >= 4 K steps with
-        # cp.async stages in flight.  H100, M = 64, N = K = 4096 (benchmarks/NOTES_fp4.md): 18.7 us
-        # against 21.0 for the best unswapped tile swept (64x64x256 split 8; 64x32 tiles: ~35); at
-        # M <= 16 the 16-row mma.sync tiles are as fast (12.1 vs 12.5 us).
-        block_m = _pow2_at_least(m, 16)
-        block_n, block_k = 64, _small_m_block_k(k)
-        tiles = -(-n // block_n)
+    if 16 < m <= swapped_tile_max_m(n) and arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype) \
+            and swap_allowed and k % 64 == 0:
+        # 17..128 rows on Hopper (256 for N >= 8192), bf16 activations: the MoE's swapped tile (64
+        # or 128 decoded weight rows as wgmma's register A operand, the tokens as N), ~2 programs per
+        # SM, each >= 4 K steps.  H100 sweep (benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the
+        # GEMM"): 64-row token tiles up to 128 rows, 64 x 256-deep weight tiles (NVFP4 with K not
+        # in 256s: 128 x 64 and 8 warps, within 4% of the best there); from 129 to 256 rows 128-row
+        # token tiles by 128 weight rows x 64-deep steps, 4 stages.
+        block_m = min(64, _pow2_at_least(m, 16)) if m <= 128 else 128
+        if m > 128:
+            block_n, block_k, warps, stages = 128, 64, 4, 4
+        elif spec.b_format == "nvfp4" and k % 256:
+            block_n, block_k, warps, stages = 128, 64, 8, 3
+        else:
+            block_n, block_k, warps, stages = 64, _small_m_block_k(k), 4, 3
+        tiles = -(-m // block_m) * -(-n // block_n)
         steps = -(-k // block_k)
         split = max(1, min(steps // 4, -(-2 * num_sms // tiles)))
-        return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3, swap_ab=True)
+        return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=warps, num_stages=stages,
+                                swap_ab=True)
     if m <= 64:
         # Small M: BLOCK_N 64 (or 32 for small N) and enough K splits for ~2 programs per SM, each
         # still running >= 4 K steps.  Measured on H100 (triton 3.6): 16.9 us at M = 1..16,
@@ -185,12 +220,14 @@ STRATEGIES = ("cuda_decode", "gemv", "fused", "dequant_chunks")
 
 
 def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype, arch: int,
-                    cuda_decode: bool = False) -> str:
+                    cuda_decode: bool = False, swapped_tile: bool = False) -> str:
     """"cuda_decode" (M <= 16, bf16 activations: the CUDA mma.sync decode GEMM, where the caller
     found it buildable and the operands aligned: ``cuda_decode``), "gemv" (decode, no tl.dot),
     "fused" (the Triton GEMM kernel) or "dequant_chunks" (decode weight row chunks to bf16 once,
-    then cuBLAS).  ``INDUCTOR_MOE_FP4_STRATEGY=<one of STRATEGIES>`` overrides where the forced one
-    applies (else the default choice stands)."""
+    then cuBLAS; from more rows than ``swapped_tile_max_m`` where the swapped tile takes the
+    operands, ``swapped_tile``, else from ``DEQUANT_CHUNKS_MIN_M``).
+    ``INDUCTOR_MOE_FP4_STRATEGY=<one of STRATEGIES>`` overrides where the forced one applies (else
+    the default choice stands)."""
     chunks_fit = (spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.out_dtype == "bfloat16"
                   and spec.activation in (None, "relu", "silu", "gelu", "gelu_tanh"))
     decode_fit = cuda_decode and swap_ab_fits(spec, a_dtype) and m <= 16
@@ -205,7 +242,8 @@ def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype
         return "cuda_decode"
     if gemv_fits(m, spec, a_dtype) and m <= GEMV_MAX_M:
         return "gemv"
-    return "dequant_chunks" if chunks_fit and arch < 100 and m >= DEQUANT_CHUNKS_MIN_M else "fused"
+    chunks_from = swapped_tile_max_m(n) + 1 if swapped_tile else DEQUANT_CHUNKS_MIN_M
+    return "dequant_chunks" if chunks_fit and arch < 100 and m >= chunks_from else "fused"
 
 
 def _interpreting() -> bool:
@@ -315,11 +353,36 @@ def _launch_gemv(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: G
     return out
 
 
+def _swapped_tile_ok(a2, b_scale, k: int, spec: GemmSpec) -> bool:
+    return swap_ab_fits(spec, a2.dtype) and swapped_tile_takes(b_scale, k, spec)
+
+
+def default_plan(a2, b, b_scale, spec: GemmSpec, bias=None):
+    """(strategy, config) that ``block_scaled_gemm`` runs a call [M, K] x [N, K / 2] left to its
+    defaults with (config None for "dequant_chunks").  The swapped tile is considered only where
+    it may run (17..swapped_tile_max_m rows on sm_90), so larger calls never read the scales."""
+    M, N, K = a2.shape[0], b.shape[0], b.shape[1] * 2
+    arch, sms = _arch(a2.device), _num_sms(a2.device)
+    decode_ok = M <= 16 and _cuda_decode_reason(a2, b, b_scale, spec, bias) is None
+    swapped = arch < 100 and 16 < M <= swapped_tile_max_m(N) and _swapped_tile_ok(a2, b_scale, K, spec)
+    strategy = choose_strategy(M, N, K, spec, a2.dtype, arch, cuda_decode=decode_ok, swapped_tile=swapped)
+    if strategy == "cuda_decode":
+        from ..cuda.fp4_decode import choose_decode_mma_config
+
+        return strategy, choose_decode_mma_config(M, N, K, sms, spec.b_format)
+    if strategy == "gemv":
+        return strategy, choose_gemv_config(M, N, K, sms)
+    if strategy == "fused":
+        return strategy, choose_gemm_config(M, N, K, spec, a2.dtype, sms, arch, swap_allowed=swapped)
+    return strategy, None
+
+
 def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=None, bias=None, *,
                       config=None, use_pdl: bool = False,
                       strategy: Optional[str] = None) -> torch.Tensor:
-    """``act(global_scale * (A @ B^T) + bias)``; inputs already validated.  ``strategy`` (default:
-    ``choose_strategy``) is "fused" (the Triton kernel, tiles from ``config``) or "dequant_chunks"."""
+    """``act(global_scale * (A @ B^T) + bias)``; inputs already validated.  ``strategy`` and
+    ``config`` default to ``default_plan``; a strategy is one of STRATEGIES ("fused": the Triton
+    kernel, tiles from ``config``)."""
     lead = a.shape[:-1]
     a2 = a.reshape(-1, a.shape[-1])
     if a2.stride(-1) != 1:
@@ -333,17 +396,15 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         out.zero_()
         return out.reshape(*lead, N)
     arch = _arch(a.device)
+    planned = config is None and strategy is None
+    if planned:
+        strategy, config = default_plan(a2, b, b_scale, spec, bias)
     if isinstance(config, DecodeMmaConfig):
         strategy = "cuda_decode"
-    decode_reason = None
-    if strategy in (None, "cuda_decode"):
-        decode_reason = _cuda_decode_reason(a2, b, b_scale, spec, bias)
-    if strategy is None:
-        strategy = "fused" if config is not None else choose_strategy(
-            M, N, K, spec, a2.dtype, arch, cuda_decode=decode_reason is None)
     if strategy == "cuda_decode":
         from ..cuda.fp4_decode import choose_decode_mma_config, decode_mma_gemm
 
+        decode_reason = None if planned else _cuda_decode_reason(a2, b, b_scale, spec, bias)
         if decode_reason is not None:
             raise ValueError(f"the cuda_decode strategy cannot take this call: {decode_reason}")
         cfg = config if isinstance(config, DecodeMmaConfig) else choose_decode_mma_config(
@@ -358,15 +419,32 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
             raise ValueError(f"the gemv strategy takes dense activations and M <= 16 (M={M}, {spec.a_format})")
         gcfg = config if isinstance(config, GemvConfig) else choose_gemv_config(M, N, K, _num_sms(a.device))
         return _launch_gemv(a2, b, b_scale, spec, global_scale, bias, out, gcfg, use_pdl).reshape(*lead, N)
-    cfg = config or choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch)
+    cfg = config or choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch, swap_allowed=(
+        16 < M <= swapped_tile_max_m(N) and _swapped_tile_ok(a2, b_scale, K, spec)))
+    if not planned and cfg.swap_ab and not _swapped_tile_ok(a2, b_scale, K, spec):
+        cfg = replace(cfg, swap_ab=False)
     if cfg.dot_scaled and not dot_scaled_fits(spec, a2.dtype, arch):
         cfg = replace(cfg, dot_scaled=False)
-    if cfg.swap_ab and not swap_ab_fits(spec, a2.dtype):
-        cfg = replace(cfg, swap_ab=False)
+    use_pdl = use_pdl and not _interpreting()
+    pdl = {"launch_pdl": True} if use_pdl else {}
     a_fmt = spec.a_format
     a_t = a2 if a_fmt == "dense" else _as_bytes(a2)
+    if cfg.swap_ab:  # the swapped tile reads A with K in to_mma_k_order: one pass over A
+        from .moe_common import moe_kperm_kernel
+
+        a_t = torch.empty((M, K), dtype=a2.dtype, device=a.device)
+        moe_kperm_kernel[(-(-M // 16), -(-K // 256))](a2, a_t, M, K, a2.stride(0), BLOCK_T=16, BLOCK_K=256,
+                                                       USE_PDL=use_pdl, num_warps=4, **pdl)
     a_s = _as_bytes(a_scale.reshape(-1, a_scale.shape[-1])) if a_scale is not None else a_t
     b_t, b_s = _as_bytes(b), _as_bytes(b_scale)
+    scales_ahead = False
+    if cfg.swap_ab:  # the MoE's swapped tile takes NVFP4 scales as e4m3 and MXFP4's in 16-byte rows
+        from ..lowering.moe import mxfp4_scales_16b_rows
+        from ..lowering.moe_plan import fp4_scales_ahead
+
+        b_s = b_scale.view(torch.float8_e4m3fn) if spec.b_format == "nvfp4" else mxfp4_scales_16b_rows(
+            b_scale.unsqueeze(0))[0].view(torch.uint8)
+        scales_ahead = fp4_scales_ahead(spec.b_format, b_s.stride(0)) if cfg.scales_ahead is None else cfg.scales_ahead
     # K splits are whole BLOCK_K steps
     steps = -(-K // cfg.block_k)
     split = min(cfg.split_k, steps)
@@ -378,8 +456,6 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         counters = _tile_counters(a.device, tiles_m * tiles_n)
     else:
         ws = counters = out
-    use_pdl = use_pdl and not _interpreting()
-    pdl = {"launch_pdl": True} if use_pdl else {}
     block_scaled_gemm_kernel[(tiles_m * tiles_n, split)](
         a_t, a_s, b_t, b_s, out, bias if bias is not None else out,
         global_scale if global_scale is not None else out, ws, counters,
@@ -391,7 +467,9 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None,
         ACTIVATION=ACTIVATION_CODES[spec.activation],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
-        USE_PDL=use_pdl, PREFETCH=cfg.prefetch, SWAP_AB=cfg.swap_ab, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+        USE_PDL=use_pdl, PREFETCH=cfg.prefetch, SWAP_AB=cfg.swap_ab, EVEN_K=K % cfg.block_k == 0,
+        SCALES_AHEAD=scales_ahead,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     return out.reshape(*lead, N)
 
 
@@ -399,14 +477,15 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
 
 def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect="", prefetch=False, swap_ab=False):
     sig = {"a_ptr": "*u8" if a_fmt != "dense" else a_dtype, "a_scale_ptr": "*u8", "b_ptr": "*u8",
-           "b_scale_ptr": "*u8", "out_ptr": "*bf16", "bias_ptr": "*bf16", "global_scale_ptr": "*fp32",
+           "b_scale_ptr": "*fp8e4nv" if swap_ab and b_fmt == "nvfp4" else "*u8", "out_ptr": "*bf16", "bias_ptr": "*bf16", "global_scale_ptr": "*fp32",
            "ws_ptr": "*fp32", "counter_ptr": "*i32"}
     sig.update({name: "i32" for name in ("M", "N", "K", "K_PER_SPLIT", "stride_am", "stride_ak", "stride_asm",
                                           "stride_ask", "stride_bn", "stride_bk", "stride_bsn", "stride_bsk",
                                           "stride_om", "stride_on")})
     const = dict(A_FORMAT=FORMAT_CODES[a_fmt], B_FORMAT=FORMAT_CODES[b_fmt], DOT_SCALED=dot_scaled, MMA_FP32=False,
                  HAS_BIAS=True, HAS_GLOBAL_SCALE=b_fmt == "nvfp4", ACTIVATION=SILU, BLOCK_M=m, BLOCK_N=128,
-                 BLOCK_K=128, GROUP_M=8, SPLIT_K=1, USE_PDL=True, PREFETCH=prefetch, SWAP_AB=swap_ab)
+                 BLOCK_K=128, GROUP_M=8, SPLIT_K=1, USE_PDL=True, PREFETCH=prefetch, SWAP_AB=swap_ab,
+                 EVEN_K=True)
     for name in const:
         sig[name] = "constexpr"
     options = {"num_warps": 8 if m >= 128 else 4, "num_stages": 3}

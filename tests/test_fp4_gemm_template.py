@@ -105,18 +105,42 @@ _INTERPRETED = textwrap.dedent("""
         worst = max(worst, err)
         if sk > 1:
             assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
-    # swapped tiles (acc^T = W @ X^T): K tail, N tail, split-K, both formats, bias + activation
-    swap_cases = [("mxfp4", "silu", 1, 2, 64), ("nvfp4", None, 5, 1, 32), ("mxfp4", "gelu", 17, 3, 32),
-                  ("nvfp4", "relu", 33, 2, 64)]
-    for i, (fb, act, m, sk, bk) in enumerate(swap_cases):
-        a, _, q, s, gs, bias = make_operands("dense", fb, m, 80, 160, seed=40 + i)
+    # swapped tiles (acc^T = W @ X^T, A permuted to the MMA's K order first): a K tail inside the
+    # last step, N tail, split-K, both formats, bias + activation; each case must run swapped
+    import inductor_moe.templates.moe_common as moe_common
+    kperm, kperm_calls = moe_common.moe_kperm_kernel, []
+    class _CountingKperm:
+        def __getitem__(self, grid):
+            kperm_calls.append(grid)
+            return kperm[grid]
+    moe_common.moe_kperm_kernel = _CountingKperm()
+    swap_cases = [("mxfp4", "silu", 1, 2, 64, 192), ("nvfp4", None, 5, 1, 128, 320), ("mxfp4", "gelu", 17, 3, 64, 320),
+                  ("nvfp4", "relu", 33, 2, 128, 256)]
+    for i, (fb, act, m, sk, bk, k) in enumerate(swap_cases):
+        a, _, q, s, gs, bias = make_operands("dense", fb, m, 80, k, seed=40 + i)
         spec = GemmSpec(b_format=fb, activation=act)
         ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
-        cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True)
+        cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True, scales_ahead=i < 2)
+        calls = len(kperm_calls)
         out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
         err = rel_err(out, ref)
         assert out.shape == (m, 80) and err <= 2e-2, ("swap_ab", fb, act, m, sk, err)
+        assert len(kperm_calls) == calls + 1, ("swap_ab did not run swapped", fb, m)
         worst = max(worst, err)
+    # what the swapped tile cannot take runs unswapped, still right: K not in whole 64s, and MXFP4
+    # scales above 2 (e8m0 bytes 129..254: they do not fit the decode's multiply)
+    a, _, q, s, _, bias = make_operands("dense", "mxfp4", 17, 80, 160, seed=50)
+    big = s  # K = 160: not whole 64s
+    a2, _, q2, _, _, _ = make_operands("dense", "mxfp4", 17, 80, 192, seed=51)
+    s2 = make_operands("dense", "mxfp4", 17, 80, 192, seed=51)[3]
+    big2 = (s2.view(torch.uint8).int() + 10).clamp(max=254).to(torch.uint8)
+    assert int(big2.max()) > 128, "scales above 2 needed"
+    for (x, qq, ss) in ((a, q, big), (a2, q2, big2.view(s2.dtype))):
+        calls = len(kperm_calls)
+        ref = block_scaled_mm_reference(x.double(), qq, ss, GemmSpec(), None, None, bias)
+        out = block_scaled_gemm(x, qq, ss, GemmSpec(), None, None, bias, config=GemmKernelConfig(32, 64, 64, swap_ab=True))
+        assert rel_err(out, ref) <= 2e-2 and len(kperm_calls) == calls, "unswapped fallback"
+    moe_common.moe_kperm_kernel = kperm
     # default strategy at decode M is the GEMV
     a, _, q, s, _, _ = make_operands("dense", "mxfp4", 4, 64, 256, seed=30)
     out = block_scaled_gemm(a, q, s, GemmSpec())
@@ -146,15 +170,25 @@ def test_config_choice_is_pure_and_sane():
         GemmKernelConfig(16, 16, 48)
     with pytest.raises(ValueError):
         GemmKernelConfig(16, 64, 64, swap_ab=True, dot_scaled=True)
-    # swapped tiles for 17..64 rows on sm_90 with bf16 activations only (64 weight rows = one wgmma M)
+    # swapped tiles for 17..128 rows (256 where N >= 8192) on sm_90 with bf16 activations only
     mid = choose_gemm_config(64, 4096, 4096, spec, torch.bfloat16, num_sms=132)
     assert mid.swap_ab and mid.block_n == 64 and mid.block_m == 64 and not mid.dot_scaled
     assert choose_gemm_config(17, 4096, 4096, spec, torch.bfloat16, num_sms=132).block_m == 32
+    at128 = choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132)
+    assert at128.swap_ab and at128.block_m == 64 and at128.block_k % 64 == 0
+    wide = choose_gemm_config(256, 14336, 4096, spec, torch.bfloat16, num_sms=132)
+    assert wide.swap_ab and wide.block_m == 128
+    assert not choose_gemm_config(256, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
+    nv = choose_gemm_config(64, 2880, 2880, GemmSpec(b_format="nvfp4"), torch.bfloat16, num_sms=132)
+    assert nv.swap_ab and nv.block_k == 64  # NVFP4 with K not in 256s: 64-deep steps
     assert not decode.swap_ab  # <= 16 rows: the 16-row mma.sync tiles (as fast, measured)
     assert not choose_gemm_config(64, 4096, 4096, spec, torch.bfloat16, num_sms=132, arch=100).swap_ab
     assert not choose_gemm_config(64, 4096, 4096, spec, torch.float16, num_sms=132).swap_ab
     assert not choose_gemm_config(64, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, num_sms=132).swap_ab
-    assert not choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
+    assert not choose_gemm_config(64, 4096, 4096, spec, torch.bfloat16, num_sms=132, swap_allowed=False).swap_ab
+    assert not choose_gemm_config(64, 4096, 4000, spec, torch.bfloat16, num_sms=132).swap_ab  # K not in 64s
+    with pytest.raises(ValueError):
+        GemmKernelConfig(64, 64, 32, swap_ab=True)  # the swapped tile steps K in whole 64s
     from inductor_moe.templates.block_scaled_gemm import choose_gemv_config
 
     for (m, n, k) in ((1, 4096, 4096), (16, 8192, 8192), (1, 2880, 2880)):
@@ -172,8 +206,31 @@ def test_strategy_choice():
     assert choose_strategy(16, 4096, 4096, spec, torch.bfloat16, 90) == "fused"  # GEMV work grows with M
     assert choose_strategy(16, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"  # no fp4 MMA
+    # the swapped tile up to 128 rows (256 for N >= 8192) where it takes the operands, else chunks from 128
+    assert choose_strategy(128, 4096, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
+    assert choose_strategy(128, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
+    assert choose_strategy(129, 4096, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
+    assert choose_strategy(256, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
+    assert choose_strategy(257, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 100) == "fused"  # native block-scaled MMA
     assert choose_strategy(4096, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
+
+
+def test_default_plan_takes_the_swapped_tile_only_where_it_fits():
+    """At 128 rows the default is the swapped tile; where it cannot take the operands (K not in
+    whole 64s, MXFP4 scales above 2) the same call goes to "dequant_chunks", never a wrong tile."""
+    from inductor_moe.templates.block_scaled_gemm import default_plan
+
+    a, _, q, s, _, _ = make_operands("dense", "mxfp4", 128, 80, 192)
+    strategy, cfg = default_plan(a, q, s, GemmSpec())
+    assert strategy == "fused" and cfg.swap_ab
+    big = (s.view(torch.uint8).int() + 10).to(torch.uint8).view(s.dtype)  # bytes 135..137: scales above 2
+    assert default_plan(a, q, big, GemmSpec()) == ("dequant_chunks", None)
+    a, _, q, s, _, _ = make_operands("dense", "nvfp4", 128, 80, 160)
+    assert default_plan(a, q, s, GemmSpec(b_format="nvfp4")) == ("dequant_chunks", None)
+    a, _, q, s, _, _ = make_operands("dense", "nvfp4", 40, 80, 160)  # below 128 rows: unswapped Triton tiles
+    strategy, cfg = default_plan(a, q, s, GemmSpec(b_format="nvfp4"))
+    assert strategy == "fused" and not cfg.swap_ab
 
 
 _skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -225,19 +282,25 @@ def test_cuda_dot_scaled_path_and_graph_capture():
 
 @cuda
 @pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("m", [1, 7, 16, 64])
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 128, 200])
 def test_cuda_swapped_tiles_match_reference_and_are_deterministic(fb, m):
-    """Swapped decode tiles (decoded weight rows as wgmma's register operand) at odd N and K."""
+    """Swapped decode tiles (the MoE's: decoded weight rows as wgmma's register operand) at an odd
+    N and a K in 64s but not in 128s, both scale schedules, split-K, the default tiles too."""
+    from dataclasses import replace
+
     from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
     from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm
 
-    a, _, q, s, gs, bias = make_operands("dense", fb, m, 2880 + 64 + 16, 2880 + 32, device="cuda", seed=m)
+    n, k = 2880 + 64 + 16, 2880 + 64
+    a, _, q, s, gs, bias = make_operands("dense", fb, m, n, k, device="cuda", seed=m)
     spec = GemmSpec(b_format=fb, activation="silu")
     ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
-    bm = 16 if m <= 16 else 64
+    bm = 16 if m <= 16 else 64 if m <= 64 else 128
+    chosen = choose_gemm_config(min(max(m, 17), 128), n, k, spec, a.dtype, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert chosen.swap_ab
     for cfg in (GemmKernelConfig(bm, 64, 256, 8, num_stages=3, swap_ab=True),
-                GemmKernelConfig(bm, 128, 128, 4, num_warps=8, num_stages=4, swap_ab=True),
-                GemmKernelConfig(bm, 64, 512, 1, num_stages=1, swap_ab=True)):
+                GemmKernelConfig(bm, 128, 128, 4, num_warps=8, num_stages=4, swap_ab=True, scales_ahead=True),
+                GemmKernelConfig(bm, 64, 512, 1, num_stages=1, swap_ab=True), replace(chosen, block_m=bm)):
         out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
         assert rel_err(out, ref) <= TOL, cfg
         assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))

@@ -13,13 +13,16 @@
 # PREFETCH: issue step k+1's loads before step k's math.  Triton's pipeliner only stages loads
 # that feed a dot directly; ours go through the fp4 decode first, so without this every step
 # waits a full memory latency.
+# SWAP_AB (bf16 A already in moe_common.to_mma_k_order, FP4 weights): acc^T = B @ A^T by the MoE's
+# swapped tile (_swapped_k_loop): weight rows fill wgmma's M from registers, the tokens are its N.
 """
 
 import triton
 import triton.language as tl
 
-from ..moe_common import pdl_launch_dependents, pdl_wait
-from .fp_codes import (apply_block_scale, e2m1_pairs_to_bf16, e2m1_to_f32, e4m3_to_f32, e8m0_to_bf16,
+from ..moe_common import k_loop_steps, pdl_launch_dependents, pdl_wait
+from ..moe_tiles import fp4_weight_scales, load_act_tile, weight_tile_dot
+from .fp_codes import (E4M3_DECODE_SHIFT, apply_block_scale, e2m1_pairs_to_bf16, e2m1_to_f32, e4m3_to_f32, e8m0_to_bf16,
                        e8m0_to_f32, mul_bf16, unpack_e2m1_rows)
 
 # operand format codes (constexpr A_FORMAT / B_FORMAT)
@@ -77,12 +80,8 @@ def _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mas
 
 @triton.jit
 def _mma_step(acc, a, a_s, b, bs, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, DOT_SCALED: tl.constexpr,
-              MMA_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SWAP_AB: tl.constexpr = False):
-    """acc += A_tile @ B_tile^T for one K step, by tl.dot_scaled or in-register dequantisation.
-    SWAP_AB (dense bf16 A only): acc is [BLOCK_N, BLOCK_M] and gets B_tile @ A_tile^T, so the decoded
-    weight is the MMA's register A operand (wgmma's M = 64 weight rows, tokens as its small N) and
-    never goes through shared memory."""
+              MMA_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A_tile @ B_tile^T for one K step, by tl.dot_scaled or in-register dequantisation."""
     if DOT_SCALED:
         if B_FORMAT == 2:
             b_sc = bs.to(tl.uint8)
@@ -111,14 +110,9 @@ def _mma_step(acc, a, a_s, b, bs, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr
         w_even = tl.reshape(mul_bf16(lo, scale), [BLOCK_N, BLOCK_K // 2]).to(MMA_DTYPE)
         w_odd = tl.reshape(mul_bf16(hi, scale), [BLOCK_N, BLOCK_K // 2]).to(MMA_DTYPE)
         x_even, x_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
-        if SWAP_AB:
-            acc = tl.dot(w_even, tl.trans(x_even.to(MMA_DTYPE)), acc)
-            acc = tl.dot(w_odd, tl.trans(x_odd.to(MMA_DTYPE)), acc)
-        else:
-            acc = tl.dot(x_even.to(MMA_DTYPE), tl.trans(w_even), acc)
-            acc = tl.dot(x_odd.to(MMA_DTYPE), tl.trans(w_odd), acc)
+        acc = tl.dot(x_even.to(MMA_DTYPE), tl.trans(w_even), acc)
+        acc = tl.dot(x_odd.to(MMA_DTYPE), tl.trans(w_odd), acc)
     else:
-        tl.static_assert(not SWAP_AB, "SWAP_AB runs the packed bf16 decoder only")
         w = _decode_fp4_tile(b, bs, BLOCK_N, BLOCK_K, B_FORMAT).to(MMA_DTYPE)
         if A_FORMAT == 0:
             x = a.to(MMA_DTYPE)
@@ -128,6 +122,36 @@ def _mma_step(acc, a, a_s, b, bs, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr
         else:
             x = _decode_fp4_tile(a, a_s, BLOCK_M, BLOCK_K, A_FORMAT).to(MMA_DTYPE)
         acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _swapped_k_loop(a_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn, n_mask, k_start, k_end, K, N,
+                    stride_am, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                    B_FORMAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, SCALES_AHEAD: tl.constexpr):
+    """acc^T [BLOCK_N, BLOCK_M] over K range [k_start, k_end): the MoE's swapped FP4 tile
+    (moe_tiles.weight_tile_dot with SWAP_AB): the decoded weight rows are wgmma's register operand
+    and the block scale rides in the decode's multiply.  A (bf16, contiguous) was put in
+    moe_common.to_mma_k_order by the host, once per call; NVFP4 scales come as e4m3, MXFP4's as
+    bytes.  SCALES_AHEAD: each step's scales are loaded a step ahead (lowering.moe_plan.fp4_scales_ahead)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    a_rows = a_ptr + rm64[:, None] * stride_am
+    steps = k_loop_steps(k_end - k_start, BLOCK_K, True)  # >= 1: no zero-trip path (see there)
+    k_last = k_start + (steps - 1) * BLOCK_K
+    s_next = None
+    if SCALES_AHEAD:
+        s_next = fp4_weight_scales(b_scale_ptr, rn, n_mask, k_start, K, stride_bsn, stride_bsk, BLOCK_K, B_FORMAT,
+                                   EVEN_K)
+    for step in range(0, steps):
+        k0 = k_start + step * BLOCK_K
+        s_now = s_next
+        if SCALES_AHEAD:
+            s_next = fp4_weight_scales(b_scale_ptr, rn, n_mask, tl.minimum(k0 + BLOCK_K, k_last), K, stride_bsn,
+                                       stride_bsk, BLOCK_K, B_FORMAT, EVEN_K)
+        a, _ = load_act_tile(a_rows, a_rows, m_mask, k0, K, BLOCK_K, 0, EVEN_K)
+        acc = weight_tile_dot(acc, a, b_ptr, b_scale_ptr, rn, k0, K, N, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                              BLOCK_K, B_FORMAT, EVEN_K, False, True, s_now)
     return acc
 
 
@@ -155,6 +179,7 @@ def block_scaled_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_GLOBAL_SCALE: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
 ):
     tl.static_assert(B_FORMAT == 2 or B_FORMAT == 3, "the weight operand is MXFP4 or NVFP4")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole scale blocks (multiple of 32)")
@@ -185,35 +210,37 @@ def block_scaled_gemm_kernel(
 
     pdl_wait(USE_PDL)
     if SWAP_AB:
-        tl.static_assert(A_FORMAT == 0 and not DOT_SCALED, "SWAP_AB takes dense activations, in-register decode")
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        tl.static_assert(A_FORMAT == 0 and not DOT_SCALED and not PREFETCH, "SWAP_AB: dense A, in-register decode")
+        acc = _swapped_k_loop(a_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn, n_mask, k_start, k_end, K, N,
+                              stride_am, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                              B_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SCALES_AHEAD)
+        pdl_launch_dependents(USE_PDL)
+        acc = tl.trans(acc)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PREFETCH:  # registers double-buffered: step k + 1's loads are in flight while step k computes
-        a, a_s, b, bs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k_start,
-                                   k_end, stride_am, stride_ak, stride_asm, stride_ask,
-                                   stride_bn, stride_bk, stride_bsn, stride_bsk,
-                                   A_FORMAT, B_FORMAT, BLOCK_K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if PREFETCH:
-            k1 = k0 + BLOCK_K
-            na, na_s, nb, nbs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k1,
-                                           k_end, stride_am, stride_ak, stride_asm, stride_ask,
-                                           stride_bn, stride_bk, stride_bsn, stride_bsk,
-                                           A_FORMAT, B_FORMAT, BLOCK_K)
-            acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
-                             SWAP_AB)
-            a, a_s, b, bs = na, na_s, nb, nbs
-        else:
-            a, a_s, b, bs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k0,
+        if PREFETCH:  # registers double-buffered: step k + 1's loads are in flight while step k computes
+            a, a_s, b, bs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k_start,
                                        k_end, stride_am, stride_ak, stride_asm, stride_ask,
                                        stride_bn, stride_bk, stride_bsn, stride_bsk,
                                        A_FORMAT, B_FORMAT, BLOCK_K)
-            acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
-                             SWAP_AB)
-    pdl_launch_dependents(USE_PDL)
-    if SWAP_AB:
-        acc = tl.trans(acc)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            if PREFETCH:
+                k1 = k0 + BLOCK_K
+                na, na_s, nb, nbs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask,
+                                               k1, k_end, stride_am, stride_ak, stride_asm, stride_ask,
+                                               stride_bn, stride_bk, stride_bsn, stride_bsk,
+                                               A_FORMAT, B_FORMAT, BLOCK_K)
+                acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N,
+                                BLOCK_K)
+                a, a_s, b, bs = na, na_s, nb, nbs
+            else:
+                a, a_s, b, bs = _load_step(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn64, n_mask, k0,
+                                           k_end, stride_am, stride_ak, stride_asm, stride_ask,
+                                           stride_bn, stride_bk, stride_bsn, stride_bsk,
+                                           A_FORMAT, B_FORMAT, BLOCK_K)
+                acc = _mma_step(acc, a, a_s, b, bs, A_FORMAT, B_FORMAT, DOT_SCALED, MMA_DTYPE, BLOCK_M, BLOCK_N,
+                                BLOCK_K)
+        pdl_launch_dependents(USE_PDL)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
@@ -230,6 +257,8 @@ def block_scaled_gemm_kernel(
 
     if HAS_GLOBAL_SCALE:
         acc = acc * tl.load(global_scale_ptr)
+    if SWAP_AB and B_FORMAT == 3:  # the swapped decode left NVFP4 weights this much small (exact)
+        acc = acc * E4M3_DECODE_SHIFT
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     acc = _activation(acc, ACTIVATION)
