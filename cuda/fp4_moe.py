@@ -25,10 +25,10 @@ from . import nvrtc
 SCAN_MAX_TOKENS = 4  # up to here (and MAX_PAIRS pairs) each CTA scans the ids itself: no routing launch
 MAX_PAIRS = 256  # T * k the scanning kernels' member lists hold (fp4_moe_decode.cu MAX_PAIRS)
 # above this many pairs per expert on average the swapped Triton tiles win (H100, benchmarks/NOTES.md,
-# "The CUDA decode kernels against the swapped tiles, again"): from 9 to 12 pairs they ran 4-32% faster
-# than these kernels at qwen3 / gpt-oss / dsv4, both formats; at 8, 21-33% slower at qwen3 (T = 128),
-# 3-30% faster at gpt-oss / dsv4; at 4 (gpt-oss T = 128) 1.6x slower
-MAX_PAIRS_PER_EXPERT = {"mxfp4": 8, "nvfp4": 8}
+# "The CUDA/Triton crossover at 4-7 pairs per expert"): at 6 and 7 pairs they ran level with these
+# kernels to 15% faster at qwen3 / gpt-oss / dsv4 in both formats; at 5 these were 7-8% faster with
+# MXFP4 and, with NVFP4, 7% / 1% faster at gpt-oss / dsv4 and 4% slower at qwen3; at 4, 2-12% faster
+MAX_PAIRS_PER_EXPERT = {"mxfp4": 5, "nvfp4": 5}
 _FLOAT_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _GLU_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -58,23 +58,18 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     Up to 4 tokens the CTAs scan the ids; gate_up issues its next step's loads before the current
     step's math (PIPE) only for MXFP4 with >= 8 K steps per warp: 8% faster at dsv4 T = 1 (H = 4096,
     two runs); elsewhere -3% to +10% (NOTES.md, "next loads before the math"); down never.
-    Above 4 tokens the align kernel's blocks route the CTAs (``block_m`` pairs of one expert each:
-    16 with a second 8-token tile where experts average 8 or more, else 8) and down takes two row
-    groups (activations reused across 32 rows): against CTAs scanning the ids, 3-7% faster at T = 8
-    and 16, even at T = 4, 6-20% slower at T = 1 (one more launch); up to 8 pairs per expert
-    on average (MAX_PAIRS_PER_EXPERT) faster than the Triton tiles at qwen3 (NOTES.md, "mid sizes").  There, down
-    runs 2 warps where 4 would get under 4 K steps each (qwen3's I = 768: 2-6% faster at T = 16-256;
-    1-3% slower at gpt-oss's I = 2880, even at dsv4's 2048).  With 16-pair blocks and MXFP4, gate_up
-    takes 32 columns per CTA (two column groups: each CTA's 16 activation rows, 2x its weight bytes at
-    qwen3, serve twice the weights): 3-5% faster at qwen3 T = 128 / 256 in two runs, 1-2% at dsv4
-    T = 128 (8-pair blocks there); elsewhere with 8-pair blocks -1% to +1.5%, with NVFP4 up to 20%
-    slower (NOTES.md, "The align kernel, and gate_up with two column groups")."""
+    Above 4 tokens the align kernel's blocks route the CTAs (``block_m`` = 8 pairs of one expert
+    each) and down takes two row groups (activations reused across 32 rows): against CTAs scanning
+    the ids, 3-7% faster at T = 8 and 16, even at T = 4, 6-20% slower at T = 1 (one more launch).
+    There, down runs 2 warps where 4 would get under 4 K steps each (qwen3's I = 768: 2-6% faster at
+    T = 16-256; 1-3% slower at gpt-oss's I = 2880, even at dsv4's 2048).  16-pair blocks with two
+    token tiles (and MXFP4 gate_up with two column groups) were 3-5% faster at qwen3 with 8-16 pairs
+    per expert; at 4-5 pairs (up to MAX_PAIRS_PER_EXPERT) they ran 8-24% slower than 8-pair blocks at
+    qwen3 / gpt-oss / dsv4 (NOTES.md, "The CUDA/Triton crossover at 4-7 pairs per expert"), so only an
+    explicit config takes them."""
     if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
-        dense_routing = num_tokens * top_k >= 8 * num_experts
         down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
-        return MoEDecodeConfig(down_warps=down_warps, down_row_groups=2, token_tiles=2 if dense_routing else 1,
-                               block_m=16 if dense_routing else 8,
-                               gate_up_col_groups=2 if dense_routing and weight_format == "mxfp4" else 1)
+        return MoEDecodeConfig(down_warps=down_warps, down_row_groups=2, block_m=8)
     gate_up_pipe = weight_format == "mxfp4" and -(-hidden // 128) // 4 >= 8
     return MoEDecodeConfig(gate_up_warps=4, gate_up_pipe=gate_up_pipe)
 

@@ -47,10 +47,11 @@ def test_fit_check_reasons():
         call.update(tensors)
         return moe_decode_fits(**call)
 
-    assert "more than 8 per expert" in why(dict(T=17, k=8))  # 136 pairs over 16 experts
-    # both formats up to 8 pairs per expert (above, the swapped Triton tiles are faster)
-    assert "per expert" not in _why_on_cpu(why, dict(T=16, k=8, fmt="nvfp4"))
-    assert "more than 8 per expert" in why(dict(T=17, k=8, fmt="nvfp4"))
+    assert "more than 5 per expert" in why(dict(T=11, k=8))  # 88 pairs over 16 experts
+    # both formats up to 5 pairs per expert (above, the swapped Triton tiles are as fast or faster)
+    assert "per expert" not in _why_on_cpu(why, dict(T=10, k=8, fmt="nvfp4"))
+    assert "per expert" not in _why_on_cpu(why, dict(T=10, k=8))
+    assert "more than 5 per expert" in why(dict(T=11, k=8, fmt="nvfp4"))
     assert "not bf16" in why(dict(x_dtype=torch.float16))
     assert "not bf16" in why(dict(spec_extra="act_format=fp8_mx32"))
     assert "not a multiple of 32" in why(dict(fmt="nvfp4", I=144))
@@ -66,8 +67,8 @@ def test_fit_check_reasons():
 
 def test_tile_rule():
     """4 warps and one K step per warp everywhere; up to 4 tokens the CTAs scan the ids, above the
-    align kernel's blocks route them, with two L2 row groups, and 16-pair blocks of two token tiles
-    where experts average 8 pairs or more."""
+    align kernel's 8-pair blocks route them, with two L2 row groups (16-pair blocks of two token
+    tiles only by an explicit config)."""
     from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
 
     qwen3 = choose_moe_decode_config(1, 8, 128, 2048, 768)
@@ -75,7 +76,7 @@ def test_tile_rule():
         4, 4, 1, 1, 1)
     assert choose_moe_decode_config(16, 8, 128, 2048, 768).down_row_groups == 2
     assert choose_moe_decode_config(16, 8, 128, 2048, 768).token_tiles == 1
-    assert choose_moe_decode_config(16, 2, 4, 4096, 14336).token_tiles == 2
+    assert choose_moe_decode_config(10, 2, 4, 4096, 14336).token_tiles == 1  # 5 pairs per expert
     # gate_up's pipelined K loop: MXFP4, scanning kernels (<= 4 tokens), >= 8 K steps per warp (dsv4's H = 4096)
     assert choose_moe_decode_config(1, 6, 256, 4096, 2048, "mxfp4").gate_up_pipe
     assert not choose_moe_decode_config(1, 6, 256, 4096, 2048, "nvfp4").gate_up_pipe
@@ -84,19 +85,16 @@ def test_tile_rule():
     assert not qwen3.gate_up_pipe and not qwen3.down_pipe
     assert qwen3.block_m == 0 and choose_moe_decode_config(4, 8, 128, 2048, 768).block_m == 0  # CTAs scan ids
     assert choose_moe_decode_config(5, 8, 128, 2048, 768).block_m == 8
-    # above 16 tokens the align kernel's blocks route the CTAs: 8 pairs per block, or 16 (two token
-    # tiles) where experts average 8 or more
+    # above 4 tokens the align kernel's blocks route the CTAs: 8 pairs per block
     gpt_oss = choose_moe_decode_config(128, 4, 128, 2880, 2880)
     assert (gpt_oss.block_m, gpt_oss.token_tiles, gpt_oss.down_row_groups) == (8, 1, 2)
-    qwen3_mid = choose_moe_decode_config(128, 8, 128, 2048, 768)
-    assert (qwen3_mid.block_m, qwen3_mid.token_tiles, qwen3_mid.down_row_groups) == (16, 2, 2)
+    qwen3_mid = choose_moe_decode_config(80, 8, 128, 2048, 768)
+    assert (qwen3_mid.block_m, qwen3_mid.token_tiles, qwen3_mid.down_row_groups) == (8, 1, 2)
     # down's warps split K: 2 where 4 would get under 4 steps of 128 each (I = 768), else 4
     assert (qwen3_mid.down_warps, gpt_oss.down_warps, choose_moe_decode_config(128, 6, 256, 4096, 2048).down_warps) == (
         2, 4, 4)
-    # gate_up takes two 16-column groups per CTA with 16-pair blocks and MXFP4 only
-    assert (qwen3_mid.gate_up_col_groups, gpt_oss.gate_up_col_groups) == (2, 1)
-    assert choose_moe_decode_config(128, 8, 128, 2048, 768, "nvfp4").gate_up_col_groups == 1
-    assert qwen3.gate_up_col_groups == 1
+    # gate_up's two 16-column groups per CTA go with 16-pair blocks: never by the rule
+    assert (qwen3_mid.gate_up_col_groups, gpt_oss.gate_up_col_groups, qwen3.gate_up_col_groups) == (1, 1, 1)
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -207,20 +205,20 @@ def test_gpu_pipelined_k_loop(fmt, pipe_cfg, monkeypatch):
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("case", ["qwen3_like", "gpt_oss_like", "gpt_oss_dense", "skewed", "many_pairs",
                                   "more_pairs_than_one_launch"])
-def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
-    """Above 4 tokens the CTAs take the align kernel's blocks: 16-pair blocks with two token tiles
-    (experts with more pairs than a block span several; MXFP4's gate_up with two column groups),
-    8-pair blocks with one; the gpt-oss variant with biases and a K tail step, in both; out-of-range
-    ids; all pairs on three experts; several programs of the one-launch align; more pairs than it
-    takes (the count / offsets / scatter kernels)."""
+def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case, monkeypatch):
+    """Above 4 tokens the CTAs take the align kernel's 8-pair blocks (experts with more pairs than a
+    block span several), and, by an explicit config, 16-pair blocks with two token tiles (MXFP4's
+    gate_up with two column groups); the gpt-oss variant with biases and a K tail step, in both;
+    out-of-range ids; all pairs on three experts; several programs of the one-launch align; more
+    pairs than it takes (the count / offsets / scatter kernels)."""
     if case == "qwen3_like":
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(64, 64, 512, 256, 8, fmt, seed=3)  # 8 pairs per expert
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(40, 64, 512, 256, 8, fmt, seed=3)  # 5 pairs per expert
     elif case == "many_pairs":
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(128, 128, 256, 128, 8, fmt, seed=7, bad_ids=True)  # 1024 pairs
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(128, 256, 256, 128, 8, fmt, seed=7, bad_ids=True)  # 1024 pairs
     elif case == "more_pairs_than_one_launch":
         from inductor_moe.lowering.moe_plan import ALIGN_ONE_LAUNCH_MAX_ENTRIES
 
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(1040, 1040, 256, 128, 8, fmt, seed=8, bad_ids=True)  # 8 per expert
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(1040, 1664, 256, 128, 8, fmt, seed=8, bad_ids=True)  # 5 per expert
         assert ids.numel() > ALIGN_ONE_LAUNCH_MAX_ENTRIES
     elif case.startswith("gpt_oss"):
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(
@@ -230,29 +228,33 @@ def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case):
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(24, 8, 256, 128, 2, fmt, seed=5)
         ids[:, 0] = 0
         ids[:, 1] = torch.arange(24, device="cuda") % 2 + 1  # 24 pairs on expert 0: three blocks of 8
-    from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
+    from dataclasses import replace
+
+    from inductor_moe.cuda import fp4_moe
 
     T, k = ids.shape
-    cfg = choose_moe_decode_config(T, k, w13.shape[0], x.shape[1], w2.shape[2] * 2, fmt)
-    assert cfg.block_m == (8 if case in ("gpt_oss_like", "skewed") else 16)
-    assert cfg.gate_up_col_groups == (2 if cfg.block_m == 16 and fmt == "mxfp4" else 1)
+    cfg = fp4_moe.choose_moe_decode_config(T, k, w13.shape[0], x.shape[1], w2.shape[2] * 2, fmt)
+    assert (cfg.block_m, cfg.token_tiles, cfg.gate_up_col_groups) == (8, 1, 1)
     _check(x, ids, tw, w13, w2, spec, kw, fmt, f"mid {case} {fmt}")
+    wide = replace(cfg, block_m=16, token_tiles=2, gate_up_col_groups=2 if fmt == "mxfp4" else 1)
+    monkeypatch.setattr(fp4_moe, "choose_moe_decode_config", lambda *a: wide)
+    _check(x, ids, tw, w13, w2, spec, kw, fmt, f"mid {case} {fmt}, 16-pair blocks")
 
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_up_to_8_pairs_per_expert():
-    """Both FP4 formats take the CUDA kernels up to 8 pairs per expert on average (experts 0-3 in
-    every token: 64 pairs each, four 16-pair blocks); above, the swapped Triton tiles run them, and
+def test_gpu_up_to_5_pairs_per_expert():
+    """Both FP4 formats take the CUDA kernels up to 5 pairs per expert on average (experts 0-3 in
+    every token: 40 pairs each, five 8-pair blocks); above, the swapped Triton tiles run them, and
     forcing the CUDA kernels says why."""
     for fmt in ("nvfp4", "mxfp4"):
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(64, 64, 512, 256, 8, fmt, seed=9, bad_ids=True)  # 8 per expert
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(40, 64, 512, 256, 8, fmt, seed=9, bad_ids=True)  # 5 per expert
         ids[:, :4] = torch.arange(4, device="cuda", dtype=ids.dtype)
-        ids[:, 4:] = torch.rand(64, 60, device="cuda").topk(4, dim=1).indices.to(ids.dtype) + 4
+        ids[:, 4:] = torch.rand(40, 60, device="cuda").topk(4, dim=1).indices.to(ids.dtype) + 4
         ids[0, 5], ids[1, 6] = -1, 64  # ids out of range still skipped
-        _check(x, ids, tw, w13, w2, spec, kw, fmt, f"{fmt} 8 pairs per expert")
-        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(65, 64, 512, 256, 8, fmt, seed=9)  # 8.1 per expert
-        with pytest.raises(ValueError, match="more than 8 per expert"):
+        _check(x, ids, tw, w13, w2, spec, kw, fmt, f"{fmt} 5 pairs per expert")
+        spec, x, ids, tw, w13, w2, kw = _gpu_inputs(41, 64, 512, 256, 8, fmt, seed=9)  # 5.1 per expert
+        with pytest.raises(ValueError, match="more than 5 per expert"):
             _run_cuda(x, ids, tw, w13, w2, spec, kw)
 
 
@@ -291,7 +293,7 @@ def test_gpu_graph_capture_and_default_path():
     torch.cuda.synchronize()
     assert torch.equal(captured, _run_cuda(x, ids, tw, w13, w2, spec, kw))
     label = moe.describe_moe_lowering(spec, x.device, x.dtype, 128, 2048, 768, 8)
-    assert "cuda_decode[mxfp4] for <= 8 pairs per expert" in label, label
+    assert "cuda_decode[mxfp4] for <= 5 pairs per expert" in label, label
     # the same at a mid size, where the align kernel routes the CTAs (one more launch in the graph)
     spec, x, ids, tw, w13, w2, kw = _gpu_inputs(64, 128, 2048, 768, 8, "mxfp4", seed=6)
     forced = _run_cuda(x, ids, tw, w13, w2, spec, kw)
