@@ -130,9 +130,9 @@ def swap_ab_fits(spec: GemmSpec, a_dtype: torch.dtype) -> bool:
 
 def swapped_tile_max_m(n: int) -> int:
     """Rows of A up to which the swapped tile beats "dequant_chunks" on sm_90 (H100 sweep,
-    benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the GEMM"): at 128 rows 1.2-1.9x faster
-    (N x K = 4096^2, 2880^2, 14336 x 4096); at 256, 1.25x faster at N = 14336 and 1.2-1.3x slower
-    at N = 4096 and 2880 (too few tiles there); at 512 and more slower everywhere (cuBLAS)."""
+    benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the GEMM"): at 128 rows 1.1-1.9x faster
+    (N x K = 4096^2, 2880^2, 14336 x 4096); at 192-256, 1.2-1.3x faster at N = 8192 and 14336 and
+    1.2-1.4x slower at N = 4096 and 2880 (too few tiles there); from 512 level or slower (cuBLAS)."""
     return 256 if n >= 8192 else 128
 
 
@@ -169,10 +169,11 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
             and swap_allowed and k % 64 == 0:
         # 17..128 rows on Hopper (256 for N >= 8192), bf16 activations: the MoE's swapped tile (64
         # or 128 decoded weight rows as wgmma's register A operand, the tokens as N), ~2 programs per
-        # SM, each >= 4 K steps.  H100 sweep (benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the
-        # GEMM"): 64-row token tiles up to 128 rows, 64 x 256-deep weight tiles (NVFP4 with K not
-        # in 256s: 128 x 64 and 8 warps, within 4% of the best there); from 129 to 256 rows 128-row
-        # token tiles by 128 weight rows x 64-deep steps, 4 stages.
+        # SM, each >= 4 K steps.  H100 sweep (benchmarks/NOTES_fp4.md, "The MoE's swapped tile in
+        # the GEMM"): 64-row token tiles up to 128 rows, 64 x 256-deep weight tiles (NVFP4 with K
+        # not in 256s: 128 x 64 and 8 warps, within 4% of the best there); from 129 to 256 rows
+        # 128-row token tiles by 128 weight rows x 64-deep steps, 4 stages (within 4% of the best
+        # at N = 8192 and 14336).  M = 64, 4096^2: 15.7 us (17.6 with the GEMM's earlier swapped tile).
         block_m = min(64, _pow2_at_least(m, 16)) if m <= 128 else 128
         if m > 128:
             block_n, block_k, warps, stages = 128, 64, 4, 4

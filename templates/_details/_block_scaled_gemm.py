@@ -184,8 +184,6 @@ def block_scaled_gemm_kernel(
     tl.static_assert(B_FORMAT == 2 or B_FORMAT == 3, "the weight operand is MXFP4 or NVFP4")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole scale blocks (multiple of 32)")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
-    A_GROUP: tl.constexpr = 16 if A_FORMAT == 3 else 32
-    B_GROUP: tl.constexpr = 16 if B_FORMAT == 3 else 32
     # MMA_FP32: fp32 activations, and TRITON_INTERPRET (whose dot of in-register bf16 casts is wrong)
     MMA_DTYPE: tl.constexpr = tl.float32 if MMA_FP32 else tl.bfloat16
 
