@@ -158,3 +158,42 @@ def test_fp8_mx32_moe_uses_tcgen05_block_scaled_mma_on_sm100(name):
     options = {k: v for k, v in options.items() if k != "expect_sm100"}
     kinds = isa.mma_kinds(isa.compile_to_ptx(kernel, signature, constexprs, 100, options))
     assert "tcgen05.mma kind::mxf8f6f4.block_scale" in kinds, kinds
+
+
+@needs_ptxas
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m,n,k", [(32, 4096, 4096), (64, 4096, 4096), (128, 14336, 4096), (256, 14336, 4096),
+                                   (64, 2880, 2880)])
+def test_fp4_gemm_swapped_tiles_do_not_spill_nor_serialise_wgmma(fmt, m, n, k, tmp_path):
+    """The FP4 GEMM's swapped tiles as ``choose_gemm_config`` picks them (sm_90a, with the JIT's
+    unit-stride and divisibility specialisations): no spills beyond a few bytes (the 128-token tile
+    at 129-256 rows spills 36 with triton 3.9, in its split-K epilogue, and was the fastest of the
+    H100 sweep with triton 3.6), and asynchronous wgmma (no C7515: the K loop has no zero-trip
+    path, templates/moe_common.py k_loop_steps)."""
+    import re
+    import subprocess
+
+    import torch
+
+    from inductor_moe.spec import GemmSpec
+    from inductor_moe.templates.block_scaled_gemm import _isa_spec, choose_gemm_config
+
+    cfg = choose_gemm_config(m, n, k, GemmSpec(b_format=fmt), torch.bfloat16, 132)
+    assert cfg.swap_ab
+    _, kernel, sig, const, _ = _isa_spec("swapped", "dense", fmt, False, m=cfg.block_m, swap_ab=True)
+    units = ("stride_ak", "stride_bk", "stride_bsk", "stride_on")
+    const = {**const, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k,
+             "EVEN_K": k % cfg.block_k == 0, "SCALES_AHEAD": fmt == "nvfp4" and (k // 16) % 16 != 0,
+             **{u: 1 for u in units}}
+    sig = {**sig, **{u: "constexpr" for u in units}}
+    divisible = tuple(a for a, t in sig.items() if t != "constexpr" and (
+        t.startswith("*") or a.startswith("stride") or a in ("N", "K", "K_PER_SPLIT")))
+    ptx = tmp_path / "k.ptx"
+    ptx.write_text(isa.compile_to_ptx(kernel, sig, const, 90, {"num_warps": cfg.num_warps,
+                                                               "num_stages": cfg.num_stages}, divisible))
+    out = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    spilled = re.search(r"(\d+) bytes spill stores", out.stderr)
+    assert spilled is not None and int(spilled.group(1)) <= 64, (cfg, out.stderr[-600:])
+    assert "C7515" not in out.stderr, (cfg, out.stderr[-600:])
