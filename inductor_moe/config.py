@@ -55,7 +55,7 @@ mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
 fp4_swap_ab: str = Config(default="auto", env_name_force="INDUCTOR_MOE_FP4_SWAP_AB")
 
 # Run decode calls on the CUDA kernels (cuda/, built by NVRTC at run time) where they fit: FP4
-# matmuls at M <= 16 and FP4 MoE experts up to 8 (token, slot) pairs per
+# matmuls at M <= 16 and FP4 MoE experts up to 5 (token, slot) pairs per
 # expert, bf16 activations.  Off: the Triton paths.
 # Read when the kernels run.
 cuda_decode: bool = Config(default=True, env_name_force="INDUCTOR_MOE_CUDA_DECODE")

@@ -420,10 +420,13 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
             raise ValueError(f"the gemv strategy takes dense activations and M <= 16 (M={M}, {spec.a_format})")
         gcfg = config if isinstance(config, GemvConfig) else choose_gemv_config(M, N, K, _num_sms(a.device))
         return _launch_gemv(a2, b, b_scale, spec, global_scale, bias, out, gcfg, use_pdl).reshape(*lead, N)
-    cfg = config or choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch, swap_allowed=(
-        16 < M <= swapped_tile_max_m(N) and _swapped_tile_ok(a2, b_scale, K, spec)))
-    if not planned and cfg.swap_ab and not _swapped_tile_ok(a2, b_scale, K, spec):
-        cfg = replace(cfg, swap_ab=False)
+    if config is None:  # strategy "fused" forced, tiles left to the rule
+        cfg = choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch, swap_allowed=(
+            16 < M <= swapped_tile_max_m(N) and _swapped_tile_ok(a2, b_scale, K, spec)))
+    else:  # planned (already checked) or given: a given swapped tile the operands do not suit runs unswapped
+        cfg = config
+        if not planned and cfg.swap_ab and not _swapped_tile_ok(a2, b_scale, K, spec):
+            cfg = replace(cfg, swap_ab=False)
     if cfg.dot_scaled and not dot_scaled_fits(spec, a2.dtype, arch):
         cfg = replace(cfg, dot_scaled=False)
     use_pdl = use_pdl and not _interpreting()
