@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                 # the Triton path the CUDA decode GEMM replaced (its default without cuda_decode)
                 t_triton = (cold_time_us(x, q, s, g, spec, strategy=choose_strategy(m, n, k, spec, x.dtype, 90))
                             if strategy == "cuda_decode" else float("nan"))
-                # the large-M strategy the fused default replaced (swapped tile, 17..swapped_tile_max_m rows)
+                # the large-M strategy the fused default replaced (the swapped tiles, swapped_tile_runs)
                 t_chunks = (graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, global_scale=g,
                                                                     strategy="dequant_chunks"))
                             if strategy == "fused" and m > 16 else float("nan"))

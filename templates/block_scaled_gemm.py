@@ -12,7 +12,7 @@ mma.sync decode GEMM of ``cuda/fp4_decode_mma.cu``, built by NVRTC, where it bui
 ``GEMV_MAX_M``, dense activations: a tl.dot-free kernel that decodes each weight slice once into
 fp32 registers, many small programs with split-K for bytes in flight;
 ``templates/_details/_fp4_gemv.py``), that kernel ("fused": on sm_90 with bf16 activations from
-17 to ``swapped_tile_max_m`` rows the MoE's swapped FP4 tile) and "dequant_chunks": on GPUs
+17 to 128 rows the MoE's swapped FP4 tile, to 512 its two-warpgroup form where that fills the GPU) and "dequant_chunks": on GPUs
 without FP4 MMA (Hopper) at large M the fused kernel re-decodes every weight tile once per M tile,
 so instead chunks of weight rows are decoded once into a bounded bf16 workspace
 (``DEQUANT_CHUNK_BYTES``, reused chunk after chunk; the whole dequantised weight never exists)
@@ -128,12 +128,32 @@ def swap_ab_fits(spec: GemmSpec, a_dtype: torch.dtype) -> bool:
     return spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.b_format in _PACKED
 
 
-def swapped_tile_max_m(n: int) -> int:
-    """Rows of A up to which the swapped tile beats "dequant_chunks" on sm_90 (H100 sweep,
-    benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the GEMM"): at 128 rows 1.1-1.9x faster
-    (N x K = 4096^2, 2880^2, 14336 x 4096); at 192-256, 1.2-1.3x faster at N = 8192 and 14336 and
-    1.2-1.4x slower at N = 4096 and 2880 (too few tiles there); from 512 level or slower (cuBLAS)."""
-    return 256 if n >= 8192 else 128
+WIDE_SWAPPED_MAX_M = 512  # the two-warpgroup swapped tile's last row count (dequant_chunks above)
+
+
+def wide_swapped_block_m(m: int, n: int, num_sms: int) -> int:
+    """Token rows per tile of the two-warpgroup swapped tile (8 warps: two warpgroups of 64
+    decoded weight rows share one token tile, so each decoded weight serves 128-256 tokens) for
+    129..512 rows: 256 where those tiles fill 3/4 of the SMs, else 128 up to 256 rows where those
+    do; 0 where neither fills the GPU ("dequant_chunks" runs).  H100 sweep (benchmarks/NOTES_fp4.md,
+    "Two warpgroups per swapped tile"): at 14336 x 4096 and 8192^2, 192-512 rows, 1.3-2.2x faster
+    than the earlier 128-row tile / dequant_chunks; at 4096^2 and 2880^2 (too few tiles) level with or
+    slower than dequant_chunks, and from 1024 rows dequant_chunks wins (cuBLAS)."""
+    if not 128 < m <= WIDE_SWAPPED_MAX_M:
+        return 0
+    fill = 3 * num_sms / 4
+    if -(-m // 256) * -(-n // 128) >= fill:
+        return 256
+    if m <= 256 and -(-m // 128) * -(-n // 128) >= fill:
+        return 128
+    return 0
+
+
+def swapped_tile_runs(m: int, n: int, num_sms: int) -> bool:
+    """Whether a call of ``m`` rows runs the swapped tile on sm_90 (where it takes the operands):
+    17..128 rows always (faster than dequant_chunks there, 1.03-2.1x at 128 rows), 129..512 where
+    the two-warpgroup tile fills the GPU (``wide_swapped_block_m``)."""
+    return 16 < m <= 128 or wide_swapped_block_m(m, n, num_sms) > 0
 
 
 def swapped_tile_takes(b_scale: torch.Tensor, k: int, spec: GemmSpec) -> bool:
@@ -165,19 +185,23 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
     where the operands do not suit the swapped tile (``swapped_tile_takes``)."""
     use_dot_scaled = dot_scaled_fits(spec, a_dtype, arch) and (arch >= 100 or os.environ.get(
         "INDUCTOR_MOE_FP4_DOT_SCALED", "0") == "1")
-    if 16 < m <= swapped_tile_max_m(n) and arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype) \
+    if swapped_tile_runs(m, n, num_sms) and arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype) \
             and swap_allowed and k % 64 == 0:
-        # 17..128 rows on Hopper (256 for N >= 8192), bf16 activations: the MoE's swapped tile (64
-        # or 128 decoded weight rows as wgmma's register A operand, the tokens as N), ~2 programs per
-        # SM, each >= 4 K steps.  H100 sweep (benchmarks/NOTES_fp4.md, "The MoE's swapped tile in
-        # the GEMM"): 64-row token tiles up to 128 rows, 64 x 256-deep weight tiles (NVFP4 with K
-        # not in 256s: 128 x 64 and 8 warps, within 4% of the best there); from 129 to 256 rows
-        # 128-row token tiles by 128 weight rows x 64-deep steps, 4 stages (within 4% of the best
-        # at N = 8192 and 14336).  M = 64, 4096^2: 15.7 us (17.6 with the GEMM's earlier swapped tile).
-        block_m = min(64, _pow2_at_least(m, 16)) if m <= 128 else 128
-        if m > 128:
-            block_n, block_k, warps, stages = 128, 64, 4, 4
-        elif spec.b_format == "nvfp4" and k % 256:
+        # 17..128 rows on Hopper, bf16 activations: the MoE's swapped tile (64 or 128 decoded weight
+        # rows as wgmma's register A operand, the tokens as N), ~2 programs per SM, each >= 4 K
+        # steps.  H100 sweep (benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the GEMM"): 64-row
+        # token tiles, 64 x 256-deep weight tiles (NVFP4 with K not in 256s: 128 x 64 and 8 warps,
+        # within 4% of the best there).  M = 64, 4096^2: 15.7 us (17.6 with the GEMM's earlier tile).
+        # 129..512 rows: the two-warpgroup tile (wide_swapped_block_m), 128 weight rows x 64-deep
+        # steps, the block scales a step ahead (a row's 2 MXFP4 scale bytes per step are too few for
+        # cp.async, and one CTA per SM has no other warps to hide a synchronous load: M = 1024,
+        # 4096^2, 86 -> 58 us, ncu), no split-K (the rule only takes it where the tiles fill the SMs).
+        wide_m = wide_swapped_block_m(m, n, num_sms)
+        if wide_m:
+            return GemmKernelConfig(wide_m, 128, 64, num_warps=8, num_stages=3 if wide_m == 256 else 4,
+                                    swap_ab=True, scales_ahead=True)
+        block_m = min(64, _pow2_at_least(m, 16))
+        if spec.b_format == "nvfp4" and k % 256:
             block_n, block_k, warps, stages = 128, 64, 8, 3
         else:
             block_n, block_k, warps, stages = 64, _small_m_block_k(k), 4, 3
@@ -221,12 +245,12 @@ STRATEGIES = ("cuda_decode", "gemv", "fused", "dequant_chunks")
 
 
 def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype, arch: int,
-                    cuda_decode: bool = False, swapped_tile: bool = False) -> str:
+                    cuda_decode: bool = False, swapped_tile: bool = False, num_sms: int = 132) -> str:
     """"cuda_decode" (M <= 16, bf16 activations: the CUDA mma.sync decode GEMM, where the caller
     found it buildable and the operands aligned: ``cuda_decode``), "gemv" (decode, no tl.dot),
     "fused" (the Triton GEMM kernel) or "dequant_chunks" (decode weight row chunks to bf16 once,
-    then cuBLAS; from more rows than ``swapped_tile_max_m`` where the swapped tile takes the
-    operands, ``swapped_tile``, else from ``DEQUANT_CHUNKS_MIN_M``).
+    then cuBLAS; where the swapped tile takes the operands, ``swapped_tile``, at the rows it does
+    not run (``swapped_tile_runs``), else from ``DEQUANT_CHUNKS_MIN_M``).
     ``INDUCTOR_MOE_FP4_STRATEGY=<one of STRATEGIES>`` overrides where the forced one applies (else
     the default choice stands)."""
     chunks_fit = (spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.out_dtype == "bfloat16"
@@ -243,8 +267,9 @@ def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype
         return "cuda_decode"
     if gemv_fits(m, spec, a_dtype) and m <= GEMV_MAX_M:
         return "gemv"
-    chunks_from = swapped_tile_max_m(n) + 1 if swapped_tile else DEQUANT_CHUNKS_MIN_M
-    return "dequant_chunks" if chunks_fit and arch < 100 and m >= chunks_from else "fused"
+    if swapped_tile and arch < 100 and swapped_tile_runs(m, n, num_sms):
+        return "fused"
+    return "dequant_chunks" if chunks_fit and arch < 100 and m >= DEQUANT_CHUNKS_MIN_M else "fused"
 
 
 def _interpreting() -> bool:
@@ -361,12 +386,13 @@ def _swapped_tile_ok(a2, b_scale, k: int, spec: GemmSpec) -> bool:
 def default_plan(a2, b, b_scale, spec: GemmSpec, bias=None):
     """(strategy, config) that ``block_scaled_gemm`` runs a call [M, K] x [N, K / 2] left to its
     defaults with (config None for "dequant_chunks").  The swapped tile is considered only where
-    it may run (17..swapped_tile_max_m rows on sm_90), so larger calls never read the scales."""
+    it may run (``swapped_tile_runs`` on sm_90), so other calls never read the scales."""
     M, N, K = a2.shape[0], b.shape[0], b.shape[1] * 2
     arch, sms = _arch(a2.device), _num_sms(a2.device)
     decode_ok = M <= 16 and _cuda_decode_reason(a2, b, b_scale, spec, bias) is None
-    swapped = arch < 100 and 16 < M <= swapped_tile_max_m(N) and _swapped_tile_ok(a2, b_scale, K, spec)
-    strategy = choose_strategy(M, N, K, spec, a2.dtype, arch, cuda_decode=decode_ok, swapped_tile=swapped)
+    swapped = arch < 100 and swapped_tile_runs(M, N, sms) and _swapped_tile_ok(a2, b_scale, K, spec)
+    strategy = choose_strategy(M, N, K, spec, a2.dtype, arch, cuda_decode=decode_ok, swapped_tile=swapped,
+                               num_sms=sms)
     if strategy == "cuda_decode":
         from ..cuda.fp4_decode import choose_decode_mma_config
 
@@ -422,7 +448,7 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         return _launch_gemv(a2, b, b_scale, spec, global_scale, bias, out, gcfg, use_pdl).reshape(*lead, N)
     if config is None:  # strategy "fused" forced, tiles left to the rule
         cfg = choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch, swap_allowed=(
-            16 < M <= swapped_tile_max_m(N) and _swapped_tile_ok(a2, b_scale, K, spec)))
+            swapped_tile_runs(M, N, _num_sms(a.device)) and _swapped_tile_ok(a2, b_scale, K, spec)))
     else:  # planned (already checked) or given: a given swapped tile the operands do not suit runs unswapped
         cfg = config
         if not planned and cfg.swap_ab and not _swapped_tile_ok(a2, b_scale, K, spec):

@@ -114,13 +114,17 @@ _INTERPRETED = textwrap.dedent("""
             kperm_calls.append(grid)
             return kperm[grid]
     moe_common.moe_kperm_kernel = _CountingKperm()
+    # (the last two: the two-warpgroup tiles of 129..512 rows, 256 / 128 tokens by 128 weight rows)
     swap_cases = [("mxfp4", "silu", 1, 2, 64, 192), ("nvfp4", None, 5, 1, 128, 320), ("mxfp4", "gelu", 17, 3, 64, 320),
-                  ("nvfp4", "relu", 33, 2, 128, 256)]
+                  ("nvfp4", "relu", 33, 2, 128, 256), ("mxfp4", "silu", 150, 1, 64, 192), ("nvfp4", None, 130, 1, 64, 128)]
     for i, (fb, act, m, sk, bk, k) in enumerate(swap_cases):
         a, _, q, s, gs, bias = make_operands("dense", fb, m, 80, k, seed=40 + i)
         spec = GemmSpec(b_format=fb, activation=act)
         ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
-        cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True, scales_ahead=i < 2)
+        if m > 128:
+            cfg = GemmKernelConfig(256 if m > 140 else 128, 128, bk, num_warps=8, swap_ab=True, scales_ahead=True)
+        else:
+            cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True, scales_ahead=i < 2)
         calls = len(kperm_calls)
         out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
         err = rel_err(out, ref)
@@ -176,9 +180,16 @@ def test_config_choice_is_pure_and_sane():
     assert choose_gemm_config(17, 4096, 4096, spec, torch.bfloat16, num_sms=132).block_m == 32
     at128 = choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132)
     assert at128.swap_ab and at128.block_m == 64 and at128.block_k % 64 == 0
+    # 129..512 rows: two warpgroups (8 warps) of 64 weight rows share 256 tokens where those tiles
+    # fill 3/4 of the SMs, 128 tokens (to 256 rows) where only those do; scales a step ahead
     wide = choose_gemm_config(256, 14336, 4096, spec, torch.bfloat16, num_sms=132)
-    assert wide.swap_ab and wide.block_m == 128
+    assert wide.swap_ab and (wide.block_m, wide.block_n, wide.num_warps, wide.split_k) == (256, 128, 8, 1)
+    assert wide.scales_ahead
+    narrow = choose_gemm_config(256, 8192, 8192, spec, torch.bfloat16, num_sms=132)  # 64 tiles of 256 rows
+    assert narrow.swap_ab and (narrow.block_m, narrow.num_warps) == (128, 8)
+    assert choose_gemm_config(512, 8192, 8192, spec, torch.bfloat16, num_sms=132).block_m == 256
     assert not choose_gemm_config(256, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
+    assert not choose_gemm_config(1024, 14336, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     nv = choose_gemm_config(64, 2880, 2880, GemmSpec(b_format="nvfp4"), torch.bfloat16, num_sms=132)
     assert nv.swap_ab and nv.block_k == 64  # NVFP4 with K not in 256s: 64-deep steps
     assert not decode.swap_ab  # <= 16 rows: the 16-row mma.sync tiles (as fast, measured)
@@ -206,12 +217,16 @@ def test_strategy_choice():
     assert choose_strategy(16, 4096, 4096, spec, torch.bfloat16, 90) == "fused"  # GEMV work grows with M
     assert choose_strategy(16, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"  # no fp4 MMA
-    # the swapped tile up to 128 rows (256 for N >= 8192) where it takes the operands, else chunks from 128
+    # the swapped tile up to 128 rows where it takes the operands, to 512 where its two-warpgroup
+    # form fills the SMs (N = 8192, 14336 on 132 SMs; not N = 4096), else chunks from 128
     assert choose_strategy(128, 4096, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
     assert choose_strategy(128, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
     assert choose_strategy(129, 4096, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
-    assert choose_strategy(256, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
-    assert choose_strategy(257, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
+    assert choose_strategy(512, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
+    assert choose_strategy(512, 14336, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
+    assert choose_strategy(200, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
+    assert choose_strategy(200, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=200) == "dequant_chunks"
+    assert choose_strategy(513, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 100) == "fused"  # native block-scaled MMA
     assert choose_strategy(4096, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
 
@@ -301,6 +316,34 @@ def test_cuda_swapped_tiles_match_reference_and_are_deterministic(fb, m):
     for cfg in (GemmKernelConfig(bm, 64, 256, 8, num_stages=3, swap_ab=True),
                 GemmKernelConfig(bm, 128, 128, 4, num_warps=8, num_stages=4, swap_ab=True, scales_ahead=True),
                 GemmKernelConfig(bm, 64, 512, 1, num_stages=1, swap_ab=True), replace(chosen, block_m=bm)):
+        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
+        assert rel_err(out, ref) <= TOL, cfg
+        assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
+
+
+@cuda
+@pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [200, 300, 512])
+def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb, m):
+    """129..512 rows with enough weight tiles to fill the SMs: the default plan is the two-warpgroup
+    swapped tile (256 or 128 tokens, block scales a step ahead), at an N with a tail and a K in 64s
+    but not 128s; both token heights match the reference and are deterministic."""
+    from dataclasses import replace
+
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm, default_plan, wide_swapped_block_m
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n, k = 128 * sms + 16, 1024 + 64
+    a, _, q, s, gs, bias = make_operands("dense", fb, m, n, k, device="cuda", seed=m)
+    spec = GemmSpec(b_format=fb, activation="silu")
+    ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+    strategy, chosen = default_plan(a, q, s, spec, bias)
+    assert strategy == "fused" and chosen.swap_ab and chosen.num_warps == 8 and chosen.scales_ahead
+    assert chosen.block_m == wide_swapped_block_m(m, n, sms) > 0
+    out = block_scaled_gemm(a, q, s, spec, None, gs, bias)
+    assert rel_err(out, ref) <= TOL
+    for cfg in (replace(chosen, block_m=256, num_stages=3), replace(chosen, block_m=128, num_stages=4)):
         out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
         assert rel_err(out, ref) <= TOL, cfg
         assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))

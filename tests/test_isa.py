@@ -163,13 +163,12 @@ def test_fp8_mx32_moe_uses_tcgen05_block_scaled_mma_on_sm100(name):
 @needs_ptxas
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("m,n,k", [(32, 4096, 4096), (64, 4096, 4096), (128, 14336, 4096), (256, 14336, 4096),
-                                   (64, 2880, 2880)])
+                                   (256, 8192, 8192), (64, 2880, 2880)])
 def test_fp4_gemm_swapped_tiles_do_not_spill_nor_serialise_wgmma(fmt, m, n, k, tmp_path):
     """The FP4 GEMM's swapped tiles as ``choose_gemm_config`` picks them (sm_90a, with the JIT's
-    unit-stride and divisibility specialisations): no spills beyond a few bytes (the 128-token tile
-    at 129-256 rows spills 36 with triton 3.9, in its split-K epilogue, and was the fastest of the
-    H100 sweep with triton 3.6), and asynchronous wgmma (no C7515: the K loop has no zero-trip
-    path, templates/moe_common.py k_loop_steps)."""
+    unit-stride and divisibility specialisations; at 256 rows the two-warpgroup tiles of 256 and 128
+    tokens): no spills beyond a few bytes, and asynchronous wgmma (no C7515: the K loop has no
+    zero-trip path, templates/moe_common.py k_loop_steps)."""
     import re
     import subprocess
 
@@ -183,7 +182,8 @@ def test_fp4_gemm_swapped_tiles_do_not_spill_nor_serialise_wgmma(fmt, m, n, k, t
     _, kernel, sig, const, _ = _isa_spec("swapped", "dense", fmt, False, m=cfg.block_m, swap_ab=True)
     units = ("stride_ak", "stride_bk", "stride_bsk", "stride_on")
     const = {**const, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k,
-             "EVEN_K": k % cfg.block_k == 0, "SCALES_AHEAD": fmt == "nvfp4" and (k // 16) % 16 != 0,
+             "EVEN_K": k % cfg.block_k == 0, "SCALES_AHEAD": cfg.scales_ahead if cfg.scales_ahead is not None
+             else fmt == "nvfp4" and (k // 16) % 16 != 0,
              **{u: 1 for u in units}}
     sig = {**sig, **{u: "constexpr" for u in units}}
     divisible = tuple(a for a, t in sig.items() if t != "constexpr" and (
