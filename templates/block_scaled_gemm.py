@@ -12,7 +12,8 @@ mma.sync decode GEMM of ``cuda/fp4_decode_mma.cu``, built by NVRTC, where it bui
 ``GEMV_MAX_M``, dense activations: a tl.dot-free kernel that decodes each weight slice once into
 fp32 registers, many small programs with split-K for bytes in flight;
 ``templates/_details/_fp4_gemv.py``), that kernel ("fused": on sm_90 with bf16 activations from
-17 to 128 rows the MoE's swapped FP4 tile, to 512 its two-warpgroup form where that fills the GPU) and "dequant_chunks": on GPUs
+17 to 128 rows the MoE's swapped FP4 tile, to 512 its two-warpgroup form where that fills the GPU,
+to 256 at N >= 8192) and "dequant_chunks": on GPUs
 without FP4 MMA (Hopper) at large M the fused kernel re-decodes every weight tile once per M tile,
 so instead chunks of weight rows are decoded once into a bounded bf16 workspace
 (``DEQUANT_CHUNK_BYTES``, reused chunk after chunk; the whole dequantised weight never exists)
@@ -132,28 +133,26 @@ WIDE_SWAPPED_MAX_M = 512  # the two-warpgroup swapped tile's last row count (deq
 
 
 def wide_swapped_block_m(m: int, n: int, num_sms: int) -> int:
-    """Token rows per tile of the two-warpgroup swapped tile (8 warps: two warpgroups of 64
-    decoded weight rows share one token tile, so each decoded weight serves 128-256 tokens) for
-    129..512 rows: 256 where those tiles fill 3/4 of the SMs, else 128 up to 256 rows where those
-    do; 0 where neither fills the GPU ("dequant_chunks" runs).  H100 sweep (benchmarks/NOTES_fp4.md,
-    "Two warpgroups per swapped tile"): at 14336 x 4096 and 8192^2, 192-512 rows, 1.3-2.2x faster
-    than the earlier 128-row tile / dequant_chunks; at 4096^2 and 2880^2 (too few tiles) level with or
-    slower than dequant_chunks, and from 1024 rows dequant_chunks wins (cuBLAS)."""
+    """Token rows per tile (256) of the two-warpgroup swapped tile (8 warps: two warpgroups of 64
+    decoded weight rows share one 256-token tile, so each decoded weight serves 256 tokens) for
+    129..512 rows, where those tiles fill 3/4 of the SMs; else 0.  H100 sweep
+    (benchmarks/NOTES_fp4.md, "Two warpgroups per swapped tile"): at 14336 x 4096 and 8192^2,
+    192-512 rows, 1.4-2.1x faster than the earlier 128-row tile or dequant_chunks; at 4096^2 and
+    2880^2 (too few tiles) level with or slower than dequant_chunks, and from 1024 rows
+    dequant_chunks wins (cuBLAS).  The same two warpgroups on 128 tokens were faster still at
+    8192^2, 192-256 rows, but their results differed run to run by whole units in some outputs
+    (a race inside Triton 3.6's code for that tile, at N = 16912, K = 1088), so no 128-token form."""
     if not 128 < m <= WIDE_SWAPPED_MAX_M:
         return 0
-    fill = 3 * num_sms / 4
-    if -(-m // 256) * -(-n // 128) >= fill:
-        return 256
-    if m <= 256 and -(-m // 128) * -(-n // 128) >= fill:
-        return 128
-    return 0
+    return 256 if -(-m // 256) * -(-n // 128) >= 3 * num_sms / 4 else 0
 
 
 def swapped_tile_runs(m: int, n: int, num_sms: int) -> bool:
     """Whether a call of ``m`` rows runs the swapped tile on sm_90 (where it takes the operands):
     17..128 rows always (faster than dequant_chunks there, 1.03-2.1x at 128 rows), 129..512 where
-    the two-warpgroup tile fills the GPU (``wide_swapped_block_m``)."""
-    return 16 < m <= 128 or wide_swapped_block_m(m, n, num_sms) > 0
+    the two-warpgroup tile fills the GPU (``wide_swapped_block_m``), and 129..256 where N >= 8192
+    on the one-warpgroup 128-token tile (1.2-1.3x faster than dequant_chunks there)."""
+    return 16 < m <= 128 or wide_swapped_block_m(m, n, num_sms) > 0 or (m <= 256 and n >= 8192)
 
 
 def swapped_tile_takes(b_scale: torch.Tensor, k: int, spec: GemmSpec) -> bool:
@@ -196,12 +195,14 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # steps, the block scales a step ahead (a row's 2 MXFP4 scale bytes per step are too few for
         # cp.async, and one CTA per SM has no other warps to hide a synchronous load: M = 1024,
         # 4096^2, 86 -> 58 us, ncu), no split-K (the rule only takes it where the tiles fill the SMs).
-        wide_m = wide_swapped_block_m(m, n, num_sms)
-        if wide_m:
-            return GemmKernelConfig(wide_m, 128, 64, num_warps=8, num_stages=3 if wide_m == 256 else 4,
-                                    swap_ab=True, scales_ahead=True)
-        block_m = min(64, _pow2_at_least(m, 16))
-        if spec.b_format == "nvfp4" and k % 256:
+        # Else, 129..256 rows at N >= 8192: 128-row token tiles by 128 weight rows x 64-deep steps,
+        # one warpgroup, 4 stages (within 4% of the best one-warpgroup tile at N = 8192 and 14336).
+        if wide_swapped_block_m(m, n, num_sms):
+            return GemmKernelConfig(256, 128, 64, num_warps=8, num_stages=3, swap_ab=True, scales_ahead=True)
+        block_m = min(64, _pow2_at_least(m, 16)) if m <= 128 else 128
+        if m > 128:
+            block_n, block_k, warps, stages = 128, 64, 4, 4
+        elif spec.b_format == "nvfp4" and k % 256:
             block_n, block_k, warps, stages = 128, 64, 8, 3
         else:
             block_n, block_k, warps, stages = 64, _small_m_block_k(k), 4, 3

@@ -114,7 +114,7 @@ _INTERPRETED = textwrap.dedent("""
             kperm_calls.append(grid)
             return kperm[grid]
     moe_common.moe_kperm_kernel = _CountingKperm()
-    # (the last two: the two-warpgroup tiles of 129..512 rows, 256 / 128 tokens by 128 weight rows)
+    # (the last two: the two-warpgroup tile of 129..512 rows, 256 tokens by 128 weight rows)
     swap_cases = [("mxfp4", "silu", 1, 2, 64, 192), ("nvfp4", None, 5, 1, 128, 320), ("mxfp4", "gelu", 17, 3, 64, 320),
                   ("nvfp4", "relu", 33, 2, 128, 256), ("mxfp4", "silu", 150, 1, 64, 192), ("nvfp4", None, 130, 1, 64, 128)]
     for i, (fb, act, m, sk, bk, k) in enumerate(swap_cases):
@@ -122,7 +122,7 @@ _INTERPRETED = textwrap.dedent("""
         spec = GemmSpec(b_format=fb, activation=act)
         ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
         if m > 128:
-            cfg = GemmKernelConfig(256 if m > 140 else 128, 128, bk, num_warps=8, swap_ab=True, scales_ahead=True)
+            cfg = GemmKernelConfig(256, 128, bk, num_warps=8, swap_ab=True, scales_ahead=True)
         else:
             cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True, scales_ahead=i < 2)
         calls = len(kperm_calls)
@@ -181,12 +181,12 @@ def test_config_choice_is_pure_and_sane():
     at128 = choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132)
     assert at128.swap_ab and at128.block_m == 64 and at128.block_k % 64 == 0
     # 129..512 rows: two warpgroups (8 warps) of 64 weight rows share 256 tokens where those tiles
-    # fill 3/4 of the SMs, 128 tokens (to 256 rows) where only those do; scales a step ahead
+    # fill 3/4 of the SMs, scales a step ahead; else to 256 rows at N >= 8192 one warpgroup on 128
     wide = choose_gemm_config(256, 14336, 4096, spec, torch.bfloat16, num_sms=132)
     assert wide.swap_ab and (wide.block_m, wide.block_n, wide.num_warps, wide.split_k) == (256, 128, 8, 1)
     assert wide.scales_ahead
     narrow = choose_gemm_config(256, 8192, 8192, spec, torch.bfloat16, num_sms=132)  # 64 tiles of 256 rows
-    assert narrow.swap_ab and (narrow.block_m, narrow.num_warps) == (128, 8)
+    assert narrow.swap_ab and (narrow.block_m, narrow.num_warps) == (128, 4)
     assert choose_gemm_config(512, 8192, 8192, spec, torch.bfloat16, num_sms=132).block_m == 256
     assert not choose_gemm_config(256, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     assert not choose_gemm_config(1024, 14336, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
@@ -218,14 +218,16 @@ def test_strategy_choice():
     assert choose_strategy(16, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"  # no fp4 MMA
     # the swapped tile up to 128 rows where it takes the operands, to 512 where its two-warpgroup
-    # form fills the SMs (N = 8192, 14336 on 132 SMs; not N = 4096), else chunks from 128
+    # form fills the SMs (N = 8192, 14336 on 132 SMs; not N = 4096), to 256 at N >= 8192, else
+    # chunks from 128
     assert choose_strategy(128, 4096, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
     assert choose_strategy(128, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
     assert choose_strategy(129, 4096, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
     assert choose_strategy(512, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
     assert choose_strategy(512, 14336, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
-    assert choose_strategy(200, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
-    assert choose_strategy(200, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=200) == "dequant_chunks"
+    assert choose_strategy(300, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
+    assert choose_strategy(300, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=200) == "dequant_chunks"
+    assert choose_strategy(200, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=200) == "fused"
     assert choose_strategy(513, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 100) == "fused"  # native block-scaled MMA
     assert choose_strategy(4096, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
@@ -326,10 +328,8 @@ def test_cuda_swapped_tiles_match_reference_and_are_deterministic(fb, m):
 @pytest.mark.parametrize("m", [200, 300, 512])
 def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb, m):
     """129..512 rows with enough weight tiles to fill the SMs: the default plan is the two-warpgroup
-    swapped tile (256 or 128 tokens, block scales a step ahead), at an N with a tail and a K in 64s
-    but not 128s; both token heights match the reference and are deterministic."""
-    from dataclasses import replace
-
+    swapped tile (256 tokens, block scales a step ahead), at an N with a tail and a K in 64s but not
+    128s; it matches the reference and is deterministic."""
     from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
     from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm, default_plan, wide_swapped_block_m
 
@@ -343,10 +343,8 @@ def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb
     assert chosen.block_m == wide_swapped_block_m(m, n, sms) > 0
     out = block_scaled_gemm(a, q, s, spec, None, gs, bias)
     assert rel_err(out, ref) <= TOL
-    for cfg in (replace(chosen, block_m=256, num_stages=3), replace(chosen, block_m=128, num_stages=4)):
-        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
-        assert rel_err(out, ref) <= TOL, cfg
-        assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
+    # bitwise equal run to run (the same two warpgroups on 128 tokens were not, with Triton 3.6)
+    assert all(torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias)) for _ in range(6))
 
 
 @cuda

@@ -163,11 +163,11 @@ def test_fp8_mx32_moe_uses_tcgen05_block_scaled_mma_on_sm100(name):
 @needs_ptxas
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("m,n,k", [(32, 4096, 4096), (64, 4096, 4096), (128, 14336, 4096), (256, 14336, 4096),
-                                   (256, 8192, 8192), (64, 2880, 2880)])
+                                   (200, 8192, 8192), (512, 8192, 8192), (64, 2880, 2880)])
 def test_fp4_gemm_swapped_tiles_do_not_spill_nor_serialise_wgmma(fmt, m, n, k, tmp_path):
     """The FP4 GEMM's swapped tiles as ``choose_gemm_config`` picks them (sm_90a, with the JIT's
-    unit-stride and divisibility specialisations; at 256 rows the two-warpgroup tiles of 256 and 128
-    tokens): no spills beyond a few bytes, and asynchronous wgmma (no C7515: the K loop has no
+    unit-stride and divisibility specialisations; from 129 rows the two-warpgroup tile of 256
+    tokens, and the one-warpgroup 128-token tile at 200 rows of N = 8192): no spills beyond a few bytes, and asynchronous wgmma (no C7515: the K loop has no
     zero-trip path, templates/moe_common.py k_loop_steps)."""
     import re
     import subprocess
