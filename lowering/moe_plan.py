@@ -240,11 +240,13 @@ def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str, hid
                     intermediate: int) -> int:
     """Rows per M-block for the swapped tiles, where the tokens are wgmma's N: 16 up to 8 rows per
     expert, 32 up to 32 (MXFP4: 28), 64 up to 48, then 128 -- but NVFP4 keeps 64 at mid sizes, and takes 256
-    from 128 rows per expert where both K are multiples of 128 (H100 sweeps: 16 beat 32 at 8 rows
+    from 128 rows per expert where both K are multiples of 128, MXFP4 from 512 at any K (H100 sweeps: 16 beat 32 at 8 rows
     per expert by 9%, 32 beat 16 at 16 rows by 0-25% and 64 at 24-32 by 3-30%; at 64 rows 128 beat
     64 by 7% with MXFP4 and lost by 25% with NVFP4; at 256, MXFP4, 128 beat 64 by 30%; NVFP4 256
     rows, 8 warps, against 128: qwen3 T = 2048-16384 4-20% faster, dsv4 T = 16384 13%, gpt-oss
-    (K = 2880) 9-37% slower; MXFP4 256 rows: -4% to +6%, not taken; MXFP4 with its scales in
+    (K = 2880) 9-37% slower; MXFP4 256 rows from 512 rows per expert: qwen3 T = 16384 3120 -> 2845 us,
+    gpt-oss T = 16384 7406 -> 6804, while at 128-256 rows per expert (T = 4096) +3% / -12%
+    (benchmarks/NOTES.md, "MXFP4 prefill on 256-row swapped tiles"); MXFP4 with its scales in
     16-byte rows, 64 against 32 rows at 32 rows per expert: qwen3 / gpt-oss 3% / 9% faster, at 24
     (dsv4) 7% slower, at 16 12-13% slower)."""
     if rows_per_expert <= 8:
@@ -254,6 +256,8 @@ def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str, hid
     if rows_per_expert <= 48 or (weight_format == "nvfp4" and regime == "mid"):
         return 64
     if weight_format == "nvfp4" and rows_per_expert >= 128 and hidden % 128 == 0 and intermediate % 128 == 0:
+        return 256
+    if weight_format == "mxfp4" and rows_per_expert >= 512:
         return 256
     return 128
 

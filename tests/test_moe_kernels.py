@@ -25,12 +25,12 @@ TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
           overrides=None, weight_format="dense", act="dense", settings=None, gate_up_gscales=False, swapped=None,
-          big_expert=False):
+          big_expert=False, block_m=None):
     """``settings``: inductor_moe.config keys patched for the call.  ``gate_up_gscales``: NVFP4 gate and
     up quantised on their own (w13 global scales [E, 2]).  ``swapped``: whether the call must run the
     swapped FP4 tiles (None: not checked).  ``big_expert``: expert 0's weights 256x larger (MXFP4
-    scales above 2)."""
-    return dict(name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
+    scales above 2).  ``block_m``: the rows per M-block the rule must pick (None: not checked)."""
+    return dict(block_m=block_m, name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
                 overrides=overrides or {}, weight_format=weight_format, act=act, settings=settings or {},
                 gate_up_gscales=gate_up_gscales, swapped=swapped, big_expert=big_expert)
 
@@ -85,6 +85,9 @@ CASES = [
     # a K tail of 64 in L1 (H = 192, 128-deep steps); H = 96 does not fit them (unswapped then)
     _case("mxfp4_swap_ab", T=33, k=2, I=64, weight_format="mxfp4", bad_ids=True,
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=True),
+    # 512 rows per expert: the rule's 256-row MXFP4 blocks (two warpgroups, 64-deep steps)
+    _case("mxfp4_swap_ab_256_rows", T=1024, E=4, k=2, I=64, H=128, weight_format="mxfp4",
+          overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=True, block_m=256),
     _case("mxfp4_scales_above_2_unswapped", T=33, k=2, I=64, weight_format="mxfp4", big_expert=True,
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=False),
     _case("nvfp4_swap_ab_two_dot_gpt_oss_k_tail", T=5, k=6, I=128, H=192, weight_format="nvfp4", bias=True,
@@ -315,6 +318,8 @@ def check_interpreted_case(r, case) -> None:
     assert r["err"] <= _tol(case), f"rel err {r['err']:.3g} ({r['config']})"
     if case.get("swapped") is not None and "swapped" in r:  # the mega cases report no launch count
         assert r["swapped"] == case["swapped"], f"swapped FP4 tiles: ran {r['swapped']}, expected {case['swapped']}"
+    if case.get("block_m") is not None:
+        assert f"block_m={case['block_m']}," in r["config"], r["config"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -374,7 +379,7 @@ def test_plan_mid_block_rows_and_fp4_prefill_tiles():
 def test_plan_swapped_fp4_tiles():
     """FP4 weights with bf16 activations run the swapped tiles: 16-row blocks up to 8 rows per
     expert, 32 up to 32 (MXFP4: 28), 64 up to 48, then 128 (NVFP4: 64 through the mid sizes, 256 from 128 rows
-    where both K are multiples of 128), shorter tiles for an expert's last block; 128-deep steps
+    where both K are multiples of 128; MXFP4: 256 from 512 rows at any K), shorter tiles for an expert's last block; 128-deep steps
     with 3 stages where both K are multiples of 128 (MXFP4: at any K), else 64-deep with 4.  Not with fp8
     activations, not where H or I is not a multiple of 64."""
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
@@ -395,6 +400,13 @@ def test_plan_swapped_fp4_tiles():
     # an expert's last block runs shorter tiles: a quarter of block_m (then half), 16 at 32 rows, none at 16
     for T, block_m, tail in ((64, 16, 0), (256, 32, 16), (768, 64, 16), (4096, 128, 32)):
         assert choose_moe_config(T, 8, 128, 2048, 768, "mxfp4").tail_block_m == tail, T
+    # MXFP4 from 512 rows per expert: 256-row blocks, two warpgroups, 64-deep steps, at any K
+    for (T, k, H, I), block_m in (((8192, 8, 2048, 768), 256), ((16384, 4, 2880, 2880), 256),
+                                  ((4096, 4, 2880, 2880), 128), ((6000, 8, 2048, 768), 128)):
+        cfg = choose_moe_config(T, k, 128, H, I, "mxfp4")
+        assert cfg.block_m == block_m and cfg.swap_ab, (T, cfg)
+        if block_m == 256:
+            assert (cfg.gemm1, cfg.gemm2) == (GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3)), cfg
     # NVFP4 from 128 rows per expert: 256-row blocks, two warpgroups, where both K are multiples of 128
     for T, block_m in ((1536, 64), (2048, 256), (16384, 256)):
         cfg = choose_moe_config(T, 8, 128, 2048, 768, "nvfp4")
