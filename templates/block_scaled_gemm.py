@@ -137,7 +137,7 @@ def wide_swapped_block_m(m: int, n: int, num_sms: int) -> int:
     decoded weight rows share one 256-token tile, so each decoded weight serves 256 tokens) for
     129..512 rows, where those tiles fill 3/4 of the SMs; else 0.  H100 sweep
     (benchmarks/NOTES_fp4.md, "Two warpgroups per swapped tile"): at 14336 x 4096 and 8192^2,
-    192-512 rows, 1.4-2.1x faster than the earlier 128-row tile or dequant_chunks; at 4096^2 and
+    192-512 rows, 1.05-1.8x faster than the earlier 128-row tile or dequant_chunks; at 4096^2 and
     2880^2 (too few tiles) level with or slower than dequant_chunks, and from 1024 rows
     dequant_chunks wins (cuBLAS).  The same two warpgroups on 128 tokens were faster still at
     8192^2, 192-256 rows, but their results differed run to run by whole units in some outputs
