@@ -175,6 +175,7 @@ def test_fp4_gemm_swapped_tiles_do_not_spill_nor_serialise_wgmma(fmt, m, n, k, t
     import torch
 
     from inductor_moe.spec import GemmSpec
+    from inductor_moe.lowering.moe_plan import fp4_scales_ahead
     from inductor_moe.templates.block_scaled_gemm import _isa_spec, choose_gemm_config
 
     cfg = choose_gemm_config(m, n, k, GemmSpec(b_format=fmt), torch.bfloat16, 132)
@@ -183,7 +184,7 @@ def test_fp4_gemm_swapped_tiles_do_not_spill_nor_serialise_wgmma(fmt, m, n, k, t
     units = ("stride_ak", "stride_bk", "stride_bsk", "stride_on")
     const = {**const, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k,
              "EVEN_K": k % cfg.block_k == 0, "SCALES_AHEAD": cfg.scales_ahead if cfg.scales_ahead is not None
-             else fmt == "nvfp4" and (k // 16) % 16 != 0,
+             else fp4_scales_ahead(fmt, k // 16),  # NVFP4 scale rows as stored; MXFP4's are padded to 16 B
              **{u: 1 for u in units}}
     sig = {**sig, **{u: "constexpr" for u in units}}
     divisible = tuple(a for a, t in sig.items() if t != "constexpr" and (
