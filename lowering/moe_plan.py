@@ -169,7 +169,9 @@ def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_
     3-7% slower at T = 1024 and 16384 and up to 43% with padded scales.  Fastest or within 8% of
     it at every point of an H100 sweep (qwen3, gpt-oss, dsv4, T = 256-16384; benchmarks/NOTES.md,
     "Swapped FP4 tiles").  256 rows: 8 warps, 64-deep steps, 3 stages (two warpgroups of 64 weight
-    rows by 256 tokens: each decoded weight serves twice the tokens).  NVFP4's 64-deep L1 at 128
+    rows by 256 tokens: each decoded weight serves twice the tokens), but NVFP4's L1 128-deep
+    (H100: qwen3 T = 2048-16384 3-5% faster, dsv4 T = 8192 / 16384 1-2%; 128-deep L2 and MXFP4
+    L1 were not faster, benchmarks/NOTES.md, "128-deep NVFP4 L1 steps at 256 rows").  NVFP4's 64-deep L1 at 128
     rows: 8 warps too (gpt-oss T = 4096 / 16384: L1 1653 -> 1445 / 5191 -> 4640 us on H100 with
     asynchronous wgmma; 8-warp L2 and MXFP4 were 5-25% slower, benchmarks/NOTES.md, "Asynchronous
     wgmma in the swapped tiles").  An expert's last block runs shorter tiles (swap_ab_tail_block_m).  MXFP4 takes 128-deep steps at any K (a K of 128n + 64 ends in one
@@ -177,8 +179,8 @@ def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_
     mxfp4_scales_16b_rows), so Triton pipelines a step's 4 scale bytes per row: gpt-oss T =
     512-16384 9-17% faster than 64-deep steps with the scales as stored (benchmarks/NOTES.md,
     "MXFP4 scales in 16-byte rows")."""
-    if cfg.block_m == 256:
-        g1, g2 = GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3)
+    if cfg.block_m == 256:  # NVFP4 takes them only where hidden % 128 == 0 (swap_ab_block_m)
+        g1, g2 = GemmTiles(64, 128 if weight_format == "nvfp4" else 64, 8, 3), GemmTiles(128, 64, 8, 3)
     elif (hidden % 128 == 0 and intermediate % 128 == 0) or weight_format == "mxfp4":
         g1, g2 = GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)
     elif cfg.block_m == 128:  # NVFP4, K = 64 (mod 128): L1 in two warpgroups of 64 weight rows

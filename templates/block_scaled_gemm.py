@@ -196,7 +196,11 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # cp.async, and one CTA per SM has no other warps to hide a synchronous load: M = 1024,
         # 4096^2, 86 -> 58 us, ncu), no split-K (the rule only takes it where the tiles fill the SMs).
         # Else, 129..256 rows at N >= 8192: 128-row token tiles by 128 weight rows x 64-deep steps,
-        # one warpgroup, 4 stages (within 4% of the best one-warpgroup tile at N = 8192 and 14336).
+        # one warpgroup, 4 stages (within 4% of the best one-warpgroup tile at N = 8192 and 14336);
+        # MXFP4's 2 scale bytes per row and step loaded a step ahead as in the two-warpgroup tile
+        # (H100, 8192^2 at 192 / 256 rows: 139 -> 99 / 141 -> 101 us; NVFP4's 4 bytes, which Triton
+        # pipelines itself, were 1-12% slower ahead; benchmarks/NOTES_fp4.md, "Scales ahead in the
+        # one-warpgroup tile").
         if wide_swapped_block_m(m, n, num_sms):
             return GemmKernelConfig(256, 128, 64, num_warps=8, num_stages=3, swap_ab=True, scales_ahead=True)
         block_m = min(64, _pow2_at_least(m, 16)) if m <= 128 else 128
@@ -210,7 +214,7 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         steps = -(-k // block_k)
         split = max(1, min(steps // 4, -(-2 * num_sms // tiles)))
         return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=warps, num_stages=stages,
-                                swap_ab=True)
+                                swap_ab=True, scales_ahead=True if m > 128 and spec.b_format == "mxfp4" else None)
     if m <= 64:
         # Small M: BLOCK_N 64 (or 32 for small N) and enough K splits for ~2 programs per SM, each
         # still running >= 4 K steps.  Measured on H100 (triton 3.6): 16.9 us at M = 1..16,

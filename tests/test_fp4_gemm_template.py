@@ -187,6 +187,10 @@ def test_config_choice_is_pure_and_sane():
     assert wide.scales_ahead
     narrow = choose_gemm_config(256, 8192, 8192, spec, torch.bfloat16, num_sms=132)  # 64 tiles of 256 rows
     assert narrow.swap_ab and (narrow.block_m, narrow.num_warps) == (128, 4)
+    # ... MXFP4's scales a step ahead there too; NVFP4's as the MoE's rule says (in the step here)
+    assert narrow.scales_ahead
+    nv_narrow = choose_gemm_config(256, 8192, 8192, GemmSpec(b_format="nvfp4"), torch.bfloat16, num_sms=132)
+    assert (nv_narrow.block_m, nv_narrow.num_warps, nv_narrow.scales_ahead) == (128, 4, None)
     assert choose_gemm_config(512, 8192, 8192, spec, torch.bfloat16, num_sms=132).block_m == 256
     assert not choose_gemm_config(256, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     assert not choose_gemm_config(1024, 14336, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
@@ -344,6 +348,28 @@ def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb
     out = block_scaled_gemm(a, q, s, spec, None, gs, bias)
     assert rel_err(out, ref) <= TOL
     # bitwise equal run to run (the same two warpgroups on 128 tokens were not, with Triton 3.6)
+    assert all(torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias)) for _ in range(6))
+
+
+@cuda
+@pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [140, 256])
+def test_cuda_one_warpgroup_128_token_default_matches_reference(fb, m):
+    """129..256 rows where the two-warpgroup tiles would not fill the SMs (N = 8192 + 16): the default
+    plan is the one-warpgroup 128-token swapped tile with split-K, MXFP4's scales a step ahead; it
+    matches the reference and is deterministic."""
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm, default_plan
+
+    n, k = 8192 + 16, 1024 + 64
+    a, _, q, s, gs, bias = make_operands("dense", fb, m, n, k, device="cuda", seed=m)
+    spec = GemmSpec(b_format=fb, activation="silu")
+    ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+    strategy, chosen = default_plan(a, q, s, spec, bias)
+    assert strategy == "fused" and chosen.swap_ab and (chosen.block_m, chosen.num_warps) == (128, 4)
+    assert chosen.split_k > 1 and chosen.scales_ahead == (True if fb == "mxfp4" else None)
+    out = block_scaled_gemm(a, q, s, spec, None, gs, bias)
+    assert rel_err(out, ref) <= TOL
     assert all(torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias)) for _ in range(6))
 
 

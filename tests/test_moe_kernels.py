@@ -88,6 +88,9 @@ CASES = [
     # 512 rows per expert: the rule's 256-row MXFP4 blocks (two warpgroups, 64-deep steps)
     _case("mxfp4_swap_ab_256_rows", T=1024, E=4, k=2, I=64, H=128, weight_format="mxfp4",
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=True, block_m=256),
+    # 256 rows per expert: the rule's 256-row NVFP4 blocks (L1 128 deep, L2 64 deep)
+    _case("nvfp4_swap_ab_256_rows", T=512, E=4, k=2, I=128, H=256, weight_format="nvfp4",
+          settings={"fp4_swap_ab": "on"}, swapped=True, block_m=256),
     _case("mxfp4_scales_above_2_unswapped", T=33, k=2, I=64, weight_format="mxfp4", big_expert=True,
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=False),
     _case("nvfp4_swap_ab_two_dot_gpt_oss_k_tail", T=5, k=6, I=128, H=192, weight_format="nvfp4", bias=True,
@@ -379,7 +382,7 @@ def test_plan_mid_block_rows_and_fp4_prefill_tiles():
 def test_plan_swapped_fp4_tiles():
     """FP4 weights with bf16 activations run the swapped tiles: 16-row blocks up to 8 rows per
     expert, 32 up to 32 (MXFP4: 28), 64 up to 48, then 128 (NVFP4: 64 through the mid sizes, 256 from 128 rows
-    where both K are multiples of 128; MXFP4: 256 from 512 rows at any K), shorter tiles for an expert's last block; 128-deep steps
+    where both K are multiples of 128, its L1 128 deep; MXFP4: 256 from 512 rows at any K), shorter tiles for an expert's last block; 128-deep steps
     with 3 stages where both K are multiples of 128 (MXFP4: at any K), else 64-deep with 4.  Not with fp8
     activations, not where H or I is not a multiple of 64."""
     from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
@@ -407,11 +410,12 @@ def test_plan_swapped_fp4_tiles():
         assert cfg.block_m == block_m and cfg.swap_ab, (T, cfg)
         if block_m == 256:
             assert (cfg.gemm1, cfg.gemm2) == (GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3)), cfg
-    # NVFP4 from 128 rows per expert: 256-row blocks, two warpgroups, where both K are multiples of 128
+    # NVFP4 from 128 rows per expert: 256-row blocks, two warpgroups, where both K are multiples of
+    # 128; L1 in 128-deep steps
     for T, block_m in ((1536, 64), (2048, 256), (16384, 256)):
         cfg = choose_moe_config(T, 8, 128, 2048, 768, "nvfp4")
         assert cfg.block_m == block_m, (T, cfg)
-    assert (cfg.gemm1, cfg.gemm2, cfg.tail_block_m) == (GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3), 64)
+    assert (cfg.gemm1, cfg.gemm2, cfg.tail_block_m) == (GemmTiles(64, 128, 8, 3), GemmTiles(128, 64, 8, 3), 64)
     gpt_oss = choose_moe_config(4096, 4, 128, 2880, 2880, "nvfp4")  # gpt-oss: slower at 256 rows
     assert gpt_oss.block_m == 128 and (gpt_oss.gemm1, gpt_oss.gemm2) == (GemmTiles(64, 64, 8, 4), GemmTiles(128, 64, 4, 4))
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").swap_ab
