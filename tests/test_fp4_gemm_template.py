@@ -187,6 +187,7 @@ def test_config_choice_is_pure_and_sane():
     assert wide.scales_ahead
     narrow = choose_gemm_config(256, 8192, 8192, spec, torch.bfloat16, num_sms=132)  # 64 tiles of 256 rows
     assert narrow.swap_ab and (narrow.block_m, narrow.num_warps) == (128, 4)
+    assert narrow.split_k == 2  # 2 x 64 tiles x 2 splits: one wave of 2 programs per SM (3 overfill it)
     # ... MXFP4's scales a step ahead there too; NVFP4's as the MoE's rule says (in the step here)
     assert narrow.scales_ahead
     nv_narrow = choose_gemm_config(256, 8192, 8192, GemmSpec(b_format="nvfp4"), torch.bfloat16, num_sms=132)
