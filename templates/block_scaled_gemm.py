@@ -212,12 +212,14 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
             block_n, block_k, warps, stages = 64, _small_m_block_k(k), 4, 3
         tiles = -(-m // block_m) * -(-n // block_n)
         steps = -(-k // block_k)
-        # ~2 programs per SM; the 128-token tile's splits stay within that one wave (8192^2 at 256
-        # rows: 3 splits, 384 programs, 126 us; 2 splits 98 us, MXFP4 scales ahead, H100)
+        # ~2 programs per SM.  The 128-token tile with MXFP4 scales ahead keeps its splits within
+        # that one wave (H100, 8192^2 at 256 rows: 3 splits, 384 programs, 126 us; 2 splits 98);
+        # NVFP4's there measured within 3% from 1 to 3 splits and keeps the rounded-up count.
+        ahead = m > 128 and spec.b_format == "mxfp4"
         fill = 2 * num_sms
-        split = max(1, min(steps // 4, fill // tiles if m > 128 else -(-fill // tiles)))
+        split = max(1, min(steps // 4, fill // tiles if ahead else -(-fill // tiles)))
         return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=warps, num_stages=stages,
-                                swap_ab=True, scales_ahead=True if m > 128 and spec.b_format == "mxfp4" else None)
+                                swap_ab=True, scales_ahead=True if ahead else None)
     if m <= 64:
         # Small M: BLOCK_N 64 (or 32 for small N) and enough K splits for ~2 programs per SM, each
         # still running >= 4 K steps.  Measured on H100 (triton 3.6): 16.9 us at M = 1..16,

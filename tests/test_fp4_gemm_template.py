@@ -191,7 +191,7 @@ def test_config_choice_is_pure_and_sane():
     # ... MXFP4's scales a step ahead there too; NVFP4's as the MoE's rule says (in the step here)
     assert narrow.scales_ahead
     nv_narrow = choose_gemm_config(256, 8192, 8192, GemmSpec(b_format="nvfp4"), torch.bfloat16, num_sms=132)
-    assert (nv_narrow.block_m, nv_narrow.num_warps, nv_narrow.scales_ahead) == (128, 4, None)
+    assert (nv_narrow.block_m, nv_narrow.num_warps, nv_narrow.scales_ahead, nv_narrow.split_k) == (128, 4, None, 3)
     assert choose_gemm_config(512, 8192, 8192, spec, torch.bfloat16, num_sms=132).block_m == 256
     assert not choose_gemm_config(256, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     assert not choose_gemm_config(1024, 14336, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
