@@ -170,7 +170,7 @@ def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_
     it at every point of an H100 sweep (qwen3, gpt-oss, dsv4, T = 256-16384; benchmarks/NOTES.md,
     "Swapped FP4 tiles").  256 rows: 8 warps, 64-deep steps, 3 stages (two warpgroups of 64 weight
     rows by 256 tokens: each decoded weight serves twice the tokens), but NVFP4's L1 128-deep
-    (H100: qwen3 T = 2048-16384 3-5% faster, dsv4 T = 8192 / 16384 1-2%; 128-deep L2 and MXFP4
+    (H100: qwen3 T = 2048-16384 3-5% faster, dsv4 T = 8192 / 16384 1-2%, in the noise; 128-deep L2 and MXFP4
     L1 were not faster, benchmarks/NOTES.md, "128-deep NVFP4 L1 steps at 256 rows").  NVFP4's 64-deep L1 at 128
     rows: 8 warps too (gpt-oss T = 4096 / 16384: L1 1653 -> 1445 / 5191 -> 4640 us on H100 with
     asynchronous wgmma; 8-warp L2 and MXFP4 were 5-25% slower, benchmarks/NOTES.md, "Asynchronous
