@@ -61,6 +61,50 @@ def mma_kinds(ptx: str) -> tuple:
     return tuple(sorted(kinds))
 
 
+@dataclass(frozen=True)
+class LoopStats:
+    """What one iteration of an innermost PTX loop that issues MMAs does besides the MMAs.  The
+    FP4 tiles that decode in registers rely on ``shared_vector_stores == 0``: a register tile
+    written to shared memory (``st.shared.v2`` / ``.v4`` of 16-bit or wider elements, ``stmatrix``)
+    in the K loop is a layout conversion of the decoded weight through shared memory
+    (benchmarks/NOTES_fp4.md); a few scale bytes moved that way (``st.shared.v2.b8``) are not."""
+
+    label: str
+    mma: int  # wgmma.mma_async and mma.sync
+    barriers: int  # bar.sync: CTA-wide
+    shared_vector_stores: int
+    global_loads: int  # synchronous ld.global
+    async_copies: int  # cp.async
+    shuffles: int
+
+
+def mma_loops(ptx: str) -> list:
+    """LoopStats of every innermost loop (a label and the branch back to it) that issues MMAs."""
+    lines = ptx.splitlines()
+    starts = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\$L__BB\d+_\d+):", line)
+        if m:
+            starts[m.group(1)] = i
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and starts.get(m.group(1), i) < i:
+            loops.append((m.group(1), starts[m.group(1)], i))
+    found = []
+    for label, lo, hi in loops:
+        if any(lo < lo2 and hi2 <= hi for _, lo2, hi2 in loops if (lo2, hi2) != (lo, hi)):
+            continue  # holds another loop: not innermost
+        body = "\n".join(line.split("//")[0] for line in lines[lo:hi + 1])
+        count = lambda pattern: len(re.findall(pattern, body))  # noqa: E731
+        mma = count(r"\bwgmma\.mma_async") + count(r"\bmma\.sync")
+        if mma:
+            found.append(LoopStats(label, mma, count(r"\bbar\.sync"),
+                                   count(r"\bst\.shared\.v[24]\.[bfsu](?:16|32|64)\b") + count(r"\bstmatrix"),
+                                   count(r"\bld\.global"), count(r"\bcp\.async\.c[ag]"), count(r"\bshfl\.")))
+    return found
+
+
 def auto_signature(kernel, pointers: dict, constexprs: dict, floats=()) -> dict:
     """A signature for ``kernel``: ``pointers`` maps pointer args to types ("*bf16"); ``floats``
     names fp32 scalars; every other non-constexpr argument is an i32."""
