@@ -1,9 +1,11 @@
 """Helpers for tests: compile through the backend and print the rewritten regions in a
 normalised form that does not churn across torch versions (no node names, no symbol
-numbering, no decomposition details; just our canonical calls and what flows into them)."""
+numbering, no decomposition details; just our canonical calls and what flows into them); and
+count which kernels a call launched."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Callable
 
@@ -81,3 +83,23 @@ def compile_and_capture(model: Callable, *inputs, **compile_kwargs) -> tuple[obj
     finally:
         InductorMoEPass.__call__ = original_call
     return out, captured
+
+
+@contextlib.contextmanager
+def counting_kperm_launches():
+    """Record the grid of every ``moe_kperm_kernel`` launch while active: the activations are put
+    in the MMA's K order only where FP4 tiles run swapped, so tests read from it which tiles ran."""
+    from .templates import moe_common
+
+    kperm, grids = moe_common.moe_kperm_kernel, []
+
+    class _Counting:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kperm[grid]
+
+    moe_common.moe_kperm_kernel = _Counting()
+    try:
+        yield grids
+    finally:
+        moe_common.moe_kperm_kernel = kperm

@@ -107,44 +107,40 @@ _INTERPRETED = textwrap.dedent("""
             assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
     # swapped tiles (acc^T = W @ X^T, A permuted to the MMA's K order first): a K tail inside the
     # last step, N tail, split-K, both formats, bias + activation; each case must run swapped
-    import inductor_moe.templates.moe_common as moe_common
-    kperm, kperm_calls = moe_common.moe_kperm_kernel, []
-    class _CountingKperm:
-        def __getitem__(self, grid):
-            kperm_calls.append(grid)
-            return kperm[grid]
-    moe_common.moe_kperm_kernel = _CountingKperm()
-    # (the last two: the two-warpgroup tile of 129..512 rows, 256 tokens by 128 weight rows)
-    swap_cases = [("mxfp4", "silu", 1, 2, 64, 192), ("nvfp4", None, 5, 1, 128, 320), ("mxfp4", "gelu", 17, 3, 64, 320),
-                  ("nvfp4", "relu", 33, 2, 128, 256), ("mxfp4", "silu", 150, 1, 64, 192), ("nvfp4", None, 130, 1, 64, 128)]
-    for i, (fb, act, m, sk, bk, k) in enumerate(swap_cases):
-        a, _, q, s, gs, bias = make_operands("dense", fb, m, 80, k, seed=40 + i)
-        spec = GemmSpec(b_format=fb, activation=act)
-        ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
-        if m > 128:
-            cfg = GemmKernelConfig(256, 128, bk, num_warps=8, swap_ab=True, scales_ahead=True)
-        else:
-            cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True, scales_ahead=i < 2)
-        calls = len(kperm_calls)
-        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
-        err = rel_err(out, ref)
-        assert out.shape == (m, 80) and err <= 2e-2, ("swap_ab", fb, act, m, sk, err)
-        assert len(kperm_calls) == calls + 1, ("swap_ab did not run swapped", fb, m)
-        worst = max(worst, err)
-    # what the swapped tile cannot take runs unswapped, still right: K not in whole 64s, and MXFP4
-    # scales above 2 (e8m0 bytes 129..254: they do not fit the decode's multiply)
-    a, _, q, s, _, bias = make_operands("dense", "mxfp4", 17, 80, 160, seed=50)
-    big = s  # K = 160: not whole 64s
-    a2, _, q2, _, _, _ = make_operands("dense", "mxfp4", 17, 80, 192, seed=51)
-    s2 = make_operands("dense", "mxfp4", 17, 80, 192, seed=51)[3]
-    big2 = (s2.view(torch.uint8).int() + 10).clamp(max=254).to(torch.uint8)
-    assert int(big2.max()) > 128, "scales above 2 needed"
-    for (x, qq, ss) in ((a, q, big), (a2, q2, big2.view(s2.dtype))):
-        calls = len(kperm_calls)
-        ref = block_scaled_mm_reference(x.double(), qq, ss, GemmSpec(), None, None, bias)
-        out = block_scaled_gemm(x, qq, ss, GemmSpec(), None, None, bias, config=GemmKernelConfig(32, 64, 64, swap_ab=True))
-        assert rel_err(out, ref) <= 2e-2 and len(kperm_calls) == calls, "unswapped fallback"
-    moe_common.moe_kperm_kernel = kperm
+    from inductor_moe.testing import counting_kperm_launches
+    with counting_kperm_launches() as kperm_calls:
+        # (the last two: the two-warpgroup tile of 129..512 rows, 256 tokens by 128 weight rows)
+        swap_cases = [("mxfp4", "silu", 1, 2, 64, 192), ("nvfp4", None, 5, 1, 128, 320),
+                      ("mxfp4", "gelu", 17, 3, 64, 320), ("nvfp4", "relu", 33, 2, 128, 256),
+                      ("mxfp4", "silu", 150, 1, 64, 192), ("nvfp4", None, 130, 1, 64, 128)]
+        for i, (fb, act, m, sk, bk, k) in enumerate(swap_cases):
+            a, _, q, s, gs, bias = make_operands("dense", fb, m, 80, k, seed=40 + i)
+            spec = GemmSpec(b_format=fb, activation=act)
+            ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+            if m > 128:
+                cfg = GemmKernelConfig(256, 128, bk, num_warps=8, swap_ab=True, scales_ahead=True)
+            else:
+                cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True, scales_ahead=i < 2)
+            calls = len(kperm_calls)
+            out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
+            err = rel_err(out, ref)
+            assert out.shape == (m, 80) and err <= 2e-2, ("swap_ab", fb, act, m, sk, err)
+            assert len(kperm_calls) == calls + 1, ("swap_ab did not run swapped", fb, m)
+            worst = max(worst, err)
+        # what the swapped tile cannot take runs unswapped, still right: K not in whole 64s, and MXFP4
+        # scales above 2 (e8m0 bytes 129..254: they do not fit the decode's multiply)
+        a, _, q, s, _, bias = make_operands("dense", "mxfp4", 17, 80, 160, seed=50)
+        big = s  # K = 160: not whole 64s
+        a2, _, q2, _, _, _ = make_operands("dense", "mxfp4", 17, 80, 192, seed=51)
+        s2 = make_operands("dense", "mxfp4", 17, 80, 192, seed=51)[3]
+        big2 = (s2.view(torch.uint8).int() + 10).clamp(max=254).to(torch.uint8)
+        assert int(big2.max()) > 128, "scales above 2 needed"
+        for (x, qq, ss) in ((a, q, big), (a2, q2, big2.view(s2.dtype))):
+            calls = len(kperm_calls)
+            ref = block_scaled_mm_reference(x.double(), qq, ss, GemmSpec(), None, None, bias)
+            out = block_scaled_gemm(x, qq, ss, GemmSpec(), None, None, bias,
+                                    config=GemmKernelConfig(32, 64, 64, swap_ab=True))
+            assert rel_err(out, ref) <= 2e-2 and len(kperm_calls) == calls, "unswapped fallback"
     # default strategy at decode M is the GEMV
     a, _, q, s, _, _ = make_operands("dense", "mxfp4", 4, 64, 256, seed=30)
     out = block_scaled_gemm(a, q, s, GemmSpec())

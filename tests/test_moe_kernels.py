@@ -238,25 +238,16 @@ def run_case(case) -> dict:
     from inductor_moe.lowering.moe import fused_moe_experts
     from inductor_moe.ops.moe_experts import moe_experts_reference
 
-    from inductor_moe.templates import moe_common
+    from inductor_moe.testing import counting_kperm_launches
 
     (s, spec, x, ids, tw, w13, w2, extra, b13, b2), cfg = case_inputs_and_config(case)
 
     outs = []
-    kperm, kperm_grids = moe_common.moe_kperm_kernel, []  # launched only where the tiles run swapped
-
-    class _CountingKperm:
-        def __getitem__(self, grid):
-            kperm_grids.append(grid)
-            return kperm[grid]
-    moe_common.moe_kperm_kernel = _CountingKperm()
-    try:
+    with counting_kperm_launches() as kperm_grids:  # launched only where the tiles run swapped
         for _ in range(2):
             with _Poison(), config.patch(**case["settings"]):
                 outs.append(fused_moe_experts(x, ids, tw, w13, w2, s, b13=b13, b2=b2, kernel_config=cfg,
                                               use_pdl=False, **extra))
-    finally:
-        moe_common.moe_kperm_kernel = kperm
     f64 = lambda t: None if t is None else (t.double() if t.dtype in (torch.bfloat16, torch.float16) else t)  # noqa
     ref = moe_experts_reference(x.double(), ids, tw.double(), f64(w13), f64(w2), spec, b13=f64(b13), b2=f64(b2),
                                 **extra)
