@@ -25,6 +25,7 @@ temporaries: the unmatched graph's bf16 copy of the weight shows here), beside t
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def _cfg_str(c) -> str:
     if isinstance(c, GemvConfig):
         return f"gemv {c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps}" + (" words" if c.words else "")
     return (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
-            + (" ds" if c.dot_scaled else "") + (" pf" if c.prefetch else "") + (" sw" if c.swap_ab else ""))
+            + (" ds" if c.dot_scaled else "") + (" pf" if c.prefetch else "") + (" sw" if c.swap_ab else "")
+            + (" ahead" if c.scales_ahead else "") + (" pfs" if c.prefetch_scales else ""))
 
 
 def _swapped(block_m: int):
@@ -72,6 +74,20 @@ def _swapped(block_m: int):
             C(block_m, 128, 256, 4, num_warps=8, num_stages=3, swap_ab=True)]
 
 
+def _wide_swapped():
+    """129..512 rows: the one-warpgroup 128-token and the two-warpgroup 256-token swapped tiles, with
+    the block scales a step ahead, in the step, and in the step with the next step's prefetched."""
+    from inductor_moe.templates.block_scaled_gemm import GemmKernelConfig as C
+
+    out = []
+    for bm, warps, stages in ((128, 4, 4), (256, 8, 3)):
+        for split in ((1, 2) if bm == 128 else (1,)):
+            base = C(bm, 128, 64, split, num_warps=warps, num_stages=stages, swap_ab=True)
+            out += [replace(base, scales_ahead=True), replace(base, scales_ahead=False),
+                    replace(base, scales_ahead=False, prefetch_scales=True)]
+    return out
+
+
 def quantized_weight(fmt: str, w: torch.Tensor):
     """(packed e2m1, block scales, global scale or None) of a bf16 weight [N, K]."""
     if fmt == "mxfp4":
@@ -84,8 +100,6 @@ def quantized_weight(fmt: str, w: torch.Tensor):
 def sweep_configs(m: int, fmt: str):
     """Candidates per regime (``--sweep``): GemvConfig (decode GEMV), GemmKernelConfig (fused
     kernel), or the strategy name "dequant_chunks"."""
-    from dataclasses import replace
-
     from inductor_moe.templates.block_scaled_gemm import GemmKernelConfig as C
     from inductor_moe.templates.block_scaled_gemm import GemvConfig as V
 
@@ -106,10 +120,12 @@ def sweep_configs(m: int, fmt: str):
                  C(128, 128, 128, 4, num_warps=8, num_stages=1), C(128, 64, 128, 8, num_warps=8, num_stages=1,
                                                                    prefetch=True), "dequant_chunks"]
         cands += _swapped(64) + [C(128, 128, 64, 2, num_warps=4, num_stages=4, swap_ab=True),
-                                 C(128, 128, 64, 2, num_warps=8, num_stages=3, swap_ab=True)]
+                                 C(128, 128, 64, 2, num_warps=8, num_stages=3, swap_ab=True)] + _wide_swapped()
     else:
         cands = [C(128, 256, 64, num_warps=8, num_stages=3), C(128, 128, 64, num_warps=4, num_stages=4),
                  C(128, 128, 128, num_warps=8, num_stages=2, prefetch=True), "dequant_chunks"]
+        if m <= 512:
+            cands += _wide_swapped()
     if fmt == "mxfp4" and m > 16:
         cands += [replace(cands[0], dot_scaled=True)]
     return cands
@@ -267,7 +283,6 @@ def main(argv=None) -> int:
                             if strategy == "fused" and m > 16 else float("nan"))
                 t_ds = float("nan")
                 if fmt == "mxfp4" and not args.no_ds and strategy == "fused":
-                    from dataclasses import replace
                     cfg_ds = replace(cfg, dot_scaled=True, swap_ab=False)
                     try:
                         t_ds = graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, config=cfg_ds))

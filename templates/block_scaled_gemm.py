@@ -99,12 +99,17 @@ class GemmKernelConfig:
     # wgmma's M = 64 straight from registers and the few tokens are its N (>= 16); dense bf16 A only
     swap_ab: bool = False
     scales_ahead: Optional[bool] = None  # swapped tile: block scales a K step ahead (None: the MoE's rule)
+    # swapped tile with its scales loaded in the step: prefetch the next step's to L1 (no rule uses it
+    # yet: NVFP4's candidate against the shared-memory round trip of scales ahead, NOTES_fp4.md)
+    prefetch_scales: bool = False
 
     def __post_init__(self):
         if self.swap_ab and self.dot_scaled:
             raise ValueError("swap_ab decodes the weight in registers; it excludes dot_scaled")
         if self.swap_ab and (self.block_k % 64 or self.prefetch):
             raise ValueError("swap_ab takes K steps of whole 64s (the activations' K order) and no prefetch")
+        if self.prefetch_scales and (not self.swap_ab or self.scales_ahead):
+            raise ValueError("prefetch_scales is for the swapped tile with its scales loaded in the step")
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -508,7 +513,7 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         ACTIVATION=ACTIVATION_CODES[spec.activation],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
         USE_PDL=use_pdl, PREFETCH=cfg.prefetch, SWAP_AB=cfg.swap_ab, EVEN_K=K % cfg.block_k == 0,
-        SCALES_AHEAD=scales_ahead,
+        SCALES_AHEAD=scales_ahead, PREFETCH_SCALES=cfg.prefetch_scales and not scales_ahead,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     return out.reshape(*lead, N)
 

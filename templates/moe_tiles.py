@@ -88,6 +88,21 @@ def fp4_weight_scales(s_ptr, n, n_mask, k0, K, stride_sn, stride_sk, BLOCK_K: tl
 
 
 @triton.jit
+def prefetch_fp4_weight_scales(s_ptr, n, n_mask, k0, K, stride_sn, stride_sk, BLOCK_K: tl.constexpr,
+                               WEIGHT_FORMAT: tl.constexpr):
+    """Pull the block scales of weight rows n at K step k0 towards L1 (``prefetch.global.L1``, no
+    registers held), so that step's own load, in the layout the decode wants, does not wait on DRAM.
+    The alternative, loading them a step ahead (``fp4_weight_scales``), makes Triton send the GEMM's
+    decoded NVFP4 tile through shared memory (benchmarks/NOTES_fp4.md).  A no-op interpreted."""
+    if not INTERPRET:
+        GROUP: tl.constexpr = 32 if WEIGHT_FORMAT == 2 else 16
+        ks = tl.minimum(k0 // GROUP + tl.arange(0, BLOCK_K // GROUP), K // GROUP - 1)  # inside the tensor
+        ptrs = s_ptr + tl.where(n_mask, n, 0)[:, None] * stride_sn + ks[None, :] * stride_sk
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, stride_wk,
                          BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr):
     """acc [BN, BM] += W[n, k0:k0+BK] @ a^T, the swapped tile: the decoded weight rows are wgmma's

@@ -117,8 +117,9 @@ _INTERPRETED = textwrap.dedent("""
             a, _, q, s, gs, bias = make_operands("dense", fb, m, 80, k, seed=40 + i)
             spec = GemmSpec(b_format=fb, activation=act)
             ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
-            if m > 128:
-                cfg = GemmKernelConfig(256, 128, bk, num_warps=8, swap_ab=True, scales_ahead=True)
+            if m > 128:  # NVFP4: scales in the step with the next step's prefetched (a no-op interpreted)
+                cfg = GemmKernelConfig(256, 128, bk, num_warps=8, swap_ab=True, scales_ahead=fb == "mxfp4",
+                                       prefetch_scales=fb == "nvfp4")
             else:
                 cfg = GemmKernelConfig(16 if m <= 16 else 64, 64, bk, split_k=sk, swap_ab=True, scales_ahead=i < 2)
             calls = len(kperm_calls)
@@ -201,6 +202,10 @@ def test_config_choice_is_pure_and_sane():
     assert not choose_gemm_config(64, 4096, 4000, spec, torch.bfloat16, num_sms=132).swap_ab  # K not in 64s
     with pytest.raises(ValueError):
         GemmKernelConfig(64, 64, 32, swap_ab=True)  # the swapped tile steps K in whole 64s
+    with pytest.raises(ValueError):  # the L1 prefetch of scales: swapped tiles with scales in the step only
+        GemmKernelConfig(64, 64, 64, prefetch_scales=True)
+    with pytest.raises(ValueError):
+        GemmKernelConfig(64, 64, 64, swap_ab=True, scales_ahead=True, prefetch_scales=True)
     from inductor_moe.templates.block_scaled_gemm import choose_gemv_config
 
     for (m, n, k) in ((1, 4096, 4096), (16, 8192, 8192), (1, 2880, 2880)):
@@ -331,6 +336,8 @@ def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb
     """129..512 rows with enough weight tiles to fill the SMs: the default plan is the two-warpgroup
     swapped tile (256 tokens, block scales a step ahead), at an N with a tail and a K in 64s but not
     128s; it matches the reference and is deterministic."""
+    from dataclasses import replace
+
     from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
     from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm, default_plan, wide_swapped_block_m
 
@@ -346,6 +353,10 @@ def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb
     assert rel_err(out, ref) <= TOL
     # bitwise equal run to run (the same two warpgroups on 128 tokens were not, with Triton 3.6)
     assert all(torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias)) for _ in range(6))
+    # the candidate with the scales in the step and the next step's prefetched to L1: the same MMAs
+    # in the same order, so the same bits
+    pfs = replace(chosen, scales_ahead=False, prefetch_scales=True)
+    assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=pfs))
 
 
 @cuda

@@ -120,9 +120,12 @@ def _moe_gemms_spill_bytes(act: str, fmt: str, tokens: int, tmp_path, layer: str
     return {label: _ptxas_report(ptx, tmp_path) for label, ptx in _moe_gemms_ptx(act, fmt, tokens, layer).items()}
 
 
-def _gemm_swapped_ptx(fmt: str, m: int, n: int, k: int):
-    """(config, sm_90a PTX) of the FP4 GEMM's swapped tile as ``choose_gemm_config`` picks it, with
-    the JIT's unit-stride and divisibility specialisations."""
+def _gemm_swapped_ptx(fmt: str, m: int, n: int, k: int, prefetch_scales: bool = False):
+    """(config, sm_90a PTX) of the FP4 GEMM's swapped tile as ``choose_gemm_config`` picks it (or
+    with its scales in the step and the next step's prefetched), with the JIT's unit-stride and
+    divisibility specialisations."""
+    from dataclasses import replace
+
     import torch
 
     from inductor_moe.spec import GemmSpec
@@ -131,12 +134,14 @@ def _gemm_swapped_ptx(fmt: str, m: int, n: int, k: int):
 
     cfg = choose_gemm_config(m, n, k, GemmSpec(b_format=fmt), torch.bfloat16, 132)
     assert cfg.swap_ab
+    if prefetch_scales:
+        cfg = replace(cfg, scales_ahead=False, prefetch_scales=True)
     _, kernel, sig, const, _ = _isa_spec("swapped", "dense", fmt, False, m=cfg.block_m, swap_ab=True)
     units = ("stride_ak", "stride_bk", "stride_bsk", "stride_on")
     const = {**const, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k,
              "EVEN_K": k % cfg.block_k == 0, "SCALES_AHEAD": cfg.scales_ahead if cfg.scales_ahead is not None
              else fp4_scales_ahead(fmt, k // 16),  # NVFP4 scale rows as stored; MXFP4's are padded to 16 B
-             **{u: 1 for u in units}}
+             "PREFETCH_SCALES": cfg.prefetch_scales, **{u: 1 for u in units}}
     sig = {**sig, **{u: "constexpr" for u in units}}
     divisible = tuple(a for a, t in sig.items() if t != "constexpr" and (
         t.startswith("*") or a.startswith("stride") or a in ("N", "K", "K_PER_SPLIT")))
@@ -248,22 +253,28 @@ def test_mma_loops_summarise_innermost_loops_only():
     ("moe qwen3", "mxfp4", 4096), ("moe qwen3", "mxfp4", 16384), ("moe qwen3", "nvfp4", 4096),
     ("moe qwen3", "nvfp4", 512), ("moe gpt-oss", "mxfp4", 4096), ("moe gpt-oss", "nvfp4", 512),
     ("gemm", "mxfp4", (64, 4096, 4096)), ("gemm", "mxfp4", (200, 8192, 8192)), ("gemm", "mxfp4", (256, 14336, 4096)),
-    ("gemm", "nvfp4", (64, 4096, 4096)), ("gemm", "nvfp4", (200, 8192, 8192))])
+    ("gemm", "nvfp4", (64, 4096, 4096)), ("gemm", "nvfp4", (200, 8192, 8192)),
+    ("gemm prefetch", "nvfp4", (256, 14336, 4096)), ("gemm prefetch", "nvfp4", (200, 8192, 8192))])
 def test_swapped_fp4_tiles_keep_the_decoded_weight_in_registers(kind, fmt, size):
     """The swapped FP4 tiles decode each weight tile straight into wgmma's register operand: their
     K loops (sm_90a, as the launchers build them) store no register tile to shared memory and
-    synchronise the CTA at most 3 times a step (the cp.async ring's).  A layout conversion of the
-    decoded tile shows as vector shared stores and 2 more barriers a step: the GEMM's NVFP4
-    two-warpgroup tile with its scales a step ahead (the rule at 129-512 rows) has one with Triton
-    3.6 and 3.9, and still ran 4-11% faster than with the scales in the step (benchmarks/NOTES_fp4.md,
-    "Scales ahead in the one-warpgroup tile"), so it is left out here."""
-    if kind == "gemm":
-        _, ptx = _gemm_swapped_ptx(fmt, *size)
-        programs = {"gemm": ptx}
+    synchronise the CTA at most 4 times a step (the cp.async ring's 2-3, one for NVFP4's scale bytes).
+    A layout conversion of the decoded tile shows as vector shared stores and 2 more barriers a
+    step: the GEMM's NVFP4 two-warpgroup tile with its scales a step ahead (the rule at 129-512
+    rows) has one with Triton 3.6 and 3.9, and still ran 4-11% faster than with the scales in the
+    step (benchmarks/NOTES_fp4.md, "Scales ahead in the one-warpgroup tile"), so it is left out
+    here; "gemm prefetch" is its candidate replacement (scales in the step, the next step's
+    prefetched to L1: GemmKernelConfig.prefetch_scales), whose loop must hold the prefetch."""
+    if kind.startswith("gemm"):
+        prefetch = kind == "gemm prefetch"
+        _, ptx = _gemm_swapped_ptx(fmt, *size, prefetch_scales=prefetch)
+        programs = {kind: ptx}
     else:
         programs = _moe_gemms_ptx("dense", fmt, size, kind.split()[1])
     for label, ptx in programs.items():
         loops = isa.mma_loops(ptx)
         assert loops, label  # the K loop is found (its wgmmas make it an MMA loop)
         for loop in loops:
-            assert loop.shared_vector_stores == 0 and loop.barriers <= 3, (label, loop)
+            assert loop.shared_vector_stores == 0 and loop.barriers <= 4, (label, loop)
+        if label == "gemm prefetch":
+            assert "prefetch.global.L1" in ptx

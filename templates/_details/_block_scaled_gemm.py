@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..moe_common import k_loop_steps, pdl_launch_dependents, pdl_wait
-from ..moe_tiles import fp4_weight_scales, load_act_tile, weight_tile_dot
+from ..moe_tiles import fp4_weight_scales, load_act_tile, prefetch_fp4_weight_scales, weight_tile_dot
 from .fp_codes import (E4M3_DECODE_SHIFT, apply_block_scale, e2m1_pairs_to_bf16, e2m1_to_f32, e4m3_to_f32, e8m0_to_bf16,
                        e8m0_to_f32, mul_bf16, unpack_e2m1_rows)
 
@@ -129,12 +129,13 @@ def _mma_step(acc, a, a_s, b, bs, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr
 def _swapped_k_loop(a_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn, n_mask, k_start, k_end, K, N,
                     stride_am, stride_bn, stride_bk, stride_bsn, stride_bsk,
                     B_FORMAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, SCALES_AHEAD: tl.constexpr):
+                    EVEN_K: tl.constexpr, SCALES_AHEAD: tl.constexpr, PREFETCH_SCALES: tl.constexpr = False):
     """acc^T [BLOCK_N, BLOCK_M] over K range [k_start, k_end): the MoE's swapped FP4 tile
     (moe_tiles.weight_tile_dot with SWAP_AB): the decoded weight rows are wgmma's register operand
     and the block scale rides in the decode's multiply.  A (bf16, contiguous) was put in
     moe_common.to_mma_k_order by the host, once per call; NVFP4 scales come as e4m3, MXFP4's as
-    bytes.  SCALES_AHEAD: each step's scales are loaded a step ahead (lowering.moe_plan.fp4_scales_ahead)."""
+    bytes.  SCALES_AHEAD: each step's scales are loaded a step ahead (lowering.moe_plan.fp4_scales_ahead);
+    else PREFETCH_SCALES: the next step's are prefetched to L1 (moe_tiles.prefetch_fp4_weight_scales)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     a_rows = a_ptr + rm64[:, None] * stride_am
     steps = k_loop_steps(k_end - k_start, BLOCK_K, True)  # >= 1: no zero-trip path (see there)
@@ -149,6 +150,9 @@ def _swapped_k_loop(a_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn, n_mask, k_start
         if SCALES_AHEAD:
             s_next = fp4_weight_scales(b_scale_ptr, rn, n_mask, tl.minimum(k0 + BLOCK_K, k_last), K, stride_bsn,
                                        stride_bsk, BLOCK_K, B_FORMAT, EVEN_K)
+        if PREFETCH_SCALES and not SCALES_AHEAD:
+            prefetch_fp4_weight_scales(b_scale_ptr, rn, n_mask, tl.minimum(k0 + BLOCK_K, k_last), K, stride_bsn,
+                                       stride_bsk, BLOCK_K, B_FORMAT)
         a, _ = load_act_tile(a_rows, a_rows, m_mask, k0, K, BLOCK_K, 0, EVEN_K)
         acc = weight_tile_dot(acc, a, b_ptr, b_scale_ptr, rn, k0, K, N, stride_bn, stride_bk, stride_bsn, stride_bsk,
                               BLOCK_K, B_FORMAT, EVEN_K, False, True, s_now)
@@ -179,7 +183,7 @@ def block_scaled_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_GLOBAL_SCALE: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr = False,
-    EVEN_K: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False, PREFETCH_SCALES: tl.constexpr = False,
 ):
     tl.static_assert(B_FORMAT == 2 or B_FORMAT == 3, "the weight operand is MXFP4 or NVFP4")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole scale blocks (multiple of 32)")
@@ -211,7 +215,7 @@ def block_scaled_gemm_kernel(
         tl.static_assert(A_FORMAT == 0 and not DOT_SCALED and not PREFETCH, "SWAP_AB: dense A, in-register decode")
         acc = _swapped_k_loop(a_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn, n_mask, k_start, k_end, K, N,
                               stride_am, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                              B_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SCALES_AHEAD)
+                              B_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SCALES_AHEAD, PREFETCH_SCALES)
         pdl_launch_dependents(USE_PDL)
         acc = tl.trans(acc)
     else:
