@@ -76,6 +76,7 @@ class LoopStats:
     global_loads: int  # synchronous ld.global
     async_copies: int  # cp.async
     shuffles: int
+    prefetches: int = 0  # prefetch.global
 
 
 def mma_loops(ptx: str) -> list:
@@ -101,7 +102,8 @@ def mma_loops(ptx: str) -> list:
         if mma:
             found.append(LoopStats(label, mma, count(r"\bbar\.sync"),
                                    count(r"\bst\.shared\.v[24]\.[bfsu](?:16|32|64)\b") + count(r"\bstmatrix"),
-                                   count(r"\bld\.global"), count(r"\bcp\.async\.c[ag]"), count(r"\bshfl\.")))
+                                   count(r"\bld\.global"), count(r"\bcp\.async\.c[ag]"), count(r"\bshfl\."),
+                                   count(r"\bprefetch\.global")))
     return found
 
 

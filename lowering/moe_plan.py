@@ -47,6 +47,9 @@ class MoEKernelConfig:
     gate_up_one_dot: bool = True  # L1: one [BK, 2*block_n] weight tile (gate/up alternating) per step
     fp4_dot_scaled: bool = True  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
     swap_ab: bool = False  # FP4 decoded in registers as wgmma's register A operand (fp4_swap_ab)
+    # swapped FP4 tiles with their block scales loaded in the K step: prefetch the next step's to L1
+    # (templates/moe_tiles.py: prefetch_fp4_weight_scales); opt-in, no rule sets it (not yet timed)
+    fp4_prefetch_scales: bool = False
     tail_block_m: int = 0  # > 0 and < block_m: an expert's last M-block runs tiles of this many rows, or
     # twice it, where they hold its rows (moe_gemm1_kernel); swap_ab_tail_block_m
     source: str = "heuristic"  # where block_m / gemm tiles came from: "heuristic", or tuned (lowering/moe_tune.py):

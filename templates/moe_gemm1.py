@@ -17,7 +17,9 @@
 # TAIL_BLOCK_M (kernel): an expert's last, short block runs a tile of TAIL_BLOCK_M or twice that
 # many rows.  K_HALF_TAIL: K = n * BLOCK_K + BLOCK_K / 2 ends in one unmasked half-deep step.
 # SCALES_AHEAD: the swapped tile loads each K step's FP4 block scales one step ahead (where
-# Triton cannot pipeline them; lowering/moe_plan.py: fp4_scales_ahead).  All three: L2 as well.
+# Triton cannot pipeline them; lowering/moe_plan.py: fp4_scales_ahead); else PREFETCH_SCALES:
+# the next step's are prefetched to L1 (moe_tiles.prefetch_fp4_weight_scales; opt-in,
+# MoEKernelConfig.fp4_prefetch_scales).  All four: L2 as well.
 """
 
 import triton
@@ -25,7 +27,8 @@ import triton.language as tl
 
 from .moe_common import (expert_block_of_program, expert_row_end, k_loop_steps, pdl_launch_dependents, quantize_fp8_groups,
                           store_cast, swiglu_epilogue, to_mma_k_order)
-from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale
+from .moe_tiles import (act_weight_tile_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale,
+                        prefetch_fp4_weight_scales)
 
 
 @triton.jit
@@ -66,6 +69,7 @@ def gemm1_tile(
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
+    PREFETCH_SCALES: tl.constexpr = False,
 ):
     """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one
     expert's, e >= 0).
@@ -130,6 +134,10 @@ def gemm1_tile(
             k_ahead = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
             s_next = fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, k_ahead, H, stride_sn, stride_sk, BLOCK_K,
                                        WEIGHT_FORMAT, EVEN_K)
+        elif PREFETCH_SCALES and SWAP_AB and GATE_UP_ONE_DOT:
+            k_next = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
+            prefetch_fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, k_next, H, stride_sn, stride_sk, BLOCK_K,
+                                       WEIGHT_FORMAT)
         acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
                                          n_cat, k0, H, I, stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K,
                                          WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, SWAP_AB,
@@ -196,6 +204,7 @@ def moe_gemm1_kernel(
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
+    PREFETCH_SCALES: tl.constexpr = False,
 ):
     """TAIL_BLOCK_M > 0: a block holding at most that many rows (an expert's last) runs a tile of
     TAIL_BLOCK_M rows, so its MMA does not spend BLOCK_M rows' work on a few tokens."""
@@ -210,7 +219,8 @@ def moe_gemm1_kernel(
                        stride_xst, stride_ist, alpha, limit, up_offset,
                        ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                       ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
+                       ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:
@@ -221,7 +231,8 @@ def moe_gemm1_kernel(
                            stride_xst, stride_ist, alpha, limit, up_offset,
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)
             elif 2 * TAIL_BLOCK_M == BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -230,7 +241,8 @@ def moe_gemm1_kernel(
                            stride_xst, stride_ist, alpha, limit, up_offset,
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)
             elif left <= 2 * TAIL_BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -239,7 +251,8 @@ def moe_gemm1_kernel(
                            stride_xst, stride_ist, alpha, limit, up_offset,
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)
             else:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -248,4 +261,5 @@ def moe_gemm1_kernel(
                            stride_xst, stride_ist, alpha, limit, up_offset,
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
-                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD)
+                           ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)

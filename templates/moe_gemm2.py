@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .moe_common import expert_block_of_program, expert_row_end, k_loop_steps, pdl_launch_dependents, store_cast
-from .moe_tiles import act_weight_tile_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale
+from .moe_tiles import (act_weight_tile_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale,
+                        prefetch_fp4_weight_scales)
 
 
 @triton.jit
@@ -26,6 +27,7 @@ def gemm2_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
+    PREFETCH_SCALES: tl.constexpr = False,
 ):
     """Output columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one expert's,
     e >= 0).
@@ -63,6 +65,9 @@ def gemm2_tile(
             k_ahead = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
             s_next = fp4_weight_scales(s_base, n, n < H, k_ahead, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT,
                                        EVEN_K)
+        elif PREFETCH_SCALES and SWAP_AB:
+            k_next = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
+            prefetch_fp4_weight_scales(s_base, n, n < H, k_next, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT)
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k0, I, BLOCK_K, ACT_FORMAT, EVEN_K)
         acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
                                   stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED,
@@ -97,6 +102,7 @@ def moe_gemm2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
+    PREFETCH_SCALES: tl.constexpr = False,
 ):
     """TAIL_BLOCK_M: as in moe_gemm1_kernel."""
     pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(H, BLOCK_N), USE_PDL)
@@ -107,7 +113,8 @@ def moe_gemm2_kernel(
                        rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                        stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                        HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                       FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
+                       FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:
@@ -115,22 +122,26 @@ def moe_gemm2_kernel(
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)
             elif 2 * TAIL_BLOCK_M == BLOCK_M:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)
             elif left <= 2 * TAIL_BLOCK_M:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, 2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)
             else:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD)
+                           FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
+                           PREFETCH_SCALES)

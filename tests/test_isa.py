@@ -62,7 +62,7 @@ def _ptxas():
 LAYERS = {"qwen3": (128, 8, 2048, 768), "gpt-oss": (128, 4, 2880, 2880)}  # E, k, H, I
 
 
-def _moe_gemms_ptx(act: str, fmt: str, tokens: int, layer: str = "qwen3") -> dict:
+def _moe_gemms_ptx(act: str, fmt: str, tokens: int, layer: str = "qwen3", **config_fields) -> dict:
     """{label: sm_90a PTX} of L1 and L2 exactly as the launcher builds them for a qwen3-30b-a3b call
     (E=128, k=8, H=2048, I=768; or gpt-oss-120b's, with its SwiGLU) with ``tokens`` tokens, with the
     JIT's specialisations of such a call: unit K strides of the weights and their scales, pointers,
@@ -75,6 +75,7 @@ def _moe_gemms_ptx(act: str, fmt: str, tokens: int, layer: str = "qwen3") -> dic
     dense_act = act == "dense"
     E, k, H, I = LAYERS[layer]  # noqa: E741
     cfg = choose_moe_config(tokens, k, E, H, I, fmt, 132, **({} if dense_act else {"act_format": act}))
+    cfg = cfg.replace(**config_fields)
     spec = MoESpec(**({} if dense_act else {"act_format": act}),
                    **(dict(gate_up="interleaved", limit=7.0) if layer == "gpt-oss" else {}))
     prefix = "bf16" if dense_act else act
@@ -230,6 +231,7 @@ def test_mma_loops_summarise_innermost_loops_only():
         "$L__BB0_2:",  # inner MMA loop
         "\tcp.async.cg.shared.global [%r6], [%rd1], 16;",
         "\tld.global.b8 {%rs1}, [%rd2];",
+        "\tprefetch.global.L1 [%rd2];",
         "\tshfl.sync.idx.b32 %r7, %r8, %r9, 31, -1;",
         "\tstmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%r10], {%r11, %r12, %r13, %r14};",
         "\tbar.sync 0;",
@@ -245,7 +247,7 @@ def test_mma_loops_summarise_innermost_loops_only():
     ])
     loops = isa.mma_loops(ptx)
     assert loops == [isa.LoopStats("$L__BB0_2", mma=1, barriers=1, shared_vector_stores=1, global_loads=1,
-                                   async_copies=1, shuffles=1)]
+                                   async_copies=1, shuffles=1, prefetches=1)]
     assert isa.mma_loops(ptx.replace("\tstmatrix", "\t// stmatrix"))[0].shared_vector_stores == 0
 
 
@@ -254,7 +256,8 @@ def test_mma_loops_summarise_innermost_loops_only():
     ("moe qwen3", "nvfp4", 512), ("moe gpt-oss", "mxfp4", 4096), ("moe gpt-oss", "nvfp4", 512),
     ("gemm", "mxfp4", (64, 4096, 4096)), ("gemm", "mxfp4", (200, 8192, 8192)), ("gemm", "mxfp4", (256, 14336, 4096)),
     ("gemm", "nvfp4", (64, 4096, 4096)), ("gemm", "nvfp4", (200, 8192, 8192)),
-    ("gemm prefetch", "nvfp4", (256, 14336, 4096)), ("gemm prefetch", "nvfp4", (200, 8192, 8192))])
+    ("gemm prefetch", "nvfp4", (256, 14336, 4096)), ("gemm prefetch", "nvfp4", (200, 8192, 8192)),
+    ("moe qwen3 prefetch", "mxfp4", 16384), ("moe qwen3 prefetch", "nvfp4", 512)])
 def test_swapped_fp4_tiles_keep_the_decoded_weight_in_registers(kind, fmt, size):
     """The swapped FP4 tiles decode each weight tile straight into wgmma's register operand: their
     K loops (sm_90a, as the launchers build them) store no register tile to shared memory and
@@ -264,17 +267,18 @@ def test_swapped_fp4_tiles_keep_the_decoded_weight_in_registers(kind, fmt, size)
     rows) has one with Triton 3.6 and 3.9, and still ran 4-11% faster than with the scales in the
     step (benchmarks/NOTES_fp4.md, "Scales ahead in the one-warpgroup tile"), so it is left out
     here; "gemm prefetch" is its candidate replacement (scales in the step, the next step's
-    prefetched to L1: GemmKernelConfig.prefetch_scales), whose loop must hold the prefetch."""
+    prefetched to L1: GemmKernelConfig.prefetch_scales), and "moe ... prefetch" the same in the MoE
+    (MoEKernelConfig.fp4_prefetch_scales): their programs must hold the prefetch."""
+    prefetch = kind.endswith("prefetch")
     if kind.startswith("gemm"):
-        prefetch = kind == "gemm prefetch"
         _, ptx = _gemm_swapped_ptx(fmt, *size, prefetch_scales=prefetch)
         programs = {kind: ptx}
     else:
-        programs = _moe_gemms_ptx("dense", fmt, size, kind.split()[1])
+        programs = _moe_gemms_ptx("dense", fmt, size, kind.split()[1], fp4_prefetch_scales=prefetch)
     for label, ptx in programs.items():
         loops = isa.mma_loops(ptx)
         assert loops, label  # the K loop is found (its wgmmas make it an MMA loop)
         for loop in loops:
             assert loop.shared_vector_stores == 0 and loop.barriers <= 4, (label, loop)
-        if label == "gemm prefetch":
-            assert "prefetch.global.L1" in ptx
+            # the prefetch sits in every K loop (not hoisted out), and nowhere unless asked for
+            assert (loop.prefetches >= 1) == prefetch, (label, loop)

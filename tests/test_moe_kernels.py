@@ -91,6 +91,10 @@ CASES = [
     # 256 rows per expert: the rule's 256-row NVFP4 blocks (L1 128 deep, L2 64 deep)
     _case("nvfp4_swap_ab_256_rows", T=512, E=4, k=2, I=128, H=256, weight_format="nvfp4",
           settings={"fp4_swap_ab": "on"}, swapped=True, block_m=256),
+    # the next K step's block scales prefetched to L1 (a no-op interpreted: checks the plumbing)
+    _case("mxfp4_swap_ab_prefetch_scales", T=33, k=2, I=64, weight_format="mxfp4",
+          overrides={"fp4_dot_scaled": False, "fp4_prefetch_scales": True}, settings={"fp4_swap_ab": "on"},
+          swapped=True),
     _case("mxfp4_scales_above_2_unswapped", T=33, k=2, I=64, weight_format="mxfp4", big_expert=True,
           overrides={"fp4_dot_scaled": False}, settings={"fp4_swap_ab": "on"}, swapped=False),
     _case("nvfp4_swap_ab_two_dot_gpt_oss_k_tail", T=5, k=6, I=128, H=192, weight_format="nvfp4", bias=True,
@@ -742,6 +746,29 @@ def test_gpu_fp4_swapped_prefill_tails(fmt):
     ref = moe_experts_reference(x.double(), ids, tw.double(), w13, w2, spec, **f64)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert not out.isnan().any() and err <= TOL[fmt], f"rel err {err:.3g}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("layer,T,fmt", [("qwen3", 8192, "mxfp4"), ("qwen3", 2048, "nvfp4"), ("gpt-oss", 600, "mxfp4")])
+def test_gpu_fp4_prefetched_scales_change_no_bit(layer, T, fmt):
+    """MoEKernelConfig.fp4_prefetch_scales (the next K step's block scales prefetched to L1) runs
+    the same MMAs in the same order: the same bits as the rule's tiles (256- / 128-row blocks)."""
+    from inductor_moe.lowering.moe import fused_moe_experts
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.spec import MoESpec
+
+    E, k, H, I, extra = ((128, 8, 2048, 768, "") if layer == "qwen3" else
+                         (16, 4, 2880, 2880, "gate_up=interleaved,alpha=1.702,limit=7.0"))
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(T, E, H, I, k, fmt, extra, seed=9)
+    cfg = choose_moe_config(T, k, E, H, I, fmt)
+    assert cfg.swap_ab and not cfg.fp4_prefetch_scales
+    s = MoESpec.from_str(spec)
+    with _Poison():
+        out = fused_moe_experts(x, ids, tw, w13, w2, s, kernel_config=cfg, use_cuda_decode=False, **kw)
+        pre = fused_moe_experts(x, ids, tw, w13, w2, s, kernel_config=cfg.replace(fp4_prefetch_scales=True),
+                                use_cuda_decode=False, **kw)
+    assert not out.isnan().any() and torch.equal(out, pre)
 
 
 @pytest.mark.gpu
