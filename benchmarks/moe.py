@@ -404,9 +404,10 @@ PREFILL_SWEEP = {  # prefill variants per format (None: the tuned or heuristic c
                           _tiles(64, False, (128, 128, 8, 3), (128, 128, 4, 4))],
     "mxfp4+a32": [None, _tiles(128, True, (64, 64, 8, 3), (128, 64, 8, 3)), _tiles(64, True, (64, 64, 8, 3), (128, 64, 8, 3))],
     "mxfp4": [None, {"fp4_dot_scaled": False}, {"fp4_dot_scaled": False, "gemm1.block_n": 64, "gemm2.block_n": 64},
-              {"fp4_dot_scaled": False, "block_m": 64, "gemm1.block_n": 64, "gemm2.block_n": 128}],
+              {"fp4_dot_scaled": False, "block_m": 64, "gemm1.block_n": 64, "gemm2.block_n": 128},
+              {"fp4_prefetch_scales": True}],
     "nvfp4": [None, {"gemm1.block_k": 128, "gemm2.block_k": 128}, {"block_m": 64},
-              {"gemm1.block_n": 32, "gemm2.block_n": 128, "gemm2.num_warps": 4}],
+              {"gemm1.block_n": 32, "gemm2.block_n": 128, "gemm2.num_warps": 4}, {"fp4_prefetch_scales": True}],
 }
 
 
