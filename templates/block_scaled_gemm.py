@@ -530,7 +530,7 @@ def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect=""
     const = dict(A_FORMAT=FORMAT_CODES[a_fmt], B_FORMAT=FORMAT_CODES[b_fmt], DOT_SCALED=dot_scaled, MMA_FP32=False,
                  HAS_BIAS=True, HAS_GLOBAL_SCALE=b_fmt == "nvfp4", ACTIVATION=SILU, BLOCK_M=m, BLOCK_N=128,
                  BLOCK_K=128, GROUP_M=8, SPLIT_K=1, USE_PDL=True, PREFETCH=prefetch, SWAP_AB=swap_ab,
-                 EVEN_K=True, SCALES_AHEAD=False)
+                 EVEN_K=True, SCALES_AHEAD=False, PREFETCH_SCALES=False)
     for name in const:
         sig[name] = "constexpr"
     options = {"num_warps": 8 if m >= 128 else 4, "num_stages": 3}
