@@ -25,10 +25,10 @@ temporaries: the unmatched graph's bf16 copy of the weight shows here), beside t
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -119,8 +119,7 @@ def sweep_configs(m: int, fmt: str):
                  C(128, 64, 256, 4, num_warps=8, num_stages=1), C(64, 64, 256, 8, num_warps=4, num_stages=1),
                  C(128, 128, 128, 4, num_warps=8, num_stages=1), C(128, 64, 128, 8, num_warps=8, num_stages=1,
                                                                    prefetch=True), "dequant_chunks"]
-        cands += _swapped(64) + [C(128, 128, 64, 2, num_warps=4, num_stages=4, swap_ab=True),
-                                 C(128, 128, 64, 2, num_warps=8, num_stages=3, swap_ab=True)] + _wide_swapped()
+        cands += _swapped(64) + [C(128, 128, 64, 2, num_warps=8, num_stages=3, swap_ab=True)] + _wide_swapped()
     else:
         cands = [C(128, 256, 64, num_warps=8, num_stages=3), C(128, 128, 64, num_warps=4, num_stages=4),
                  C(128, 128, 128, num_warps=8, num_stages=2, prefetch=True), "dequant_chunks"]

@@ -144,11 +144,11 @@ def _unswapped_plan(T, k, E, H, I, fmt, num_sms, act_format) -> MoEKernelConfig:
     return choose_moe_config(T, k, E, H, I, fmt, num_sms, act_format=act_format, allow_swap_ab=False)
 
 
-def _tail_constexprs(cfg: MoEKernelConfig, half_tail: bool, scales_ahead: bool, swap_ab: bool) -> dict:
+def _tail_constexprs(cfg: MoEKernelConfig, half_tail: bool, scales_ahead: bool) -> dict:
     """K_HALF_TAIL / TAIL_BLOCK_M / SCALES_AHEAD / PREFETCH_SCALES (the persistent kernel takes none
     of them: lowering/moe_mega.py); a tail_block_m not below block_m (a tuned block_m) means none."""
     return dict(K_HALF_TAIL=half_tail, TAIL_BLOCK_M=cfg.tail_block_m if cfg.tail_block_m < cfg.block_m else 0,
-                SCALES_AHEAD=scales_ahead, PREFETCH_SCALES=cfg.fp4_prefetch_scales and swap_ab and not scales_ahead)
+                SCALES_AHEAD=scales_ahead, PREFETCH_SCALES=cfg.fp4_prefetch_scales and not scales_ahead)
 
 
 def _launch_options(tiles, block_m: int, swap_ab: bool, gemm: int) -> dict:
@@ -185,7 +185,7 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0 or half_tail, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
                 SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales,
-                **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab and cfg.gate_up_one_dot, swap_ab),
+                **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab and cfg.gate_up_one_dot),
                 **_launch_options(g1, cfg.block_m, swap_ab, 1))
 
 
@@ -201,7 +201,7 @@ def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n,
                 BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0 or half_tail, FP4_DOT_SCALED=fp4_dot_scaled,
                 USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                SWAP_AB=swap_ab, **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab, swap_ab),
+                SWAP_AB=swap_ab, **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab),
                 **_launch_options(g2, cfg.block_m, swap_ab, 2))
 
 

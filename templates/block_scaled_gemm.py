@@ -203,9 +203,9 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # Else, 129..256 rows at N >= 8192: 128-row token tiles by 128 weight rows x 64-deep steps,
         # one warpgroup, 4 stages (within 4% of the best one-warpgroup tile at N = 8192 and 14336);
         # MXFP4's 2 scale bytes per row and step loaded a step ahead as in the two-warpgroup tile
-        # (H100, 8192^2 at 192 / 256 rows: 139 -> 99 / 141 -> 101 us; NVFP4's 4 bytes, which Triton
-        # pipelines itself, were 1-12% slower ahead; benchmarks/NOTES_fp4.md, "Scales ahead in the
-        # one-warpgroup tile").
+        # (H100, 8192^2 at 192 / 256 rows: 139 -> 99 / 141 -> 101 us; NVFP4's were 1-12% slower
+        # ahead, where Triton sends the decoded tile through shared memory; benchmarks/NOTES_fp4.md,
+        # "Scales ahead in the one-warpgroup tile").
         if wide_swapped_block_m(m, n, num_sms):
             return GemmKernelConfig(256, 128, 64, num_warps=8, num_stages=3, swap_ab=True, scales_ahead=True)
         block_m = min(64, _pow2_at_least(m, 16)) if m <= 128 else 128

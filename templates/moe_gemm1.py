@@ -130,12 +130,11 @@ def gemm1_tile(
     for step in range(0, k_loop_steps(k_main, BLOCK_K, SWAP_AB)):
         k0 = step * BLOCK_K
         s_now = s_next
-        if s_next is not None:  # the last step reloads its own (always a whole step inside K)
-            k_ahead = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
-            s_next = fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, k_ahead, H, stride_sn, stride_sk, BLOCK_K,
+        k_next = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)  # the last step's is its own
+        if s_next is not None:  # (always a whole step inside K)
+            s_next = fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, k_next, H, stride_sn, stride_sk, BLOCK_K,
                                        WEIGHT_FORMAT, EVEN_K)
         elif PREFETCH_SCALES and SWAP_AB and GATE_UP_ONE_DOT:
-            k_next = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
             prefetch_fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, k_next, H, stride_sn, stride_sk, BLOCK_K,
                                        WEIGHT_FORMAT)
         acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
@@ -220,7 +219,7 @@ def moe_gemm1_kernel(
                        ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                        ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                       PREFETCH_SCALES)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:

@@ -61,12 +61,11 @@ def gemm2_tile(
     for step in range(0, k_loop_steps(k_main, BLOCK_K, SWAP_AB)):
         k0 = step * BLOCK_K
         s_now = s_next
-        if s_next is not None:  # the last step reloads its own (always a whole step inside K)
-            k_ahead = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
-            s_next = fp4_weight_scales(s_base, n, n < H, k_ahead, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT,
+        k_next = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)  # the last step's is its own
+        if s_next is not None:  # (always a whole step inside K)
+            s_next = fp4_weight_scales(s_base, n, n < H, k_next, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT,
                                        EVEN_K)
         elif PREFETCH_SCALES and SWAP_AB:
-            k_next = tl.maximum(tl.minimum(k0 + BLOCK_K, k_main - BLOCK_K), 0)
             prefetch_fp4_weight_scales(s_base, n, n < H, k_next, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT)
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k0, I, BLOCK_K, ACT_FORMAT, EVEN_K)
         acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
@@ -114,7 +113,7 @@ def moe_gemm2_kernel(
                        stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                        HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                        FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                       PREFETCH_SCALES)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:

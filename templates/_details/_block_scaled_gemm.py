@@ -150,7 +150,7 @@ def _swapped_k_loop(a_ptr, b_ptr, b_scale_ptr, rm64, m_mask, rn, n_mask, k_start
         if SCALES_AHEAD:
             s_next = fp4_weight_scales(b_scale_ptr, rn, n_mask, tl.minimum(k0 + BLOCK_K, k_last), K, stride_bsn,
                                        stride_bsk, BLOCK_K, B_FORMAT, EVEN_K)
-        if PREFETCH_SCALES and not SCALES_AHEAD:
+        elif PREFETCH_SCALES:
             prefetch_fp4_weight_scales(b_scale_ptr, rn, n_mask, tl.minimum(k0 + BLOCK_K, k_last), K, stride_bsn,
                                        stride_bsk, BLOCK_K, B_FORMAT)
         a, _ = load_act_tile(a_rows, a_rows, m_mask, k0, K, BLOCK_K, 0, EVEN_K)
