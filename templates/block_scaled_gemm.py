@@ -12,8 +12,8 @@ mma.sync decode GEMM of ``cuda/fp4_decode_mma.cu``, built by NVRTC, where it bui
 ``GEMV_MAX_M``, dense activations: a tl.dot-free kernel that decodes each weight slice once into
 fp32 registers, many small programs with split-K for bytes in flight;
 ``templates/_details/_fp4_gemv.py``), that kernel ("fused": on sm_90 with bf16 activations from
-17 to 128 rows the MoE's swapped FP4 tile, to 512 its two-warpgroup form where that fills the GPU,
-to 256 at N >= 8192) and "dequant_chunks": on GPUs
+17 to 128 rows the MoE's swapped FP4 tile, to 512 its two-warpgroup form where its tiles
+outnumber half the SMs, to 256 at N >= 8192) and "dequant_chunks": on GPUs
 without FP4 MMA (Hopper) at large M the fused kernel re-decodes every weight tile once per M tile,
 so instead chunks of weight rows are decoded once into a bounded bf16 workspace
 (``DEQUANT_CHUNK_BYTES``, reused chunk after chunk; the whole dequantised weight never exists)
@@ -140,22 +140,24 @@ WIDE_SWAPPED_MAX_M = 512  # the two-warpgroup swapped tile's last row count (deq
 def wide_swapped_block_m(m: int, n: int, num_sms: int) -> int:
     """Token rows per tile (256) of the two-warpgroup swapped tile (8 warps: two warpgroups of 64
     decoded weight rows share one 256-token tile, so each decoded weight serves 256 tokens) for
-    129..512 rows, where those tiles fill 3/4 of the SMs; else 0.  H100 sweep
+    129..512 rows, where there are more of those tiles than half the SMs; else 0.  H100 sweep
     (benchmarks/NOTES_fp4.md, "Two warpgroups per swapped tile"): at 14336 x 4096 and 8192^2,
     192-512 rows, 1.05-1.8x faster than the earlier 128-row tile or dequant_chunks; at 4096^2 and
-    2880^2 (too few tiles) level with or slower than dequant_chunks, and from 1024 rows
+    2880^2 (too few tiles) level with or slower than dequant_chunks.  At 192-256 rows, 80 tiles
+    (10240 x 4096) run 1.2-1.3x faster here than on the one-warpgroup 128-token tile, 64 tiles
+    (8192^2) 1.2x slower ("The one-warpgroup tile's bounds", c2428ac); and from 1024 rows
     dequant_chunks wins (cuBLAS).  The same two warpgroups on 128 tokens were faster still at
     8192^2, 192-256 rows, but their results differed run to run by whole units in some outputs
     (a race inside Triton 3.6's code for that tile, at N = 16912, K = 1088), so no 128-token form."""
     if not 128 < m <= WIDE_SWAPPED_MAX_M:
         return 0
-    return 256 if -(-m // 256) * -(-n // 128) >= 3 * num_sms / 4 else 0
+    return 256 if -(-m // 256) * -(-n // 128) > num_sms / 2 else 0
 
 
 def swapped_tile_runs(m: int, n: int, num_sms: int) -> bool:
     """Whether a call of ``m`` rows runs the swapped tile on sm_90 (where it takes the operands):
     17..128 rows always (faster than dequant_chunks there, 1.03-2.1x at 128 rows), 129..512 where
-    the two-warpgroup tile fills the GPU (``wide_swapped_block_m``), and 129..256 where N >= 8192
+    the two-warpgroup tiles outnumber half the SMs (``wide_swapped_block_m``), and 129..256 where N >= 8192
     on the one-warpgroup 128-token tile (1.2-1.3x faster than dequant_chunks there)."""
     return 16 < m <= 128 or wide_swapped_block_m(m, n, num_sms) > 0 or (m <= 256 and n >= 8192)
 
@@ -199,11 +201,12 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # 129..512 rows: the two-warpgroup tile (wide_swapped_block_m), 128 weight rows x 64-deep
         # steps, the block scales a step ahead (a row's 2 MXFP4 scale bytes per step are too few for
         # cp.async, and one CTA per SM has no other warps to hide a synchronous load: M = 1024,
-        # 4096^2, 86 -> 58 us, ncu), no split-K (the rule only takes it where the tiles fill the SMs).
+        # 4096^2, 86 -> 58 us, ncu), no split-K (the rule only takes it where its tiles outnumber half the SMs).
         # Else, 129..256 rows at N >= 8192: 128-row token tiles by 128 weight rows x 64-deep steps,
         # one warpgroup, 4 stages (within 4% of the best one-warpgroup tile at N = 8192 and 14336);
         # MXFP4's 2 scale bytes per row and step loaded a step ahead as in the two-warpgroup tile
-        # (H100, 8192^2 at 192 / 256 rows: 139 -> 99 / 141 -> 101 us; NVFP4's were 1-12% slower
+        # (H100, 8192^2 at 192 / 256 rows, one split: 141 -> 100 us; at the 2 splits taken, level,
+        # where the second CTA on each SM hides the synchronous load; NVFP4's were 1-12% slower
         # ahead, where Triton sends the decoded tile through shared memory; benchmarks/NOTES_fp4.md,
         # "Scales ahead in the one-warpgroup tile").
         if wide_swapped_block_m(m, n, num_sms):
@@ -217,12 +220,12 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
             block_n, block_k, warps, stages = 64, _small_m_block_k(k), 4, 3
         tiles = -(-m // block_m) * -(-n // block_n)
         steps = -(-k // block_k)
-        # ~2 programs per SM.  The 128-token tile with MXFP4 scales ahead keeps its splits within
-        # that one wave (H100, 8192^2 at 256 rows: 3 splits, 384 programs, 126 us; 2 splits 98);
-        # NVFP4's there measured within 3% from 1 to 3 splits and keeps the rounded-up count.
+        # ~2 programs per SM.  The 128-token tile keeps its splits within that one wave (H100,
+        # 8192^2 at 256 rows, 2 x 64 tiles: 3 splits, 384 programs, MXFP4 126 us, NVFP4 147; 2
+        # splits 98 and 114); the smaller tiles round the count up.
         ahead = m > 128 and spec.b_format == "mxfp4"
         fill = 2 * num_sms
-        split = max(1, min(steps // 4, fill // tiles if ahead else -(-fill // tiles)))
+        split = max(1, min(steps // 4, fill // tiles if m > 128 else -(-fill // tiles)))
         return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=warps, num_stages=stages,
                                 swap_ab=True, scales_ahead=True if ahead else None)
     if m <= 64:

@@ -178,7 +178,7 @@ def test_config_choice_is_pure_and_sane():
     at128 = choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132)
     assert at128.swap_ab and at128.block_m == 64 and at128.block_k % 64 == 0
     # 129..512 rows: two warpgroups (8 warps) of 64 weight rows share 256 tokens where those tiles
-    # fill 3/4 of the SMs, scales a step ahead; else to 256 rows at N >= 8192 one warpgroup on 128
+    # outnumber half the SMs, scales a step ahead; else to 256 rows at N >= 8192 one warpgroup on 128
     wide = choose_gemm_config(256, 14336, 4096, spec, torch.bfloat16, num_sms=132)
     assert wide.swap_ab and (wide.block_m, wide.block_n, wide.num_warps, wide.split_k) == (256, 128, 8, 1)
     assert wide.scales_ahead
@@ -188,7 +188,10 @@ def test_config_choice_is_pure_and_sane():
     # ... MXFP4's scales a step ahead there too; NVFP4's as the MoE's rule says (in the step here)
     assert narrow.scales_ahead
     nv_narrow = choose_gemm_config(256, 8192, 8192, GemmSpec(b_format="nvfp4"), torch.bfloat16, num_sms=132)
-    assert (nv_narrow.block_m, nv_narrow.num_warps, nv_narrow.scales_ahead, nv_narrow.split_k) == (128, 4, None, 3)
+    assert (nv_narrow.block_m, nv_narrow.num_warps, nv_narrow.scales_ahead, nv_narrow.split_k) == (128, 4, None, 2)
+    # 80 tiles of 256 rows (10240 x 4096) outnumber half the SMs: the two-warpgroup tile again
+    assert choose_gemm_config(192, 10240, 4096, spec, torch.bfloat16, num_sms=132).block_m == 256
+    assert choose_gemm_config(256, 8448, 4096, spec, torch.bfloat16, num_sms=132).block_m == 128  # 66 tiles
     assert choose_gemm_config(512, 8192, 8192, spec, torch.bfloat16, num_sms=132).block_m == 256
     assert not choose_gemm_config(256, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     assert not choose_gemm_config(1024, 14336, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
@@ -232,7 +235,7 @@ def test_strategy_choice():
     assert choose_strategy(512, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
     assert choose_strategy(512, 14336, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
     assert choose_strategy(300, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
-    assert choose_strategy(300, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=200) == "dequant_chunks"
+    assert choose_strategy(300, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=256) == "dequant_chunks"
     assert choose_strategy(200, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=200) == "fused"
     assert choose_strategy(513, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 100) == "fused"  # native block-scaled MMA
