@@ -12,8 +12,8 @@ mma.sync decode GEMM of ``cuda/fp4_decode_mma.cu``, built by NVRTC, where it bui
 ``GEMV_MAX_M``, dense activations: a tl.dot-free kernel that decodes each weight slice once into
 fp32 registers, many small programs with split-K for bytes in flight;
 ``templates/_details/_fp4_gemv.py``), that kernel ("fused": on sm_90 with bf16 activations from
-17 to 128 rows the MoE's swapped FP4 tile, to 512 its two-warpgroup form where its tiles
-outnumber half the SMs, to 256 at N >= 8192) and "dequant_chunks": on GPUs
+17 to 128 rows the MoE's swapped FP4 tile, to 512 it or its two-warpgroup form where
+``choose_swapped_tile`` estimates them faster than dequant_chunks) and "dequant_chunks": on GPUs
 without FP4 MMA (Hopper) at large M the fused kernel re-decodes every weight tile once per M tile,
 so instead chunks of weight rows are decoded once into a bounded bf16 workspace
 (``DEQUANT_CHUNK_BYTES``, reused chunk after chunk; the whole dequantised weight never exists)
@@ -34,6 +34,7 @@ from ..cuda.fp4_decode import DecodeMmaConfig
 from ..spec import GemmSpec
 from ._details._block_scaled_gemm import (DENSE, FP8_MX32, GELU, GELU_TANH, MXFP4, NO_ACTIVATION, NVFP4, RELU,
                                           SILU, block_scaled_gemm_kernel)
+from .swapped_tile_choice import WIDE_SWAPPED_MAX_M, choose_swapped_tile
 
 FORMAT_CODES = {"dense": DENSE, "fp8_mx32": FP8_MX32, "mxfp4": MXFP4, "nvfp4": NVFP4}
 ACTIVATION_CODES = {None: NO_ACTIVATION, "silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU}
@@ -134,32 +135,21 @@ def swap_ab_fits(spec: GemmSpec, a_dtype: torch.dtype) -> bool:
     return spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.b_format in _PACKED
 
 
-WIDE_SWAPPED_MAX_M = 512  # the two-warpgroup swapped tile's last row count (dequant_chunks above)
+def dequant_chunks_fits(spec: GemmSpec, a_dtype: torch.dtype) -> bool:
+    """What "dequant_chunks" (decode to a bf16 workspace, then cuBLAS) can compute."""
+    return (spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.out_dtype == "bfloat16"
+            and spec.activation in (None, "relu", "silu", "gelu", "gelu_tanh"))
 
 
-def wide_swapped_block_m(m: int, n: int, num_sms: int) -> int:
-    """Token rows per tile (256) of the two-warpgroup swapped tile (8 warps: two warpgroups of 64
-    decoded weight rows share one 256-token tile, so each decoded weight serves 256 tokens) for
-    129..512 rows, where there are more of those tiles than half the SMs; else 0.  H100 sweep
-    (benchmarks/NOTES_fp4.md, "Two warpgroups per swapped tile"): at 14336 x 4096 and 8192^2,
-    192-512 rows, 1.05-1.8x faster than the earlier 128-row tile or dequant_chunks; at 4096^2 and
-    2880^2 (too few tiles) level with or slower than dequant_chunks.  At 192-256 rows, 80 tiles
-    (10240 x 4096) run 1.2-1.3x faster here than on the one-warpgroup 128-token tile, 64 tiles
-    (8192^2) 1.2x slower ("The one-warpgroup tile's bounds", c2428ac); and from 1024 rows
-    dequant_chunks wins (cuBLAS).  The same two warpgroups on 128 tokens were faster still at
-    8192^2, 192-256 rows, but their results differed run to run by whole units in some outputs
-    (a race inside Triton 3.6's code for that tile, at N = 16912, K = 1088), so no 128-token form."""
-    if not 128 < m <= WIDE_SWAPPED_MAX_M:
-        return 0
-    return 256 if -(-m // 256) * -(-n // 128) > num_sms / 2 else 0
-
-
-def swapped_tile_runs(m: int, n: int, num_sms: int) -> bool:
-    """Whether a call of ``m`` rows runs the swapped tile on sm_90 (where it takes the operands):
+def swapped_tile_runs(m: int, n: int, k: int, b_format: str, num_sms: int, chunks_fit: bool = True) -> bool:
+    """Whether a call of ``m`` rows runs a swapped tile on sm_90 (where it takes the operands):
     17..128 rows always (faster than dequant_chunks there, 1.03-2.1x at 128 rows), 129..512 where
-    the two-warpgroup tiles outnumber half the SMs (``wide_swapped_block_m``), and 129..256 where N >= 8192
-    on the one-warpgroup 128-token tile (1.2-1.3x faster than dequant_chunks there)."""
-    return 16 < m <= 128 or wide_swapped_block_m(m, n, num_sms) > 0 or (m <= 256 and n >= 8192)
+    ``choose_swapped_tile`` estimates one of them faster than dequant_chunks (or that cannot run).
+    From 1024 rows dequant_chunks wins (cuBLAS)."""
+    if 16 < m <= 128:
+        return True
+    return 128 < m <= WIDE_SWAPPED_MAX_M and choose_swapped_tile(m, n, k, b_format, num_sms,
+                                                                  chunks_fit).tile != "dequant_chunks"
 
 
 def swapped_tile_takes(b_scale: torch.Tensor, k: int, spec: GemmSpec) -> bool:
@@ -191,43 +181,39 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
     where the operands do not suit the swapped tile (``swapped_tile_takes``)."""
     use_dot_scaled = dot_scaled_fits(spec, a_dtype, arch) and (arch >= 100 or os.environ.get(
         "INDUCTOR_MOE_FP4_DOT_SCALED", "0") == "1")
-    if swapped_tile_runs(m, n, num_sms) and arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype) \
-            and swap_allowed and k % 64 == 0:
+    if arch < 100 and not use_dot_scaled and swap_ab_fits(spec, a_dtype) and swap_allowed and k % 64 == 0 \
+            and swapped_tile_runs(m, n, k, spec.b_format, num_sms, chunks_fit=False):
         # 17..128 rows on Hopper, bf16 activations: the MoE's swapped tile (64 or 128 decoded weight
         # rows as wgmma's register A operand, the tokens as N), ~2 programs per SM, each >= 4 K
         # steps.  H100 sweep (benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the GEMM"): 64-row
         # token tiles, 64 x 256-deep weight tiles (NVFP4 with K not in 256s: 128 x 64 and 8 warps,
         # within 4% of the best there).  M = 64, 4096^2: 15.7 us (17.6 with the GEMM's earlier tile).
-        # 129..512 rows: the two-warpgroup tile (wide_swapped_block_m), 128 weight rows x 64-deep
-        # steps, the block scales a step ahead (a row's 2 MXFP4 scale bytes per step are too few for
-        # cp.async, and one CTA per SM has no other warps to hide a synchronous load: M = 1024,
-        # 4096^2, 86 -> 58 us, ncu), no split-K (the rule only takes it where its tiles outnumber half the SMs).
-        # Else, 129..256 rows at N >= 8192: 128-row token tiles by 128 weight rows x 64-deep steps,
-        # one warpgroup, 4 stages (within 4% of the best one-warpgroup tile at N = 8192 and 14336);
-        # MXFP4's 2 scale bytes per row and step loaded a step ahead as in the two-warpgroup tile
-        # (H100, 8192^2 at 192 / 256 rows, one split: 141 -> 100 us; at the 2 splits taken, level,
-        # where the second CTA on each SM hides the synchronous load; NVFP4's were 1-12% slower
-        # ahead, where Triton sends the decoded tile through shared memory; benchmarks/NOTES_fp4.md,
-        # "Scales ahead in the one-warpgroup tile").
-        if wide_swapped_block_m(m, n, num_sms):
-            return GemmKernelConfig(256, 128, 64, num_warps=8, num_stages=3, swap_ab=True, scales_ahead=True)
-        block_m = min(64, _pow2_at_least(m, 16)) if m <= 128 else 128
+        # 129..512 rows: the tile ``choose_swapped_tile`` estimates fastest.  The two-warpgroup tile:
+        # 256 tokens x 128 weight rows x 64-deep steps, the block scales a step ahead (a row's 2
+        # MXFP4 scale bytes per step are too few for cp.async, and one CTA per SM has no other warps
+        # to hide a synchronous load: M = 1024, 4096^2, 86 -> 58 us, ncu), no split-K.  The
+        # one-warpgroup tile: 128 tokens x 128 weight rows x 64-deep steps, 4 stages (within 4% of
+        # the best one-warpgroup tile at N = 8192 and 14336); MXFP4's scales a step ahead too (H100,
+        # 8192^2 at 192 / 256 rows, one split: 141 -> 100 us; level at 2 splits, where the second
+        # CTA on each SM hides the load), NVFP4's in the step (1-12% slower ahead, where Triton
+        # sends the decoded tile through shared memory; benchmarks/NOTES_fp4.md, "Scales ahead in
+        # the one-warpgroup tile").
         if m > 128:
-            block_n, block_k, warps, stages = 128, 64, 4, 4
-        elif spec.b_format == "nvfp4" and k % 256:
+            choice = choose_swapped_tile(m, n, k, spec.b_format, num_sms, chunks_fit=False)
+            if choice.tile == "two_warpgroups":
+                return GemmKernelConfig(256, 128, 64, num_warps=8, num_stages=3, swap_ab=True, scales_ahead=True)
+            return GemmKernelConfig(128, 128, 64, split_k=choice.split_k, num_warps=4, num_stages=4, swap_ab=True,
+                                    scales_ahead=True if spec.b_format == "mxfp4" else None)
+        block_m = min(64, _pow2_at_least(m, 16))
+        if spec.b_format == "nvfp4" and k % 256:
             block_n, block_k, warps, stages = 128, 64, 8, 3
         else:
             block_n, block_k, warps, stages = 64, _small_m_block_k(k), 4, 3
         tiles = -(-m // block_m) * -(-n // block_n)
         steps = -(-k // block_k)
-        # ~2 programs per SM.  The 128-token tile keeps its splits within that one wave (H100,
-        # 8192^2 at 256 rows, 2 x 64 tiles: 3 splits, 384 programs, MXFP4 126 us, NVFP4 147; 2
-        # splits 98 and 114); the smaller tiles round the count up.
-        ahead = m > 128 and spec.b_format == "mxfp4"
-        fill = 2 * num_sms
-        split = max(1, min(steps // 4, fill // tiles if m > 128 else -(-fill // tiles)))
+        split = max(1, min(steps // 4, -(-2 * num_sms // tiles)))  # ~2 programs per SM
         return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=warps, num_stages=stages,
-                                swap_ab=True, scales_ahead=True if ahead else None)
+                                swap_ab=True)
     if m <= 64:
         # Small M: BLOCK_N 64 (or 32 for small N) and enough K splits for ~2 programs per SM, each
         # still running >= 4 K steps.  Measured on H100 (triton 3.6): 16.9 us at M = 1..16,
@@ -271,8 +257,7 @@ def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype
     not run (``swapped_tile_runs``), else from ``DEQUANT_CHUNKS_MIN_M``).
     ``INDUCTOR_MOE_FP4_STRATEGY=<one of STRATEGIES>`` overrides where the forced one applies (else
     the default choice stands)."""
-    chunks_fit = (spec.a_format == "dense" and a_dtype == torch.bfloat16 and spec.out_dtype == "bfloat16"
-                  and spec.activation in (None, "relu", "silu", "gelu", "gelu_tanh"))
+    chunks_fit = dequant_chunks_fits(spec, a_dtype)
     decode_fit = cuda_decode and swap_ab_fits(spec, a_dtype) and m <= 16
     forced = os.environ.get("INDUCTOR_MOE_FP4_STRATEGY")
     if forced is not None:
@@ -285,7 +270,7 @@ def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype
         return "cuda_decode"
     if gemv_fits(m, spec, a_dtype) and m <= GEMV_MAX_M:
         return "gemv"
-    if swapped_tile and arch < 100 and swapped_tile_runs(m, n, num_sms):
+    if swapped_tile and arch < 100 and swapped_tile_runs(m, n, k, spec.b_format, num_sms, chunks_fit):
         return "fused"
     return "dequant_chunks" if chunks_fit and arch < 100 and m >= DEQUANT_CHUNKS_MIN_M else "fused"
 
@@ -408,7 +393,9 @@ def default_plan(a2, b, b_scale, spec: GemmSpec, bias=None):
     M, N, K = a2.shape[0], b.shape[0], b.shape[1] * 2
     arch, sms = _arch(a2.device), _num_sms(a2.device)
     decode_ok = M <= 16 and _cuda_decode_reason(a2, b, b_scale, spec, bias) is None
-    swapped = arch < 100 and swapped_tile_runs(M, N, sms) and _swapped_tile_ok(a2, b_scale, K, spec)
+    swapped = (arch < 100 and swap_ab_fits(spec, a2.dtype)
+               and swapped_tile_runs(M, N, K, spec.b_format, sms, dequant_chunks_fits(spec, a2.dtype))
+               and swapped_tile_takes(b_scale, K, spec))
     strategy = choose_strategy(M, N, K, spec, a2.dtype, arch, cuda_decode=decode_ok, swapped_tile=swapped,
                                num_sms=sms)
     if strategy == "cuda_decode":
@@ -465,8 +452,10 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         gcfg = config if isinstance(config, GemvConfig) else choose_gemv_config(M, N, K, _num_sms(a.device))
         return _launch_gemv(a2, b, b_scale, spec, global_scale, bias, out, gcfg, use_pdl).reshape(*lead, N)
     if config is None:  # strategy "fused" forced, tiles left to the rule
-        cfg = choose_gemm_config(M, N, K, spec, a2.dtype, _num_sms(a.device), arch, swap_allowed=(
-            swapped_tile_runs(M, N, _num_sms(a.device)) and _swapped_tile_ok(a2, b_scale, K, spec)))
+        sms = _num_sms(a.device)
+        cfg = choose_gemm_config(M, N, K, spec, a2.dtype, sms, arch, swap_allowed=(
+            swap_ab_fits(spec, a2.dtype) and swapped_tile_runs(M, N, K, spec.b_format, sms, chunks_fit=False)
+            and swapped_tile_takes(b_scale, K, spec)))
     else:  # planned (already checked) or given: a given swapped tile the operands do not suit runs unswapped
         cfg = config
         if not planned and cfg.swap_ab and not _swapped_tile_ok(a2, b_scale, K, spec):

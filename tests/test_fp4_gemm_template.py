@@ -177,23 +177,24 @@ def test_config_choice_is_pure_and_sane():
     assert choose_gemm_config(17, 4096, 4096, spec, torch.bfloat16, num_sms=132).block_m == 32
     at128 = choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132)
     assert at128.swap_ab and at128.block_m == 64 and at128.block_k % 64 == 0
-    # 129..512 rows: two warpgroups (8 warps) of 64 weight rows share 256 tokens where those tiles
-    # outnumber half the SMs, scales a step ahead; else to 256 rows at N >= 8192 one warpgroup on 128
+    # 129..512 rows: the swapped tile choose_swapped_tile estimates fastest.  Two warpgroups (8
+    # warps) of 64 weight rows sharing 256 tokens, scales a step ahead, where their tiles fill a wave
     wide = choose_gemm_config(256, 14336, 4096, spec, torch.bfloat16, num_sms=132)
     assert wide.swap_ab and (wide.block_m, wide.block_n, wide.num_warps, wide.split_k) == (256, 128, 8, 1)
     assert wide.scales_ahead
+    # one warpgroup on 128 tokens where fewer, or where 2 waves of them would be 1 wave of pairs
+    # (384 x 8704: 136 two-warpgroup tiles on 132 SMs; H100 121 us, one warpgroup 79)
     narrow = choose_gemm_config(256, 8192, 8192, spec, torch.bfloat16, num_sms=132)  # 64 tiles of 256 rows
     assert narrow.swap_ab and (narrow.block_m, narrow.num_warps) == (128, 4)
-    assert narrow.split_k == 2  # 2 x 64 tiles x 2 splits: one wave of 2 programs per SM (3 overfill it)
-    # ... MXFP4's scales a step ahead there too; NVFP4's as the MoE's rule says (in the step here)
-    assert narrow.scales_ahead
+    assert narrow.split_k == 2  # 2 x 64 tiles x 2 splits: one wave of 2 programs per SM
+    assert narrow.scales_ahead  # MXFP4's scales a step ahead; NVFP4's in the step
     nv_narrow = choose_gemm_config(256, 8192, 8192, GemmSpec(b_format="nvfp4"), torch.bfloat16, num_sms=132)
     assert (nv_narrow.block_m, nv_narrow.num_warps, nv_narrow.scales_ahead, nv_narrow.split_k) == (128, 4, None, 2)
-    # 80 tiles of 256 rows (10240 x 4096) outnumber half the SMs: the two-warpgroup tile again
+    assert choose_gemm_config(384, 8704, 4096, spec, torch.bfloat16, num_sms=132).block_m == 128
     assert choose_gemm_config(192, 10240, 4096, spec, torch.bfloat16, num_sms=132).block_m == 256
-    assert choose_gemm_config(256, 8448, 4096, spec, torch.bfloat16, num_sms=132).block_m == 128  # 66 tiles
     assert choose_gemm_config(512, 8192, 8192, spec, torch.bfloat16, num_sms=132).block_m == 256
-    assert not choose_gemm_config(256, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
+    # "fused" at these rows always runs a swapped tile (the strategy decides against dequant_chunks)
+    assert choose_gemm_config(256, 4096, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     assert not choose_gemm_config(1024, 14336, 4096, spec, torch.bfloat16, num_sms=132).swap_ab
     nv = choose_gemm_config(64, 2880, 2880, GemmSpec(b_format="nvfp4"), torch.bfloat16, num_sms=132)
     assert nv.swap_ab and nv.block_k == 64  # NVFP4 with K not in 256s: 64-deep steps
@@ -226,16 +227,19 @@ def test_strategy_choice():
     assert choose_strategy(16, 4096, 4096, spec, torch.bfloat16, 90) == "fused"  # GEMV work grows with M
     assert choose_strategy(16, 4096, 4096, GemmSpec(a_format="mxfp4"), torch.uint8, 90) == "fused"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"  # no fp4 MMA
-    # the swapped tile up to 128 rows where it takes the operands, to 512 where its two-warpgroup
-    # form fills the SMs (N = 8192, 14336 on 132 SMs; not N = 4096), to 256 at N >= 8192, else
-    # chunks from 128
+    # the swapped tile up to 128 rows where it takes the operands, to 512 where choose_swapped_tile
+    # estimates one faster than dequant_chunks (MXFP4 512 x 8704: 2 two-warpgroup waves, 272
+    # one-warpgroup tiles; H100 120 / 128 us, chunks 115), else chunks from 128
     assert choose_strategy(128, 4096, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
     assert choose_strategy(128, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
-    assert choose_strategy(129, 4096, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
+    assert choose_strategy(512, 8704, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
     assert choose_strategy(512, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
     assert choose_strategy(512, 14336, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
     assert choose_strategy(300, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True) == "fused"
-    assert choose_strategy(300, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=256) == "dequant_chunks"
+    nv_spec = GemmSpec(b_format="nvfp4")
+    assert choose_strategy(512, 8704, 4096, nv_spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
+    nv_f32 = GemmSpec(b_format="nvfp4", out_dtype="float32")  # dequant_chunks writes bf16 only
+    assert choose_strategy(512, 8704, 4096, nv_f32, torch.bfloat16, 90, swapped_tile=True) == "fused"
     assert choose_strategy(200, 8192, 8192, spec, torch.bfloat16, 90, swapped_tile=True, num_sms=200) == "fused"
     assert choose_strategy(513, 14336, 4096, spec, torch.bfloat16, 90, swapped_tile=True) == "dequant_chunks"
     assert choose_strategy(4096, 4096, 4096, spec, torch.bfloat16, 100) == "fused"  # native block-scaled MMA
@@ -336,22 +340,24 @@ def test_cuda_swapped_tiles_match_reference_and_are_deterministic(fb, m):
 @pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("m", [200, 300, 512])
 def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb, m):
-    """129..512 rows with enough weight tiles to fill the SMs: the default plan is the two-warpgroup
-    swapped tile (256 tokens, block scales a step ahead), at an N with a tail and a K in 64s but not
-    128s; it matches the reference and is deterministic."""
+    """129..512 rows with whole waves of two-warpgroup tiles (N = 128 per SM, less a tail): the
+    default plan is that swapped tile (256 tokens, block scales a step ahead), at a K in 64s but
+    not 128s; it matches the reference and is deterministic."""
     from dataclasses import replace
 
     from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
-    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm, default_plan, wide_swapped_block_m
+    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm, default_plan
+    from inductor_moe.templates.swapped_tile_choice import choose_swapped_tile
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n, k = 128 * sms + 16, 1024 + 64
+    n, k = 128 * sms - 16, 1024 + 64
+    assert choose_swapped_tile(m, n, k, fb, sms).tile == "two_warpgroups"
     a, _, q, s, gs, bias = make_operands("dense", fb, m, n, k, device="cuda", seed=m)
     spec = GemmSpec(b_format=fb, activation="silu")
     ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
     strategy, chosen = default_plan(a, q, s, spec, bias)
     assert strategy == "fused" and chosen.swap_ab and chosen.num_warps == 8 and chosen.scales_ahead
-    assert chosen.block_m == wide_swapped_block_m(m, n, sms) > 0
+    assert chosen.block_m == 256
     out = block_scaled_gemm(a, q, s, spec, None, gs, bias)
     assert rel_err(out, ref) <= TOL
     # bitwise equal run to run (the same two warpgroups on 128 tokens were not, with Triton 3.6)
@@ -366,22 +372,28 @@ def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb
 @pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("m", [140, 256])
 def test_cuda_one_warpgroup_128_token_default_matches_reference(fb, m):
-    """129..256 rows where the two-warpgroup tiles would not fill the SMs (N = 8192 + 16): the default
-    plan is the one-warpgroup 128-token swapped tile with split-K, MXFP4's scales a step ahead; it
-    matches the reference and is deterministic."""
+    """129..256 rows where two-warpgroup tiles would fill half a wave (N = 8192 + 16): the default
+    plan is the one-warpgroup 128-token swapped tile, MXFP4's scales a step ahead; it and its
+    split-K form match the reference and are deterministic."""
+    from dataclasses import replace
+
     from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
     from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm, default_plan
+    from inductor_moe.templates.swapped_tile_choice import choose_swapped_tile
 
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     n, k = 8192 + 16, 1024 + 64
     a, _, q, s, gs, bias = make_operands("dense", fb, m, n, k, device="cuda", seed=m)
     spec = GemmSpec(b_format=fb, activation="silu")
     ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
     strategy, chosen = default_plan(a, q, s, spec, bias)
     assert strategy == "fused" and chosen.swap_ab and (chosen.block_m, chosen.num_warps) == (128, 4)
-    assert chosen.split_k > 1 and chosen.scales_ahead == (True if fb == "mxfp4" else None)
-    out = block_scaled_gemm(a, q, s, spec, None, gs, bias)
-    assert rel_err(out, ref) <= TOL
-    assert all(torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias)) for _ in range(6))
+    assert chosen.split_k == choose_swapped_tile(m, n, k, fb, sms).split_k
+    assert chosen.scales_ahead == (True if fb == "mxfp4" else None)
+    for cfg in (chosen, replace(chosen, split_k=3 - chosen.split_k)):
+        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
+        assert rel_err(out, ref) <= TOL, cfg
+        assert all(torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)) for _ in range(4))
 
 
 @cuda

@@ -1,0 +1,79 @@
+"""Which swapped FP4 tile runs a 129..512-row GEMM on Hopper, or whether dequant_chunks does.
+
+At these rows the choice is about waves, not tiles: the two-warpgroup tile (256 tokens x 128
+weight rows, one CTA per SM) takes a whole wave per ``num_sms`` tiles, the one-warpgroup tile
+(128 x 128, two CTAs fit on an SM) runs faster alone than paired, and a wave that is 3% full
+costs as much as a full one (H100, 384 x 8704 x 4096, MXFP4: 136 two-warpgroup tiles, 121 us;
+204 one-warpgroup tiles in one paired wave, 79 us).  So each candidate's time is estimated from
+how many rounds its programs take and the measured time of one 64-deep K step per round, and
+the cheapest runs.  The step times are H100 medians (benchmarks/NOTES_fp4.md, "Waves decide the
+129-512-row tile"): over 50 swept shapes (N = 5120-14336 at K = 4096, and 8192^2; 192-512 rows)
+the pick was the fastest of these candidates in 49 and 10% behind in the other.  Only the
+measured split counts (1 and 2, the latter within one paired wave) are candidates.  Not among
+them: the 17..128-row tiles, which at 192 rows and N = 5120 were as fast as the best here.
+"""
+from dataclasses import dataclass
+
+WIDE_SWAPPED_MAX_M = 512  # the swapped tiles' last row count (dequant_chunks above)
+
+# us per 64-deep K step of one round, H100: the two-warpgroup tile (scales a step ahead) ...
+_TWO_WARPGROUPS_STEP_US = {"mxfp4": 0.95, "nvfp4": 1.25}
+# ... the one-warpgroup tile alone on its SM and two sharing one (MXFP4's scales a step ahead,
+# NVFP4's in the step, as ``choose_gemm_config`` runs them)
+_ONE_WARPGROUP_ALONE_STEP_US = {"mxfp4": 0.74, "nvfp4": 1.0}
+_ONE_WARPGROUP_PAIRED_STEP_US = {"mxfp4": 1.28, "nvfp4": 1.38}
+_SPLIT_K_US = 12.0  # the split-K reduction and its last-arriver epilogue
+# dequant_chunks (decode to bf16 in chunks, then cuBLAS): us per weight row and 64-deep K step
+_CHUNKS_ROW_STEP_US = 1.45e-4
+_CHUNKS_ROW_STEP_US_PER_TOKEN = 1.05e-7
+
+
+@dataclass(frozen=True)
+class SwappedTileChoice:
+    """``tile``: "two_warpgroups", "one_warpgroup" or "dequant_chunks"; ``estimate_us``: the
+    H100 estimate that chose it (for the report and tests, not a promise)."""
+
+    tile: str
+    split_k: int
+    estimate_us: float
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _two_warpgroups_us(m: int, n: int, steps: int, b_format: str, num_sms: int) -> float:
+    tiles = _ceil(m, 256) * _ceil(n, 128)
+    return _ceil(tiles, num_sms) * steps * _TWO_WARPGROUPS_STEP_US[b_format]
+
+
+def _one_warpgroup_us(m: int, n: int, steps: int, split: int, b_format: str, num_sms: int) -> float:
+    """Programs run in rounds of two per SM; a last round of at most one per SM runs alone, unless
+    it follows full rounds (then the stragglers pair up with them)."""
+    programs = _ceil(m, 128) * _ceil(n, 128) * split
+    full, rest = divmod(programs, 2 * num_sms)
+    step_steps = steps / split
+    paired = step_steps * _ONE_WARPGROUP_PAIRED_STEP_US[b_format]
+    last = paired if rest > num_sms or (rest and full) else (
+        step_steps * _ONE_WARPGROUP_ALONE_STEP_US[b_format] if rest else 0.0)
+    return full * paired + last + (_SPLIT_K_US if split > 1 else 0.0)
+
+
+def _dequant_chunks_us(m: int, n: int, steps: int) -> float:
+    return steps * n * (_CHUNKS_ROW_STEP_US + _CHUNKS_ROW_STEP_US_PER_TOKEN * m)
+
+
+def choose_swapped_tile(m: int, n: int, k: int, b_format: str, num_sms: int,
+                        chunks_fit: bool = True) -> SwappedTileChoice:
+    """The cheapest estimate for ``m`` in 129..512 rows (K in 64s, bf16 activations); dequant_chunks
+    only where ``chunks_fit``."""
+    if not 128 < m <= WIDE_SWAPPED_MAX_M:
+        raise ValueError(f"choose_swapped_tile takes 129..{WIDE_SWAPPED_MAX_M} rows, got {m}")
+    steps = _ceil(k, 64)
+    cands = [SwappedTileChoice("two_warpgroups", 1, _two_warpgroups_us(m, n, steps, b_format, num_sms)),
+             SwappedTileChoice("one_warpgroup", 1, _one_warpgroup_us(m, n, steps, 1, b_format, num_sms))]
+    if _ceil(m, 128) * _ceil(n, 128) * 2 <= 2 * num_sms and steps >= 8:
+        cands.append(SwappedTileChoice("one_warpgroup", 2, _one_warpgroup_us(m, n, steps, 2, b_format, num_sms)))
+    if chunks_fit:
+        cands.append(SwappedTileChoice("dequant_chunks", 1, _dequant_chunks_us(m, n, steps)))
+    return min(cands, key=lambda c: c.estimate_us)
