@@ -59,7 +59,8 @@ def _cfg_str(c) -> str:
         return f"gemv {c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps}" + (" words" if c.words else "")
     return (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
             + (" ds" if c.dot_scaled else "") + (" pf" if c.prefetch else "") + (" sw" if c.swap_ab else "")
-            + (" ahead" if c.scales_ahead else "") + (" pfs" if c.prefetch_scales else ""))
+            + (" ahead" if c.scales_ahead else "") + (" pfs" if c.prefetch_scales else "")
+            + ("" if c.k_aligned else " kna"))
 
 
 def _swapped(block_m: int):
@@ -76,14 +77,16 @@ def _swapped(block_m: int):
 
 def _wide_swapped():
     """129..512 rows: the one-warpgroup 128-token and the two-warpgroup 256-token swapped tiles, with
-    the block scales a step ahead, in the step, and in the step with the next step's prefetched."""
+    the block scales a step ahead (also without K_ALIGNED: "kna"), in the step, and in the step with
+    the next step's prefetched."""
     from inductor_moe.templates.block_scaled_gemm import GemmKernelConfig as C
 
     out = []
     for bm, warps, stages in ((128, 4, 4), (256, 8, 3)):
         for split in ((1, 2) if bm == 128 else (1,)):
             base = C(bm, 128, 64, split, num_warps=warps, num_stages=stages, swap_ab=True)
-            out += [replace(base, scales_ahead=True), replace(base, scales_ahead=False),
+            out += [replace(base, scales_ahead=True), replace(base, scales_ahead=True, k_aligned=False),
+                    replace(base, scales_ahead=False),
                     replace(base, scales_ahead=False, prefetch_scales=True)]
     return out
 

@@ -103,6 +103,10 @@ class GemmKernelConfig:
     # swapped tile with its scales loaded in the step: prefetch the next step's to L1 (no rule uses it
     # yet: NVFP4's candidate against the shared-memory round trip of scales ahead, NOTES_fp4.md)
     prefetch_scales: bool = False
+    # the kernel states that each program's K range starts at a whole block_k (K_ALIGNED; the
+    # kernel's notes): faster for every swapped tile but MXFP4's two-warpgroup one with its scales
+    # ahead and NVFP4's 17..128-row ones (choose_gemm_config)
+    k_aligned: bool = True
 
     def __post_init__(self):
         if self.swap_ab and self.dot_scaled:
@@ -198,12 +202,19 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # CTA on each SM hides the load), NVFP4's in the step (1-12% slower ahead, where Triton
         # sends the decoded tile through shared memory; benchmarks/NOTES_fp4.md, "Scales ahead in
         # the one-warpgroup tile").
+        # K_ALIGNED (the kernel's notes), H100 sweep ("The K range's alignment"): NVFP4's tiles here
+        # 1.2-1.4x faster with it (8192^2 at 256 rows: 112 -> 86 us; 512 rows: 163 -> 129, its
+        # two-warpgroup tile then best with the scales in the step), MXFP4's one-warpgroup tile too
+        # (100 -> 81); MXFP4's two-warpgroup tile keeps its scales ahead without it (122 against 126).
+        # 17..128 rows: MXFP4's tiles 1.15x faster with it (64 x 8192^2: 47 -> 40), NVFP4's slower.
+        mx = spec.b_format == "mxfp4"
         if m > 128:
             choice = choose_swapped_tile(m, n, k, spec.b_format, num_sms, chunks_fit=False)
             if choice.tile == "two_warpgroups":
-                return GemmKernelConfig(256, 128, 64, num_warps=8, num_stages=3, swap_ab=True, scales_ahead=True)
+                return GemmKernelConfig(256, 128, 64, num_warps=8, num_stages=3, swap_ab=True,
+                                        scales_ahead=True if mx else None, k_aligned=not mx)
             return GemmKernelConfig(128, 128, 64, split_k=choice.split_k, num_warps=4, num_stages=4, swap_ab=True,
-                                    scales_ahead=True if spec.b_format == "mxfp4" else None)
+                                    scales_ahead=True if mx else None)
         block_m = min(64, _pow2_at_least(m, 16))
         if spec.b_format == "nvfp4" and k % 256:
             block_n, block_k, warps, stages = 128, 64, 8, 3
@@ -213,7 +224,7 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         steps = -(-k // block_k)
         split = max(1, min(steps // 4, -(-2 * num_sms // tiles)))  # ~2 programs per SM
         return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=warps, num_stages=stages,
-                                swap_ab=True)
+                                swap_ab=True, k_aligned=mx)
     if m <= 64:
         # Small M: BLOCK_N 64 (or 32 for small N) and enough K splits for ~2 programs per SM, each
         # still running >= 4 K steps.  Measured on H100 (triton 3.6): 16.9 us at M = 1..16,
@@ -505,7 +516,7 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         ACTIVATION=ACTIVATION_CODES[spec.activation],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
         USE_PDL=use_pdl, PREFETCH=cfg.prefetch, SWAP_AB=cfg.swap_ab, EVEN_K=K % cfg.block_k == 0,
-        SCALES_AHEAD=scales_ahead, PREFETCH_SCALES=cfg.prefetch_scales and not scales_ahead,
+        SCALES_AHEAD=scales_ahead, PREFETCH_SCALES=cfg.prefetch_scales and not scales_ahead, K_ALIGNED=cfg.k_aligned,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     return out.reshape(*lead, N)
 
@@ -522,7 +533,7 @@ def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect=""
     const = dict(A_FORMAT=FORMAT_CODES[a_fmt], B_FORMAT=FORMAT_CODES[b_fmt], DOT_SCALED=dot_scaled, MMA_FP32=False,
                  HAS_BIAS=True, HAS_GLOBAL_SCALE=b_fmt == "nvfp4", ACTIVATION=SILU, BLOCK_M=m, BLOCK_N=128,
                  BLOCK_K=128, GROUP_M=8, SPLIT_K=1, USE_PDL=True, PREFETCH=prefetch, SWAP_AB=swap_ab,
-                 EVEN_K=True, SCALES_AHEAD=False, PREFETCH_SCALES=False)
+                 EVEN_K=True, SCALES_AHEAD=False, PREFETCH_SCALES=False, K_ALIGNED=True)
     for name in const:
         sig[name] = "constexpr"
     options = {"num_warps": 8 if m >= 128 else 4, "num_stages": 3}

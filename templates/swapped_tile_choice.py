@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 WIDE_SWAPPED_MAX_M = 512  # the swapped tiles' last row count (dequant_chunks above)
 
-# us per 64-deep K step of one round, H100: the two-warpgroup tile (scales a step ahead) ...
-_TWO_WARPGROUPS_STEP_US = {"mxfp4": 0.95, "nvfp4": 1.25}
-# ... the one-warpgroup tile alone on its SM and two sharing one (MXFP4's scales a step ahead,
-# NVFP4's in the step, as ``choose_gemm_config`` runs them)
-_ONE_WARPGROUP_ALONE_STEP_US = {"mxfp4": 0.74, "nvfp4": 1.0}
-_ONE_WARPGROUP_PAIRED_STEP_US = {"mxfp4": 1.28, "nvfp4": 1.38}
+# us per 64-deep K step of one round, H100, as ``choose_gemm_config`` runs the tiles (MXFP4's
+# scales a step ahead, NVFP4's in the step with K_ALIGNED): the two-warpgroup tile ...
+_TWO_WARPGROUPS_STEP_US = {"mxfp4": 0.95, "nvfp4": 1.04}
+# ... the one-warpgroup tile alone on its SM and two sharing one
+_ONE_WARPGROUP_ALONE_STEP_US = {"mxfp4": 0.76, "nvfp4": 0.78}
+_ONE_WARPGROUP_PAIRED_STEP_US = {"mxfp4": 1.1, "nvfp4": 1.16}
 _SPLIT_K_US = 12.0  # the split-K reduction and its last-arriver epilogue
 # dequant_chunks (decode to bf16 in chunks, then cuBLAS): us per weight row and 64-deep K step
 _CHUNKS_ROW_STEP_US = 1.45e-4

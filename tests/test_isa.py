@@ -142,7 +142,7 @@ def _gemm_swapped_ptx(fmt: str, m: int, n: int, k: int, prefetch_scales: bool = 
     const = {**const, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k,
              "EVEN_K": k % cfg.block_k == 0, "SCALES_AHEAD": cfg.scales_ahead if cfg.scales_ahead is not None
              else fp4_scales_ahead(fmt, k // 16),  # NVFP4 scale rows as stored; MXFP4's are padded to 16 B
-             "PREFETCH_SCALES": cfg.prefetch_scales, **{u: 1 for u in units}}
+             "PREFETCH_SCALES": cfg.prefetch_scales, "K_ALIGNED": cfg.k_aligned, **{u: 1 for u in units}}
     sig = {**sig, **{u: "constexpr" for u in units}}
     divisible = tuple(a for a, t in sig.items() if t != "constexpr" and (
         t.startswith("*") or a.startswith("stride") or a in ("N", "K", "K_PER_SPLIT")))
@@ -255,7 +255,7 @@ def test_mma_loops_summarise_innermost_loops_only():
     ("moe qwen3", "mxfp4", 4096), ("moe qwen3", "mxfp4", 16384), ("moe qwen3", "nvfp4", 4096),
     ("moe qwen3", "nvfp4", 512), ("moe gpt-oss", "mxfp4", 4096), ("moe gpt-oss", "nvfp4", 512),
     ("gemm", "mxfp4", (64, 4096, 4096)), ("gemm", "mxfp4", (200, 8192, 8192)), ("gemm", "mxfp4", (256, 14336, 4096)),
-    ("gemm", "nvfp4", (64, 4096, 4096)), ("gemm", "nvfp4", (200, 8192, 8192)),
+    ("gemm", "nvfp4", (64, 4096, 4096)), ("gemm", "nvfp4", (200, 8192, 8192)), ("gemm", "nvfp4", (256, 14336, 4096)),
     ("gemm prefetch", "nvfp4", (256, 14336, 4096)), ("gemm prefetch", "nvfp4", (200, 8192, 8192)),
     ("moe qwen3 prefetch", "mxfp4", 16384), ("moe qwen3 prefetch", "nvfp4", 512)])
 def test_swapped_fp4_tiles_keep_the_decoded_weight_in_registers(kind, fmt, size):
@@ -263,12 +263,11 @@ def test_swapped_fp4_tiles_keep_the_decoded_weight_in_registers(kind, fmt, size)
     K loops (sm_90a, as the launchers build them) store no register tile to shared memory and
     synchronise the CTA at most 4 times a step (the cp.async ring's 2-3, one for NVFP4's scale bytes).
     A layout conversion of the decoded tile shows as vector shared stores and 2 more barriers a
-    step: the GEMM's NVFP4 two-warpgroup tile with its scales a step ahead (the rule at 129-512
-    rows) has one with Triton 3.6 and 3.9, and still ran 4-11% faster than with the scales in the
-    step (benchmarks/NOTES_fp4.md, "Scales ahead in the one-warpgroup tile"), so it is left out
-    here; "gemm prefetch" is its candidate replacement (scales in the step, the next step's
-    prefetched to L1: GemmKernelConfig.prefetch_scales), and "moe ... prefetch" the same in the MoE
-    (MoEKernelConfig.fp4_prefetch_scales): their programs must hold the prefetch."""
+    step: the GEMM's NVFP4 tiles had one until the kernel stated its K range's alignment
+    (K_ALIGNED; benchmarks/NOTES_fp4.md, "The K range's alignment").  "gemm prefetch" and "moe ...
+    prefetch": the opt-in candidates with the scales in the step and the next step's prefetched to
+    L1 (GemmKernelConfig.prefetch_scales, MoEKernelConfig.fp4_prefetch_scales; timed slower): their
+    programs must hold the prefetch."""
     prefetch = kind.endswith("prefetch")
     if kind.startswith("gemm"):
         _, ptx = _gemm_swapped_ptx(fmt, *size, prefetch_scales=prefetch)

@@ -13,10 +13,12 @@ SMS = 132  # H100
     ("nvfp4", 256, 10240, 4096, "two_warpgroups", 1),
     # 136 two-warpgroup tiles would take 2 waves; 204 one-warpgroup tiles one paired wave (121 -> 79 us)
     ("mxfp4", 384, 8704, 4096, "one_warpgroup", 1),
-    # few tiles: one warpgroup alone on its SM (MXFP4 5120 x 4096 at 256 rows: 47 us, two warpgroups 58)
-    ("mxfp4", 256, 5120, 4096, "one_warpgroup", 1),
-    # 2 x 64 tiles: split in 2 for one wave of pairs (8192^2, NVFP4 at 256 rows: 114 us, 1 split 147)
+    # few tiles: one warpgroup, all programs alone on their SMs (4096^2 at 256 rows: 36 us, chunks 40)
+    ("mxfp4", 256, 4096, 4096, "one_warpgroup", 2),
+    ("nvfp4", 256, 4096, 4096, "one_warpgroup", 2),
+    # 2 x 64 tiles: split in 2 for one wave of pairs (8192^2, NVFP4 at 256 rows: 86 us, 1 split 100)
     ("nvfp4", 256, 8192, 8192, "one_warpgroup", 2),
+    ("mxfp4", 256, 8192, 8192, "one_warpgroup", 2),  # 81 us, 1 split 99
     # neither tile fills its last wave: dequant_chunks (NVFP4 512 x 10240: 128 us, two warpgroups 163)
     ("nvfp4", 512, 10240, 4096, "dequant_chunks", 1),
     ("mxfp4", 512, 8704, 4096, "dequant_chunks", 1),

@@ -15,6 +15,12 @@
 # waits a full memory latency.
 # SWAP_AB (bf16 A already in moe_common.to_mma_k_order, FP4 weights): acc^T = B @ A^T by the MoE's
 # swapped tile (_swapped_k_loop): weight rows fill wgmma's M from registers, the tokens are its N.
+# K_ALIGNED: state that each program's K range starts at a whole BLOCK_K.  Knowing the block
+# scales' alignment, Triton loads them with cp.async (NVFP4's 4 bytes per row and step) and lays
+# the swapped tile out so that NVFP4's decoded weight no longer goes through shared memory (PTX: 8
+# st.shared.v4 and 9 barriers a step -> none and 3); it also turns MXFP4's two-warpgroup tile with
+# its scales ahead from 2 shuffles a step to 16, so that tile goes without (benchmarks/NOTES_fp4.md,
+# "The K range's alignment").
 """
 
 import triton
@@ -184,6 +190,7 @@ def block_scaled_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr = False,
     EVEN_K: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False, PREFETCH_SCALES: tl.constexpr = False,
+    K_ALIGNED: tl.constexpr = True,
 ):
     tl.static_assert(B_FORMAT == 2 or B_FORMAT == 3, "the weight operand is MXFP4 or NVFP4")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole scale blocks (multiple of 32)")
@@ -207,7 +214,10 @@ def block_scaled_gemm_kernel(
     n_mask = rn < N
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    k_start = pid_k * K_PER_SPLIT
+    if K_ALIGNED:  # K_PER_SPLIT is whole BLOCK_K steps: written so, the compiler sees it (see above)
+        k_start = pid_k * (K_PER_SPLIT // BLOCK_K) * BLOCK_K
+    else:
+        k_start = pid_k * K_PER_SPLIT
     k_end = min(k_start + K_PER_SPLIT, K)
 
     pdl_wait(USE_PDL)
