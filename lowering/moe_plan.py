@@ -48,7 +48,7 @@ class MoEKernelConfig:
     fp4_dot_scaled: bool = True  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
     swap_ab: bool = False  # FP4 decoded in registers as wgmma's register A operand (fp4_swap_ab)
     # swapped FP4 tiles with their block scales loaded in the K step: prefetch the next step's to L1
-    # (templates/moe_tiles.py: prefetch_fp4_weight_scales); opt-in, no rule sets it (not yet timed)
+    # (templates/moe_tiles.py: prefetch_fp4_weight_scales); opt-in, no rule sets it (timed slower: BENCHMARKS.md)
     fp4_prefetch_scales: bool = False
     tail_block_m: int = 0  # > 0 and < block_m: an expert's last M-block runs tiles of this many rows, or
     # twice it, where they hold its rows (moe_gemm1_kernel); swap_ab_tail_block_m

@@ -100,8 +100,8 @@ class GemmKernelConfig:
     # wgmma's M = 64 straight from registers and the few tokens are its N (>= 16); dense bf16 A only
     swap_ab: bool = False
     scales_ahead: Optional[bool] = None  # swapped tile: block scales a K step ahead (None: the MoE's rule)
-    # swapped tile with its scales loaded in the step: prefetch the next step's to L1 (no rule uses it
-    # yet: NVFP4's candidate against the shared-memory round trip of scales ahead, NOTES_fp4.md)
+    # swapped tile with its scales loaded in the step: prefetch the next step's to L1 (opt-in; timed
+    # slower than the rule's tiles, BENCHMARKS.md)
     prefetch_scales: bool = False
     # the kernel states that each program's K range starts at a whole block_k (K_ALIGNED; the
     # kernel's notes): faster for every swapped tile but MXFP4's two-warpgroup one with its scales

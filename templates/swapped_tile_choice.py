@@ -9,7 +9,9 @@ how many rounds its programs take and the measured time of one 64-deep K step pe
 the cheapest runs.  The step times are H100 medians (benchmarks/NOTES_fp4.md, "Waves decide the
 129-512-row tile"): over 50 swept shapes (N = 5120-14336 at K = 4096, and 8192^2; 192-512 rows)
 the pick was the fastest of these candidates in 49 and 10% behind in the other.  Only the
-measured split counts (1 and 2, the latter within one paired wave) are candidates.  Not among
+measured split counts (1 and 2, the latter within one paired wave) are candidates.  The NVFP4
+step times and MXFP4's paired one-warpgroup step were measured again after K_ALIGNED ("The K
+range's alignment"); the picks above were made with the earlier ones.  Not among
 them: the 17..128-row tiles, which at 192 rows and N = 5120 were as fast as the best here.
 """
 from dataclasses import dataclass
