@@ -193,19 +193,16 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # token tiles, 64 x 256-deep weight tiles (NVFP4 with K not in 256s: 128 x 64 and 8 warps,
         # within 4% of the best there).  M = 64, 4096^2: 15.7 us (17.6 with the GEMM's earlier tile).
         # 129..512 rows: the tile ``choose_swapped_tile`` estimates fastest.  The two-warpgroup tile:
-        # 256 tokens x 128 weight rows x 64-deep steps, the block scales a step ahead (a row's 2
-        # MXFP4 scale bytes per step are too few for cp.async, and one CTA per SM has no other warps
-        # to hide a synchronous load: M = 1024, 4096^2, 86 -> 58 us, ncu), no split-K.  The
-        # one-warpgroup tile: 128 tokens x 128 weight rows x 64-deep steps, 4 stages (within 4% of
-        # the best one-warpgroup tile at N = 8192 and 14336); MXFP4's scales a step ahead too (H100,
-        # 8192^2 at 192 / 256 rows, one split: 141 -> 100 us; level at 2 splits, where the second
-        # CTA on each SM hides the load), NVFP4's in the step (1-12% slower ahead, where Triton
-        # sends the decoded tile through shared memory; benchmarks/NOTES_fp4.md, "Scales ahead in
-        # the one-warpgroup tile").
+        # 256 tokens x 128 weight rows x 64-deep steps, no split-K.  The one-warpgroup tile: 128
+        # tokens x 128 weight rows x 64-deep steps, 4 stages (within 4% of the best one-warpgroup
+        # tile at N = 8192 and 14336).  MXFP4's 2 scale bytes per row and step are too few for
+        # cp.async, so both load them a step ahead (one CTA per SM has no other warps to hide a
+        # synchronous load: M = 1024, 4096^2, 86 -> 58 us, ncu; one-warpgroup tile at 8192^2, one
+        # split: 141 -> 100 us).  NVFP4's 4 bytes go by cp.async under K_ALIGNED, in the step.
         # K_ALIGNED (the kernel's notes), H100 sweep ("The K range's alignment"): NVFP4's tiles here
-        # 1.2-1.4x faster with it (8192^2 at 256 rows: 112 -> 86 us; 512 rows: 163 -> 129, its
-        # two-warpgroup tile then best with the scales in the step), MXFP4's one-warpgroup tile too
-        # (100 -> 81); MXFP4's two-warpgroup tile keeps its scales ahead without it (122 against 126).
+        # 1.2-1.4x faster with it (8192^2 at 256 rows: 112 -> 86 us; 512 rows: 163 -> 129), MXFP4's
+        # one-warpgroup tile too (100 -> 81); MXFP4's two-warpgroup tile keeps its scales ahead
+        # without it (122 against 126 with it and the scales in the step, 143 ahead).
         # 17..128 rows: MXFP4's tiles 1.15x faster with it (64 x 8192^2: 47 -> 40), NVFP4's slower.
         mx = spec.b_format == "mxfp4"
         if m > 128:

@@ -8,12 +8,13 @@ costs as much as a full one (H100, 384 x 8704 x 4096, MXFP4: 136 two-warpgroup t
 how many rounds its programs take and the measured time of one 64-deep K step per round, and
 the cheapest runs.  The step times are H100 medians (benchmarks/NOTES_fp4.md, "Waves decide the
 129-512-row tile"): over 50 swept shapes (N = 5120-14336 at K = 4096, and 8192^2; 192-512 rows)
-the pick was the fastest of these candidates in 49 and 10% behind in the other.  Only the
-measured split counts (1 and 2, the latter within one paired wave) are candidates.  The NVFP4
-step times and MXFP4's paired one-warpgroup step were measured again after K_ALIGNED ("The K
-range's alignment"); the picks above were made with the earlier ones.  Not among
-them: the 17..128-row tiles, which at 192 rows and N = 5120 were as fast as the best here.
+the pick was the fastest of these candidates in 49 and 10% behind in the other (with the step
+times of then; NVFP4's and MXFP4's paired one-warpgroup step were measured again after
+K_ALIGNED, "The K range's alignment").  Only the measured split counts (1 and 2, the latter
+within one paired wave) are candidates; not among them: the 17..128-row tiles, which at 192 rows
+and N = 5120 were as fast as the best here.
 """
+import functools
 from dataclasses import dataclass
 
 WIDE_SWAPPED_MAX_M = 512  # the swapped tiles' last row count (dequant_chunks above)
@@ -54,10 +55,10 @@ def _one_warpgroup_us(m: int, n: int, steps: int, split: int, b_format: str, num
     it follows full rounds (then the stragglers pair up with them)."""
     programs = _ceil(m, 128) * _ceil(n, 128) * split
     full, rest = divmod(programs, 2 * num_sms)
-    step_steps = steps / split
-    paired = step_steps * _ONE_WARPGROUP_PAIRED_STEP_US[b_format]
+    split_steps = steps / split
+    paired = split_steps * _ONE_WARPGROUP_PAIRED_STEP_US[b_format]
     last = paired if rest > num_sms or (rest and full) else (
-        step_steps * _ONE_WARPGROUP_ALONE_STEP_US[b_format] if rest else 0.0)
+        split_steps * _ONE_WARPGROUP_ALONE_STEP_US[b_format] if rest else 0.0)
     return full * paired + last + (_SPLIT_K_US if split > 1 else 0.0)
 
 
@@ -65,10 +66,11 @@ def _dequant_chunks_us(m: int, n: int, steps: int) -> float:
     return steps * n * (_CHUNKS_ROW_STEP_US + _CHUNKS_ROW_STEP_US_PER_TOKEN * m)
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_swapped_tile(m: int, n: int, k: int, b_format: str, num_sms: int,
                         chunks_fit: bool = True) -> SwappedTileChoice:
     """The cheapest estimate for ``m`` in 129..512 rows (K in 64s, bf16 activations); dequant_chunks
-    only where ``chunks_fit``."""
+    only where ``chunks_fit``.  Cached: a call's plan asks for it up to three times."""
     if not 128 < m <= WIDE_SWAPPED_MAX_M:
         raise ValueError(f"choose_swapped_tile takes 129..{WIDE_SWAPPED_MAX_M} rows, got {m}")
     steps = _ceil(k, 64)
