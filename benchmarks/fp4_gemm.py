@@ -64,15 +64,18 @@ def _cfg_str(c) -> str:
 
 
 def _swapped(block_m: int):
-    """Swapped decode tiles (64 or 128 weight rows as wgmma's register A operand, tokens as N)."""
+    """Swapped decode tiles (64 or 128 weight rows as wgmma's register A operand, tokens as N), with
+    and without K_ALIGNED."""
     from inductor_moe.templates.block_scaled_gemm import GemmKernelConfig as C
 
-    return [C(block_m, 64, 256, 4, num_warps=4, num_stages=3, swap_ab=True),
-            C(block_m, 64, 256, 8, num_warps=4, num_stages=3, swap_ab=True),
-            C(block_m, 64, 256, 8, num_warps=4, num_stages=1, swap_ab=True),
-            C(block_m, 64, 128, 8, num_warps=4, num_stages=4, swap_ab=True),
-            C(block_m, 64, 512, 4, num_warps=4, num_stages=2, swap_ab=True),
-            C(block_m, 128, 256, 4, num_warps=8, num_stages=3, swap_ab=True)]
+    tiles = [C(block_m, 64, 256, 4, num_warps=4, num_stages=3, swap_ab=True),
+             C(block_m, 64, 256, 8, num_warps=4, num_stages=3, swap_ab=True),
+             C(block_m, 64, 256, 8, num_warps=4, num_stages=1, swap_ab=True),
+             C(block_m, 64, 128, 8, num_warps=4, num_stages=4, swap_ab=True),
+             C(block_m, 64, 512, 4, num_warps=4, num_stages=2, swap_ab=True),
+             C(block_m, 128, 256, 4, num_warps=8, num_stages=3, swap_ab=True),
+             C(block_m, 128, 64, 4, num_warps=8, num_stages=3, swap_ab=True)]
+    return tiles + [replace(c, k_aligned=False) for c in tiles]  # with and without K_ALIGNED
 
 
 def _wide_swapped():

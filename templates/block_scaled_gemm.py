@@ -13,7 +13,8 @@ mma.sync decode GEMM of ``cuda/fp4_decode_mma.cu``, built by NVRTC, where it bui
 fp32 registers, many small programs with split-K for bytes in flight;
 ``templates/_details/_fp4_gemv.py``), that kernel ("fused": on sm_90 with bf16 activations from
 17 to 128 rows the MoE's swapped FP4 tile, to 512 it or its two-warpgroup form where
-``choose_swapped_tile`` estimates them faster than dequant_chunks) and "dequant_chunks": on GPUs
+``choose_swapped_tile`` estimates them faster than dequant_chunks; from 65 rows its 128-token form
+where that fills the SMs) and "dequant_chunks": on GPUs
 without FP4 MMA (Hopper) at large M the fused kernel re-decodes every weight tile once per M tile,
 so instead chunks of weight rows are decoded once into a bounded bf16 workspace
 (``DEQUANT_CHUNK_BYTES``, reused chunk after chunk; the whole dequantised weight never exists)
@@ -34,7 +35,7 @@ from ..cuda.fp4_decode import DecodeMmaConfig
 from ..spec import GemmSpec
 from ._details._block_scaled_gemm import (DENSE, FP8_MX32, GELU, GELU_TANH, MXFP4, NO_ACTIVATION, NVFP4, RELU,
                                           SILU, block_scaled_gemm_kernel)
-from .swapped_tile_choice import WIDE_SWAPPED_MAX_M, choose_swapped_tile
+from .swapped_tile_choice import WIDE_SWAPPED_MAX_M, choose_swapped_tile, takes_rows
 
 FORMAT_CODES = {"dense": DENSE, "fp8_mx32": FP8_MX32, "mxfp4": MXFP4, "nvfp4": NVFP4}
 ACTIVATION_CODES = {None: NO_ACTIVATION, "silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU}
@@ -192,7 +193,8 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # steps.  H100 sweep (benchmarks/NOTES_fp4.md, "The MoE's swapped tile in the GEMM"): 64-row
         # token tiles, 64 x 256-deep weight tiles (NVFP4 with K not in 256s: 128 x 64 and 8 warps,
         # within 4% of the best there).  M = 64, 4096^2: 15.7 us (17.6 with the GEMM's earlier tile).
-        # 129..512 rows: the tile ``choose_swapped_tile`` estimates fastest.  The two-warpgroup tile:
+        # 129..512 rows, and 65..128 where its grid fills the SMs (``takes_rows``): the tile
+        # ``choose_swapped_tile`` estimates fastest.  The two-warpgroup tile:
         # 256 tokens x 128 weight rows x 64-deep steps, no split-K.  The one-warpgroup tile: 128
         # tokens x 128 weight rows x 64-deep steps, 4 stages (within 4% of the best one-warpgroup
         # tile at N = 8192 and 14336).  MXFP4's 2 scale bytes per row and step are too few for
@@ -205,13 +207,13 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # without it (122 against 126 with it and the scales in the step, 143 ahead).
         # 17..128 rows: MXFP4's tiles 1.15x faster with it (64 x 8192^2: 47 -> 40), NVFP4's slower.
         mx = spec.b_format == "mxfp4"
-        if m > 128:
+        if takes_rows(m, n, num_sms):
             choice = choose_swapped_tile(m, n, k, spec.b_format, num_sms, chunks_fit=False)
             if choice.tile == "two_warpgroups":
                 return GemmKernelConfig(256, 128, 64, num_warps=8, num_stages=3, swap_ab=True,
-                                        scales_ahead=True if mx else None, k_aligned=not mx)
+                                        scales_ahead=True if mx else None, k_aligned=choice.k_aligned)
             return GemmKernelConfig(128, 128, 64, split_k=choice.split_k, num_warps=4, num_stages=4, swap_ab=True,
-                                    scales_ahead=True if mx else None)
+                                    scales_ahead=True if mx else None, k_aligned=choice.k_aligned)
         block_m = min(64, _pow2_at_least(m, 16))
         if spec.b_format == "nvfp4" and k % 256:
             block_n, block_k, warps, stages = 128, 64, 8, 3

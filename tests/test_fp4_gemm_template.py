@@ -177,6 +177,12 @@ def test_config_choice_is_pure_and_sane():
     assert choose_gemm_config(17, 4096, 4096, spec, torch.bfloat16, num_sms=132).block_m == 32
     at128 = choose_gemm_config(128, 4096, 4096, spec, torch.bfloat16, num_sms=132)
     assert at128.swap_ab and at128.block_m == 64 and at128.block_k % 64 == 0
+    # 65..128 rows where the one-warpgroup 128-token tile's grid, split in 2, fills the SMs: that
+    # tile decodes each weight once, the 64-row tiles twice (H100, 128 x 8192^2: 66.0 -> 57.6 us)
+    for m in (65, 128):
+        one_wg = choose_gemm_config(m, 8192, 8192, spec, torch.bfloat16, num_sms=132)
+        assert one_wg.swap_ab and (one_wg.block_m, one_wg.block_n, one_wg.num_warps, one_wg.split_k) == (128, 128, 4, 2)
+    assert choose_gemm_config(64, 8192, 8192, spec, torch.bfloat16, num_sms=132).block_m == 64
     # 129..512 rows: the swapped tile choose_swapped_tile estimates fastest.  Two warpgroups (8
     # warps) of 64 weight rows sharing 256 tokens, scales a step ahead, where their tiles fill a wave
     wide = choose_gemm_config(256, 14336, 4096, spec, torch.bfloat16, num_sms=132)
@@ -371,11 +377,11 @@ def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb
 
 @cuda
 @pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("m", [140, 256])
+@pytest.mark.parametrize("m", [100, 140, 256])
 def test_cuda_one_warpgroup_128_token_default_matches_reference(fb, m):
-    """129..256 rows where two-warpgroup tiles would fill half a wave (N = 8192 + 16): the default
-    plan is the one-warpgroup 128-token swapped tile, MXFP4's scales a step ahead; it and its
-    split-K form match the reference and are deterministic."""
+    """65..256 rows where two-warpgroup tiles would fill half a wave (N = 8192 + 16): the default
+    plan is the one-warpgroup 128-token swapped tile (at 100 rows, 28 of its tokens masked),
+    MXFP4's scales a step ahead; it and its split-K form match the reference and are deterministic."""
     from dataclasses import replace
 
     from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference

@@ -1,26 +1,30 @@
-"""The 129..512-row swapped tile choice (pure; no GPU): the picks the H100 sweep measured fastest."""
+"""The 65..512-row swapped tile choice (pure; no GPU): the picks the H100 sweep measured fastest."""
 import pytest
 
-from inductor_moe.templates.swapped_tile_choice import WIDE_SWAPPED_MAX_M, choose_swapped_tile
+from inductor_moe.templates.swapped_tile_choice import (ONE_WARPGROUP_MIN_M, WIDE_SWAPPED_MAX_M, choose_swapped_tile,
+                                                        takes_rows)
 
 SMS = 132  # H100
 
 
 @pytest.mark.parametrize("fmt,m,n,k,tile,split", [
-    # whole waves of two-warpgroup tiles (H100: 60-62 us at 256 rows, 120-124 at 512)
-    ("mxfp4", 256, 14336, 4096, "two_warpgroups", 1),
-    ("mxfp4", 512, 12288, 4096, "two_warpgroups", 1),
-    ("nvfp4", 256, 10240, 4096, "two_warpgroups", 1),
-    # 136 two-warpgroup tiles would take 2 waves; 204 one-warpgroup tiles one paired wave (121 -> 79 us)
-    ("mxfp4", 384, 8704, 4096, "one_warpgroup", 1),
-    # few tiles: one warpgroup, all programs alone on their SMs (4096^2 at 256 rows: 36 us, chunks 40)
-    ("mxfp4", 256, 4096, 4096, "one_warpgroup", 2),
+    # H100 sweeps after K_ALIGNED (benchmarks/NOTES_fp4.md, "The 129-512-row tile recalibrated";
+    # graph medians, us).  Whole waves of two-warpgroup tiles: 59-62 at 256 rows, 123-131 at 384-512
+    ("mxfp4", 256, 12288, 4096, "two_warpgroups", 1),  # 61.5; one warpgroup 68.0
+    ("mxfp4", 192, 8704, 4096, "two_warpgroups", 1),
+    ("nvfp4", 256, 10240, 4096, "two_warpgroups", 1),  # 64.8; one warpgroup 73.4
+    # 2 two-warpgroup waves against a paired round of one-warpgroup programs and a round alone
+    ("mxfp4", 512, 12288, 4096, "one_warpgroup", 1),  # 119.2 against 123.4
+    ("nvfp4", 512, 12288, 4096, "one_warpgroup", 1),  # 118.4 against 130.4
+    ("mxfp4", 384, 10240, 4096, "one_warpgroup", 1),  # 71.2 against 123.3
+    # few tiles: one warpgroup, all programs alone on their SMs, split in 2
+    ("mxfp4", 256, 4096, 4096, "one_warpgroup", 2),  # 35.0; 1 split 49.2
     ("nvfp4", 256, 4096, 4096, "one_warpgroup", 2),
-    # 2 x 64 tiles: split in 2 for one wave of pairs (8192^2, NVFP4 at 256 rows: 86 us, 1 split 100)
-    ("nvfp4", 256, 8192, 8192, "one_warpgroup", 2),
-    ("mxfp4", 256, 8192, 8192, "one_warpgroup", 2),  # 81 us, 1 split 99
-    # neither tile fills its last wave: dequant_chunks (MXFP4 512 x 8704: 115 us, two warpgroups 120,
-    # one warpgroup 128)
+    ("nvfp4", 256, 8192, 8192, "one_warpgroup", 2),  # 86.4; 1 split 98.0
+    ("mxfp4", 128, 8192, 8192, "one_warpgroup", 2),  # 57.6; 1 split 95.0
+    ("mxfp4", 128, 14336, 4096, "one_warpgroup", 2),  # 48.8; 1 split 50.1
+    # neither tile fills its last wave: dequant_chunks (MXFP4 512 x 8704: 116.0, one warpgroup 119.0,
+    # two warpgroups 119.5)
     ("mxfp4", 512, 8704, 4096, "dequant_chunks", 1),
 ])
 def test_picks_the_measured_fastest(fmt, m, n, k, tile, split):
@@ -47,7 +51,21 @@ def test_more_sms_never_slower():
                 choose_swapped_tile(m, n, 4096, "mxfp4", SMS).estimate_us
 
 
-@pytest.mark.parametrize("m", [128, WIDE_SWAPPED_MAX_M + 1])
+@pytest.mark.parametrize("m", [ONE_WARPGROUP_MIN_M - 1, WIDE_SWAPPED_MAX_M + 1])
 def test_rows_outside_the_range_are_refused(m):
-    with pytest.raises(ValueError, match="129"):
+    with pytest.raises(ValueError, match="65"):
         choose_swapped_tile(m, 4096, 4096, "mxfp4", SMS)
+
+
+def test_takes_65_to_128_rows_only_where_the_one_warpgroup_grid_fills_the_sms():
+    """129..512 rows always; 65..128 where 2 splits of the one-warpgroup tile give 3/4 of the SMs a
+    program (8192 and 14336 rows of weight: 128 and 224 programs; 4096: 64, where the 64-row tiles
+    measured faster)."""
+    for m in (129, 300, 512):
+        assert takes_rows(m, 4096, SMS)
+    for m in (65, 96, 128):
+        assert takes_rows(m, 8192, SMS) and takes_rows(m, 14336, SMS)
+        assert not takes_rows(m, 4096, SMS) and not takes_rows(m, 5120, SMS)
+        assert takes_rows(m, 4096, 64)  # a GPU of 64 SMs: the same 64 programs fill it
+    for m in (16, 64, 513):
+        assert not takes_rows(m, 14336, SMS)
