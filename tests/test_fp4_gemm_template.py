@@ -344,7 +344,7 @@ def test_cuda_swapped_tiles_match_reference_and_are_deterministic(fb, m):
 
 @cuda
 @pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("m", [200, 300, 512])
+@pytest.mark.parametrize("m", [200, 256, 512])
 def test_cuda_two_warpgroup_swapped_tiles_are_the_default_and_match_reference(fb, m):
     """129..512 rows with whole waves of two-warpgroup tiles (N = 128 per SM, less a tail): the
     default plan is that swapped tile (256 tokens, block scales a step ahead), at a K in 64s but
