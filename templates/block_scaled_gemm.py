@@ -205,7 +205,8 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
         # 1.2-1.4x faster with it (8192^2 at 256 rows: 112 -> 86 us; 512 rows: 163 -> 129), MXFP4's
         # one-warpgroup tile too (100 -> 81); MXFP4's two-warpgroup tile keeps its scales ahead
         # without it (122 against 126 with it and the scales in the step, 143 ahead).
-        # 17..128 rows: MXFP4's tiles 1.15x faster with it (64 x 8192^2: 47 -> 40), NVFP4's slower.
+        # 17..128 rows: MXFP4's tiles 1.15x faster with it (64 x 8192^2: 47 -> 40), NVFP4's 4-warp
+        # tiles slower, its 8-warp tile at 33..64 rows faster (below).
         mx = spec.b_format == "mxfp4"
         if takes_rows(m, n, num_sms):
             choice = choose_swapped_tile(m, n, k, spec.b_format, num_sms, chunks_fit=False)
@@ -215,15 +216,27 @@ def choose_gemm_config(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dt
             return GemmKernelConfig(128, 128, 64, split_k=choice.split_k, num_warps=4, num_stages=4, swap_ab=True,
                                     scales_ahead=True if mx else None, k_aligned=choice.k_aligned)
         block_m = min(64, _pow2_at_least(m, 16))
+        # 33..64 rows (H100, 11 shapes N = 4096-28672, K = 4096-14336, at 48 and 64 rows;
+        # benchmarks/NOTES_fp4.md, "33-64 rows: one round of programs"): NVFP4 on two warpgroups of
+        # 64 weight rows with K_ALIGNED, 0.66-1.01x the time of the 4-warp tile (8192^2 at 64 rows:
+        # 50.8 -> 36.2 us); both formats split K only as far as one round of programs on the SMs
+        # (MXFP4 8192 x 4096: 25.0 -> 20.0, 4096 x 8192: 26.2 -> 20.8).  At 17..32 rows the same
+        # rule was mixed (0.78-1.33x), so those keep ~2 programs per SM, rounded up.
+        one_round = 32 < m <= 64 and k >= 1024 and (mx or k % 256 == 0)
         if spec.b_format == "nvfp4" and k % 256:
             block_n, block_k, warps, stages = 128, 64, 8, 3
+        elif one_round and not mx:
+            block_n, block_k, warps, stages = 128, _small_m_block_k(k), 8, 3
         else:
             block_n, block_k, warps, stages = 64, _small_m_block_k(k), 4, 3
         tiles = -(-m // block_m) * -(-n // block_n)
         steps = -(-k // block_k)
-        split = max(1, min(steps // 4, -(-2 * num_sms // tiles)))  # ~2 programs per SM
+        if one_round:  # at most 2 programs of 4 warps, or 1 of 8, per SM
+            split = max(1, min(steps // 4, (2 if warps == 4 else 1) * num_sms // tiles))
+        else:
+            split = max(1, min(steps // 4, -(-2 * num_sms // tiles)))  # ~2 programs per SM
         return GemmKernelConfig(block_m, block_n, block_k, split_k=split, num_warps=warps, num_stages=stages,
-                                swap_ab=True, k_aligned=mx)
+                                swap_ab=True, k_aligned=mx or one_round)
     if m <= 64:
         # Small M: BLOCK_N 64 (or 32 for small N) and enough K splits for ~2 programs per SM, each
         # still running >= 4 K steps.  Measured on H100 (triton 3.6): 16.9 us at M = 1..16,

@@ -183,6 +183,19 @@ def test_config_choice_is_pure_and_sane():
         one_wg = choose_gemm_config(m, 8192, 8192, spec, torch.bfloat16, num_sms=132)
         assert one_wg.swap_ab and (one_wg.block_m, one_wg.block_n, one_wg.num_warps, one_wg.split_k) == (128, 128, 4, 2)
     assert choose_gemm_config(64, 8192, 8192, spec, torch.bfloat16, num_sms=132).block_m == 64
+    # 33..64 rows: K split only as far as one round of programs (2 of 4 warps per SM; 8192 x 4096:
+    # 128 tiles, 2 splits, where rounding up gave 3), NVFP4 on the 8-warp 64 x 128 x 256 tile with
+    # K_ALIGNED (one program per SM); 17..32 rows keep rounding up
+    mx48 = choose_gemm_config(48, 8192, 4096, spec, torch.bfloat16, num_sms=132)
+    assert (mx48.block_n, mx48.num_warps, mx48.split_k, mx48.k_aligned) == (64, 4, 2, True)
+    assert choose_gemm_config(32, 8192, 4096, spec, torch.bfloat16, num_sms=132).split_k == 3
+    nv_spec = GemmSpec(b_format="nvfp4")
+    nv64 = choose_gemm_config(64, 14336, 4096, nv_spec, torch.bfloat16, num_sms=132)
+    assert (nv64.block_m, nv64.block_n, nv64.block_k, nv64.num_warps, nv64.split_k, nv64.k_aligned) == \
+        (64, 128, 256, 8, 1, True)
+    assert choose_gemm_config(64, 8192, 8192, nv_spec, torch.bfloat16, num_sms=132).split_k == 2
+    nv32 = choose_gemm_config(32, 14336, 4096, nv_spec, torch.bfloat16, num_sms=132)
+    assert (nv32.block_n, nv32.num_warps, nv32.k_aligned) == (64, 4, False)
     # 129..512 rows: the swapped tile choose_swapped_tile estimates fastest.  Two warpgroups (8
     # warps) of 64 weight rows sharing 256 tokens, scales a step ahead, where their tiles fill a wave
     wide = choose_gemm_config(256, 14336, 4096, spec, torch.bfloat16, num_sms=132)
@@ -340,6 +353,28 @@ def test_cuda_swapped_tiles_match_reference_and_are_deterministic(fb, m):
         out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
         assert rel_err(out, ref) <= TOL, cfg
         assert torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg))
+
+
+@cuda
+@pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [40, 64])
+def test_cuda_33_to_64_row_defaults_match_reference(fb, m):
+    """33..64 rows at K in 256s: the default splits K in 3 here (N = 4096 + 16, K = 3072: one round
+    of programs), NVFP4 on the 8-warp 64 x 128 x 256 tile with K_ALIGNED; it matches the reference
+    and is deterministic."""
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.block_scaled_gemm import block_scaled_gemm, default_plan
+
+    n, k = 4096 + 16, 3072
+    a, _, q, s, gs, bias = make_operands("dense", fb, m, n, k, device="cuda", seed=m)
+    spec = GemmSpec(b_format=fb, activation="silu")
+    ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+    strategy, chosen = default_plan(a, q, s, spec, bias)
+    assert strategy == "fused" and chosen.swap_ab and chosen.k_aligned and chosen.split_k == 3
+    assert (chosen.block_n, chosen.num_warps) == ((64, 4) if fb == "mxfp4" else (128, 8))
+    out = block_scaled_gemm(a, q, s, spec, None, gs, bias)
+    assert rel_err(out, ref) <= TOL
+    assert all(torch.equal(out, block_scaled_gemm(a, q, s, spec, None, gs, bias)) for _ in range(4))
 
 
 @cuda
