@@ -128,6 +128,14 @@ _INTERPRETED = textwrap.dedent("""
             assert out.shape == (m, 80) and err <= 2e-2, ("swap_ab", fb, act, m, sk, err)
             assert len(kperm_calls) == calls + 1, ("swap_ab did not run swapped", fb, m)
             worst = max(worst, err)
+        # NVFP4's 33..64-row default: 64 x 128 x 256 tiles (8 warps), K_ALIGNED, K split in 2
+        a, _, q, s, gs, bias = make_operands("dense", "nvfp4", 40, 80, 512, seed=47)
+        spec = GemmSpec(b_format="nvfp4", activation="silu")
+        cfg = GemmKernelConfig(64, 128, 256, split_k=2, num_warps=8, swap_ab=True)
+        out = block_scaled_gemm(a, q, s, spec, None, gs, bias, config=cfg)
+        err = rel_err(out, block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias))
+        assert err <= 2e-2, ("swap_ab 64x128x256", err)
+        worst = max(worst, err)
         # what the swapped tile cannot take runs unswapped, still right: K not in whole 64s, and MXFP4
         # scales above 2 (e8m0 bytes 129..254: they do not fit the decode's multiply)
         a, _, q, s, _, bias = make_operands("dense", "mxfp4", 17, 80, 160, seed=50)
