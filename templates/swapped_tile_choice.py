@@ -1,4 +1,4 @@
-"""Which swapped FP4 tile runs a 129..512-row GEMM on Hopper, or whether dequant_chunks does.
+"""Which swapped FP4 tile runs a 65..512-row GEMM on Hopper, or whether dequant_chunks does.
 
 At these rows the choice is about waves, not tiles: the two-warpgroup tile (256 tokens x 128
 weight rows, one CTA per SM) takes a whole wave per ``num_sms`` tiles, the one-warpgroup tile
@@ -98,11 +98,10 @@ def choose_swapped_tile(m: int, n: int, k: int, b_format: str, num_sms: int,
     steps = _ceil(k, 64)
     # MXFP4's two-warpgroup tile keeps its scales ahead without K_ALIGNED (16 shuffles a step with it)
     cands = [SwappedTileChoice("two_warpgroups", 1, _two_warpgroups_us(m, n, steps, b_format, num_sms),
-                               k_aligned=b_format != "mxfp4")]
-    for split in (1, 2):
-        if split == 1 or (_one_warpgroup_programs(m, n, 2) <= 2 * num_sms and steps >= 8):
-            cands.append(SwappedTileChoice("one_warpgroup", split,
-                                           _one_warpgroup_us(m, n, steps, split, b_format, num_sms)))
+                               k_aligned=b_format != "mxfp4"),
+             SwappedTileChoice("one_warpgroup", 1, _one_warpgroup_us(m, n, steps, 1, b_format, num_sms))]
+    if _one_warpgroup_programs(m, n, 2) <= 2 * num_sms and steps >= 8:
+        cands.append(SwappedTileChoice("one_warpgroup", 2, _one_warpgroup_us(m, n, steps, 2, b_format, num_sms)))
     if chunks_fit:
         cands.append(SwappedTileChoice("dequant_chunks", 1, _dequant_chunks_us(m, n, steps)))
     return min(cands, key=lambda c: c.estimate_us)
