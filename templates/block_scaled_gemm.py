@@ -106,7 +106,7 @@ class GemmKernelConfig:
     prefetch_scales: bool = False
     # the kernel states that each program's K range starts at a whole block_k (K_ALIGNED; the
     # kernel's notes): faster for every swapped tile but MXFP4's two-warpgroup one with its scales
-    # ahead and NVFP4's 17..128-row ones (choose_gemm_config)
+    # ahead and NVFP4's 4-warp 17..128-row ones (choose_gemm_config)
     k_aligned: bool = True
 
     def __post_init__(self):
@@ -409,6 +409,13 @@ def _swapped_tile_ok(a2, b_scale, k: int, spec: GemmSpec) -> bool:
     return swap_ab_fits(spec, a2.dtype) and swapped_tile_takes(b_scale, k, spec)
 
 
+def _swapped_tile_planned(a2, b_scale, m: int, n: int, k: int, spec: GemmSpec, num_sms: int, chunks_fit: bool) -> bool:
+    """Whether a call runs the swapped tile: the rows first, so calls that would not run it never
+    read the scales (``swapped_tile_takes``)."""
+    return (swap_ab_fits(spec, a2.dtype) and swapped_tile_runs(m, n, k, spec.b_format, num_sms, chunks_fit)
+            and swapped_tile_takes(b_scale, k, spec))
+
+
 def default_plan(a2, b, b_scale, spec: GemmSpec, bias=None):
     """(strategy, config) that ``block_scaled_gemm`` runs a call [M, K] x [N, K / 2] left to its
     defaults with (config None for "dequant_chunks").  The swapped tile is considered only where
@@ -416,9 +423,7 @@ def default_plan(a2, b, b_scale, spec: GemmSpec, bias=None):
     M, N, K = a2.shape[0], b.shape[0], b.shape[1] * 2
     arch, sms = _arch(a2.device), _num_sms(a2.device)
     decode_ok = M <= 16 and _cuda_decode_reason(a2, b, b_scale, spec, bias) is None
-    swapped = (arch < 100 and swap_ab_fits(spec, a2.dtype)
-               and swapped_tile_runs(M, N, K, spec.b_format, sms, dequant_chunks_fits(spec, a2.dtype))
-               and swapped_tile_takes(b_scale, K, spec))
+    swapped = arch < 100 and _swapped_tile_planned(a2, b_scale, M, N, K, spec, sms, dequant_chunks_fits(spec, a2.dtype))
     strategy = choose_strategy(M, N, K, spec, a2.dtype, arch, cuda_decode=decode_ok, swapped_tile=swapped,
                                num_sms=sms)
     if strategy == "cuda_decode":
@@ -476,9 +481,8 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         return _launch_gemv(a2, b, b_scale, spec, global_scale, bias, out, gcfg, use_pdl).reshape(*lead, N)
     if config is None:  # strategy "fused" forced, tiles left to the rule
         sms = _num_sms(a.device)
-        cfg = choose_gemm_config(M, N, K, spec, a2.dtype, sms, arch, swap_allowed=(
-            swap_ab_fits(spec, a2.dtype) and swapped_tile_runs(M, N, K, spec.b_format, sms, chunks_fit=False)
-            and swapped_tile_takes(b_scale, K, spec)))
+        cfg = choose_gemm_config(M, N, K, spec, a2.dtype, sms, arch,
+                                 swap_allowed=_swapped_tile_planned(a2, b_scale, M, N, K, spec, sms, chunks_fit=False))
     else:  # planned (already checked) or given: a given swapped tile the operands do not suit runs unswapped
         cfg = config
         if not planned and cfg.swap_ab and not _swapped_tile_ok(a2, b_scale, K, spec):

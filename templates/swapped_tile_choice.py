@@ -6,13 +6,12 @@ weight rows, one CTA per SM) takes a whole wave per ``num_sms`` tiles, the one-w
 costs as much as a full one (H100, 384 x 8704 x 4096, MXFP4: 136 two-warpgroup tiles, 121 us;
 204 one-warpgroup tiles in one paired wave, 79 us).  So each candidate's time is estimated from
 how many rounds its programs take and the measured time of one 64-deep K step per round, and
-the cheapest runs.  The step times are H100 medians (benchmarks/NOTES_fp4.md, "Waves decide the
-129-512-row tile"): over 50 swept shapes (N = 5120-14336 at K = 4096, and 8192^2; 192-512 rows)
-the pick was the fastest of these candidates in 49 and 10% behind in the other (with the step
-times of then; NVFP4's and MXFP4's paired one-warpgroup step were measured again after
-K_ALIGNED, "The K range's alignment").  Only the measured split counts (1 and 2, the latter
-within one paired wave) are candidates; not among them: the 17..128-row tiles, which at 192 rows
-and N = 5120 were as fast as the best here.
+the cheapest runs.  The step times are H100 medians, measured again after K_ALIGNED
+(benchmarks/NOTES_fp4.md, "The 129-512-row tile recalibrated"; the model itself: "Waves decide
+the 129-512-row tile"): over 44 swept calls (N = 4096-14336, K = 4096 and 8192, 192-512 rows) the
+pick was the fastest of these candidates in 42 and at most 7% behind.  Only the measured split
+counts (1 and 2, the latter within one paired wave) are candidates; not among them: the
+17..128-row tiles, which at 192 rows and N = 5120 were as fast as the best here.
 
 From 65 rows the one-warpgroup tile decodes each weight once where the 64-row tiles of smaller
 calls decode it twice, so 65..128 rows take these tiles too where the one-warpgroup grid split in
