@@ -107,12 +107,20 @@ def mma_loops(ptx: str) -> list:
     return found
 
 
+def optional_arguments(kernel) -> dict:
+    """{name: None} for the kernel's arguments that default to None (the expert GEMMs' ``w_desc``):
+    left out at a launch they are compile-time None, and so they are compiled here."""
+    return {name: None for name, p in inspect.signature(kernel.fn).parameters.items() if p.default is None}
+
+
 def auto_signature(kernel, pointers: dict, constexprs: dict, floats=()) -> dict:
     """A signature for ``kernel``: ``pointers`` maps pointer args to types ("*bf16"); ``floats``
-    names fp32 scalars; every other non-constexpr argument is an i32."""
+    names fp32 scalars; arguments defaulting to None are constexpr None; every other
+    non-constexpr argument is an i32."""
     sig = {}
+    optional = optional_arguments(kernel)
     for name in kernel.arg_names:
-        if name in constexprs:
+        if name in constexprs or name in optional:
             sig[name] = "constexpr"
         elif name in pointers:
             sig[name] = pointers[name]
@@ -200,7 +208,7 @@ def _constexpr_keys(kernel, constexprs: dict) -> dict:
         del sig
     except Exception:  # pragma: no cover
         pass
-    return {(names.index(k),): v for k, v in constexprs.items()}
+    return {(names.index(k),): v for k, v in {**optional_arguments(kernel), **constexprs}.items()}
 
 
 def compile_all(targets=TARGETS, only: str | None = None) -> list[IsaResult]:

@@ -103,3 +103,22 @@ def counting_kperm_launches():
         yield grids
     finally:
         moe_common.moe_kperm_kernel = kperm
+
+
+@contextlib.contextmanager
+def counting_weight_tma():
+    """Record the (spec, block_m) of every call whose expert GEMMs read their dense weights through
+    TMA descriptors (lowering/moe_tma.py) while active, so tests read which path ran."""
+    from .lowering import moe as moe_lowering
+
+    build, calls = moe_lowering.weight_tma_arguments, []
+
+    def counting(spec, w13, w2, cfg):
+        calls.append((spec, cfg.block_m))
+        return build(spec, w13, w2, cfg)
+
+    moe_lowering.weight_tma_arguments = counting
+    try:
+        yield calls
+    finally:
+        moe_lowering.weight_tma_arguments = build

@@ -30,6 +30,7 @@ from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, k_half_tail,
                        mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
+from .moe_tma import weight_tma_arguments, weight_tma_reason
 from .moe_tune_cache import kernel_constraint_violation
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -423,6 +424,11 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         launch_mega(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw, ready=blocks.ready,
                     max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)
     else:
+        if weight_tma_reason(spec, fmt, x.dtype, w13_t, w2_t, cfg, arch_major=_arch_major(x.device),
+                             interpreting=_interpreting(), use_mega=use_mega) is None:
+            tma1, tma2 = weight_tma_arguments(spec, w13_t, w2_t, cfg)
+            l1_kw.update(tma1)
+            l2_kw.update(tma2)
         moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)
         moe_gemm2_kernel[(max_blocks * -(-H // cfg.gemm2.block_n),)](*l2_args, **l2_kw, **pdl)
 

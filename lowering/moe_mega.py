@@ -71,6 +71,10 @@ def mega_arguments(gemm1_kernel, gemm1_args: tuple, gemm1_kw: dict, gemm2_kernel
         raise ValueError("the routing weight must apply exactly once (before or after the down projection)")
     for args in (l1, l2):  # whole K steps and whole blocks only in the persistent kernel's tile loops
         args.pop("PREFETCH_SCALES", False)  # a hint its tile loops do not take (MoEKernelConfig.fp4_prefetch_scales)
+        args.pop("W_DESC_K_MAJOR", True)
+        if args.pop("w_desc", None) is not None:
+            raise ValueError("the persistent kernel loads its weights with pointers (no TMA descriptors: "
+                             "lowering/moe_tma.py)")
         if any([args.pop("K_HALF_TAIL", False), args.pop("TAIL_BLOCK_M", 0), args.pop("SCALES_AHEAD", False)]):
             raise ValueError("the persistent kernel runs neither half-deep K tails nor smaller tail blocks "
                              "(nor scales loaded ahead)")

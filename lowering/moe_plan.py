@@ -50,6 +50,10 @@ class MoEKernelConfig:
     # swapped FP4 tiles with their block scales loaded in the K step: prefetch the next step's to L1
     # (templates/moe_tiles.py: prefetch_fp4_weight_scales); opt-in, no rule sets it (timed slower: BENCHMARKS.md)
     fp4_prefetch_scales: bool = False
+    # dense weights with dense activations: L1 / L2 read their weight tiles through TMA descriptors
+    # (lowering/moe_tma.py) instead of per-thread pointer loads.  None: where block_m >= 64
+    # (moe_tma.TMA_MIN_BLOCK_M); True / False: wherever the call allows it / never
+    weight_tma: Optional[bool] = None
     tail_block_m: int = 0  # > 0 and < block_m: an expert's last M-block runs tiles of this many rows, or
     # twice it, where they hold its rows (moe_gemm1_kernel); swap_ab_tail_block_m
     source: str = "heuristic"  # where block_m / gemm tiles came from: "heuristic", or tuned (lowering/moe_tune.py):

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .moe_common import (expert_block_of_program, expert_row_end, k_loop_steps, pdl_launch_dependents, quantize_fp8_groups,
                           store_cast, swiglu_epilogue, to_mma_k_order)
-from .moe_tiles import (act_weight_tile_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale,
+from .moe_tiles import (act_weight_tile_dot, desc_dense_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale,
                         prefetch_fp4_weight_scales)
 
 
@@ -69,14 +69,17 @@ def gemm1_tile(
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
-    PREFETCH_SCALES: tl.constexpr = False,
+    PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
 ):
     """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one
     expert's, e >= 0).
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
     False and triggers on its own).  SWAP_AB: x is in moe_common.to_mma_k_order, the accumulators
     are [columns, rows] in the K loop (moe_tiles._fp4_weight_rows_dot), transposed once after it,
-    and h is written in to_mma_k_order for L2's swapped tiles."""
+    and h is written in to_mma_k_order for L2's swapped tiles.  ``w_desc``: dense one-dot weights
+    through TMA (moe_tiles.desc_weight_tile; a non-interleaved box holds the gate columns, then up's)."""
+    tl.static_assert(w_desc is None or (GATE_UP_ONE_DOT and WEIGHT_FORMAT == 0 and ACT_FORMAT == 0 and not SWAP_AB),
+                     "TMA weight tiles: dense one-dot L1 with dense activations only")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(WEIGHT_FORMAT < 2 or BLOCK_K % 32 == 0, "fp4 scales need 32 | BLOCK_K")
@@ -137,10 +140,16 @@ def gemm1_tile(
         elif PREFETCH_SCALES and SWAP_AB and GATE_UP_ONE_DOT:
             prefetch_fp4_weight_scales(s_base, n_cat, n_cat < 2 * I, k_next, H, stride_sn, stride_sk, BLOCK_K,
                                        WEIGHT_FORMAT)
-        acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
-                                         n_cat, k0, H, I, stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K,
-                                         WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, SWAP_AB,
-                                         s_now)
+        if w_desc is not None:
+            a, a_s = load_act_tile(x_rows, xs_rows, row_mask, k0, H, BLOCK_K, ACT_FORMAT, EVEN_K)
+            n0 = 2 * pid_n * BLOCK_N if INTERLEAVED else pid_n * BLOCK_N
+            acc_gate = desc_dense_dot(acc_gate, a, w_desc, e, n0, k0, 2 * BLOCK_N, BLOCK_K, W_DESC_K_MAJOR,
+                                      not INTERLEAVED)
+        else:
+            acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate,
+                                             n_up, n_cat, k0, H, I, stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K,
+                                             WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED,
+                                             SWAP_AB, s_now)
     if K_HALF_TAIL:
         acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
                                          n_cat, k_main, H, I, stride_wn, stride_wk, stride_sn, stride_sk,
@@ -155,7 +164,10 @@ def gemm1_tile(
             acc_gate = tl.trans(acc_gate)
             acc_up = tl.trans(acc_up)
     if GATE_UP_ONE_DOT:
-        acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+        if w_desc is not None and not INTERLEAVED:  # the box's columns: BN gate, then BN up
+            acc_gate, acc_up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
+        else:  # gate and up columns alternating
+            acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
     if WEIGHT_FORMAT == 3:  # nvfp4: the expert's fp32 global scale, once (GATE_UP_GSCALES: gate's, up's)
         if GATE_UP_GSCALES:
             acc_gate *= nvfp4_global_scale(w_gscale_ptr + 2 * e, SWAP_AB)
@@ -203,10 +215,11 @@ def moe_gemm1_kernel(
     GATE_UP_ONE_DOT: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr,
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
-    PREFETCH_SCALES: tl.constexpr = False,
+    PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
 ):
     """TAIL_BLOCK_M > 0: a block holding at most that many rows (an expert's last) runs a tile of
-    TAIL_BLOCK_M rows, so its MMA does not spend BLOCK_M rows' work on a few tokens."""
+    TAIL_BLOCK_M rows, so its MMA does not spend BLOCK_M rows' work on a few tokens.  ``w_desc``:
+    gemm1_tile's."""
     pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(I, BLOCK_N), USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
         row_start = pid_m * BLOCK_M
@@ -219,7 +232,7 @@ def moe_gemm1_kernel(
                        ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                        ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                       PREFETCH_SCALES)
+                       PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:
@@ -231,7 +244,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
             elif 2 * TAIL_BLOCK_M == BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -241,7 +254,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
             elif left <= 2 * TAIL_BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -251,7 +264,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
             else:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -261,4 +274,4 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .moe_common import expert_block_of_program, expert_row_end, k_loop_steps, pdl_launch_dependents, store_cast
-from .moe_tiles import (act_weight_tile_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale,
+from .moe_tiles import (act_weight_tile_dot, desc_dense_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale,
                         prefetch_fp4_weight_scales)
 
 
@@ -27,14 +27,16 @@ def gemm2_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
-    PREFETCH_SCALES: tl.constexpr = False,
+    PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
 ):
     """Output columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one expert's,
     e >= 0).
     USE_PDL: trigger the dependent launch once the K loop is done (the persistent kernel passes
     False and triggers on its own).  SWAP_AB: the intermediate is in moe_common.to_mma_k_order (L1
     wrote it so), the accumulator is [columns, rows] in the K loop (moe_tiles._fp4_weight_rows_dot),
-    transposed once after it."""
+    transposed once after it.  ``w_desc``: dense weights through TMA (moe_tiles.desc_weight_tile)."""
+    tl.static_assert(w_desc is None or (WEIGHT_FORMAT == 0 and ACT_FORMAT == 0 and not SWAP_AB),
+                     "TMA weight tiles: dense weights with dense activations only")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(WEIGHT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 scales need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
@@ -68,9 +70,12 @@ def gemm2_tile(
         elif PREFETCH_SCALES and SWAP_AB:
             prefetch_fp4_weight_scales(s_base, n, n < H, k_next, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT)
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k0, I, BLOCK_K, ACT_FORMAT, EVEN_K)
-        acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
-                                  stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED,
-                                  SWAP_AB, s_now)
+        if w_desc is not None:
+            acc = desc_dense_dot(acc, a, w_desc, e, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K, W_DESC_K_MAJOR, False)
+        else:
+            acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
+                                      stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED,
+                                      SWAP_AB, s_now)
     if K_HALF_TAIL:
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k_main, I, BLOCK_K // 2, ACT_FORMAT, True)
         acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k_main, I, H, stride_wn, stride_wk,
@@ -101,9 +106,9 @@ def moe_gemm2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
-    PREFETCH_SCALES: tl.constexpr = False,
+    PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
 ):
-    """TAIL_BLOCK_M: as in moe_gemm1_kernel."""
+    """TAIL_BLOCK_M, ``w_desc``: as in moe_gemm1_kernel / gemm2_tile."""
     pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(H, BLOCK_N), USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
         row_start = pid_m * BLOCK_M
@@ -113,7 +118,7 @@ def moe_gemm2_kernel(
                        stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                        HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                        FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
-                       PREFETCH_SCALES)
+                       PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:
@@ -122,25 +127,25 @@ def moe_gemm2_kernel(
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                            FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
             elif 2 * TAIL_BLOCK_M == BLOCK_M:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                            FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
             elif left <= 2 * TAIL_BLOCK_M:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, 2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                            FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
             else:
                 gemm2_tile(row_start, pid_n, e, inter_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            rows_out_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, H, I,
                            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
                            HAS_BIAS, WEIGHT_AFTER_DOWN, WEIGHT_FORMAT, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                            FP4_DOT_SCALED, USE_PDL, ACT_FORMAT, SWAP_AB, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)

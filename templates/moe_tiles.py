@@ -135,6 +135,38 @@ def _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, s
 
 
 @triton.jit
+def desc_weight_tile(w_desc, e, n0, k0, R: tl.constexpr, BLOCK_K: tl.constexpr, K_MAJOR: tl.constexpr,
+                     HALVES: tl.constexpr):
+    """The dense weight tile [BK, R] of expert e, columns from n0, K from k0, through a host-built
+    TMA descriptor (lowering/moe.py: dense_weight_descriptors): the copy engine fills shared memory
+    while the warps run the MMAs, and out-of-range rows and K read as zeros.  The descriptor is
+    [E, N, K] (K_MAJOR) or [E, K, N]; HALVES: L1's non-interleaved w13 seen as [E, 2, I, K] (or
+    [E, K, 2, I]), so one box holds BN gate columns then the BN up columns beside them."""
+    if HALVES:
+        if K_MAJOR:
+            b = tl.trans(tl.reshape(w_desc.load([e, 0, n0, k0]), [R, BLOCK_K]))
+        else:
+            b = tl.reshape(w_desc.load([e, k0, 0, n0]), [BLOCK_K, R])
+    else:
+        if K_MAJOR:
+            b = tl.trans(tl.reshape(w_desc.load([e, n0, k0]), [R, BLOCK_K]))
+        else:
+            b = tl.reshape(w_desc.load([e, k0, n0]), [BLOCK_K, R])
+    return b
+
+
+@triton.jit
+def desc_dense_dot(acc, a, w_desc, e, n0, k0, R: tl.constexpr, BLOCK_K: tl.constexpr, K_MAJOR: tl.constexpr,
+                   HALVES: tl.constexpr):
+    """acc += a [BM, BK] @ desc_weight_tile (dense weights, dense activations)."""
+    b = desc_weight_tile(w_desc, e, n0, k0, R, BLOCK_K, K_MAJOR, HALVES)
+    if INTERPRET:  # see moe_common.INTERPRET
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def nvfp4_global_scale(gscale_ptr, SWAP_AB: tl.constexpr):
     """The fp32 factor of an NVFP4 accumulator, once after its K loop: the global scale at
     ``gscale_ptr``, times E4M3_DECODE_SHIFT where the swapped tiles decoded the weights that small."""

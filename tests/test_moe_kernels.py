@@ -25,14 +25,15 @@ TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
           overrides=None, weight_format="dense", act="dense", settings=None, gate_up_gscales=False, swapped=None,
-          big_expert=False, block_m=None):
+          big_expert=False, block_m=None, tma=None):
     """``settings``: inductor_moe.config keys patched for the call.  ``gate_up_gscales``: NVFP4 gate and
     up quantised on their own (w13 global scales [E, 2]).  ``swapped``: whether the call must run the
     swapped FP4 tiles (None: not checked).  ``big_expert``: expert 0's weights 256x larger (MXFP4
-    scales above 2).  ``block_m``: the rows per M-block the rule must pick (None: not checked)."""
+    scales above 2).  ``block_m``: the rows per M-block the rule must pick (None: not checked).
+    ``tma``: whether the expert GEMMs must read their weights through TMA descriptors (None: not checked)."""
     return dict(block_m=block_m, name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
                 overrides=overrides or {}, weight_format=weight_format, act=act, settings=settings or {},
-                gate_up_gscales=gate_up_gscales, swapped=swapped, big_expert=big_expert)
+                gate_up_gscales=gate_up_gscales, swapped=swapped, big_expert=big_expert, tma=tma)
 
 
 def _tol(case):
@@ -111,6 +112,23 @@ CASES = [
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
           overrides={"gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64}, swapped=False),
     _case("quantize_fp8", T=5, k=2, I=64, spec="quantize_weights=fp8_block128"),
+    # dense weights through TMA descriptors (lowering/moe_tma.py), every layout: K past the tensor's
+    # end (H = 80 in 64-deep steps) and intermediate columns past I (48 in 32-column tiles) read zeros
+    _case("tma_64_row_blocks", T=66, E=4, k=2, H=80, I=48, bad_ids=True, tma=True,
+          overrides={"block_m": 64, "gemm1.block_n": 32, "gemm1.block_k": 64, "gemm2.block_n": 32,
+                     "gemm2.block_k": 32}),
+    _case("tma_interleaved_bias", T=33, E=4, k=2, H=80, I=48, spec="gate_up=interleaved", bias=True, tma=True,
+          overrides={"weight_tma": True, "gemm1.block_n": 32, "gemm1.block_k": 64}),
+    _case("tma_transposed", T=33, E=4, k=2, H=80, I=48, spec="transposed=True,weight_position=before_down",
+          tma=True, overrides={"weight_tma": True, "gemm1.block_n": 32, "gemm1.block_k": 64}),
+    _case("tma_gpt_oss", T=33, E=4, k=2, H=80, I=48, bias=True, tma=True, dtype="float16",
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved,transposed=True",
+          overrides={"weight_tma": True, "gemm1.block_n": 32, "gemm1.block_k": 64}),
+    _case("tma_off_in_the_plan", T=66, E=4, k=2, H=80, I=48, tma=False,
+          overrides={"block_m": 64, "weight_tma": False}),
+    _case("tma_auto_small_blocks", T=33, E=4, k=2, H=80, I=48, tma=False, overrides={"block_m": 32}),
+    _case("tma_two_dot_pointer_loads", T=33, E=4, k=2, H=80, I=48, tma=False,
+          overrides={"weight_tma": True, "gate_up_one_dot": False}),
     # fp8 activations (x quantised per token once, the intermediate quantised in L1's epilogue)
     _case("a128_dense_t0", T=0, act="fp8_block128"),
     _case("a128_dense_t1_k1", T=1, k=1, H=128, I=128, act="fp8_block128"),
@@ -242,13 +260,13 @@ def run_case(case) -> dict:
     from inductor_moe.lowering.moe import fused_moe_experts
     from inductor_moe.ops.moe_experts import moe_experts_reference
 
-    from inductor_moe.testing import counting_kperm_launches
+    from inductor_moe.testing import counting_kperm_launches, counting_weight_tma
 
     (s, spec, x, ids, tw, w13, w2, extra, b13, b2), cfg = case_inputs_and_config(case)
 
     outs = []
-    with counting_kperm_launches() as kperm_grids:  # launched only where the tiles run swapped
-        for _ in range(2):
+    with counting_kperm_launches() as kperm_grids, counting_weight_tma() as tma_calls:
+        for _ in range(2):  # moe_kperm_kernel is launched only where the tiles run swapped
             with _Poison(), config.patch(**case["settings"]):
                 outs.append(fused_moe_experts(x, ids, tw, w13, w2, s, b13=b13, b2=b2, kernel_config=cfg,
                                               use_pdl=False, **extra))
@@ -260,7 +278,7 @@ def run_case(case) -> dict:
     err = (out.double() - ref).norm().item() / denom if denom > 0 else (out.double() - ref).norm().item()
     return dict(name=case["name"], shape=list(out.shape), dtype=str(out.dtype), err=err,
                 nan=bool(out.isnan().any()), deterministic=bool(torch.equal(outs[0], outs[1])),
-                config=repr(cfg), swapped=bool(kperm_grids))
+                config=repr(cfg), swapped=bool(kperm_grids), tma=bool(tma_calls))
 
 
 def report_cases(cases_and_runners):
@@ -318,6 +336,8 @@ def check_interpreted_case(r, case) -> None:
         assert r["swapped"] == case["swapped"], f"swapped FP4 tiles: ran {r['swapped']}, expected {case['swapped']}"
     if case.get("block_m") is not None:
         assert f"block_m={case['block_m']}," in r["config"], r["config"]
+    if case.get("tma") is not None and "tma" in r:
+        assert r["tma"] == case["tma"], f"TMA weight tiles: ran {r['tma']}, expected {case['tma']} ({r['config']})"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -533,6 +553,9 @@ def _aot_compile(fn, pointer_types, constexprs, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from inductor_moe.isa import optional_arguments
+
+    constexprs = {**optional_arguments(fn), **constexprs}  # w_desc: None (the pointer loads)
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
