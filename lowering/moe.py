@@ -211,7 +211,9 @@ def isa_specs() -> dict:
     the expert GEMMs exactly as the launcher builds them for a qwen3-30b-a3b prefill call
     (T=4096, E=128, k=8, H=2048, I=768) in every weight format the kernels read, with bf16
     activations, plus the fp8-activation pairs (``act x weight``); and the persistent L1+L2
-    kernel (``moe_mega``) at a decode call (lowering/moe_mega.py)."""
+    kernel (``moe_mega``) at a decode call (lowering/moe_mega.py).  Dense weights are listed with
+    pointer loads (``w_desc`` None): the launcher passes them TMA descriptors at such a call
+    (lowering/moe_tma.py), which changes the loads, not the MMA kind."""
     from ..isa import auto_signature
     from ..templates.moe_gemm1 import moe_gemm1_kernel
     from ..templates.moe_gemm2 import moe_gemm2_kernel
