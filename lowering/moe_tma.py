@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ MAX_BOX = 256  # TMA box: at most 256 elements per dimension
 TMA_MIN_BLOCK_M = 64
 
 
+@functools.lru_cache(maxsize=None)
 def _descriptor_class():
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inductor_moe.lowering.moe_plan import choose_moe_config
+from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config
 from inductor_moe.lowering.moe_tma import TMA_MIN_BLOCK_M, _views, weight_tma_reason
 from inductor_moe.spec import MoESpec
 
@@ -60,9 +60,7 @@ def test_tma_refusals_name_their_reason():
     assert "16-byte" in _reason(w13=torch.zeros(E * 2 * I * H + 1, dtype=torch.bfloat16)[1:].view(E, 2 * I, H))
     odd_rows = torch.zeros(E, 2 * I, H + 4, dtype=torch.bfloat16)[:, :, :H]  # row stride 520 bytes
     assert "16-byte" in _reason(w13=odd_rows)
-    wide = _prefill_config()
-    wide = wide.replace(gemm2=wide.gemm2.__class__(512, 64, 8, 3))
-    assert "box" in _reason(cfg=wide)
+    assert "box" in _reason(cfg=_prefill_config(gemm2=GemmTiles(512, 64, 8, 3)))
 
 
 def test_views_put_gate_then_up_columns_in_one_box():
