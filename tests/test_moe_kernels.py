@@ -124,6 +124,10 @@ CASES = [
     _case("tma_gpt_oss", T=33, E=4, k=2, H=80, I=48, bias=True, tma=True, dtype="float16",
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved,transposed=True",
           overrides={"weight_tma": True, "gemm1.block_n": 32, "gemm1.block_k": 64}),
+    # an expert's last block on 16- and 32-row tail tiles (tail_block_m), weights still through TMA
+    _case("tma_tail_blocks", T=150, E=4, k=2, H=80, I=48, bad_ids=True, tma=True,
+          overrides={"block_m": 64, "tail_block_m": 16, "gemm1.block_n": 32, "gemm1.block_k": 64,
+                     "gemm2.block_n": 32, "gemm2.block_k": 32}),
     _case("tma_off_in_the_plan", T=66, E=4, k=2, H=80, I=48, tma=False,
           overrides={"block_m": 64, "weight_tma": False}),
     _case("tma_auto_small_blocks", T=33, E=4, k=2, H=80, I=48, tma=False, overrides={"block_m": 32}),
