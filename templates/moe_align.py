@@ -17,9 +17,11 @@
 
 Two forms: ``moe_align_fused`` (one launch: every program counts all entries, then places its own
 chunk; up to a few thousand entries, where it takes 3-15 µs on an H100 against 12-23 µs for the three
-launches) and ``moe_align_count`` -> ``moe_align_offsets`` -> ``moe_align_scatter`` (one program per
-chunk for the histogram and the scatter; prefill sizes, where counting everything in every program
-would cost more).
+launches) and ``moe_align_count`` -> ``moe_align_prefix`` -> ``moe_align_scatter`` (one program per
+chunk for the histogram and the scatter, one per expert for the prefix over chunks; prefill sizes,
+where counting everything in every program would cost more).  The per-chunk counts are stored
+expert-major, so each expert's prefix is one program's 1-D scan: a single program scanning the
+[chunks, experts] table row block by row block took 42 µs of qwen3-30b-a3b's 68 at 16384 tokens.
 """
 
 import torch
@@ -39,26 +41,25 @@ def _chunk_onehot(ids_ptr, c0, N, E, CHUNK: tl.constexpr, E_P2: tl.constexpr):
 
 
 @triton.jit
-def _write_offsets(counts, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
-                   BLOCK_M: tl.constexpr, E_P2: tl.constexpr, NB_CHUNK: tl.constexpr, ZERO_READY: tl.constexpr):
-    """counts [E_P2] -> expert_count, expert_start, block_expert (and zeroed ready); returns expert_start."""
+def _write_block_experts(start, padded, pid, grid, max_blocks, block_expert_ptr, ready_ptr,
+                         BLOCK_M: tl.constexpr, E_P2: tl.constexpr, NB_CHUNK: tl.constexpr,
+                         ZERO_READY: tl.constexpr):
+    """Program ``pid`` of ``grid``: block_expert for every expert's blocks pid, pid + grid, ..., its
+    share of the unused tail (-1), and of the zeroed ready counters.  Expert e owns blocks
+    [start / BLOCK_M, + padded / BLOCK_M)."""
     experts = tl.arange(0, E_P2)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, axis=0)
-    start = end - padded
-    tl.store(expert_count_ptr + experts, counts, mask=experts < E)
-    tl.store(expert_start_ptr + experts, start, mask=experts < E)
-    end_blocks = end // BLOCK_M  # experts past E have padded == 0, so end == total there
-    total_blocks = tl.sum(padded, axis=0) // BLOCK_M
-    for b0 in range(0, max_blocks, NB_CHUNK):
+    blocks = padded // BLOCK_M
+    first_block = start // BLOCK_M
+    for j in range(pid, tl.max(blocks, axis=0), grid):
+        tl.store(block_expert_ptr + first_block + j, experts, mask=j < blocks)
+    used = tl.sum(blocks, axis=0)
+    for b0 in range(used + pid * NB_CHUNK, max_blocks, grid * NB_CHUNK):
         b = b0 + tl.arange(0, NB_CHUNK)
-        # the expert owning block b is the number of experts whose range ends at or before b
-        owner = tl.sum((end_blocks[None, :] <= b[:, None]).to(tl.int32), axis=1)
-        owner = tl.where(b < total_blocks, owner, -1)
-        tl.store(block_expert_ptr + b, owner, mask=b < max_blocks)
-        if ZERO_READY:
+        tl.store(block_expert_ptr + b, tl.full([NB_CHUNK], -1, dtype=tl.int32), mask=b < max_blocks)
+    if ZERO_READY:
+        for b0 in range(pid * NB_CHUNK, max_blocks, grid * NB_CHUNK):
+            b = b0 + tl.arange(0, NB_CHUNK)
             tl.store(ready_ptr + b, tl.zeros([NB_CHUNK], dtype=tl.int32), mask=b < max_blocks)
-    return start
 
 
 @triton.jit
@@ -125,64 +126,62 @@ def moe_align_fused(ids_ptr, N, E, max_blocks,
     pos = tl.gather(base, tl.minimum(key_expert, E_P2 - 1), 0) + local
     tl.store(sorted_ids_ptr + pos, chunk0 + (keys & (CHUNK - 1)), mask=key_expert < E)
 
-    # expert e owns blocks [start / BLOCK_M, + padded / BLOCK_M); program p writes every expert's
-    # blocks p, p + grid, ..., then its share of the unused tail (-1)
-    blocks = padded // BLOCK_M
-    first_block = start // BLOCK_M
-    for j in range(pid, tl.max(blocks, axis=0), grid):
-        tl.store(block_expert_ptr + first_block + j, experts, mask=j < blocks)
-    used = tl.sum(blocks, axis=0)
-    for b0 in range(used + pid * NB_CHUNK, max_blocks, grid * NB_CHUNK):
-        b = b0 + tl.arange(0, NB_CHUNK)
-        tl.store(block_expert_ptr + b, tl.full([NB_CHUNK], -1, dtype=tl.int32), mask=b < max_blocks)
-    if ZERO_READY:
-        for b0 in range(pid * NB_CHUNK, max_blocks, grid * NB_CHUNK):
-            b = b0 + tl.arange(0, NB_CHUNK)
-            tl.store(ready_ptr + b, tl.zeros([NB_CHUNK], dtype=tl.int32), mask=b < max_blocks)
+    _write_block_experts(start, padded, pid, grid, max_blocks, block_expert_ptr, ready_ptr, BLOCK_M, E_P2, NB_CHUNK,
+                         ZERO_READY)
     pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit
-def moe_align_count(ids_ptr, N, E, chunk_counts_ptr,
+def moe_align_count(ids_ptr, N, E, chunk_counts_ptr, num_chunks,
                     E_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
-    """chunk_counts[pid, e]: entries of expert e in chunk pid."""
+    """chunk_counts[e, pid] (expert-major): entries of expert e in chunk pid."""
     pid = tl.program_id(0)
     pdl_wait(USE_PDL)
     _, _, onehot = _chunk_onehot(ids_ptr, pid * CHUNK, N, E, CHUNK, E_P2)
-    tl.store(chunk_counts_ptr + pid * E_P2 + tl.arange(0, E_P2), tl.sum(onehot.to(tl.int32), axis=0))
+    tl.store(chunk_counts_ptr + tl.arange(0, E_P2) * num_chunks + pid, tl.sum(onehot.to(tl.int32), axis=0))
     pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit
-def moe_align_offsets(chunk_counts_ptr, num_chunks, E, max_blocks,
-                      expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
-                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, ROWS: tl.constexpr,
-                      NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr, ZERO_READY: tl.constexpr = False):
-    """One program: chunk_counts [C, E_P2] -> exclusive prefix per chunk (in place) + offsets."""
+def moe_align_prefix(chunk_counts_ptr, num_chunks, E, expert_count_ptr,
+                     BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program e: expert e's row of chunk_counts -> its exclusive prefix over chunks (in place),
+    and its total -> expert_count[e]."""
+    e = tl.program_id(0)
     pdl_wait(USE_PDL)
-    experts = tl.arange(0, E_P2)
-    carry = tl.zeros([E_P2], dtype=tl.int32)
-    for r0 in range(0, num_chunks, ROWS):
-        r = r0 + tl.arange(0, ROWS)
-        ptrs = chunk_counts_ptr + r[:, None] * E_P2 + experts[None, :]
-        c = tl.load(ptrs, mask=r[:, None] < num_chunks, other=0)
-        incl = tl.cumsum(c, axis=0)
-        tl.store(ptrs, incl - c + carry[None, :], mask=r[:, None] < num_chunks)
-        carry += tl.sum(c, axis=0)
-    _write_offsets(carry, E, max_blocks, expert_count_ptr, expert_start_ptr, block_expert_ptr, ready_ptr,
-                   BLOCK_M, E_P2, NB_CHUNK, ZERO_READY)
+    row = chunk_counts_ptr + e * num_chunks
+    carry = 0
+    for c0 in range(0, num_chunks, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        counts = tl.load(row + c, mask=c < num_chunks, other=0)
+        tl.store(row + c, tl.cumsum(counts, axis=0) - counts + carry, mask=c < num_chunks)
+        carry += tl.sum(counts, axis=0)
+    if e < E:
+        tl.store(expert_count_ptr + e, carry)
     pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit
-def moe_align_scatter(ids_ptr, N, E, chunk_prefix_ptr, expert_start_ptr, sorted_ids_ptr,
-                      E_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+def moe_align_scatter(ids_ptr, N, E, max_blocks, num_chunks, chunk_prefix_ptr, expert_count_ptr, expert_start_ptr,
+                      sorted_ids_ptr, block_expert_ptr, ready_ptr,
+                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, NB_CHUNK: tl.constexpr,
+                      USE_PDL: tl.constexpr, ZERO_READY: tl.constexpr = False):
+    """Every program derives the experts' padded starts from the totals (E_P2 values); program 0
+    stores them, each places its chunk and writes its share of block_expert (and ready).  With no
+    entries the grid is one program and no chunk."""
     pid = tl.program_id(0)
     pdl_wait(USE_PDL)
     experts = tl.arange(0, E_P2)
-    base = tl.load(chunk_prefix_ptr + pid * E_P2 + experts)
-    base += tl.load(expert_start_ptr + experts, mask=experts < E, other=0)
+    counts = tl.load(expert_count_ptr + experts, mask=experts < E, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.cumsum(padded, axis=0) - padded
+    if pid == 0:
+        tl.store(expert_start_ptr + experts, start, mask=experts < E)
+    has_chunk = experts * 0 + pid < num_chunks  # no entries: one program, no chunk
+    base = start + tl.load(chunk_prefix_ptr + experts * num_chunks + pid, mask=has_chunk, other=0)
     _scatter_chunk(ids_ptr, sorted_ids_ptr, pid * CHUNK, N, E, base, CHUNK, E_P2)
+    _write_block_experts(start, padded, pid, tl.num_programs(0), max_blocks, block_expert_ptr, ready_ptr, BLOCK_M,
+                         E_P2, NB_CHUNK, ZERO_READY)
     pdl_launch_dependents(USE_PDL)
 
 
@@ -234,11 +233,13 @@ def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use
             E_P2=e_p2, CHUNK=fused_chunk, LOG_CHUNK=fused_chunk.bit_length() - 1, SCAN=scan, NB_CHUNK=nb_chunk,
             USE_PDL=use_pdl, num_warps=warps, **ready, **pdl)
     else:
-        moe_align_count[(num_chunks,)](ids, N, E, out.chunk_counts, E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl,
-                                       num_warps=4, **pdl)
-        moe_align_offsets[(1,)](out.chunk_counts, num_chunks, E, max_blocks, out.expert_count, out.expert_start,
-                                out.block_expert, BLOCK_M=block_m, E_P2=e_p2, ROWS=max(1, 8192 // e_p2),
-                                NB_CHUNK=nb_chunk, USE_PDL=use_pdl, num_warps=4, **ready, **pdl)
-        moe_align_scatter[(num_chunks,)](ids, N, E, out.chunk_counts, out.expert_start, out.sorted_ids, E_P2=e_p2,
-                                         CHUNK=chunk, USE_PDL=use_pdl, num_warps=4, **pdl)
+        moe_align_count[(num_chunks,)](ids, N, E, out.chunk_counts, num_chunks, E_P2=e_p2, CHUNK=chunk,
+                                       USE_PDL=use_pdl, num_warps=4, **pdl)
+        moe_align_prefix[(e_p2,)](out.chunk_counts, num_chunks, E, out.expert_count,
+                                  BLOCK_C=min(1024, max(16, 1 << (num_chunks - 1).bit_length())), USE_PDL=use_pdl,
+                                  num_warps=4, **pdl)
+        moe_align_scatter[(max(1, num_chunks),)](ids, N, E, max_blocks, num_chunks, out.chunk_counts, out.expert_count,
+                                         out.expert_start, out.sorted_ids, out.block_expert, BLOCK_M=block_m,
+                                         E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk, USE_PDL=use_pdl, num_warps=4,
+                                         **ready, **pdl)
     return out

@@ -1,7 +1,7 @@
 """The align kernels (templates/moe_align.py) against a plain-torch layout of the same ids.
 
 Both forms -- one launch (``moe_align_fused``: every program counts all entries, then places its
-own chunk) and count -> offsets -> scatter -- must give every expert's entries in flat order from
+own chunk) and count -> prefix -> scatter -- must give every expert's entries in flat order from
 its BLOCK_M-aligned start, each block's expert (-1 past the used ones), and zeroed readiness
 counters when asked; ids outside [0, E) are dropped.  The kernels run under TRITON_INTERPRET=1 in
 a subprocess (see test_moe_kernels.py for why); int scratch starts at -7.
@@ -32,6 +32,9 @@ CASES = [
     _case("zero_tokens", T=0, k=2, E=8, block_m=16),
     _case("three_launches", T=75, k=4, E=33, block_m=8, routing="bad_ids", one_launch=False),
     _case("three_launches_skewed", T=300, k=2, E=8, block_m=8, routing="skewed", one_launch=False, chunk=64),
+    _case("three_launches_zero_tokens", T=0, k=2, E=8, block_m=16, one_launch=False),
+    # 1050 chunks: each expert's prefix takes two steps of 1024 chunks (the carry between them)
+    _case("three_launches_many_chunks", T=2100, k=8, E=16, block_m=16, routing="bad_ids", one_launch=False),
 ]
 
 
