@@ -190,7 +190,7 @@ def moe_align_scatter(ids_ptr, N, E, max_blocks, num_chunks, chunk_prefix_ptr, e
 class AlignedBlocks:
     """The align kernels' outputs for one call, as views of one int32 ``scratch`` laid out
     expert_count [E] | expert_start [E] | sorted_ids [max_blocks * block_m] | block_expert [max_blocks]
-    | ready [n_ready] (| per-chunk counts): kernels that take the whole layout get ``scratch``."""
+    | ready [n_ready] (| per-chunk counts, expert-major): kernels that take the whole layout get ``scratch``."""
 
     def __init__(self, scratch: torch.Tensor, E: int, block_m: int, max_blocks: int, n_ready: int):
         self.scratch, self.max_blocks = scratch, max_blocks
@@ -238,8 +238,8 @@ def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use
         moe_align_prefix[(e_p2,)](out.chunk_counts, num_chunks, E, out.expert_count,
                                   BLOCK_C=min(1024, max(16, 1 << (num_chunks - 1).bit_length())), USE_PDL=use_pdl,
                                   num_warps=4, **pdl)
-        moe_align_scatter[(max(1, num_chunks),)](ids, N, E, max_blocks, num_chunks, out.chunk_counts, out.expert_count,
-                                         out.expert_start, out.sorted_ids, out.block_expert, BLOCK_M=block_m,
-                                         E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk, USE_PDL=use_pdl, num_warps=4,
-                                         **ready, **pdl)
+        moe_align_scatter[(max(1, num_chunks),)](  # no entries: one program still writes starts and blocks
+            ids, N, E, max_blocks, num_chunks, out.chunk_counts, out.expert_count, out.expert_start, out.sorted_ids,
+            out.block_expert, BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk, USE_PDL=use_pdl,
+            num_warps=4, **ready, **pdl)
     return out
