@@ -138,7 +138,7 @@ def _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, s
 def desc_weight_tile(w_desc, e, n0, k0, R: tl.constexpr, BLOCK_K: tl.constexpr, K_MAJOR: tl.constexpr,
                      HALVES: tl.constexpr):
     """The dense weight tile [BK, R] of expert e, columns from n0, K from k0, through a host-built
-    TMA descriptor (lowering/moe.py: dense_weight_descriptors): the copy engine fills shared memory
+    TMA descriptor (lowering/moe_tma.py: weight_tma_arguments): the copy engine fills shared memory
     while the warps run the MMAs, and out-of-range rows and K read as zeros.  The descriptor is
     [E, N, K] (K_MAJOR) or [E, K, N]; HALVES: L1's non-interleaved w13 seen as [E, 2, I, K] (or
     [E, K, 2, I]), so one box holds BN gate columns then the BN up columns beside them."""
