@@ -7,7 +7,7 @@
 # their rows are gathered per token, which Hopper's TMA cannot do.
 # A descriptor is built per call, with the checks of ``weight_tma_reason`` (a pure function of
 # shapes, strides and tiles): ~15 host µs a call on a 2-core CI machine, from 64-row blocks only
-# (calls of >= 0.5 ms on the GPU), none under CUDA graphs (the launch records it by value).  Not
+# (calls of about 0.5 ms and up on the GPU), none under CUDA graphs (the launch records it by value).  Not
 # cached: a descriptor holds its tensor, so a cache keyed on the weight would keep freed weights alive.
 """
 
