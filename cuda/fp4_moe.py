@@ -48,10 +48,12 @@ class MoEDecodeConfig:
     down_pipe: bool = False
     block_m: int = 0  # 0: each CTA scans the ids (decode); else pairs per align block (mid sizes)
     gate_up_col_groups: int = 1  # 16-column groups per gate_up CTA (activation fragments shared)
+    gate_up_max_registers: int = 0  # per-thread register caps (0: the compiler's choice), through
+    down_max_registers: int = 0  # __launch_bounds__' minimum of resident CTAs per SM
 
 
 def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidden: int,
-                             intermediate: int, weight_format: str = "mxfp4") -> MoEDecodeConfig:
+                             intermediate: int, weight_format: str = "mxfp4", num_sms: int = 132) -> MoEDecodeConfig:
     """4 warps per CTA and one K step of loads per warp: the kernels are limited by the bytes in
     flight per SM, and this leaves the most CTAs resident (H100, benchmarks/NOTES.md: 1.1-1.5x over
     8 warps x 2 steps at qwen3 / gpt-oss / dsv4, T = 1 and 16).
@@ -66,12 +68,28 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     token tiles (and MXFP4 gate_up with two column groups) were 3-5% faster at qwen3 with 8-16 pairs
     per expert; at 4-5 pairs (up to MAX_PAIRS_PER_EXPERT) they ran 8-24% slower than 8-pair blocks at
     qwen3 / gpt-oss / dsv4 (NOTES.md, "The CUDA/Triton crossover at 4-7 pairs per expert"), so only an
-    explicit config takes them."""
+    explicit config takes them.
+    Register caps (NOTES.md, "Register caps on the CUDA decode kernels"): NVFP4 kernels at 80 per
+    thread, 2-4% faster than the compiler's 107-125 (MXFP4's gate_up, capped, spills and lost up to
+    1.9x); the scanning down kernel at 64 where its grid (16-row tiles x pairs) does not fit one wave
+    of 80-register CTAs: 1-8% faster (qwen3 T = 1: 1024 CTAs, all resident at 64), 2-6% slower where
+    it fits anyway (gpt-oss T = 1 NVFP4, 720 CTAs)."""
+    nv_cap = 80 if weight_format == "nvfp4" else 0
     if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
         down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
-        return MoEDecodeConfig(down_warps=down_warps, down_row_groups=2, block_m=8)
+        return MoEDecodeConfig(down_warps=down_warps, down_row_groups=2, block_m=8, gate_up_max_registers=nv_cap,
+                               down_max_registers=nv_cap)
     gate_up_pipe = weight_format == "mxfp4" and -(-hidden // 128) // 4 >= 8
-    return MoEDecodeConfig(gate_up_warps=4, gate_up_pipe=gate_up_pipe)
+    down_ctas = -(-hidden // 16) * num_tokens * top_k
+    one_wave_at_80 = down_ctas <= num_sms * _min_ctas(80, 4)
+    return MoEDecodeConfig(gate_up_warps=4, gate_up_pipe=gate_up_pipe, gate_up_max_registers=nv_cap,
+                           down_max_registers=nv_cap if one_wave_at_80 else 64)
+
+
+def _min_ctas(max_registers: int, warps: int) -> int:
+    """The __launch_bounds__ minimum of resident CTAs per SM that caps a thread at ``max_registers``
+    (an SM holds 64 K registers)."""
+    return 65536 // (max_registers * 32 * warps) if max_registers else 1
 
 
 def _aligned_rows(w: torch.Tensor) -> bool:
@@ -130,7 +148,8 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     E, I = w13.shape[0], w2.shape[2] * 2
     N = T * k
     fmt = spec.effective_weight_format
-    cfg = config or choose_moe_decode_config(T, k, E, H, I, fmt)
+    cfg = config or choose_moe_decode_config(T, k, E, H, I, fmt,
+                                             torch.cuda.get_device_properties(x.device).multi_processor_count)
     ids, tw = topk_ids.contiguous(), topk_weights.contiguous()
     s13 = w13_scale.view(torch.uint8)
     s2 = w2_scale.view(torch.uint8)
@@ -153,7 +172,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         ("STAGE", 1), ("COL_GROUPS", cfg.gate_up_col_groups), ("GLU", _GLU_CODES[spec.activation]),
         ("HAS_LIMIT", int(spec.limit is not None)),
         ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
-        ("GATE_UP_GSCALES", int(gate_up_gscales))))
+        ("GATE_UP_GSCALES", int(gate_up_gscales)), ("MIN_CTAS", _min_ctas(cfg.gate_up_max_registers, cfg.gate_up_warps))))
     l1_grid = (-(-I // (16 * cfg.gate_up_col_groups)), grid_rows, 1)
     nvrtc.launch(l1, l1_grid, (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
         x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
@@ -163,7 +182,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
 
     l2 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_down", _common_defines(
         spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg.down_pipe, cfg) + (
-        ("STAGE", 2), ("HAS_GSCALE", int(w2_global_scale is not None))))
+        ("STAGE", 2), ("HAS_GSCALE", int(w2_global_scale is not None)), ("MIN_CTAS", _min_ctas(cfg.down_max_registers, cfg.down_warps))))
     nvrtc.launch(l2, (-(-H // (16 * cfg.down_row_groups)), grid_rows, 1), (32 * cfg.down_warps, 1, 1), stream=stream,
                  pdl=use_pdl, args=[
                      inter, ids, tw, w2, s2, w2_global_scale if w2_global_scale is not None else tw,

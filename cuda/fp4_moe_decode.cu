@@ -66,6 +66,9 @@
 #ifndef BLOCK_M
 #define BLOCK_M 8       // pairs per align block (BLOCKS = 1; at most MAX_PAIRS)
 #endif
+#ifndef MIN_CTAS
+#define MIN_CTAS 1      // __launch_bounds__' minimum of resident CTAs per SM: caps the registers
+#endif
 
 #include "fp4_mma_core.cuh"
 
@@ -302,7 +305,7 @@ __device__ __forceinline__ void down_tile(float* partial, const int* members, in
 #if RG != 2 * COL_GROUPS
 #error "fp4_moe_gate_up takes the gate and the up rows of each 16-column group as two row groups (RG = 2 * COL_GROUPS)"
 #endif
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const tw_t* __restrict__ tw,
                 const u8* __restrict__ w, const u8* __restrict__ scales, const float* __restrict__ gscale,
                 const bias_t* __restrict__ bias, u16* __restrict__ inter, int n_pairs, int top_k, int E, int H,
@@ -321,7 +324,7 @@ fp4_moe_gate_up(const u16* __restrict__ x, const id_t* __restrict__ ids, const t
 }
 
 #else
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 fp4_moe_down(const u16* __restrict__ inter, const id_t* __restrict__ ids, const tw_t* __restrict__ tw,
              const u8* __restrict__ w, const u8* __restrict__ scales, const float* __restrict__ gscale,
              const bias_t* __restrict__ bias, u16* __restrict__ rows_out, int n_pairs, int E, int H, int I,

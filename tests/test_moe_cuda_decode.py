@@ -97,6 +97,27 @@ def test_tile_rule():
     assert (qwen3_mid.gate_up_col_groups, gpt_oss.gate_up_col_groups, qwen3.gate_up_col_groups) == (1, 1, 1)
 
 
+def test_register_caps():
+    """NVFP4 kernels capped at 80 registers; the scanning down kernel at 64 where its grid (16-row
+    tiles x pairs) does not fit one wave of 80-register CTAs (6 per SM); MXFP4's gate_up never.  A
+    cap is __launch_bounds__' minimum of resident CTAs per SM (64 K registers each)."""
+    from inductor_moe.cuda.fp4_moe import _min_ctas, choose_moe_decode_config
+
+    def caps(*shape, fmt="mxfp4", sms=132):
+        cfg = choose_moe_decode_config(*shape, fmt, sms)
+        return cfg.gate_up_max_registers, cfg.down_max_registers
+
+    assert caps(1, 8, 128, 2048, 768) == (0, 64)  # qwen3: 128 tiles x 8 pairs = 1024 CTAs > 132 x 6
+    assert caps(1, 8, 128, 2048, 768, fmt="nvfp4") == (80, 64)
+    assert caps(1, 4, 128, 2880, 2880) == (0, 0)  # gpt-oss: 180 x 4 = 720 CTAs fit one wave at 80
+    assert caps(1, 4, 128, 2880, 2880, fmt="nvfp4") == (80, 80)
+    assert caps(1, 4, 128, 2880, 2880, sms=100) == (0, 64)  # ... but not on 100 SMs
+    assert caps(4, 4, 128, 2880, 2880) == (0, 64)
+    assert caps(16, 8, 128, 2048, 768) == (0, 0)  # align blocks: NVFP4 only
+    assert caps(16, 8, 128, 2048, 768, fmt="nvfp4") == (80, 80)
+    assert (_min_ctas(64, 4), _min_ctas(80, 4), _min_ctas(80, 2), _min_ctas(0, 4)) == (8, 6, 12, 1)
+
+
 # ------------------------------------------------------------------------------ GPU
 
 
@@ -256,6 +277,39 @@ def test_gpu_up_to_5_pairs_per_expert():
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(41, 64, 512, 256, 8, fmt, seed=9)  # 5.1 per expert
         with pytest.raises(ValueError, match="more than 5 per expert"):
             _run_cuda(x, ids, tw, w13, w2, spec, kw)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_register_caps_reach_the_kernels(fmt, monkeypatch):
+    """A config's register caps are what the built kernels use at most (the driver's count), and a
+    capped call gives the same bits as an uncapped one."""
+    import ctypes
+    from dataclasses import replace
+
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    from inductor_moe.cuda import fp4_moe, nvrtc
+
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(2, 64, 512, 256, 8, fmt, seed=12, bad_ids=True)
+    built = []
+    build = nvrtc.build
+    monkeypatch.setattr(nvrtc, "build", lambda *a: built.append(build(*a)) or built[-1])
+    uncapped = fp4_moe.choose_moe_decode_config(2, 8, 64, 512, 256, fmt)
+    monkeypatch.setattr(fp4_moe, "choose_moe_decode_config", lambda *a: replace(
+        uncapped, gate_up_max_registers=0, down_max_registers=0))
+    plain = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+    monkeypatch.setattr(fp4_moe, "choose_moe_decode_config", lambda *a: replace(
+        uncapped, gate_up_max_registers=64, down_max_registers=64))
+    built.clear()
+    _check(x, ids, tw, w13, w2, spec, kw, fmt, f"capped {fmt}")
+    assert torch.equal(plain, _run_cuda(x, ids, tw, w13, w2, spec, kw))
+    assert len(built) >= 2  # gate_up and down
+    for kernel in built:
+        regs = ctypes.c_int()
+        _get_gpu_runtime_library().cuFuncGetAttribute(ctypes.byref(regs), 4, kernel.func)  # NUM_REGS
+        assert 0 < regs.value <= 64, regs.value
 
 
 @pytest.mark.gpu
