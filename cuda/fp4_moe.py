@@ -69,11 +69,11 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     per expert; at 4-5 pairs (up to MAX_PAIRS_PER_EXPERT) they ran 8-24% slower than 8-pair blocks at
     qwen3 / gpt-oss / dsv4 (NOTES.md, "The CUDA/Triton crossover at 4-7 pairs per expert"), so only an
     explicit config takes them.
-    Register caps (NOTES.md, "Register caps on the CUDA decode kernels"): NVFP4 kernels at 80 per
-    thread, 2-4% faster than the compiler's 107-125 (MXFP4's gate_up, capped, spills and lost up to
-    1.9x); the scanning down kernel at 64 where its grid (16-row tiles x pairs) does not fit one wave
-    of 80-register CTAs: 1-8% faster (qwen3 T = 1: 1024 CTAs, all resident at 64), 2-6% slower where
-    it fits anyway (gpt-oss T = 1 NVFP4, 720 CTAs)."""
+    Register caps (H100, NOTES.md, "Register caps on the CUDA decode kernels"): NVFP4 kernels at 80
+    per thread (the compiler chose 80-125), 3-5% faster at T = 4-128; MXFP4's gate_up capped spills and
+    lost up to 1.9x.  The scanning down kernel at 64 where its grid (16-row tiles x pairs) does not fit
+    one wave of 80-register CTAs: qwen3 T = 1 7% faster (1024 CTAs, all resident at 64); where the grid
+    fits anyway the cap lost up to 6% (gpt-oss T = 1 NVFP4, 720 CTAs)."""
     nv_cap = 80 if weight_format == "nvfp4" else 0
     if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
         down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
