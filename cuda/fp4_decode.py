@@ -9,7 +9,7 @@ says why and the caller keeps the Triton path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -34,6 +34,7 @@ class DecodeMmaConfig:
     unroll: int = 2
     vec: int = 1
     pipe: bool = False
+    max_registers: int = 0  # per-thread register cap (0: the compiler's choice)
 
     def __post_init__(self):
         if self.row_groups not in (1, 2) or self.warps not in (1, 2, 4, 8, 16) or self.unroll < 1 or self.vec not in (1, 2):
@@ -52,13 +53,18 @@ def choose_decode_mma_config(m: int, n: int, k: int, num_sms: int, weight_format
     MXFP4 with N >= 8192 at 9-16 tokens: two row groups per warp, 1 step.  With one, each CTA of 16
     rows re-reads all of X (16 tokens x K) from L2, four times its weight bytes; sharing the
     activation fragments across 32 rows was 8-22% faster at N = 8192-28672 (M = 12 and 16, two
-    runs), not at N = 4096, and mixed for NVFP4 (benchmarks/NOTES_fp4.md, "activation re-reads")."""
+    runs), not at N = 4096, and mixed for NVFP4 (benchmarks/NOTES_fp4.md, "activation re-reads").
+    NVFP4 at 9-16 tokens: at most 64 registers per thread (4 CTAs of 8 warps per SM; the compiler
+    chose 94-114): 3-15% faster at 5 of 6 shapes (N x K = 4096², 14336 x 4096, 2880², 5760 x 2880,
+    8192²), level at 4096 x 14336 (H100, benchmarks/NOTES.md, "Register caps").  The same cap spills
+    MXFP4's kernels (1.3-3x slower), and the pipelined loop's at up to 8 tokens."""
     if m > 8:
         if weight_format == "mxfp4" and n >= 8192:
             return DecodeMmaConfig(row_groups=2, warps=8, unroll=1)
         steps = -(-k // 128)
         steps_per_warp = -(-steps // 8)
-        return DecodeMmaConfig(row_groups=1, warps=8, unroll=2 if steps_per_warp % 2 == 0 else 1)
+        return DecodeMmaConfig(row_groups=1, warps=8, unroll=2 if steps_per_warp % 2 == 0 else 1,
+                               max_registers=64 if weight_format == "nvfp4" else 0)
     if -(-n // 16) > 4 * num_sms:
         return DecodeMmaConfig(row_groups=1, warps=4, unroll=2, pipe=True)
     return DecodeMmaConfig(row_groups=1, warps=8, unroll=1, pipe=True)
@@ -106,7 +112,8 @@ def _defines(spec: GemmSpec, m: int, cfg: DecodeMmaConfig, bias: Optional[torch.
             ("WARPS", cfg.warps), ("UNROLL", cfg.unroll), ("VEC", cfg.vec), ("PIPE", int(cfg.pipe)),
             ("HAS_BIAS", int(bias is not None)),
             ("BIAS_T", _DTYPE_CODES[bias.dtype] if bias is not None else 0), ("OUT_T", _DTYPE_CODES[out_dtype]),
-            ("ACT", _ACT_CODES[spec.activation]), ("HAS_GSCALE", int(global_scale is not None)))
+            ("ACT", _ACT_CODES[spec.activation]), ("HAS_GSCALE", int(global_scale is not None)),
+            ("MIN_CTAS", 65536 // (cfg.max_registers * 32 * cfg.warps) if cfg.max_registers else 1))
 
 
 def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: DecodeMmaConfig,
@@ -117,7 +124,7 @@ def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg
     m, n, k = a2.shape[0], b.shape[0], b.shape[1] * 2
     dev = a2.device
     if cfg.vec == 2 and not vec2_fits(k, b_scale, spec):
-        cfg = DecodeMmaConfig(cfg.row_groups, cfg.warps, cfg.unroll, 1, cfg.pipe)
+        cfg = replace(cfg, vec=1)
     kernel = nvrtc.build(dev.index, "fp4_decode_mma.cu", "fp4_decode_mma", _defines(spec, m, cfg, bias, global_scale, out.dtype))
     b_u8 = b if b.dtype == torch.uint8 else b.view(torch.uint8)
     s_u8 = b_scale if b_scale.dtype == torch.uint8 else b_scale.view(torch.uint8)

@@ -24,6 +24,9 @@
 #ifndef HAS_GSCALE
 #define HAS_GSCALE 0
 #endif
+#ifndef MIN_CTAS
+#define MIN_CTAS 1    // __launch_bounds__' minimum of resident CTAs per SM: caps the registers
+#endif
 
 #include "fp4_mma_core.cuh"
 
@@ -46,7 +49,7 @@ __device__ __forceinline__ float activation(float y) {
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
 fp4_decode_mma(const u16* __restrict__ x, const u8* __restrict__ w, const u8* __restrict__ scales,
                const float* __restrict__ gscale, const bias_t* __restrict__ bias, out_t* __restrict__ out,
                int M, int N, int K, int ldx, int ldo) {

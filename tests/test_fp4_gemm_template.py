@@ -497,6 +497,11 @@ def test_cuda_decode_fit_checks():
     assert choose_decode_mma_config(16, 14336, 4096, 132, "nvfp4").row_groups == 1
     assert choose_decode_mma_config(16, 4096, 14336, 132, "mxfp4").row_groups == 1
     assert choose_decode_mma_config(8, 14336, 4096, 132, "mxfp4").row_groups == 1
+    # NVFP4 at 9-16 tokens: capped at 64 registers per thread (4 CTAs of 8 warps per SM)
+    assert choose_decode_mma_config(9, 4096, 4096, 132, "nvfp4").max_registers == 64
+    assert choose_decode_mma_config(16, 14336, 4096, 132, "mxfp4").max_registers == 0
+    assert choose_decode_mma_config(16, 4096, 4096, 132, "mxfp4").max_registers == 0
+    assert choose_decode_mma_config(8, 4096, 4096, 132, "nvfp4").max_registers == 0
 
 
 @cuda
@@ -509,6 +514,25 @@ def test_cuda_decode_builds_and_is_the_decode_default():
     assert _cuda_decode_reason(a, q, s, spec, bias) is None
     arch = torch.cuda.get_device_capability()[0] * 10 + torch.cuda.get_device_capability()[1]
     assert choose_strategy(3, 256, 512, spec, a.dtype, arch, cuda_decode=True) == "cuda_decode"
+
+
+@cuda
+def test_cuda_decode_register_cap_reaches_the_kernel():
+    """A config's ``max_registers`` is what the built kernel uses at most (the driver's count)."""
+    import ctypes
+
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    from inductor_moe.cuda import fp4_decode, nvrtc
+
+    spec = GemmSpec(b_format="nvfp4")
+    for cap in (0, 64):
+        cfg = fp4_decode.DecodeMmaConfig(1, 8, 2, max_registers=cap)
+        kernel = nvrtc.build(torch.cuda.current_device(), "fp4_decode_mma.cu", "fp4_decode_mma",
+                             fp4_decode._defines(spec, 16, cfg, None, None, torch.bfloat16))
+        regs = ctypes.c_int()
+        _get_gpu_runtime_library().cuFuncGetAttribute(ctypes.byref(regs), 4, kernel.func)  # NUM_REGS
+        assert 0 < regs.value and (cap == 0 or regs.value <= cap), (cap, regs.value)
 
 
 @cuda
@@ -532,7 +556,8 @@ def _check_cuda_decode(fb, m, n, k):
         spec = GemmSpec(b_format=fb, activation=act, out_dtype=out_dtype)
         ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, b_)
         for cfg in (None, DecodeMmaConfig(2, 4, 2), DecodeMmaConfig(2, 8, 1), DecodeMmaConfig(1, 8, 1, 2), DecodeMmaConfig(1, 8, 2),
-                    DecodeMmaConfig(1, 4, 2, pipe=True), DecodeMmaConfig(1, 8, 1, 2, pipe=True)):
+                    DecodeMmaConfig(1, 4, 2, pipe=True), DecodeMmaConfig(1, 8, 1, 2, pipe=True),
+                    DecodeMmaConfig(1, 8, 2, max_registers=64)):
             kw = {"strategy": "cuda_decode"} if cfg is None else {"config": cfg}
             out = block_scaled_gemm(a, q, s, spec, None, gs, b_, **kw)
             assert out.dtype == getattr(torch, out_dtype)
