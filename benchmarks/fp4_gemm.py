@@ -54,7 +54,8 @@ def _cfg_str(c) -> str:
     if isinstance(c, str):
         return c
     if isinstance(c, DecodeMmaConfig):
-        return f"cuda {16 * c.row_groups} rows w{c.warps} u{c.unroll} v{c.vec}{' pipe' if c.pipe else ''}"
+        return (f"cuda {16 * c.row_groups} rows w{c.warps} u{c.unroll} v{c.vec}{' pipe' if c.pipe else ''}"
+                + (f" r{c.max_registers}" if c.max_registers else ""))
     if isinstance(c, GemvConfig):
         return f"gemv {c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps}" + (" words" if c.words else "")
     return (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
