@@ -58,8 +58,10 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     flight per SM, and this leaves the most CTAs resident (H100, benchmarks/NOTES.md: 1.1-1.5x over
     8 warps x 2 steps at qwen3 / gpt-oss / dsv4, T = 1 and 16).
     Up to 4 tokens the CTAs scan the ids; gate_up issues its next step's loads before the current
-    step's math (PIPE) only for MXFP4 with >= 8 K steps per warp: 8% faster at dsv4 T = 1 (H = 4096,
-    two runs); elsewhere -3% to +10% (NOTES.md, "next loads before the math"); down never.
+    step's math (PIPE) only for MXFP4, with >= 8 K steps per warp: 8% faster at dsv4 T = 1 (H = 4096,
+    two runs; NOTES.md, "next loads before the math"), or at one token (its grid is one wave, so more
+    bytes in flight per warp pay): 3-4% faster at qwen3 and gpt-oss T = 1, 1% at T = 2, 2% slower at
+    T = 3-4 (NOTES.md, "Register caps", 11 rounds); NVFP4 3-9% slower; down never.
     Above 4 tokens the align kernel's blocks route the CTAs (``block_m`` = 8 pairs of one expert
     each) and down takes two row groups (activations reused across 32 rows): against CTAs scanning
     the ids, 3-7% faster at T = 8 and 16, even at T = 4, 6-20% slower at T = 1 (one more launch).
@@ -79,7 +81,7 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
         down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
         return MoEDecodeConfig(down_warps=down_warps, down_row_groups=2, block_m=8, gate_up_max_registers=nv_cap,
                                down_max_registers=nv_cap)
-    gate_up_pipe = weight_format == "mxfp4" and -(-hidden // 128) // 4 >= 8
+    gate_up_pipe = weight_format == "mxfp4" and (-(-hidden // 128) // 4 >= 8 or num_tokens == 1)
     down_ctas = -(-hidden // 16) * num_tokens * top_k
     one_wave_at_80 = down_ctas <= num_sms * _min_ctas(80, 4)
     return MoEDecodeConfig(gate_up_warps=4, gate_up_pipe=gate_up_pipe, gate_up_max_registers=nv_cap,

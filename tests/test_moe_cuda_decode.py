@@ -82,7 +82,10 @@ def test_tile_rule():
     assert not choose_moe_decode_config(1, 6, 256, 4096, 2048, "nvfp4").gate_up_pipe
     assert not choose_moe_decode_config(16, 6, 256, 4096, 2048, "mxfp4").gate_up_pipe
     assert not choose_moe_decode_config(4, 1, 8, 512, 256).gate_up_pipe  # 1 K step per warp
-    assert not qwen3.gate_up_pipe and not qwen3.down_pipe
+    # ... and for MXFP4 at one token whatever K (qwen3's H = 2048: 4 steps per warp)
+    assert qwen3.gate_up_pipe and not qwen3.down_pipe
+    assert not choose_moe_decode_config(2, 8, 128, 2048, 768).gate_up_pipe
+    assert not choose_moe_decode_config(1, 8, 128, 2048, 768, "nvfp4").gate_up_pipe
     assert qwen3.block_m == 0 and choose_moe_decode_config(4, 8, 128, 2048, 768).block_m == 0  # CTAs scan ids
     assert choose_moe_decode_config(5, 8, 128, 2048, 768).block_m == 8
     # above 4 tokens the align kernel's blocks route the CTAs: 8 pairs per block
