@@ -55,7 +55,7 @@ def choose_decode_mma_config(m: int, n: int, k: int, num_sms: int, weight_format
     activation fragments across 32 rows was 8-22% faster at N = 8192-28672 (M = 12 and 16, two
     runs), not at N = 4096, and mixed for NVFP4 (benchmarks/NOTES_fp4.md, "activation re-reads").
     NVFP4 at 9-16 tokens: at most 64 registers per thread (4 CTAs of 8 warps per SM; the compiler
-    chose 94-114): 3-15% faster at 5 of 6 shapes (N x K = 4096², 14336 x 4096, 2880², 5760 x 2880,
+    chose 94-114): 2-15% faster at 5 of 6 shapes (N x K = 4096², 14336 x 4096, 2880², 5760 x 2880,
     8192²), level at 4096 x 14336 (H100, benchmarks/NOTES.md, "Register caps").  The same cap spills
     MXFP4's kernels (1.3-3x slower), and the pipelined loop's at up to 8 tokens."""
     if m > 8:
@@ -113,7 +113,7 @@ def _defines(spec: GemmSpec, m: int, cfg: DecodeMmaConfig, bias: Optional[torch.
             ("HAS_BIAS", int(bias is not None)),
             ("BIAS_T", _DTYPE_CODES[bias.dtype] if bias is not None else 0), ("OUT_T", _DTYPE_CODES[out_dtype]),
             ("ACT", _ACT_CODES[spec.activation]), ("HAS_GSCALE", int(global_scale is not None)),
-            ("MIN_CTAS", 65536 // (cfg.max_registers * 32 * cfg.warps) if cfg.max_registers else 1))
+            ("MIN_CTAS", nvrtc.min_ctas(cfg.max_registers, cfg.warps)))
 
 
 def decode_mma_gemm(a2, b, b_scale, spec: GemmSpec, global_scale, bias, out, cfg: DecodeMmaConfig,

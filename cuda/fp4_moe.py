@@ -83,15 +83,9 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
                                down_max_registers=nv_cap)
     gate_up_pipe = weight_format == "mxfp4" and (-(-hidden // 128) // 4 >= 8 or num_tokens == 1)
     down_ctas = -(-hidden // 16) * num_tokens * top_k
-    one_wave_at_80 = down_ctas <= num_sms * _min_ctas(80, 4)
+    one_wave_at_80 = down_ctas <= num_sms * nvrtc.min_ctas(80, 4)
     return MoEDecodeConfig(gate_up_warps=4, gate_up_pipe=gate_up_pipe, gate_up_max_registers=nv_cap,
                            down_max_registers=nv_cap if one_wave_at_80 else 64)
-
-
-def _min_ctas(max_registers: int, warps: int) -> int:
-    """The __launch_bounds__ minimum of resident CTAs per SM that caps a thread at ``max_registers``
-    (an SM holds 64 K registers)."""
-    return 65536 // (max_registers * 32 * warps) if max_registers else 1
 
 
 def _aligned_rows(w: torch.Tensor) -> bool:
@@ -174,7 +168,8 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         ("STAGE", 1), ("COL_GROUPS", cfg.gate_up_col_groups), ("GLU", _GLU_CODES[spec.activation]),
         ("HAS_LIMIT", int(spec.limit is not None)),
         ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
-        ("GATE_UP_GSCALES", int(gate_up_gscales)), ("MIN_CTAS", _min_ctas(cfg.gate_up_max_registers, cfg.gate_up_warps))))
+        ("GATE_UP_GSCALES", int(gate_up_gscales)),
+        ("MIN_CTAS", nvrtc.min_ctas(cfg.gate_up_max_registers, cfg.gate_up_warps))))
     l1_grid = (-(-I // (16 * cfg.gate_up_col_groups)), grid_rows, 1)
     nvrtc.launch(l1, l1_grid, (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
         x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
@@ -184,7 +179,8 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
 
     l2 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_down", _common_defines(
         spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg.down_pipe, cfg) + (
-        ("STAGE", 2), ("HAS_GSCALE", int(w2_global_scale is not None)), ("MIN_CTAS", _min_ctas(cfg.down_max_registers, cfg.down_warps))))
+        ("STAGE", 2), ("HAS_GSCALE", int(w2_global_scale is not None)),
+        ("MIN_CTAS", nvrtc.min_ctas(cfg.down_max_registers, cfg.down_warps))))
     nvrtc.launch(l2, (-(-H // (16 * cfg.down_row_groups)), grid_rows, 1), (32 * cfg.down_warps, 1, 1), stream=stream,
                  pdl=use_pdl, args=[
                      inter, ids, tw, w2, s2, w2_global_scale if w2_global_scale is not None else tw,

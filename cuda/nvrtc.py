@@ -44,6 +44,12 @@ def unavailable_reason(device_index: int) -> Optional[str]:
     return None
 
 
+def min_ctas(max_registers: int, warps: int) -> int:
+    """The ``MIN_CTAS`` define (``__launch_bounds__``' minimum of resident CTAs per SM) that caps a
+    thread of a ``warps``-warp CTA at ``max_registers`` (an SM holds 64 K); 1 (no cap) for 0."""
+    return 65536 // (max_registers * 32 * warps) if max_registers else 1
+
+
 def why_not(device_index: int) -> Optional[str]:
     """None when the CUDA decode kernels may run now on this device, else why not."""
     from .. import config

@@ -104,7 +104,8 @@ def test_register_caps():
     """NVFP4 kernels capped at 80 registers; the scanning down kernel at 64 where its grid (16-row
     tiles x pairs) does not fit one wave of 80-register CTAs (6 per SM); MXFP4's gate_up never.  A
     cap is __launch_bounds__' minimum of resident CTAs per SM (64 K registers each)."""
-    from inductor_moe.cuda.fp4_moe import _min_ctas, choose_moe_decode_config
+    from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
+    from inductor_moe.cuda.nvrtc import min_ctas
 
     def caps(*shape, fmt="mxfp4", sms=132):
         cfg = choose_moe_decode_config(*shape, fmt, sms)
@@ -118,7 +119,7 @@ def test_register_caps():
     assert caps(4, 4, 128, 2880, 2880) == (0, 64)
     assert caps(16, 8, 128, 2048, 768) == (0, 0)  # align blocks: NVFP4 only
     assert caps(16, 8, 128, 2048, 768, fmt="nvfp4") == (80, 80)
-    assert (_min_ctas(64, 4), _min_ctas(80, 4), _min_ctas(80, 2), _min_ctas(0, 4)) == (8, 6, 12, 1)
+    assert (min_ctas(64, 4), min_ctas(80, 4), min_ctas(80, 2), min_ctas(0, 4)) == (8, 6, 12, 1)
 
 
 # ------------------------------------------------------------------------------ GPU
