@@ -137,6 +137,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
                w13_global_scale, w2_global_scale, out, *, config: Optional[MoEDecodeConfig] = None,
                use_pdl: bool = False) -> torch.Tensor:
     """``out[T, H]`` = the MoE experts layer (inputs validated, ``moe_decode_fits`` checked)."""
+    from ..lowering.moe import _num_sms
     from ..templates.moe_combine import moe_combine_kernel
 
     T, H = x.shape
@@ -144,8 +145,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     E, I = w13.shape[0], w2.shape[2] * 2
     N = T * k
     fmt = spec.effective_weight_format
-    cfg = config or choose_moe_decode_config(T, k, E, H, I, fmt,
-                                             torch.cuda.get_device_properties(x.device).multi_processor_count)
+    cfg = config or choose_moe_decode_config(T, k, E, H, I, fmt, _num_sms(x.device))
     ids, tw = topk_ids.contiguous(), topk_weights.contiguous()
     s13 = w13_scale.view(torch.uint8)
     s2 = w2_scale.view(torch.uint8)

@@ -300,8 +300,7 @@ def checked_measure(run: Callable[[MoEKernelConfig], torch.Tensor],
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal element for element, NaN where the other has NaN (torch.equal says NaN != NaN)."""
-    nan = a.isnan()
-    return torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
+    return torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
 
 
 def _measure_for(device: torch.device, run: Callable[[MoEKernelConfig], torch.Tensor]):
