@@ -132,10 +132,11 @@ __device__ __forceinline__ int cta_pairs(const id_t* __restrict__ ids, int n_pai
   e = route[2 * E + max_blocks * BLOCK_M + b];
   if (e < 0 || e >= E) return -1;
   // the block's ids are read beside its count, not after it (rows past the count are never used)
-  static_assert(BLOCK_M <= WARPS * 32, "a thread per pair of the block");
   const int id = threadIdx.x < BLOCK_M ? route[2 * E + b * BLOCK_M + threadIdx.x] : 0;
   const int count = min(BLOCK_M, route[e] - (b * BLOCK_M - route[E + e]));
   if (threadIdx.x < count) members[threadIdx.x] = id;
+  if (BLOCK_M > WARPS * 32)  // blocks of more pairs than threads: the rest after the count
+    for (int i = threadIdx.x + WARPS * 32; i < count; i += WARPS * 32) members[i] = route[2 * E + b * BLOCK_M + i];
   __syncthreads();
   return count;
 #else
