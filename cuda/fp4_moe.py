@@ -70,7 +70,11 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     token tiles (and MXFP4 gate_up with two column groups) were 3-5% faster at qwen3 with 8-16 pairs
     per expert; at 4-5 pairs (up to MAX_PAIRS_PER_EXPERT) they ran 8-24% slower than 8-pair blocks at
     qwen3 / gpt-oss / dsv4 (NOTES.md, "The CUDA/Triton crossover at 4-7 pairs per expert"), so only an
-    explicit config takes them.
+    explicit config takes them.  MXFP4's gate_up there runs 2 warps where H is a multiple of 512 (4
+    K steps of 128) and there are >= 64 pairs: 1-6% faster at H = 2048 and 4096 (qwen3-30b / dsv4 /
+    qwen3-235b shapes, 64-1024 pairs), level at 7168; 3-5% slower at H = 2880 (gpt-oss and two other
+    shapes with it), 2% slower at 40 pairs (qwen3 T = 5), 2-9% slower with NVFP4 (NOTES.md, "Two
+    warps in MXFP4's gate_up").
     Register caps (H100, NOTES.md, "Register caps on the CUDA decode kernels"): NVFP4 kernels at 80
     per thread (the compiler chose 80-125), 3-5% faster at T = 4-128; MXFP4's gate_up capped spills and
     lost up to 1.9x.  The scanning down kernel at 64 where its grid (16-row tiles x pairs) does not fit
@@ -79,8 +83,9 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     nv_cap = 80 if weight_format == "nvfp4" else 0
     if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
         down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
-        return MoEDecodeConfig(down_warps=down_warps, down_row_groups=2, block_m=8, gate_up_max_registers=nv_cap,
-                               down_max_registers=nv_cap)
+        gate_up_warps = 2 if weight_format == "mxfp4" and hidden % 512 == 0 and num_tokens * top_k >= 64 else 4
+        return MoEDecodeConfig(gate_up_warps=gate_up_warps, down_warps=down_warps, down_row_groups=2, block_m=8,
+                               gate_up_max_registers=nv_cap, down_max_registers=nv_cap)
     gate_up_pipe = weight_format == "mxfp4" and (-(-hidden // 128) // 4 >= 8 or num_tokens == 1)
     down_ctas = -(-hidden // 16) * num_tokens * top_k
     one_wave_at_80 = down_ctas <= num_sms * nvrtc.min_ctas(80, 4)

@@ -66,9 +66,10 @@ def test_fit_check_reasons():
 
 
 def test_tile_rule():
-    """4 warps and one K step per warp everywhere; up to 4 tokens the CTAs scan the ids, above the
-    align kernel's 8-pair blocks route them, with two L2 row groups (16-pair blocks of two token
-    tiles only by an explicit config)."""
+    """4 warps (2 in MXFP4's gate_up on the align-block path where H % 512 == 0 and T*k >= 64) and
+    one K step per warp; up to 4 tokens the CTAs scan the ids, above the align kernel's 8-pair
+    blocks route them, with two L2 row groups (16-pair blocks of two token tiles only by an explicit
+    config)."""
     from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
 
     qwen3 = choose_moe_decode_config(1, 8, 128, 2048, 768)
@@ -98,6 +99,12 @@ def test_tile_rule():
         2, 4, 4)
     # gate_up's two 16-column groups per CTA go with 16-pair blocks: never by the rule
     assert (qwen3_mid.gate_up_col_groups, gpt_oss.gate_up_col_groups, qwen3.gate_up_col_groups) == (1, 1, 1)
+    # gate_up's warps on the align-block path: 2 for MXFP4 where H % 512 == 0 and T*k >= 64, else 4
+    assert (qwen3_mid.gate_up_warps, gpt_oss.gate_up_warps, qwen3.gate_up_warps) == (2, 4, 4)
+    assert choose_moe_decode_config(128, 6, 256, 4096, 2048).gate_up_warps == 2
+    assert choose_moe_decode_config(80, 8, 128, 2048, 768, "nvfp4").gate_up_warps == 4
+    assert (choose_moe_decode_config(8, 8, 128, 2048, 768).gate_up_warps,
+            choose_moe_decode_config(5, 8, 128, 2048, 768).gate_up_warps) == (2, 4)  # 64 / 40 pairs
 
 
 def test_register_caps():
