@@ -74,7 +74,9 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     K steps of 128) and there are >= 64 pairs: 1-6% faster at H = 2048 and 4096 (qwen3-30b / dsv4 /
     qwen3-235b shapes, 64-1024 pairs), level at 7168; 3-5% slower at H = 2880 (gpt-oss and two other
     shapes with it), 2% slower at 40 pairs (qwen3 T = 5), 2-9% slower with NVFP4 (NOTES.md, "Two
-    warps in MXFP4's gate_up").
+    warps in MXFP4's gate_up").  NVFP4 there keeps two K steps of loads in flight per warp (unroll 2)
+    where H >= 4096: 2-2.5% faster at dsv4 / qwen3-235b shapes (T = 5-128), level at H = 7168; 6-7%
+    slower at H = 2048, 1-2.5% at 2880 (NOTES.md, same section).
     Register caps (H100, NOTES.md, "Register caps on the CUDA decode kernels"): NVFP4 kernels at 80
     per thread (the compiler chose 80-125), 3-5% faster at T = 4-128; MXFP4's gate_up capped spills and
     lost up to 1.9x.  The scanning down kernel at 64 where its grid (16-row tiles x pairs) does not fit
@@ -84,8 +86,9 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     if num_tokens > SCAN_MAX_TOKENS or num_tokens * top_k > MAX_PAIRS:
         down_warps = 2 if -(-intermediate // 128) < 4 * 4 else 4
         gate_up_warps = 2 if weight_format == "mxfp4" and hidden % 512 == 0 and num_tokens * top_k >= 64 else 4
+        unroll = 2 if weight_format == "nvfp4" and hidden >= 4096 else 1
         return MoEDecodeConfig(gate_up_warps=gate_up_warps, down_warps=down_warps, down_row_groups=2, block_m=8,
-                               gate_up_max_registers=nv_cap, down_max_registers=nv_cap)
+                               unroll=unroll, gate_up_max_registers=nv_cap, down_max_registers=nv_cap)
     gate_up_pipe = weight_format == "mxfp4" and (-(-hidden // 128) // 4 >= 8 or num_tokens == 1)
     down_ctas = -(-hidden // 16) * num_tokens * top_k
     one_wave_at_80 = down_ctas <= num_sms * nvrtc.min_ctas(80, 4)

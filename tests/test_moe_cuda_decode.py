@@ -67,7 +67,7 @@ def test_fit_check_reasons():
 
 def test_tile_rule():
     """4 warps (2 in MXFP4's gate_up on the align-block path where H % 512 == 0 and T*k >= 64) and
-    one K step per warp; up to 4 tokens the CTAs scan the ids, above the align kernel's 8-pair
+    one K step per warp (two for NVFP4 there where H >= 4096); up to 4 tokens the CTAs scan the ids, above the align kernel's 8-pair
     blocks route them, with two L2 row groups (16-pair blocks of two token tiles only by an explicit
     config)."""
     from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
@@ -105,6 +105,11 @@ def test_tile_rule():
     assert choose_moe_decode_config(80, 8, 128, 2048, 768, "nvfp4").gate_up_warps == 4
     assert (choose_moe_decode_config(8, 8, 128, 2048, 768).gate_up_warps,
             choose_moe_decode_config(5, 8, 128, 2048, 768).gate_up_warps) == (2, 4)  # 64 / 40 pairs
+    # two K steps in flight per warp: NVFP4 on the align-block path where H >= 4096
+    assert choose_moe_decode_config(16, 6, 256, 4096, 2048, "nvfp4").unroll == 2
+    assert (choose_moe_decode_config(16, 6, 256, 4096, 2048, "mxfp4").unroll,
+            choose_moe_decode_config(16, 4, 128, 2880, 2880, "nvfp4").unroll,
+            choose_moe_decode_config(4, 6, 256, 4096, 2048, "nvfp4").unroll) == (1, 1, 1)
 
 
 def test_register_caps():
