@@ -72,7 +72,7 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     qwen3 / gpt-oss / dsv4 (NOTES.md, "The CUDA/Triton crossover at 4-7 pairs per expert"), so only an
     explicit config takes them.  MXFP4's gate_up there runs 2 warps where H is a multiple of 512 (4
     K steps of 128) and there are >= 64 pairs: 1-6% faster at H = 2048 and 4096 (qwen3-30b / dsv4 /
-    qwen3-235b shapes, 64-1024 pairs), level at 7168; 3-5% slower at H = 2880 (gpt-oss and two other
+    qwen3-235b shapes, 64-1024 pairs; 0-2% in the benchmark command's own before / after), level at 7168; 3-5% slower at H = 2880 (gpt-oss and two other
     shapes with it), 2% slower at 40 pairs (qwen3 T = 5), 2-9% slower with NVFP4 (NOTES.md, "Two
     warps in MXFP4's gate_up").  NVFP4 there keeps two K steps of loads in flight per warp (unroll 2)
     where H >= 4096: 2-2.5% faster at dsv4 / qwen3-235b shapes (T = 5-128), level at H = 7168; 6-7%
