@@ -72,11 +72,12 @@ def choose_moe_decode_config(num_tokens: int, top_k: int, num_experts: int, hidd
     qwen3 / gpt-oss / dsv4 (NOTES.md, "The CUDA/Triton crossover at 4-7 pairs per expert"), so only an
     explicit config takes them.  MXFP4's gate_up there runs 2 warps where H is a multiple of 512 (4
     K steps of 128) and there are >= 64 pairs: 1-6% faster at H = 2048 and 4096 (qwen3-30b / dsv4 /
-    qwen3-235b shapes, 64-1024 pairs; 0-2% in the benchmark command's own before / after), level at 7168; 3-5% slower at H = 2880 (gpt-oss and two other
-    shapes with it), 2% slower at 40 pairs (qwen3 T = 5), 2-9% slower with NVFP4 (NOTES.md, "Two
-    warps in MXFP4's gate_up").  NVFP4 there keeps two K steps of loads in flight per warp (unroll 2)
-    where H >= 4096: 2-2.5% faster at dsv4 / qwen3-235b shapes (T = 5-128), level at H = 7168; 6-7%
-    slower at H = 2048, 1-2.5% at 2880 (NOTES.md, same section).
+    qwen3-235b shapes, 64-1024 pairs; 0-2% in the benchmark command's own before / after), level at
+    7168; 3-5% slower at H = 2880 (gpt-oss and two other shapes with it), 2% slower at 40 pairs
+    (qwen3 T = 5), 2-9% slower with NVFP4 (NOTES.md, "Two warps in MXFP4's gate_up").  NVFP4 there
+    keeps two K steps of loads in flight per warp (unroll 2) where H >= 4096: 2-2.5% faster at dsv4 /
+    qwen3-235b shapes (T = 5-128), level at H = 7168; 6-7% slower at H = 2048, 1-2.5% at 2880
+    (NOTES.md, same section).
     Register caps (H100, NOTES.md, "Register caps on the CUDA decode kernels"): NVFP4 kernels at 80
     per thread (the compiler chose 80-125), 3-5% faster at T = 4-128; MXFP4's gate_up capped spills and
     lost up to 1.9x.  The scanning down kernel at 64 where its grid (16-row tiles x pairs) does not fit

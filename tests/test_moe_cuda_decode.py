@@ -67,9 +67,9 @@ def test_fit_check_reasons():
 
 def test_tile_rule():
     """4 warps (2 in MXFP4's gate_up on the align-block path where H % 512 == 0 and T*k >= 64) and
-    one K step per warp (two for NVFP4 there where H >= 4096); up to 4 tokens the CTAs scan the ids, above the align kernel's 8-pair
-    blocks route them, with two L2 row groups (16-pair blocks of two token tiles only by an explicit
-    config)."""
+    one K step per warp (two for NVFP4 there where H >= 4096); up to 4 tokens the CTAs scan the ids,
+    above the align kernel's 8-pair blocks route them, with two L2 row groups (16-pair blocks of two
+    token tiles only by an explicit config)."""
     from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
 
     qwen3 = choose_moe_decode_config(1, 8, 128, 2048, 768)
