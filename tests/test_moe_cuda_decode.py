@@ -298,6 +298,21 @@ def test_gpu_up_to_5_pairs_per_expert():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_align_block_rules_at_h4096(fmt):
+    """The rule's own align-block configs at H = 4096 (MXFP4: gate_up with 2 warps; NVFP4: two K
+    steps in flight per warp under the 80-register cap) against the reference, with bad ids."""
+    from inductor_moe.cuda.fp4_moe import choose_moe_decode_config
+
+    T, E, H, I, k = 16, 16, 4096, 256, 4  # 64 pairs, 4 per expert
+    cfg = choose_moe_decode_config(T, k, E, H, I, fmt)
+    assert cfg.block_m and (cfg.gate_up_warps, cfg.unroll) == ((2, 1) if fmt == "mxfp4" else (4, 2))
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(T, E, H, I, k, fmt, seed=13, bad_ids=True)
+    _check(x, ids, tw, w13, w2, spec, kw, fmt, f"align-block rules {fmt} H={H}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_gpu_register_caps_reach_the_kernels(fmt, monkeypatch):
     """A config's register caps are what the built kernels use at most (the driver's count), and a
     capped call gives the same bits as an uncapped one."""
