@@ -28,8 +28,8 @@ from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
 from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
-from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, k_half_tail,
-                       mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
+from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
+                       k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
 from .moe_tma import weight_tma_arguments, weight_tma_reason
 from .moe_tune_cache import kernel_constraint_violation
 
@@ -171,10 +171,11 @@ def split_launch_options(const: dict) -> dict:
 
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
                      hidden: int, use_pdl: bool, swap_ab: bool = False, gate_up_gscales: bool = False,
-                     scales_ahead: bool = False) -> dict:
+                     scales_ahead: bool = False, intermediate: int = 0) -> dict:
     """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing.
     ``gate_up_gscales``: NVFP4 w13 global scales are [E, 2] (gate's, up's), not [E].  ``scales_ahead``:
-    moe_plan.fp4_scales_ahead (the swapped one-dot tiles only)."""
+    moe_plan.fp4_scales_ahead (the swapped one-dot tiles only).  ``intermediate``: I, for
+    moe_plan.fp8_weight_scales_uniform (0: unknown, so per-column fp8 weight scales)."""
     from ..templates.moe_common import ACT_FORMAT_CODES, ACTIVATION_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
@@ -186,6 +187,7 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 BLOCK_K=g1.block_k, EVEN_K=hidden % g1.block_k == 0 or half_tail, GATE_UP_ONE_DOT=cfg.gate_up_one_dot,
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
                 SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales,
+                W_SCALE_UNIFORM=fp8_weight_scales_uniform(spec, cfg, fmt, intermediate) and not swap_ab,
                 **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab and cfg.gate_up_one_dot),
                 **_launch_options(g1, cfg.block_m, swap_ab, 1))
 
@@ -240,7 +242,8 @@ def isa_specs() -> dict:
                  {"inter_ptr": a, "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16",
                   "inter_scale_ptr": act_scale[act]},
                  (), 768)):
-            const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True, cfg.swap_ab)
+            const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True, cfg.swap_ab,
+                          **({"intermediate": 768} if name == "moe_gemm1" else {}))
             options = split_launch_options(const)
             if act == "fp8_mx32" and dot_scaled:  # e4m3 x e2m1 through tl.dot_scaled: CI checks the MMA
                 options["expect_sm100"] = "block_scale"
@@ -349,7 +352,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
 
         kernel_config = config_for_call(x, k, E, H, I, fmt, spec.act_format, _num_sms(x.device), run=lambda c: (
             fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2, w13_global_scale,
-                              w2_global_scale, kernel_config=c, use_pdl=use_pdl)))
+                              w2_global_scale, kernel_config=c, use_pdl=use_pdl)),
+            gate_up_interleaved=spec.gate_up == "interleaved")
     cfg = kernel_config
     x = x if x.stride(1) == 1 else x.contiguous()
     ids = topk_ids.contiguous()
@@ -414,7 +418,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
                a1_s.stride(0) if act else 0, inter_s_stride,
                float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset))
     l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab,
-                             W.gate_up_global_scales(spec, w13_global_scale), fp4_scales_ahead(fmt, s13_sn))
+                             W.gate_up_global_scales(spec, w13_global_scale), fp4_scales_ahead(fmt, s13_sn), I)
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     l2_args = (inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
                sorted_ids, block_expert, expert_start, expert_count, inter_s,

@@ -142,6 +142,37 @@ def _fp8_act_tiles(g1: GemmTiles, g2: GemmTiles, act_format: str, weight_format:
     return g1, g2
 
 
+def _fp8_x_fp8_tiles(rows_per_expert: float, intermediate: int, gate_up_interleaved: bool, g1: GemmTiles,
+                     g2: GemmTiles) -> tuple:
+    """(gate_up_one_dot, block_m, L1 tiles, L2 tiles) of fp8 x fp8 from 64-row blocks up.  L1 runs
+    gate and up as two dots: where each dot's weight tile lies in one 128-row scale block
+    (fp8_weight_scales_uniform: I % 128 == 0, gate / up not interleaved) every K step promotes with
+    one FMA per accumulator element instead of a per-column scale vector, and 128-row blocks fit
+    (182 -> 255 registers, no spill; with per-column scales they spill and run 2x slower).  H100,
+    same-process A/B against the one-dot 64-row tiles (benchmarks/NOTES.md, "fp8 x fp8: one scale
+    per weight tile"): qwen3 T = 4096 / 16384 809.7 -> 692.4 / 2851.4 -> 2351.5 us, dsv4 T = 4096
+    (96 rows per expert) 3464.0 -> 2879.0 with 128-row blocks and 64-column L2 tiles (123 registers:
+    two CTAs per SM); at 64 rows per expert 64-row blocks with 4 stages (qwen3 T = 1024 329.9 ->
+    307.4; 128-row blocks 337.6); gpt-oss (I = 2880, per-column scales) T = 4096 2269.5 -> 2171-2201
+    with two dots at 64 rows."""
+    uniform = intermediate % 128 == 0 and not gate_up_interleaved
+    if not uniform:
+        return False, 64, g1, g2
+    if rows_per_expert > 80:
+        return False, 128, g1, dataclasses.replace(g2, block_n=64)
+    return False, 64, dataclasses.replace(g1, num_stages=4), dataclasses.replace(g2, num_stages=4)
+
+
+def fp8_weight_scales_uniform(spec, cfg: "MoEKernelConfig", weight_format: str, intermediate: int) -> bool:
+    """fp8 x fp8 L1 with two dots whose weight tiles each lie in one 128-row scale block (gate rows
+    n, up rows I + n; block_n is 128, the activation group): a K step's weight scale is then one
+    scalar per dot, and the promotion one FMA per accumulator element (moe_gemm1 W_SCALE_UNIFORM).
+    L2's tiles of block_n | 128 rows always are (moe_gemm2 decides that itself)."""
+    bn = cfg.gemm1.block_n
+    return (weight_format == "fp8_block128" and spec.act_format == "fp8_block128" and not cfg.gate_up_one_dot
+            and spec.gate_up != "interleaved" and 128 % bn == 0 and intermediate > 0 and intermediate % bn == 0)
+
+
 def mxfp4_dot_scaled(setting: str, arch_major: int) -> bool:
     """Whether MXFP4 weights go through tl.dot_scaled (else the packed in-register decode).
     ``setting`` is config.mxfp4_mma.  auto: dot_scaled where the hardware has block-scaled MMA
@@ -279,11 +310,12 @@ def align_chunk(n_entries: int, num_experts: int) -> int:
 def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
                       weight_format: str = "dense", num_sms: int = 132,
                       overrides: Optional[dict] = None, act_format: str = "dense",
-                      allow_swap_ab: bool = True) -> MoEKernelConfig:
+                      allow_swap_ab: bool = True, gate_up_interleaved: bool = False) -> MoEKernelConfig:
     """Pick tiles for one MoE layer call.  ``weight_format`` is the format the GEMMs read,
     ``act_format`` the activations' (dense, or fp8 e4m3 with per-128 / per-32 scales).
     ``allow_swap_ab=False``: the tiles for FP4 weights that will not run swapped (tl.dot_scaled,
-    fp16 activations, the persistent kernel, config.fp4_swap_ab off)."""
+    fp16 activations, the persistent kernel, config.fp4_swap_ab off).  ``gate_up_interleaved``:
+    w13's gate / up rows alternate (their fp8 block scales then vary along an L1 tile)."""
     n_entries = max(num_tokens * top_k, 1)
     active = min(num_experts, n_entries)
     rows_per_expert = n_entries / active
@@ -354,11 +386,15 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
             # gpt-oss: fp8_block128 x mxfp4 4402 -> 2327 / 12700 -> 6939 us, x nvfp4 5009 -> 2521 /
             # 13374 -> 7070; fp8_mx32 x nvfp4 6853 -> 1718 / 19782 -> 4893)
 
+    one_dot = True
+    if act_format == weight_format == "fp8_block128" and block_m >= 64:
+        one_dot, block_m, g1, g2 = _fp8_x_fp8_tiles(rows_per_expert, intermediate, gate_up_interleaved, g1, g2)
+
     cfg = MoEKernelConfig(
         block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk(n_entries, num_experts),
         align_one_launch=n_entries <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
-        combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime)
+        combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime, gate_up_one_dot=one_dot)
     if allow_swap_ab and swap_ab_fits(weight_format, act_format, hidden, intermediate):
         cfg = with_swap_ab(cfg.replace(block_m=swap_ab_block_m(rows_per_expert, weight_format, regime, hidden,
                                                                intermediate)), hidden, intermediate, weight_format)

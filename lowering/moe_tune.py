@@ -316,9 +316,10 @@ def _measure_for(device: torch.device, run: Callable[[MoEKernelConfig], torch.Te
 
 @functools.lru_cache(maxsize=4096)
 def _heuristic(T: int, k: int, E: int, H: int, I: int, weight_format: str, num_sms: int,  # noqa: E741
-               act_format: str) -> MoEKernelConfig:
+               act_format: str, gate_up_interleaved: bool = False) -> MoEKernelConfig:
     """choose_moe_config is a pure function: once per call shape, not once per call."""
-    return choose_moe_config(T, k, E, H, I, weight_format, num_sms, act_format=act_format)
+    return choose_moe_config(T, k, E, H, I, weight_format, num_sms, act_format=act_format,
+                             gate_up_interleaved=gate_up_interleaved)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -327,12 +328,13 @@ def _applied(tiles: TunedTiles, base: MoEKernelConfig, source: str) -> MoEKernel
 
 
 def config_for_call(x: torch.Tensor, k: int, E: int, H: int, I: int, weight_format: str,  # noqa: E741
-                    act_format: str, num_sms: int, run: Callable[[MoEKernelConfig], object]) -> MoEKernelConfig:
+                    act_format: str, num_sms: int, run: Callable[[MoEKernelConfig], object],
+                    gate_up_interleaved: bool = False) -> MoEKernelConfig:
     """Tiles for one fused call: the bucket's tuned entry where a table has one (moe_tune_cache
     lookup order); else, with config.autotune on and no CUDA graph being captured, tune the bucket
     now by timing ``run(cfg)`` on this call's inputs; else the heuristic."""
     T = x.shape[0]
-    base = _heuristic(T, k, E, H, I, weight_format, num_sms, act_format)
+    base = _heuristic(T, k, E, H, I, weight_format, num_sms, act_format, gate_up_interleaved)
     key = TuneKey.for_call(x.device, x.dtype, T, E, k, H, I, weight_format, act_format)
     hit = cache.lookup(key)
     if hit is not None:

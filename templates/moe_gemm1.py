@@ -35,10 +35,12 @@ from .moe_tiles import (act_weight_tile_dot, desc_dense_dot, fp4_weight_scales, 
 def _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up, n_cat, k0, H, I,
                   stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
                   ACT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr, GATE_UP_ONE_DOT: tl.constexpr,
-                  FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr, w_scales=None):
+                  FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr, w_scales=None, w_block_gate=None,
+                  w_block_up=None):
     """One K step of L1: gather the token rows' x[:, k0:k0+BK], multiply by the gate/up weight tile(s)
     (GATE_UP_ONE_DOT: acc_gate is the one accumulator, acc_up a placeholder; ``w_scales``: the
-    swapped one-dot tile's scales, loaded a step ahead)."""
+    swapped one-dot tile's scales, loaded a step ahead; ``w_block_gate`` / ``w_block_up``: the fp8
+    scale block of each two-dot weight tile, W_SCALE_UNIFORM)."""
     a, a_s = load_act_tile(x_rows, xs_rows, row_mask, k0, H, BLOCK_K, ACT_FORMAT, EVEN_K)
     if GATE_UP_ONE_DOT:
         acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_cat, k0, H, 2 * I, stride_wn, stride_wk,
@@ -47,10 +49,10 @@ def _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n
     else:
         acc_gate = act_weight_tile_dot(acc_gate, a, a_s, w_base, s_base, n_gate, k0, H, 2 * I, stride_wn,
                                        stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
-                                       EVEN_K, FP4_DOT_SCALED, SWAP_AB)
+                                       EVEN_K, FP4_DOT_SCALED, SWAP_AB, None, w_block_gate)
         acc_up = act_weight_tile_dot(acc_up, a, a_s, w_base, s_base, n_up, k0, H, 2 * I, stride_wn,
                                      stride_wk, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT,
-                                     EVEN_K, FP4_DOT_SCALED, SWAP_AB)
+                                     EVEN_K, FP4_DOT_SCALED, SWAP_AB, None, w_block_up)
     return acc_gate, acc_up
 
 
@@ -70,6 +72,7 @@ def gemm1_tile(
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
     PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
+    W_SCALE_UNIFORM: tl.constexpr = False,
 ):
     """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one
     expert's, e >= 0).
@@ -125,6 +128,13 @@ def gemm1_tile(
         acc_gate, acc_up = acc, 0.0  # one accumulator: gate and up columns alternating
     # K_HALF_TAIL: H = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
     k_main = H - BLOCK_K // 2 if K_HALF_TAIL else H
+    w_block_gate, w_block_up = None, None
+    if W_SCALE_UNIFORM:  # fp8 x fp8, two dots: gate rows n and up rows I + n (I % BLOCK_N == 0) each
+        # lie in one 128-row scale block (lowering/moe_plan.py: fp8_weight_scales_uniform)
+        tl.static_assert(WEIGHT_FORMAT == 1 and ACT_FORMAT == 1 and not GATE_UP_ONE_DOT and not INTERLEAVED
+                         and 128 % BLOCK_N == 0, "W_SCALE_UNIFORM: fp8 x fp8 two-dot tiles of BLOCK_N | 128 rows")
+        w_block_gate = pid_n * BLOCK_N // 128
+        w_block_up = (I + pid_n * BLOCK_N) // 128
     s_next = None
     if SCALES_AHEAD:  # the swapped one-dot tile only (ignored elsewhere)
         if SWAP_AB and GATE_UP_ONE_DOT:  # its scales one K step ahead (moe_tiles.fp4_weight_scales)
@@ -149,12 +159,12 @@ def gemm1_tile(
             acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate,
                                              n_up, n_cat, k0, H, I, stride_wn, stride_wk, stride_sn, stride_sk, BLOCK_K,
                                              WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED,
-                                             SWAP_AB, s_now)
+                                             SWAP_AB, s_now, w_block_gate, w_block_up)
     if K_HALF_TAIL:
         acc_gate, acc_up = _gemm1_k_step(acc_gate, acc_up, x_rows, xs_rows, row_mask, w_base, s_base, n_gate, n_up,
                                          n_cat, k_main, H, I, stride_wn, stride_wk, stride_sn, stride_sk,
                                          BLOCK_K // 2, WEIGHT_FORMAT, ACT_FORMAT, True, GATE_UP_ONE_DOT,
-                                         FP4_DOT_SCALED, SWAP_AB)
+                                         FP4_DOT_SCALED, SWAP_AB, None, w_block_gate, w_block_up)
     if GATE_UP_ONE_DOT:
         acc = acc_gate
     if SWAP_AB:
@@ -216,6 +226,7 @@ def moe_gemm1_kernel(
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
     PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
+    W_SCALE_UNIFORM: tl.constexpr = False,
 ):
     """TAIL_BLOCK_M > 0: a block holding at most that many rows (an expert's last) runs a tile of
     TAIL_BLOCK_M rows, so its MMA does not spend BLOCK_M rows' work on a few tokens.  ``w_desc``:
@@ -232,7 +243,7 @@ def moe_gemm1_kernel(
                        ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                        ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                       PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
+                       PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:
@@ -244,7 +255,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
             elif 2 * TAIL_BLOCK_M == BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -254,7 +265,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
             elif left <= 2 * TAIL_BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -264,7 +275,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
             else:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -274,4 +285,4 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)

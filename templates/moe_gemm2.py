@@ -57,6 +57,9 @@ def gemm2_tile(
     as_rows = inter_scale_ptr + entry.to(tl.int64) * stride_ist  # fp8 intermediate: the row's scales
     # K_HALF_TAIL: I = n * BLOCK_K + BLOCK_K / 2, so the last step is an unmasked half-deep one
     k_main = I - BLOCK_K // 2 if K_HALF_TAIL else I
+    w_block = None
+    if WEIGHT_FORMAT == 1 and ACT_FORMAT == 1 and 128 % BLOCK_N == 0:  # the tile's rows: one scale block
+        w_block = pid_n * BLOCK_N // 128
     s_next = None
     if SCALES_AHEAD and SWAP_AB:  # the swapped tile's scales, one K step ahead (moe_tiles.fp4_weight_scales)
         s_next = fp4_weight_scales(s_base, n, n < H, 0, I, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
@@ -75,12 +78,12 @@ def gemm2_tile(
         else:
             acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k0, I, H, stride_wn, stride_wk,
                                       stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, ACT_FORMAT, EVEN_K, FP4_DOT_SCALED,
-                                      SWAP_AB, s_now)
+                                      SWAP_AB, s_now, w_block)
     if K_HALF_TAIL:
         a, a_s = load_act_tile(a_rows, as_rows, row_mask, k_main, I, BLOCK_K // 2, ACT_FORMAT, True)
         acc = act_weight_tile_dot(acc, a, a_s, w_base, s_base, n, k_main, I, H, stride_wn, stride_wk,
                                   stride_sn, stride_sk, BLOCK_K // 2, WEIGHT_FORMAT, ACT_FORMAT, True, FP4_DOT_SCALED,
-                                  SWAP_AB)
+                                  SWAP_AB, None, w_block)
     if SWAP_AB:
         acc = tl.trans(acc)
     pdl_launch_dependents(USE_PDL)

@@ -291,10 +291,11 @@ def dequant_mx32_tile(a, a_s, BLOCK_K: tl.constexpr):
 def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, stride_sn, stride_sk,
                         BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ACT_FORMAT: tl.constexpr,
                         EVEN_K: tl.constexpr, FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                        w_scales=None):
+                        w_scales=None, w_block=None):
     """acc += dequant(a, a_s) [BM, BK] @ w[n, k0:k0+BK]^T for any activation format (SWAP_AB: acc
     is [BN, BM]; dense bf16 activations with FP4 weights decoded in registers only; ``w_scales``:
-    this step's fp4_weight_scales if the caller loaded them ahead).
+    this step's fp4_weight_scales if the caller loaded them ahead; ``w_block``: fp8 weights whose
+    tile rows all lie in this one 128-row scale block, so a K step's weight scale is one scalar).
 
     fp8_mx32 x mxfp4 with FP4_DOT_SCALED: one tl.dot_scaled(e4m3, e8m0, e2m1, e8m0) -- tcgen05
     ``kind::mxf8f6f4.block_scale`` on sm_100.  fp8_block128 x fp8_block128 (DeepSeek): an e4m3 x
@@ -320,12 +321,16 @@ def act_weight_tile_dot(acc, a, a_s, w_ptr, s_ptr, n, k0, K, N, stride_wn, strid
     elif ACT_FORMAT == 1 and WEIGHT_FORMAT == 1:
         n_mask = n < N
         b = _dense_weight_tile(w_ptr, n, n_mask, k0, K, stride_wn, stride_wk, BLOCK_K, EVEN_K)
-        w_s = _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk)
         if INTERPRET:
             part = tl.dot(a.to(tl.float32), b.to(tl.float32))
         else:
             part = tl.dot(a, b)
-        acc += part * a_s[:, None] * w_s[None, :]
+        if w_block is None:
+            acc += part * a_s[:, None] * _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk)[None, :]
+        else:  # one scale load and one FMA per accumulator element (a whole-tile scale vector is
+            # replicated per thread in the MMA layout: 16 loads of one address per step)
+            w_s = tl.load(s_ptr + w_block * stride_sn + (k0 // 128) * stride_sk)
+            acc += part * (a_s * w_s)[:, None]
     elif ACT_FORMAT == 2 and WEIGHT_FORMAT == 1:
         # mx32 x fp8 weights: both operands exact in bf16; the weight tile's scale (uniform on this
         # K step) goes on the fp32 partial, never rounded into the operand

@@ -152,6 +152,13 @@ CASES = [
     _case("a128_fp8w_prefill_tiles", T=33, k=2, I=128, H=128, act="fp8_block128", weight_format="fp8_block128",
           overrides={"block_m": 64, "gemm1.block_n": 128, "gemm1.block_k": 32, "gemm1.num_warps": 8,
                      "gemm2.block_n": 64, "gemm2.block_k": 64}),
+    _case("a128_fp8w_two_dot_uniform_scales", T=33, k=2, I=256, H=256, act="fp8_block128", weight_format="fp8_block128",
+          bad_ids=True, overrides={"block_m": 64, "gate_up_one_dot": False, "gemm1.block_n": 128, "gemm1.block_k": 64,
+                                   "gemm1.num_warps": 8, "gemm2.block_n": 128, "gemm2.block_k": 128}),
+    _case("a128_fp8w_two_dot_uniform_scales_128_rows", T=80, k=2, I=128, H=256, act="fp8_block128",
+          weight_format="fp8_block128", overrides={"block_m": 128, "gate_up_one_dot": False, "gemm1.block_n": 128,
+                                                   "gemm1.block_k": 64, "gemm1.num_warps": 8, "gemm2.block_n": 64,
+                                                   "gemm2.block_k": 128}),
     _case("mx32_mxfp4_prefill_tiles", T=33, k=2, I=64, H=128, act="fp8_mx32", weight_format="mxfp4",
           settings={"mxfp4_mma": "dot_scaled"},  # the sm_100 path (tcgen05 block-scaled MMA)
           overrides={"block_m": 128, "gemm1.block_n": 64, "gemm1.block_k": 32, "gemm1.num_warps": 8,
@@ -469,6 +476,34 @@ def test_plan_swapped_k_loop_and_register_cap():
     assert big.block_m == 128 and "maxnreg" not in gemm2_constexprs(spec, big, "mxfp4", False, False, 2880, True, True)
 
 
+def test_plan_fp8_x_fp8_two_dots_with_one_scale_per_weight_tile():
+    """fp8 x fp8 from 64-row blocks: L1 as two dots whose weight tiles each sit in one 128-row scale
+    block (W_SCALE_UNIFORM), 128-row blocks above 80 rows per expert; per-column scales (interleaved
+    gate / up, I % 128 != 0) keep 64-row blocks, where 128 rows spill."""
+    from inductor_moe.lowering.moe import gemm1_constexprs
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.spec import MoESpec
+
+    fp8 = dict(act_format="fp8_block128")
+    spec, interleaved = MoESpec(**fp8), MoESpec(gate_up="interleaved", **fp8)
+    for T, block_m, stages in ((1024, 64, 4), (4096, 128, 3), (16384, 128, 3)):  # qwen3: 64 / 256 / 1024 rows
+        cfg = choose_moe_config(T, 8, 128, 2048, 768, "fp8_block128", **fp8)
+        assert (cfg.block_m, cfg.gate_up_one_dot, cfg.gemm1.num_stages) == (block_m, False, stages), (T, cfg)
+        assert cfg.gemm2.block_n == (64 if block_m == 128 else 128), cfg
+        assert gemm1_constexprs(spec, cfg, "fp8_block128", False, False, 2048, True, intermediate=768)["W_SCALE_UNIFORM"]
+    assert choose_moe_config(4096, 6, 256, 4096, 2048, "fp8_block128", **fp8).block_m == 128  # dsv4: 96 rows
+    for cfg in (choose_moe_config(4096, 4, 128, 2880, 2880, "fp8_block128", **fp8),  # I % 128 != 0
+                choose_moe_config(4096, 8, 128, 2048, 768, "fp8_block128", gate_up_interleaved=True, **fp8)):
+        assert cfg.block_m == 64 and not cfg.gate_up_one_dot, cfg
+    cfg = choose_moe_config(4096, 8, 128, 2048, 768, "fp8_block128", gate_up_interleaved=True, **fp8)
+    assert not gemm1_constexprs(interleaved, cfg, "fp8_block128", False, False, 2048, True,
+                                intermediate=768)["W_SCALE_UNIFORM"]
+    assert not gemm1_constexprs(spec, cfg, "fp8_block128", False, False, 2048, True)["W_SCALE_UNIFORM"]  # I unknown
+    # below 64-row blocks (and with bf16 activations) nothing changed: one dot
+    assert choose_moe_config(512, 8, 128, 2048, 768, "fp8_block128", **fp8).gate_up_one_dot
+    assert choose_moe_config(4096, 8, 128, 2048, 768, "fp8_block128").gate_up_one_dot
+
+
 def test_mxfp4_scales_16b_rows():
     """MXFP4 scale rows not on 16-byte boundaries (gpt-oss: 90 bytes) become a view of a padded copy,
     made once per weight and rebuilt after an in-place update; aligned ones are used as they are."""
@@ -600,7 +635,7 @@ def test_templates_compile_for_sm90(case):
     tiles.setdefault("SCALES_AHEAD", False)
     common = dict(WEIGHT_FORMAT=fmt, EVEN_K=True, FP4_DOT_SCALED=False, USE_PDL=True, ACT_FORMAT=0, **tiles)
     l1 = dict(ACTIVATION=0, HAS_LIMIT=True, HAS_BIAS=True, INTERLEAVED=False, WEIGHT_BEFORE_DOWN=False,
-              GATE_UP_ONE_DOT=True, **common)
+              GATE_UP_ONE_DOT=True, W_SCALE_UNIFORM=False, **common)
     l2 = dict(HAS_BIAS=True, WEIGHT_AFTER_DOWN=True, **common)
     if tiles["SWAP_AB"]:
         l2["BLOCK_N"] = 128
