@@ -148,7 +148,8 @@ def _fp8_x_fp8_tiles(rows_per_expert: float, intermediate: int, gate_up_interlea
     gate and up as two dots: where each dot's weight tile lies in one 128-row scale block
     (fp8_weight_scales_uniform: I % 128 == 0, gate / up not interleaved) every K step promotes with
     one FMA per accumulator element instead of a per-column scale vector, and 128-row blocks fit
-    (182 -> 255 registers, no spill; with per-column scales they spill and run 2x slower).  H100,
+    (L1 182 registers at 64 rows, 255 and a 16-byte spill at 128; with per-column scales 128 rows
+    spill more and run 2x slower).  H100,
     same-process A/B against the one-dot 64-row tiles (benchmarks/NOTES.md, "fp8 x fp8: one scale
     per weight tile"): qwen3 T = 4096 / 16384 809.7 -> 692.4 / 2851.4 -> 2351.5 us, dsv4 T = 4096
     (96 rows per expert) 3464.0 -> 2879.0 with 128-row blocks and 64-column L2 tiles (123 registers:
