@@ -156,8 +156,7 @@ def _fp8_x_fp8_tiles(rows_per_expert: float, intermediate: int, gate_up_interlea
     two CTAs per SM); at 64 rows per expert 64-row blocks with 4 stages (qwen3 T = 1024 329.9 ->
     307.4; 128-row blocks 337.6); gpt-oss (I = 2880, per-column scales) T = 4096 2269.5 -> 2171-2201
     with two dots at 64 rows."""
-    uniform = intermediate % 128 == 0 and not gate_up_interleaved
-    if not uniform:
+    if not _gate_up_in_scale_blocks(intermediate, gate_up_interleaved, 128):
         return False, 64, g1, g2
     if rows_per_expert > 80:
         return False, 128, g1, dataclasses.replace(g2, block_n=64)
@@ -169,9 +168,15 @@ def fp8_weight_scales_uniform(spec, cfg: "MoEKernelConfig", weight_format: str, 
     n, up rows I + n; block_n is 128, the activation group): a K step's weight scale is then one
     scalar per dot, and the promotion one FMA per accumulator element (moe_gemm1 W_SCALE_UNIFORM).
     L2's tiles of block_n | 128 rows always are (moe_gemm2 decides that itself)."""
-    bn = cfg.gemm1.block_n
     return (weight_format == "fp8_block128" and spec.act_format == "fp8_block128" and not cfg.gate_up_one_dot
-            and spec.gate_up != "interleaved" and 128 % bn == 0 and intermediate > 0 and intermediate % bn == 0)
+            and _gate_up_in_scale_blocks(intermediate, spec.gate_up == "interleaved", cfg.gemm1.block_n))
+
+
+def _gate_up_in_scale_blocks(intermediate: int, gate_up_interleaved: bool, block_n: int) -> bool:
+    """Whether every L1 two-dot weight tile of ``block_n`` gate rows (n) or up rows (I + n) lies in
+    one 128-row fp8 scale block (0: I unknown)."""
+    return (not gate_up_interleaved and 128 % block_n == 0 and intermediate > 0
+            and intermediate % block_n == 0)
 
 
 def mxfp4_dot_scaled(setting: str, arch_major: int) -> bool:
