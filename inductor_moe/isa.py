@@ -167,8 +167,11 @@ def compile_to_ptx(kernel, signature: dict, constexprs: dict, arch: int, options
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=_constexpr_keys(kernel, constexprs),
-                    **({"attrs": attrs} if attrs else {}))
+    source = ASTSource
+    if type(kernel).__name__ == "GluonJITFunction":
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=kernel, signature=signature, constexprs=_constexpr_keys(kernel, constexprs),
+                 **({"attrs": attrs} if attrs else {}))
     opts = dict(options or {})
     fields = getattr(type(backend.parse_options({})), "__dataclass_fields__", {})
     if "ptx_version" in fields:

@@ -122,3 +122,22 @@ def counting_weight_tma():
         yield calls
     finally:
         moe_lowering.weight_tma_arguments = build
+
+
+@contextlib.contextmanager
+def counting_ws_l2_launches():
+    """Record the max_blocks of every warp-specialised L2 launch (lowering/moe_ws.py) while active,
+    so tests read which L2 ran."""
+    from .lowering import moe as moe_lowering
+
+    launch, calls = moe_lowering.launch_ws_l2, []
+
+    def counting(l2_args, has_bias, weight_after_down, max_blocks, num_sms, use_pdl):
+        calls.append(max_blocks)
+        return launch(l2_args, has_bias, weight_after_down, max_blocks, num_sms, use_pdl)
+
+    moe_lowering.launch_ws_l2 = counting
+    try:
+        yield calls
+    finally:
+        moe_lowering.launch_ws_l2 = launch

@@ -31,6 +31,7 @@ from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
                        k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
 from .moe_tma import weight_tma_arguments, weight_tma_reason
+from .moe_ws import launch_ws_l2, ws_l2_reason
 from .moe_tune_cache import kernel_constraint_violation
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -436,7 +437,12 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
             l1_kw.update(tma1)
             l2_kw.update(tma2)
         moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)
-        moe_gemm2_kernel[(max_blocks * -(-H // cfg.gemm2.block_n),)](*l2_args, **l2_kw, **pdl)
+        if ws_l2_reason(fmt, spec.act_format, BM, H, I, (w2_se, w2_sn, w2_sk), w2_t.data_ptr(), _arch_major(x.device),
+                        _interpreting(), use_mega, moe_config.warp_specialized) is None:
+            launch_ws_l2(l2_args, b2 is not None, l2_kw["WEIGHT_AFTER_DOWN"], max_blocks, _num_sms(x.device),
+                         use_pdl)
+        else:
+            moe_gemm2_kernel[(max_blocks * -(-H // cfg.gemm2.block_n),)](*l2_args, **l2_kw, **pdl)
 
     bt, bh = cfg.combine_block_t, cfg.combine_block_h
     moe_combine_kernel[(-(-T // bt), -(-H // bh))](rows, ids, out, T, H, E, out.stride(0), TOP_K=k,

@@ -1,0 +1,211 @@
+"""L2 for fp8 x fp8 (block-128 weights and activations) as a warp-specialised persistent kernel.
+
+# Why (benchmarks/NOTES.md, "Seven ways", items 5-6): DeepSeek's format needs every K step's fp32
+# partial promoted into the accumulator times (activation row scale x weight tile scale).  In one
+# Triton program all warps pass the same CTA barriers each K step, so the promotion stalls the
+# tensor cores.  Here (Gluon, sm_90) the warps are split by role and synchronised by mbarriers
+# only, so the two consumer warpgroups drift apart and one's promotion overlaps the other's MMA:
+#
+#   producer (4 warps): per K step, cp.async of the M-block's gathered intermediate rows [BM, BK]
+#     and the weight tile [BN, BK] into a ring of STAGES shared-memory slots; each thread's copies
+#     arrive on the slot's `ready` mbarrier when they land (count: the producer's 128 threads).
+#   consumer warpgroup g (4 warps each, g = 0, 1): rows [g * BM/2, +BM/2) of the block; per K step
+#     one e4m3 x e4m3 wgmma from shared memory, wait, release the slot (`empty`, count 2), promote.
+#     Epilogue as gemm2_tile: bias, routing weight, bf16 rows at the pairs' own output rows.
+#
+# Persistent: program p walks tiles p, p + G, ... of max_blocks x (H / BN), N tiles fastest; every
+# partition walks the same list and skips the same blocks (block_expert -1), so the ring's slot
+# and phase counters agree.  The producer runs up to STAGES steps ahead, into the next tile while
+# the consumers store the last one.
+# Takes: e4m3 intermediate [T*k, I] with fp32 scales [T*k, I/128], e4m3 weights [E, H, I] with
+# K contiguous and fp32 scales [E, H/128, I/128]; I % BK == 0, H % BN == 0, 128 % BN == 0.
+"""
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+
+    # cp.async of a pointer tile into shared memory: async_load from triton 3.7 on
+    cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    HAS_GLUON = True
+except ImportError:  # pragma: no cover - triton without Gluon
+    HAS_GLUON = False
+
+# registers per thread: maxnreg for the kernel's 12 warps, then the two worker partitions'
+# (consumer warpgroup 1, producer); the default partition (consumer warpgroup 0) gets the rest
+MAX_REGISTERS = 168
+
+
+if HAS_GLUON:
+    PRODUCER_WARPS = gl.constexpr(4)
+    CONSUMER_REGISTERS, PRODUCER_REGISTERS = gl.constexpr(208), gl.constexpr(88)
+
+    @gluon.jit
+    def _pdl_wait(USE_PDL: gl.constexpr):
+        if USE_PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, rows,
+                   BLOCK_M: gl.constexpr):
+        """(expert or -1, sorted ids of ``rows`` of the M-block) of tile t (-1 past the list).  Loaded
+        a tile ahead: the ids of pad rows are whatever align left there, so they are clamped, not
+        masked by the expert's row count (a load that would wait for the expert's)."""
+        live = t < num_tiles
+        pid_m = gl.where(live, t, 0) // n_tiles_n
+        e = gl.load(block_expert_ptr + pid_m, mask=live, other=-1)
+        ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + rows)
+        return e, ids
+
+    @gluon.jit
+    def _l2_ws_producer(inter_ptr, w_ptr, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, empty,
+                        I, num_pairs, stride_we, stride_wn, num_tiles, n_tiles_n, k_steps,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        # 16 e4m3 (one 16-byte cp.async) per thread, 8 threads per 128-byte row, 4 warps
+        layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        rows_l: gl.constexpr = gl.SliceLayout(1, layout)
+        k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
+        block_rows = gl.arange(0, BLOCK_M, layout=rows_l)
+        n_rows = gl.arange(0, BLOCK_N, layout=rows_l)
+        step = gl.num_programs(0)
+        e_next, ids_next = _tile_rows(gl.program_id(0), num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
+                                      block_rows, BLOCK_M)
+        it = 0
+        for t in range(gl.program_id(0), num_tiles, step):
+            e = e_next
+            ids = ids_next
+            e_next, ids_next = _tile_rows(t + step, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
+                                          block_rows, BLOCK_M)
+            if e >= 0:
+                entry = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)  # pad rows: some valid row
+                a_ptrs = inter_ptr + entry.to(gl.int64)[:, None] * I + k[None, :]
+                n = (t % n_tiles_n) * BLOCK_N + n_rows
+                w_ptrs = w_ptr + e.to(gl.int64) * stride_we + n.to(gl.int64)[:, None] * stride_wn + k[None, :]
+                for ks in range(k_steps):
+                    s = it % STAGES
+                    mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                    cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
+                    cp_async_load(b_bufs.index(s), w_ptrs + ks * BLOCK_K)
+                    async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+                    it += 1
+
+    @gluon.jit
+    def _tile_loads(e, ids, t, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr, w_scale_ptr,
+                    topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N: gl.constexpr):
+        """What a consumer needs of tile t beyond its ids, issued before the previous tile's epilogue:
+        one past the expert's last row, the rows' activation-scale pointers and first scales, the
+        weight tile's scale pointer and first scale, the routing weights (clamped ids: pad rows are
+        masked at the store)."""
+        ec = gl.maximum(e, 0)
+        row_end = gl.load(expert_start_ptr + ec) + gl.load(expert_count_ptr + ec)
+        safe_ids = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)
+        as_rows = inter_scale_ptr + safe_ids.to(gl.int64) * stride_ist
+        ws_base = w_scale_ptr + ec.to(gl.int64) * stride_se + ((t % n_tiles_n) * BLOCK_N // 128) * stride_sn
+        tw = gl.load(topk_weights_ptr + safe_ids)
+        return row_end, as_rows, ws_base, gl.load(as_rows), gl.load(ws_base), tw
+
+    @gluon.jit
+    def _l2_ws_consumer(w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
+                        expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, empty,
+                        H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles, n_tiles_n,
+                        k_steps, WG: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        HALF: gl.constexpr = BLOCK_M // 2
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        # the store: 8 bf16 (16 bytes) per thread, 16 threads per 256-byte row
+        store_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+        zero = gl.zeros([HALF, BLOCK_N], gl.float32, mma)
+        half_rows = WG * HALF + gl.arange(0, HALF, layout=rows_l)
+        store_rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, store_l))
+        store_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_l))
+        step = gl.num_programs(0)
+        t = gl.program_id(0)
+        e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, half_rows, BLOCK_M)
+        row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, tw_n = _tile_loads(
+            e_next, ids_next, t, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr, w_scale_ptr,
+            topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N)
+        it = 0
+        for t in range(gl.program_id(0), num_tiles, step):
+            e = e_next
+            ids = ids_next
+            row_end = row_end_n
+            as_rows = as_rows_n
+            ws_base = ws_base_n
+            a_s_next = a_s_n
+            w_s_next = w_s_n
+            tw = tw_n
+            e_next, ids_next = _tile_rows(t + step, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
+                                          half_rows, BLOCK_M)
+            acc = zero
+            if e >= 0:
+                for ks in range(k_steps):
+                    s = it % STAGES
+                    a_s = a_s_next
+                    w_s = w_s_next
+                    k_next = gl.minimum(ks + 1, k_steps - 1)  # the scales one K step ahead of the MMA
+                    a_s_next = gl.load(as_rows + k_next)
+                    w_s_next = gl.load(ws_base + k_next * stride_sk)
+                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                    fence_async_shared()  # cp.async wrote the slot through the generic proxy
+                    part = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF), b_bufs.index(s).permute((1, 0)),
+                                         zero, use_acc=False, is_async=True)
+                    part = warpgroup_mma_wait(0, deps=(part, ))
+                    mbarrier.arrive(empty.index(s), count=1)
+                    acc += part * (a_s * w_s)[:, None]
+                    it += 1
+            # the next tile's loads, in flight during this tile's epilogue
+            row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, tw_n = _tile_loads(
+                e_next, ids_next, t + step, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
+                w_scale_ptr, topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N)
+            if e >= 0:
+                pid_n = t % n_tiles_n
+                if HAS_BIAS:
+                    n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+                    acc += gl.load(b_ptr + e * stride_be + n).to(gl.float32)[None, :]
+                if WEIGHT_AFTER_DOWN:
+                    acc *= tw.to(gl.float32)[:, None]
+                out_vals = gl.convert_layout(acc.to(rows_out_ptr.dtype.element_ty), store_l)
+                out_ids = gl.convert_layout(ids, gl.SliceLayout(1, store_l))
+                row_mask = (t // n_tiles_n) * BLOCK_M + store_rows < row_end
+                out = (rows_out_ptr + out_ids.to(gl.int64)[:, None] * H + pid_n * BLOCK_N + store_cols[None, :])
+                gl.store(out, out_vals, mask=row_mask[:, None])
+
+    @gluon.jit
+    def moe_gemm2_fp8_ws_kernel(
+        inter_ptr, w_ptr, w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
+        sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
+        H, I, num_pairs, max_blocks,
+        stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+        HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
+    ):
+        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], smem)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], smem)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(empty.index(i), count=2)
+        _pdl_wait(USE_PDL)
+        n_tiles_n = H // BLOCK_N
+        num_tiles = max_blocks * n_tiles_n
+        k_steps = I // BLOCK_K
+        gl.warp_specialize([
+            (_l2_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
+                               expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, empty,
+                               H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles,
+                               n_tiles_n, k_steps, 0, HAS_BIAS, WEIGHT_AFTER_DOWN, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+            (_l2_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
+                               expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, empty,
+                               H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles,
+                               n_tiles_n, k_steps, 1, HAS_BIAS, WEIGHT_AFTER_DOWN, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+            (_l2_ws_producer, (inter_ptr, w_ptr, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, empty,
+                               I, num_pairs, stride_we, stride_wn,
+                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+        ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

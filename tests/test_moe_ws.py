@@ -1,0 +1,133 @@
+"""The warp-specialised fp8 x fp8 L2 (templates/moe_gemm2_ws.py, lowering/moe_ws.py): where it runs,
+that it builds for sm_90 without a GPU, and on a GPU that it writes the Triton L2's rows bit for bit."""
+
+import os
+
+import pytest
+import torch
+
+from inductor_moe.lowering.moe_ws import ws_l2_reason
+
+FIT = dict(fmt="fp8_block128", act_format="fp8_block128", block_m=128, hidden=2048, intermediate=768,
+           w2_strides=(2048 * 768, 768, 1), w2_address=1 << 20, arch_major=9, interpreting=False, use_mega=False, setting=True)
+
+
+def test_ws_l2_takes_deepseek_format_on_sm90_only():
+    assert ws_l2_reason(**FIT) is None
+    misses = {
+        "setting": (False, "config.warp_specialized"),
+        "fmt": ("mxfp4", "fp8 block-128 weights"),
+        "act_format": ("dense", "fp8 block-128 weights"),
+        "arch_major": (10, "sm_90"),
+        "interpreting": (True, "sm_90"),
+        "use_mega": (True, "persistent"),
+        "block_m": (64, "128-row"),
+        "hidden": (2880, "multiples of 128"),
+        "intermediate": (2880, "multiples of 128"),
+        "w2_strides": ((2048 * 768, 1, 2048), "K contiguous"),
+        "w2_address": ((1 << 20) + 8, "16-byte aligned"),
+    }
+    for key, (value, why) in misses.items():
+        reason = ws_l2_reason(**{**FIT, key: value})
+        assert reason is not None and why in reason, (key, reason)
+
+
+def _ptx(stages=4, bias=False):
+    from inductor_moe.isa import compile_to_ptx
+    from inductor_moe.lowering.moe_ws import MAX_REGISTERS
+    from inductor_moe.templates.moe_gemm2_ws import moe_gemm2_fp8_ws_kernel as k
+
+    ptrs = {"inter_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "b_ptr": "*bf16",
+            "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16", "inter_scale_ptr": "*fp32"}
+    const = dict(HAS_BIAS=bias, WEIGHT_AFTER_DOWN=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, STAGES=stages,
+                 USE_PDL=True)
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "*i32" if a.endswith("_ptr") else "i32")
+           for a in k.arg_names}
+    return compile_to_ptx(k, sig, const, 90, {"num_warps": 4, "maxnreg": MAX_REGISTERS},
+                          divisible_by_16=tuple(a for a in k.arg_names if a.endswith("_ptr") or a in (
+                              "H", "I", "stride_we", "stride_wn")))  # as the JIT specialises them
+
+
+def test_ws_l2_compiles_for_sm90_warp_specialised():
+    """CI has no GPU: the Gluon kernel builds for sm_90a with fp8 wgmma, per-role register budgets,
+    cp.async completions on mbarriers and the PDL wait."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("templates are interpreted in this process")
+    from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
+
+    if not HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    try:
+        ptx = _ptx(bias=True)
+    except ImportError as e:  # a triton without the NVIDIA backend
+        pytest.skip(str(e))
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
+    assert "setmaxnreg.dec" in ptx and "setmaxnreg.inc" in ptx, "no per-partition register budgets"
+    assert "cp.async.mbarrier.arrive.noinc" in ptx
+    assert "griddepcontrol.wait" in ptx
+
+
+# ----------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _layer(T, E, H, I, k, bias, seed, bad_ids):
+    from inductor_moe.ops import weights as W
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    ids = torch.rand(T, E, device="cuda", generator=g).topk(k, dim=1).indices.int()
+    if bad_ids and T > 1:
+        ids[0, 0] = -1
+        ids[1, k - 1] = E
+    tw = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
+    (w13, s13, _), (w2, s2, _) = (W.quantize_weight("fp8_block128", torch.randn(E, 2 * I, H, device="cuda",
+                                                                                  generator=g) / H ** 0.5),
+                                  W.quantize_weight("fp8_block128", torch.randn(E, H, I, device="cuda",
+                                                                                 generator=g) / I ** 0.5))
+    kw = dict(w13_scale=s13, w2_scale=s2)
+    if bias:
+        kw["b13"] = (torch.randn(E, 2 * I, device="cuda", generator=g) * 0.1).bfloat16()
+        kw["b2"] = (torch.randn(E, H, device="cuda", generator=g) * 0.1).bfloat16()
+    return x, ids, tw, w13, w2, kw
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,E,H,I,k,spec_extra,bias", [
+    (4096, 128, 2048, 768, 8, "", False),  # qwen3-30b-a3b, the rule's 128-row blocks
+    (300, 8, 256, 384, 6, "weight_position=before_down", True),  # few blocks, biases, weight before down
+    (40, 16, 512, 256, 2, "", False),  # most experts empty or one short block
+])
+def test_gpu_ws_l2_writes_the_triton_l2_rows(T, E, H, I, k, spec_extra, bias):
+    """Same rows bit for bit as the Triton L2 (same MMA, same promotion order) on 128-row blocks,
+    with out-of-range ids, outputs poisoned, twice; and within tolerance of the float64 reference."""
+    from test_moe_kernels import TOL, _Poison
+
+    from inductor_moe import config
+    from inductor_moe.lowering.moe import fused_moe_experts
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.ops.moe_experts import moe_experts_reference
+    from inductor_moe.spec import MoESpec
+    from inductor_moe.testing import counting_ws_l2_launches
+
+    spec = MoESpec.from_str(",".join(p for p in ("weight_format=fp8_block128,act_format=fp8_block128", spec_extra) if p))
+    x, ids, tw, w13, w2, kw = _layer(T, E, H, I, k, bias, seed=T, bad_ids=True)
+    cfg = choose_moe_config(T, k, E, H, I, "fp8_block128", 132, act_format="fp8_block128",
+                            overrides={"block_m": 128})
+    outs = {}
+    for ws in (False, True, True):
+        with _Poison(), config.patch(warp_specialized=ws, mega_kernel=False), counting_ws_l2_launches() as launched:
+            out = fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg, **kw)
+        assert bool(launched) == ws, launched
+        outs.setdefault(ws, []).append(out)
+    torch.cuda.synchronize()
+    ws_out, triton_out = outs[True][0], outs[False][0]
+    assert not ws_out.isnan().any()
+    assert torch.equal(ws_out, outs[True][1]), "two runs differ bitwise"
+    assert torch.equal(ws_out, triton_out), (ws_out.float() - triton_out.float()).abs().max()
+    f64 = {n: (v.double() if v.dtype == torch.bfloat16 else v) for n, v in kw.items()}
+    ref = moe_experts_reference(x.double(), ids, tw.double(), w13, w2, spec, **f64)
+    err = ((ws_out.double() - ref).norm() / ref.norm()).item()
+    assert err <= TOL["fp8_block128"], err
