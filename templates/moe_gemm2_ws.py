@@ -28,7 +28,7 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
-    # cp.async of a pointer tile into shared memory: async_load from triton 3.7 on
+    # cp.async of a pointer tile into shared memory: async_load in newer triton (3.9), the older name in 3.6
     cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - triton without Gluon
