@@ -438,7 +438,7 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
             l2_kw.update(tma2)
         moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)
         if ws_l2_reason(fmt, spec.act_format, BM, H, I, (w2_se, w2_sn, w2_sk), w2_t.data_ptr(), _arch_major(x.device),
-                        _interpreting(), use_mega, moe_config.warp_specialized) is None:
+                        _interpreting(), moe_config.warp_specialized) is None:
             launch_ws_l2(l2_args, b2 is not None, l2_kw["WEIGHT_AFTER_DOWN"], max_blocks, _num_sms(x.device),
                          use_pdl)
         else:

@@ -3,7 +3,8 @@
 # It replaces moe_gemm2_kernel for DeepSeek's format pair (fp8 block-128 weights and activations)
 # on sm_90 (wgmma; sm_100 has none), 128-row M-blocks, weights stored [E, H, I] with K
 # contiguous, I and H multiples of 128.  Everything else -- align, L1, combine, the buffers --
-# is the two-launch path's, so the choice changes only who computes the per-(token, slot) rows.
+# is the two-launch path's (the persistent L1+L2 kernel keeps its own L2), so the choice changes
+# only who computes the per-(token, slot) rows.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ BLOCK_M, BLOCK_N, BLOCK_K, STAGES = 128, 128, 128, 4
 
 
 def ws_l2_reason(fmt: str, act_format: str, block_m: int, hidden: int, intermediate: int, w2_strides: tuple,
-                 w2_address: int, arch_major: int, interpreting: bool, use_mega: bool,
-                 setting: bool) -> Optional[str]:
+                 w2_address: int, arch_major: int, interpreting: bool, setting: bool) -> Optional[str]:
     """None where the warp-specialised L2 takes the call, else why not (config.warp_specialized).
     ``w2_strides``: (expert, row, K) in elements of w2 seen as [E, H, I]; the rows are copied 16
     bytes at a time (cp.async), so they and the tensor's address are 16-byte aligned."""
@@ -29,8 +29,6 @@ def ws_l2_reason(fmt: str, act_format: str, block_m: int, hidden: int, intermedi
         return "this triton has no Gluon"
     if interpreting or arch_major != 9:
         return "sm_90 only (wgmma)"
-    if use_mega:
-        return "the persistent L1+L2 kernel runs L2"
     if block_m != BLOCK_M:
         return f"{BLOCK_M}-row M-blocks only"
     if hidden % BLOCK_N or intermediate % BLOCK_K:

@@ -9,7 +9,7 @@ import torch
 from inductor_moe.lowering.moe_ws import ws_l2_reason
 
 FIT = dict(fmt="fp8_block128", act_format="fp8_block128", block_m=128, hidden=2048, intermediate=768,
-           w2_strides=(2048 * 768, 768, 1), w2_address=1 << 20, arch_major=9, interpreting=False, use_mega=False, setting=True)
+           w2_strides=(2048 * 768, 768, 1), w2_address=1 << 20, arch_major=9, interpreting=False, setting=True)
 
 
 def test_ws_l2_takes_deepseek_format_on_sm90_only():
@@ -20,7 +20,6 @@ def test_ws_l2_takes_deepseek_format_on_sm90_only():
         "act_format": ("dense", "fp8 block-128 weights"),
         "arch_major": (10, "sm_90"),
         "interpreting": (True, "sm_90"),
-        "use_mega": (True, "persistent"),
         "block_m": (64, "128-row"),
         "hidden": (2880, "multiples of 128"),
         "intermediate": (2880, "multiples of 128"),
