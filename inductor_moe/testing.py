@@ -125,19 +125,21 @@ def counting_weight_tma():
 
 
 @contextlib.contextmanager
-def counting_ws_l2_launches():
-    """Record the max_blocks of every warp-specialised L2 launch (lowering/moe_ws.py) while active,
-    so tests read which L2 ran."""
+def counting_ws_launches():
+    """Record the max_blocks of every warp-specialised L1 and L2 launch (lowering/moe_ws.py) while
+    active, as {"l1": [...], "l2": [...]}, so tests read which kernels ran."""
     from .lowering import moe as moe_lowering
 
-    launch, calls = moe_lowering.launch_ws_l2, []
+    launches, calls = {"l1": moe_lowering.launch_ws_l1, "l2": moe_lowering.launch_ws_l2}, {"l1": [], "l2": []}
 
-    def counting(l2_args, has_bias, weight_after_down, max_blocks, num_sms, use_pdl):
-        calls.append(max_blocks)
-        return launch(l2_args, has_bias, weight_after_down, max_blocks, num_sms, use_pdl)
+    def counting(which):
+        def launch(*args):
+            calls[which].append(args[-3])  # max_blocks: both launchers end (max_blocks, num_sms, use_pdl)
+            return launches[which](*args)
+        return launch
 
-    moe_lowering.launch_ws_l2 = counting
+    moe_lowering.launch_ws_l1, moe_lowering.launch_ws_l2 = counting("l1"), counting("l2")
     try:
         yield calls
     finally:
-        moe_lowering.launch_ws_l2 = launch
+        moe_lowering.launch_ws_l1, moe_lowering.launch_ws_l2 = launches["l1"], launches["l2"]

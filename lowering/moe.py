@@ -31,7 +31,7 @@ from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
                        k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
 from .moe_tma import weight_tma_arguments, weight_tma_reason
-from .moe_ws import launch_ws_l2, ws_l2_reason
+from .moe_ws import launch_ws_l1, launch_ws_l2, ws_l1_reason, ws_l2_reason
 from .moe_tune_cache import kernel_constraint_violation
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -396,16 +396,22 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
         a1, a1_s, inter_s, inter_s_stride = x, x, x, 0
 
+    w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
+    w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
+    arch, interpreting, ws_setting = _arch_major(x.device), _interpreting(), moe_config.warp_specialized
+    ws_l1 = not use_mega and ws_l1_reason(fmt, spec.act_format, BM, H, I, (w13_se, w13_sn, w13_sk), w13_t.data_ptr(),
+                                          spec.gate_up, spec.activation, arch, interpreting, ws_setting) is None
+    ws_l2 = not use_mega and ws_l2_reason(fmt, spec.act_format, BM, H, I, (w2_se, w2_sn, w2_sk), w2_t.data_ptr(), arch,
+                                          interpreting, ws_setting) is None
+    # the warp-specialised GEMMs take their tiles from a counter that align zeroes (ready[0])
     blocks = align_blocks(ids, E, BM, one_launch=cfg.align_one_launch, chunk=cfg.align_chunk, use_pdl=use_pdl,
-                          zero_ready=use_mega)
+                          zero_ready=use_mega or ws_l1 or ws_l2)
     max_blocks = blocks.max_blocks
     sorted_ids, block_expert = blocks.sorted_ids, blocks.block_expert
     expert_start, expert_count = blocks.expert_start, blocks.expert_count
 
     if swap_ab and fmt == "mxfp4":  # scale rows Triton can pipeline (a cached copy where they are not so)
         w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
-    w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
-    w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     g13 = w13_global_scale if w13_global_scale is not None else x
     g2s = w2_global_scale if w2_global_scale is not None else x
     if swap_ab:  # L1 reads x with K in to_mma_k_order (L1 writes the intermediate so for L2)
@@ -436,11 +442,14 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
             tma1, tma2 = weight_tma_arguments(spec, w13_t, w2_t, cfg)
             l1_kw.update(tma1)
             l2_kw.update(tma2)
-        moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)
-        if ws_l2_reason(fmt, spec.act_format, BM, H, I, (w2_se, w2_sn, w2_sk), w2_t.data_ptr(), _arch_major(x.device),
-                        _interpreting(), moe_config.warp_specialized) is None:
-            launch_ws_l2(l2_args, b2 is not None, l2_kw["WEIGHT_AFTER_DOWN"], max_blocks, _num_sms(x.device),
-                         use_pdl)
+        tickets = 0  # the counter's tickets L1 took (L2 counts on from there)
+        if ws_l1:
+            tickets = launch_ws_l1(l1_args, l1_kw, blocks.ready, max_blocks, _num_sms(x.device), use_pdl)
+        else:
+            moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)
+        if ws_l2:
+            launch_ws_l2(l2_args, b2 is not None, l2_kw["WEIGHT_AFTER_DOWN"], blocks.ready, tickets, max_blocks,
+                         _num_sms(x.device), use_pdl)
         else:
             moe_gemm2_kernel[(max_blocks * -(-H // cfg.gemm2.block_n),)](*l2_args, **l2_kw, **pdl)
 

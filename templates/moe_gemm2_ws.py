@@ -25,11 +25,13 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
-    # cp.async of a pointer tile into shared memory: async_load in newer triton (3.9), the older name in 3.6
+    # cp.async of a pointer tile / a TMA box into shared memory: async_load in newer triton (3.9),
+    # the older names in 3.6
     cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - triton without Gluon
     HAS_GLUON = False
@@ -61,36 +63,76 @@ if HAS_GLUON:
         return e, ids
 
     @gluon.jit
-    def _l2_ws_producer(inter_ptr, w_ptr, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, empty,
-                        I, num_pairs, stride_we, stride_wn, num_tiles, n_tiles_n, k_steps,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    def _publish_tile(counter_ptr, ticket_base, tile_ids, tile_full, tile_free, i):
+        """Producer: the CTA's i-th tile is the next ticket of the grid's counter (less ``ticket_base``,
+        where an earlier kernel counted first), handed to the consumers through slot i % 2.  Tiles
+        start in id order across the grid, as a non-persistent grid's do: the M-blocks that read the
+        same weight tile run it together, not a drift of K steps apart (L2 hits, not DRAM re-reads)."""
+        s = i % 2
+        mbarrier.wait(tile_free.index(s), ((i // 2) & 1) ^ 1)
+        t = gl.atomic_add(counter_ptr, 1) - ticket_base
+        tile_ids.index(s).store(gl.full([1], t, gl.int32, gl.BlockedLayout([1], [32], [4], [0])))
+        mbarrier.arrive(tile_full.index(s), count=1)
+        return t
+
+    @gluon.jit
+    def _receive_tile(tile_ids, tile_full, tile_free, i):
+        """Consumer: the CTA's i-th tile id (_publish_tile)."""
+        s = i % 2
+        mbarrier.wait(tile_full.index(s), (i // 2) & 1)
+        t = gl.max(tile_ids.index(s).load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
+        mbarrier.arrive(tile_free.index(s), count=1)
+        return t
+
+    @gluon.jit
+    def _tile_schedule_buffers():
+        """Two tile-id slots and their full / free barriers (_publish_tile, _receive_tile)."""
+        tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        tile_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        tile_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        return tile_ids, tile_full, tile_free
+
+    @gluon.jit
+    def _tile_schedule_init(tile_full, tile_free):
+        """The tile-id slots' barriers: one publisher, two consumer warpgroups."""
+        for i in gl.static_range(2):
+            mbarrier.init(tile_full.index(i), count=1)
+            mbarrier.init(tile_free.index(i), count=2)
+
+    @gluon.jit
+    def _l2_ws_producer(inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,
+                        counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs, num_tiles,
+                        n_tiles_n, k_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                        STAGES: gl.constexpr):
         # 16 e4m3 (one 16-byte cp.async) per thread, 8 threads per 128-byte row, 4 warps
         layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
         k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
         block_rows = gl.arange(0, BLOCK_M, layout=rows_l)
-        n_rows = gl.arange(0, BLOCK_N, layout=rows_l)
-        step = gl.num_programs(0)
-        e_next, ids_next = _tile_rows(gl.program_id(0), num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
-                                      block_rows, BLOCK_M)
+        i = 0
+        t = _publish_tile(counter_ptr, ticket_base, tile_ids, tile_full, tile_free, i)
+        e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, block_rows, BLOCK_M)
         it = 0
-        for t in range(gl.program_id(0), num_tiles, step):
+        while t < num_tiles:
+            i += 1
+            t_next = _publish_tile(counter_ptr, ticket_base, tile_ids, tile_full, tile_free, i)
             e = e_next
             ids = ids_next
-            e_next, ids_next = _tile_rows(t + step, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
+            e_next, ids_next = _tile_rows(t_next, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
                                           block_rows, BLOCK_M)
             if e >= 0:
                 entry = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)  # pad rows: some valid row
                 a_ptrs = inter_ptr + entry.to(gl.int64)[:, None] * I + k[None, :]
-                n = (t % n_tiles_n) * BLOCK_N + n_rows
-                w_ptrs = w_ptr + e.to(gl.int64) * stride_we + n.to(gl.int64)[:, None] * stride_wn + k[None, :]
+                w_row = e * H + (t % n_tiles_n) * BLOCK_N  # rows of w2 seen as [E * H, I]
                 for ks in range(k_steps):
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                     cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
-                    cp_async_load(b_bufs.index(s), w_ptrs + ks * BLOCK_K)
                     async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+                    mbarrier.expect(w_ready.index(s), BLOCK_N * BLOCK_K)  # e4m3: bytes = elements
+                    tma_load(w_desc, [w_row, ks * BLOCK_K], w_ready.index(s), b_bufs.index(s))
                     it += 1
+            t = t_next
 
     @gluon.jit
     def _tile_loads(e, ids, t, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr, w_scale_ptr,
@@ -109,9 +151,9 @@ if HAS_GLUON:
 
     @gluon.jit
     def _l2_ws_consumer(w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
-                        expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, empty,
-                        H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles, n_tiles_n,
-                        k_steps, WG: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr,
+                        expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready, empty,
+                        tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk, stride_be,
+                        stride_ist, num_tiles, n_tiles_n, k_steps, WG: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         HALF: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -123,14 +165,16 @@ if HAS_GLUON:
         half_rows = WG * HALF + gl.arange(0, HALF, layout=rows_l)
         store_rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, store_l))
         store_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_l))
-        step = gl.num_programs(0)
-        t = gl.program_id(0)
+        i = 0
+        t = _receive_tile(tile_ids, tile_full, tile_free, i)
         e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, half_rows, BLOCK_M)
         row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, tw_n = _tile_loads(
             e_next, ids_next, t, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr, w_scale_ptr,
             topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N)
         it = 0
-        for t in range(gl.program_id(0), num_tiles, step):
+        while t < num_tiles:
+            i += 1
+            t_next = _receive_tile(tile_ids, tile_full, tile_free, i)
             e = e_next
             ids = ids_next
             row_end = row_end_n
@@ -139,7 +183,7 @@ if HAS_GLUON:
             a_s_next = a_s_n
             w_s_next = w_s_n
             tw = tw_n
-            e_next, ids_next = _tile_rows(t + step, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
+            e_next, ids_next = _tile_rows(t_next, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
                                           half_rows, BLOCK_M)
             acc = zero
             if e >= 0:
@@ -151,6 +195,7 @@ if HAS_GLUON:
                     a_s_next = gl.load(as_rows + k_next)
                     w_s_next = gl.load(ws_base + k_next * stride_sk)
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                    mbarrier.wait(w_ready.index(s), (it // STAGES) & 1)
                     fence_async_shared()  # cp.async wrote the slot through the generic proxy
                     part = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF), b_bufs.index(s).permute((1, 0)),
                                          zero, use_acc=False, is_async=True)
@@ -160,7 +205,7 @@ if HAS_GLUON:
                     it += 1
             # the next tile's loads, in flight during this tile's epilogue
             row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, tw_n = _tile_loads(
-                e_next, ids_next, t + step, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
+                e_next, ids_next, t_next, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N)
             if e >= 0:
                 pid_n = t % n_tiles_n
@@ -174,13 +219,14 @@ if HAS_GLUON:
                 row_mask = (t // n_tiles_n) * BLOCK_M + store_rows < row_end
                 out = (rows_out_ptr + out_ids.to(gl.int64)[:, None] * H + pid_n * BLOCK_N + store_cols[None, :])
                 gl.store(out, out_vals, mask=row_mask[:, None])
+            t = t_next
 
     @gluon.jit
     def moe_gemm2_fp8_ws_kernel(
-        inter_ptr, w_ptr, w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
-        sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
-        H, I, num_pairs, max_blocks,
-        stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_be, stride_ist,
+        inter_ptr, w_desc, w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr,
+        sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, inter_scale_ptr, counter_ptr,
+        H, I, num_pairs, max_blocks, ticket_base,
+        stride_se, stride_sn, stride_sk, stride_be, stride_ist,
         HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
     ):
@@ -188,24 +234,28 @@ if HAS_GLUON:
         a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], smem)
         b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], smem)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        tile_ids, tile_full, tile_free = _tile_schedule_buffers()
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(w_ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
+        _tile_schedule_init(tile_full, tile_free)
         _pdl_wait(USE_PDL)
         n_tiles_n = H // BLOCK_N
         num_tiles = max_blocks * n_tiles_n
         k_steps = I // BLOCK_K
         gl.warp_specialize([
             (_l2_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
-                               expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, empty,
-                               H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles,
+                               expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready,
+                               empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles,
                                n_tiles_n, k_steps, 0, HAS_BIAS, WEIGHT_AFTER_DOWN, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
             (_l2_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
-                               expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, empty,
-                               H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles,
+                               expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready,
+                               empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles,
                                n_tiles_n, k_steps, 1, HAS_BIAS, WEIGHT_AFTER_DOWN, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-            (_l2_ws_producer, (inter_ptr, w_ptr, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, empty,
-                               I, num_pairs, stride_we, stride_wn,
+            (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
+                               empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs,
                                num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

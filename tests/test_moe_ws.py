@@ -1,12 +1,13 @@
-"""The warp-specialised fp8 x fp8 L2 (templates/moe_gemm2_ws.py, lowering/moe_ws.py): where it runs,
-that it builds for sm_90 without a GPU, and on a GPU that it writes the Triton L2's rows bit for bit."""
+"""The warp-specialised fp8 x fp8 GEMMs (templates/moe_gemm1_ws.py, moe_gemm2_ws.py, lowering/moe_ws.py):
+where they run, that they build for sm_90 without a GPU, and on a GPU that they write the Triton
+kernels' intermediate and rows bit for bit."""
 
 import os
 
 import pytest
 import torch
 
-from inductor_moe.lowering.moe_ws import ws_l2_reason
+from inductor_moe.lowering.moe_ws import ws_l1_reason, ws_l2_reason
 
 FIT = dict(fmt="fp8_block128", act_format="fp8_block128", block_m=128, hidden=2048, intermediate=768,
            w2_strides=(2048 * 768, 768, 1), w2_address=1 << 20, arch_major=9, interpreting=False, setting=True)
@@ -14,29 +15,76 @@ FIT = dict(fmt="fp8_block128", act_format="fp8_block128", block_m=128, hidden=20
 
 def test_ws_l2_takes_deepseek_format_on_sm90_only():
     assert ws_l2_reason(**FIT) is None
-    misses = {
-        "setting": (False, "config.warp_specialized"),
-        "fmt": ("mxfp4", "fp8 block-128 weights"),
-        "act_format": ("dense", "fp8 block-128 weights"),
-        "arch_major": (10, "sm_90"),
-        "interpreting": (True, "sm_90"),
-        "block_m": (64, "128-row"),
-        "hidden": (2880, "multiples of 128"),
-        "intermediate": (2880, "multiples of 128"),
-        "w2_strides": ((2048 * 768, 1, 2048), "K contiguous"),
-        "w2_address": ((1 << 20) + 8, "16-byte aligned"),
-    }
-    for key, (value, why) in misses.items():
+    misses = [
+        ("setting", False, "config.warp_specialized"),
+        ("fmt", "mxfp4", "fp8 block-128 weights"),
+        ("act_format", "dense", "fp8 block-128 weights"),
+        ("arch_major", 10, "sm_90"),
+        ("interpreting", True, "sm_90"),
+        ("block_m", 64, "128-row"),
+        ("hidden", 2880, "multiples of 128"),
+        ("intermediate", 2880, "multiples of 128"),
+        ("w2_strides", (2048 * 768, 1, 2048), "K contiguous"),
+        ("w2_strides", (2048 * 768 + 16, 768, 1), "back to back"),
+        ("w2_strides", (2048 * 776, 776, 1), "16-byte aligned"),
+        ("w2_address", (1 << 20) + 8, "16-byte aligned"),
+    ]
+    for key, value, why in misses:
         reason = ws_l2_reason(**{**FIT, key: value})
         assert reason is not None and why in reason, (key, reason)
+
+
+def test_ws_l1_takes_concatenated_silu_gate_up_only():
+    fit = dict(FIT, w13_strides=(1536 * 2048, 2048, 1), w13_address=1 << 20, gate_up="concat", activation="silu")
+    del fit["w2_strides"], fit["w2_address"]
+    assert ws_l1_reason(**fit) is None
+    misses = [
+        ("setting", False, "config.warp_specialized"),
+        ("act_format", "fp8_mx32", "fp8 block-128 weights"),
+        ("arch_major", 10, "sm_90"),
+        ("block_m", 64, "128-row"),
+        ("hidden", 2880, "multiples of 128"),
+        ("w13_strides", (1536 * 2048, 1, 1536), "w13 with K contiguous"),
+        ("w13_strides", (1536 * 2048 + 16, 2048, 1), "back to back"),
+        ("w13_address", (1 << 20) + 4, "w13 rows 16-byte aligned"),
+        ("gate_up", "interleaved", "not interleaved"),
+        ("activation", "gelu", "silu"),
+    ]
+    for key, value, why in misses:
+        reason = ws_l1_reason(**{**fit, key: value})
+        assert reason is not None and why in reason, (key, reason)
+
+
+def _l1_ptx(stages=4, bias=False, limit=False):
+    from inductor_moe.isa import compile_to_ptx
+    from inductor_moe.lowering.moe_ws import MAX_REGISTERS
+    from inductor_moe.templates.moe_gemm1_ws import moe_gemm1_fp8_ws_kernel as k
+
+    from triton.experimental.gluon.language import NVMMASharedLayout
+
+    layout = NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    ptrs = {"x_ptr": "*fp8e4nv", "w_desc": f"tensordesc<fp8e4nv[128,128],{layout!r}>", "w_scale_ptr": "*fp32",
+            "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "inter_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32",
+            "inter_scale_ptr": "*fp32"}
+    const = dict(HAS_BIAS=bias, HAS_LIMIT=limit, WEIGHT_BEFORE_DOWN=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
+                 STAGES=stages, USE_PDL=True)
+    floats = ("alpha", "limit", "up_offset")
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "*i32" if a.endswith("_ptr") else
+                                                       "fp32" if a in floats else "i32") for a in k.arg_names}
+    return compile_to_ptx(k, sig, const, 90, {"num_warps": 4, "maxnreg": MAX_REGISTERS},
+                          divisible_by_16=tuple(a for a in k.arg_names if a.endswith("_ptr") or a in (
+                              "H", "I", "stride_xt")))
 
 
 def _ptx(stages=4, bias=False):
     from inductor_moe.isa import compile_to_ptx
     from inductor_moe.lowering.moe_ws import MAX_REGISTERS
     from inductor_moe.templates.moe_gemm2_ws import moe_gemm2_fp8_ws_kernel as k
+    from triton.experimental.gluon.language import NVMMASharedLayout
 
-    ptrs = {"inter_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "b_ptr": "*bf16",
+    layout = NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    ptrs = {"inter_ptr": "*fp8e4nv", "w_desc": f"tensordesc<fp8e4nv[128,128],{layout!r}>", "w_scale_ptr": "*fp32",
+            "b_ptr": "*bf16",
             "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16", "inter_scale_ptr": "*fp32"}
     const = dict(HAS_BIAS=bias, WEIGHT_AFTER_DOWN=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, STAGES=stages,
                  USE_PDL=True)
@@ -44,7 +92,7 @@ def _ptx(stages=4, bias=False):
            for a in k.arg_names}
     return compile_to_ptx(k, sig, const, 90, {"num_warps": 4, "maxnreg": MAX_REGISTERS},
                           divisible_by_16=tuple(a for a in k.arg_names if a.endswith("_ptr") or a in (
-                              "H", "I", "stride_we", "stride_wn")))  # as the JIT specialises them
+                              "H", "I")))  # as the JIT specialises them
 
 
 def test_ws_l2_compiles_for_sm90_warp_specialised():
@@ -63,6 +111,29 @@ def test_ws_l2_compiles_for_sm90_warp_specialised():
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
     assert "setmaxnreg.dec" in ptx and "setmaxnreg.inc" in ptx, "no per-partition register budgets"
     assert "cp.async.mbarrier.arrive.noinc" in ptx
+    assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.arrive.expect_tx" in ptx, "weights not through TMA"
+    assert "griddepcontrol.wait" in ptx
+
+
+def test_ws_l1_compiles_for_sm90_warp_specialised():
+    """The L1 likewise, with its SwiGLU and fp8 quantising epilogue: two fp8 wgmmas per K step
+    (gate, up), e4m3 stores of the intermediate."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("templates are interpreted in this process")
+    from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
+
+    if not HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    try:
+        ptx = _l1_ptx(bias=True, limit=True)
+    except ImportError as e:  # a triton without the NVIDIA backend
+        pytest.skip(str(e))
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 16, \
+        "per K step of 128: 4 k32 wgmmas for gate, 4 for up, in each of the two consumer warpgroups"
+    assert "setmaxnreg.dec" in ptx and "setmaxnreg.inc" in ptx, "no per-partition register budgets"
+    assert "cp.async.mbarrier.arrive.noinc" in ptx
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, "no e4m3 quantisation of the intermediate"
+    assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.arrive.expect_tx" in ptx, "weights not through TMA"
     assert "griddepcontrol.wait" in ptx
 
 
@@ -95,36 +166,45 @@ def _layer(T, E, H, I, k, bias, seed, bad_ids):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("T,E,H,I,k,spec_extra,bias", [
-    (4096, 128, 2048, 768, 8, "", False),  # qwen3-30b-a3b, the rule's 128-row blocks
+    (4096, 128, 2048, 768, 8, "", False),  # qwen3-30b-a3b, the rules' 128-row blocks
     (300, 8, 256, 384, 6, "weight_position=before_down", True),  # few blocks, biases, weight before down
     (40, 16, 512, 256, 2, "", False),  # most experts empty or one short block
+    (500, 16, 384, 256, 4, "alpha=1.702,limit=7.0,up_offset=1.0", True),  # gpt-oss's clamped SwiGLU
 ])
-def test_gpu_ws_l2_writes_the_triton_l2_rows(T, E, H, I, k, spec_extra, bias):
-    """Same rows bit for bit as the Triton L2 (same MMA, same promotion order) on 128-row blocks,
-    with out-of-range ids, outputs poisoned, twice; and within tolerance of the float64 reference."""
+def test_gpu_ws_gemms_write_the_triton_kernels_bits(T, E, H, I, k, spec_extra, bias, monkeypatch):
+    """Same output bit for bit as the Triton L1 and L2 (same MMA shape, same promotion and epilogue
+    expressions) on 128-row blocks: the WS L1 alone (its e4m3 intermediate and scales feed the
+    Triton L2), then both; with out-of-range ids, outputs poisoned, twice; within tolerance of the
+    float64 reference."""
     from test_moe_kernels import TOL, _Poison
 
     from inductor_moe import config
+    from inductor_moe.lowering import moe as moe_lowering
     from inductor_moe.lowering.moe import fused_moe_experts
     from inductor_moe.lowering.moe_plan import choose_moe_config
     from inductor_moe.ops.moe_experts import moe_experts_reference
     from inductor_moe.spec import MoESpec
-    from inductor_moe.testing import counting_ws_l2_launches
+    from inductor_moe.testing import counting_ws_launches
 
     spec = MoESpec.from_str(",".join(p for p in ("weight_format=fp8_block128,act_format=fp8_block128", spec_extra) if p))
-    x, ids, tw, w13, w2, kw = _layer(T, E, H, I, k, bias, seed=T, bad_ids=True)
+    x, ids, tw, w13, w2, kw = _layer(T, E, H, I, k, bias, seed=T + 1, bad_ids=True)
     cfg = choose_moe_config(T, k, E, H, I, "fp8_block128", 132, act_format="fp8_block128",
                             overrides={"block_m": 128})
-    outs = {}
-    for ws in (False, True, True):
-        with _Poison(), config.patch(warp_specialized=ws, mega_kernel=False), counting_ws_l2_launches() as launched:
-            out = fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg, **kw)
-        assert bool(launched) == ws, launched
-        outs.setdefault(ws, []).append(out)
+
+    def run(ws, l2_ws=True):
+        with _Poison(), config.patch(warp_specialized=ws, mega_kernel=False), counting_ws_launches() as launched:
+            with monkeypatch.context() as m:
+                if not l2_ws:
+                    m.setattr(moe_lowering, "ws_l2_reason", lambda *a: "the Triton L2 for this comparison")
+                out = fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg, **kw)
+        assert (bool(launched["l1"]), bool(launched["l2"])) == (ws, ws and l2_ws), launched
+        return out
+
+    triton_out, l1_only, ws_out, ws_again = run(False), run(True, l2_ws=False), run(True), run(True)
     torch.cuda.synchronize()
-    ws_out, triton_out = outs[True][0], outs[False][0]
     assert not ws_out.isnan().any()
-    assert torch.equal(ws_out, outs[True][1]), "two runs differ bitwise"
+    assert torch.equal(l1_only, triton_out), (l1_only.float() - triton_out.float()).abs().max()
+    assert torch.equal(ws_out, ws_again), "two runs differ bitwise"
     assert torch.equal(ws_out, triton_out), (ws_out.float() - triton_out.float()).abs().max()
     f64 = {n: (v.double() if v.dtype == torch.bfloat16 else v) for n, v in kw.items()}
     ref = moe_experts_reference(x.double(), ids, tw.double(), w13, w2, spec, **f64)
