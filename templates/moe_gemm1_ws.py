@@ -1,8 +1,9 @@
 """L1 for fp8 x fp8 (block-128 weights and activations) as a warp-specialised persistent kernel.
 
-# The L2's structure (moe_gemm2_ws.py, which says why) on the gate/up GEMM: per K step the producer
-# gathers the M-block's token rows of the quantised x [BM, BK] and the gate and up weight tiles
-# (rows n and I + n, [2 * BN, BK]) into one ring slot.  Each consumer warpgroup (64 rows) runs the
+# The L2's structure (moe_gemm2_ws.py, which says why; tiles from the same grid-wide counter) on
+# the gate/up GEMM: per K step the producer gathers the M-block's token rows of the quantised x
+# [BM, BK] (cp.async) and the gate and up weight tiles (rows n and I + n, two TMA boxes into one
+# [2 * BN, BK] tile) into one ring slot.  Each consumer warpgroup (64 rows) runs the
 # gate wgmma, promotes it, then the up wgmma and promotes that: one fp32 partial live at a time, so
 # the two [64, BN] accumulators and the partial fit in the consumer's registers (a single
 # n = 2 * BN wgmma would need two partials' worth).  The other warpgroup's MMAs fill the tensor
@@ -11,7 +12,8 @@
 # e4m3 rows at the pairs' own intermediate rows.  Same MMA shape and the same promotion and
 # epilogue expressions as gemm1_tile's two-dot W_SCALE_UNIFORM tiles, so the same bits.
 # Takes: e4m3 x [T, H] with fp32 scales [T, H/128], e4m3 w13 [E, 2I, H] (gate rows, then up rows)
-# with K contiguous and fp32 scales [E, 2I/128, H/128]; H % BK == 0, I % BN == 0, BN = 128.
+# with K contiguous and experts back to back (one TMA descriptor of [E * 2I, H]) and fp32 scales
+# [E, 2I/128, H/128]; H % BK == 0, I % BN == 0, BN = 128; a zeroed int32 tile counter.
 """
 
 from .moe_gemm2_ws import HAS_GLUON, MAX_REGISTERS  # noqa: F401  (the same register split)

@@ -174,8 +174,9 @@ def _layer(T, E, H, I, k, bias, seed, bad_ids):
 def test_gpu_ws_gemms_write_the_triton_kernels_bits(T, E, H, I, k, spec_extra, bias, monkeypatch):
     """Same output bit for bit as the Triton L1 and L2 (same MMA shape, same promotion and epilogue
     expressions) on 128-row blocks: the WS L1 alone (its e4m3 intermediate and scales feed the
-    Triton L2), then both; with out-of-range ids, outputs poisoned, twice; within tolerance of the
-    float64 reference."""
+    Triton L2), the WS L2 alone (its tiles from the counter's first ticket), then both (L2 counting
+    on from L1's last ticket); with out-of-range ids, outputs poisoned, twice; within tolerance of
+    the float64 reference."""
     from test_moe_kernels import TOL, _Poison
 
     from inductor_moe import config
@@ -191,19 +192,23 @@ def test_gpu_ws_gemms_write_the_triton_kernels_bits(T, E, H, I, k, spec_extra, b
     cfg = choose_moe_config(T, k, E, H, I, "fp8_block128", 132, act_format="fp8_block128",
                             overrides={"block_m": 128})
 
-    def run(ws, l2_ws=True):
+    def run(ws, l1_ws=True, l2_ws=True):
         with _Poison(), config.patch(warp_specialized=ws, mega_kernel=False), counting_ws_launches() as launched:
             with monkeypatch.context() as m:
+                if not l1_ws:
+                    m.setattr(moe_lowering, "ws_l1_reason", lambda *a: "the Triton L1 for this comparison")
                 if not l2_ws:
                     m.setattr(moe_lowering, "ws_l2_reason", lambda *a: "the Triton L2 for this comparison")
                 out = fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg, **kw)
-        assert (bool(launched["l1"]), bool(launched["l2"])) == (ws, ws and l2_ws), launched
+        assert (bool(launched["l1"]), bool(launched["l2"])) == (ws and l1_ws, ws and l2_ws), launched
         return out
 
-    triton_out, l1_only, ws_out, ws_again = run(False), run(True, l2_ws=False), run(True), run(True)
+    triton_out, l1_only, l2_only = run(False), run(True, l2_ws=False), run(True, l1_ws=False)
+    ws_out, ws_again = run(True), run(True)
     torch.cuda.synchronize()
     assert not ws_out.isnan().any()
     assert torch.equal(l1_only, triton_out), (l1_only.float() - triton_out.float()).abs().max()
+    assert torch.equal(l2_only, triton_out), (l2_only.float() - triton_out.float()).abs().max()
     assert torch.equal(ws_out, ws_again), "two runs differ bitwise"
     assert torch.equal(ws_out, triton_out), (ws_out.float() - triton_out.float()).abs().max()
     f64 = {n: (v.double() if v.dtype == torch.bfloat16 else v) for n, v in kw.items()}
