@@ -396,6 +396,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         inter = torch.empty((N, I), dtype=x.dtype, device=x.device)
         a1, a1_s, inter_s, inter_s_stride = x, x, x, 0
 
+    if swap_ab and fmt == "mxfp4":  # scale rows Triton can pipeline (a cached copy where they are not so)
+        w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
     w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     arch, interpreting, ws_setting = _arch_major(x.device), _interpreting(), moe_config.warp_specialized
@@ -410,8 +412,6 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     sorted_ids, block_expert = blocks.sorted_ids, blocks.block_expert
     expert_start, expert_count = blocks.expert_start, blocks.expert_count
 
-    if swap_ab and fmt == "mxfp4":  # scale rows Triton can pipeline (a cached copy where they are not so)
-        w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
     g13 = w13_global_scale if w13_global_scale is not None else x
     g2s = w2_global_scale if w2_global_scale is not None else x
     if swap_ab:  # L1 reads x with K in to_mma_k_order (L1 writes the intermediate so for L2)
