@@ -3,10 +3,11 @@ and their launches.
 
 # They replace moe_gemm1_kernel / moe_gemm2_kernel for DeepSeek's format pair (fp8 block-128
 # weights and activations) on sm_90 (wgmma; sm_100 has none), 128-row M-blocks, weights stored
-# with K contiguous, I and H multiples of 128; L1 also needs gate rows before up rows (not
-# interleaved) and a silu gate.  Each GEMM is chosen on its own and writes the Triton kernel's
-# bits, so align, combine and the buffers -- the two-launch path's (the persistent L1+L2 kernel
-# keeps its own GEMMs) -- do not change.
+# with K contiguous and experts back to back (one TMA descriptor each), I and H multiples of 128;
+# L1 also needs gate rows before up rows (not interleaved) and a silu gate.  Each GEMM is chosen on
+# its own and writes the Triton kernel's bits, so combine and the buffers -- the two-launch path's
+# (the persistent L1+L2 kernel keeps its own GEMMs) -- do not change; align also zeroes the tile
+# counter both take their tiles from (AlignedBlocks.ready[0]).
 """
 
 from __future__ import annotations
