@@ -16,18 +16,17 @@
 # [E, 2I/128, H/128]; H % BK == 0, I % BN == 0, BN = 128; a zeroed int32 tile counter.
 """
 
-from .moe_gemm2_ws import HAS_GLUON, MAX_REGISTERS  # noqa: F401  (the same register split)
+from .moe_gemm2_ws import HAS_GLUON
 
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
     from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _pdl_wait, _publish_tile,
-                               _receive_tile, _tile_rows, _tile_schedule_buffers, _tile_schedule_init, cp_async_load,
-                               tma_load)
+                               _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers, _tile_schedule_init,
+                               _wait_slot, cp_async_load, tma_load)
 
     @gluon.jit
     def _l1_ws_producer(x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,
@@ -92,10 +91,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _l1_ws_consumer(w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr, sorted_ids_ptr, block_expert_ptr,
-                        expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready,
-                        empty, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_xst, stride_ist,
-                        alpha, limit, up_offset, num_tiles, n_tiles_n, k_steps,
-                        WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr,
+                        expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr, a_bufs, b_bufs, ready,
+                        w_ready, empty, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_se, stride_sn,
+                        stride_sk, stride_be, stride_xst, stride_ist, alpha, limit, up_offset, num_tiles, n_tiles_n,
+                        k_steps, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr,
                         WEIGHT_BEFORE_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         HALF: gl.constexpr = BLOCK_M // 2
@@ -134,7 +133,6 @@ if HAS_GLUON:
             acc_up = zero
             if e >= 0:
                 for ks in range(k_steps):
-                    s = it % STAGES
                     a_s = a_s_next
                     g_s = g_s_next
                     u_s = u_s_next
@@ -142,9 +140,7 @@ if HAS_GLUON:
                     a_s_next = gl.load(xs_rows + k_next)
                     g_s_next = gl.load(ws_gate + k_next * stride_sk)
                     u_s_next = gl.load(ws_up + k_next * stride_sk)
-                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                    mbarrier.wait(w_ready.index(s), (it // STAGES) & 1)
-                    fence_async_shared()  # cp.async wrote the slot through the generic proxy
+                    s = _wait_slot(ready, w_ready, it, STAGES)
                     a_tile = a_bufs.index(s).slice(WG * HALF, HALF)
                     b_slot = b_bufs.index(s)
                     acc_gate = _promoted_wgmma(acc_gate, a_tile, b_slot.slice(0, BLOCK_N).permute((1, 0)), zero,
@@ -193,17 +189,8 @@ if HAS_GLUON:
         HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, WEIGHT_BEFORE_DOWN: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
     ):
-        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], smem)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, 2 * BLOCK_N, BLOCK_K], smem)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, 2 * BLOCK_N, BLOCK_K, STAGES)
         tile_ids, tile_full, tile_free = _tile_schedule_buffers()
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)
-            mbarrier.init(w_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
         _tile_schedule_init(tile_full, tile_free)
         _pdl_wait(USE_PDL)
         n_tiles_n = I // BLOCK_N
@@ -212,14 +199,16 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_l1_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr, sorted_ids_ptr, block_expert_ptr,
                                expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr, a_bufs, b_bufs, ready,
-                               w_ready, empty, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_xst,
-                               stride_ist, alpha, limit, up_offset, num_tiles, n_tiles_n, k_steps, 0, HAS_BIAS,
-                               HAS_LIMIT, WEIGHT_BEFORE_DOWN, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                               w_ready, empty, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_se,
+                               stride_sn, stride_sk, stride_be, stride_xst, stride_ist, alpha, limit, up_offset,
+                               num_tiles, n_tiles_n, k_steps, 0, HAS_BIAS, HAS_LIMIT, WEIGHT_BEFORE_DOWN, BLOCK_M,
+                               BLOCK_N, BLOCK_K, STAGES)),
             (_l1_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr, sorted_ids_ptr, block_expert_ptr,
                                expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr, a_bufs, b_bufs, ready,
-                               w_ready, empty, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_xst,
-                               stride_ist, alpha, limit, up_offset, num_tiles, n_tiles_n, k_steps, 1, HAS_BIAS,
-                               HAS_LIMIT, WEIGHT_BEFORE_DOWN, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                               w_ready, empty, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_se,
+                               stride_sn, stride_sk, stride_be, stride_xst, stride_ist, alpha, limit, up_offset,
+                               num_tiles, n_tiles_n, k_steps, 1, HAS_BIAS, HAS_LIMIT, WEIGHT_BEFORE_DOWN, BLOCK_M,
+                               BLOCK_N, BLOCK_K, STAGES)),
             (_l1_ws_producer, (x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
                                empty, counter_ptr, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_xt,
                                num_tiles, n_tiles_n, k_steps,

@@ -69,6 +69,33 @@ if HAS_GLUON:
         return e, ids
 
     @gluon.jit
+    def _slot_ring(BLOCK_M: gl.constexpr, W_ROWS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """The K-step ring: STAGES slots of [BLOCK_M, BLOCK_K] gathered rows and [W_ROWS, BLOCK_K] weight
+        rows (e4m3, 128-byte swizzle: wgmma's and the TMA box's layout), and their barriers: `ready`
+        (the producer's 128 cp.async arrivals), `w_ready` (the weight TMA's bytes), `empty` (both
+        consumer warpgroups)."""
+        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], smem)
+        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, W_ROWS, BLOCK_K], smem)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)
+            mbarrier.init(w_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        return a_bufs, b_bufs, ready, w_ready, empty
+
+    @gluon.jit
+    def _wait_slot(ready, w_ready, it, STAGES: gl.constexpr):
+        """Consumer: wait until K step ``it``'s slot holds both operands (returns the slot)."""
+        s = it % STAGES
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        mbarrier.wait(w_ready.index(s), (it // STAGES) & 1)
+        fence_async_shared()  # cp.async wrote the rows through the generic proxy
+        return s
+
+    @gluon.jit
     def _publish_tile(counter_ptr, ticket_base, tile_ids, tile_full, tile_free, i):
         """Producer: the CTA's i-th tile is the next ticket of the grid's counter (less ``ticket_base``,
         where an earlier kernel counted first), handed to the consumers through slot i % 2.  Tiles
@@ -159,8 +186,9 @@ if HAS_GLUON:
     def _l2_ws_consumer(w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
                         expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready, empty,
                         tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk, stride_be,
-                        stride_ist, num_tiles, n_tiles_n, k_steps, WG: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+                        stride_ist, num_tiles, n_tiles_n, k_steps, WG: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         HALF: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
@@ -194,15 +222,12 @@ if HAS_GLUON:
             acc = zero
             if e >= 0:
                 for ks in range(k_steps):
-                    s = it % STAGES
                     a_s = a_s_next
                     w_s = w_s_next
                     k_next = gl.minimum(ks + 1, k_steps - 1)  # the scales one K step ahead of the MMA
                     a_s_next = gl.load(as_rows + k_next)
                     w_s_next = gl.load(ws_base + k_next * stride_sk)
-                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                    mbarrier.wait(w_ready.index(s), (it // STAGES) & 1)
-                    fence_async_shared()  # cp.async wrote the slot through the generic proxy
+                    s = _wait_slot(ready, w_ready, it, STAGES)
                     part = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF), b_bufs.index(s).permute((1, 0)),
                                          zero, use_acc=False, is_async=True)
                     part = warpgroup_mma_wait(0, deps=(part, ))
@@ -236,17 +261,8 @@ if HAS_GLUON:
         HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
     ):
-        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], smem)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], smem)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
         tile_ids, tile_full, tile_free = _tile_schedule_buffers()
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=PRODUCER_WARPS * 32)
-            mbarrier.init(w_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
         _tile_schedule_init(tile_full, tile_free)
         _pdl_wait(USE_PDL)
         n_tiles_n = H // BLOCK_N
@@ -255,12 +271,14 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_l2_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
                                expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready,
-                               empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles,
-                               n_tiles_n, k_steps, 0, HAS_BIAS, WEIGHT_AFTER_DOWN, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                               empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk,
+                               stride_be, stride_ist, num_tiles, n_tiles_n, k_steps, 0, HAS_BIAS, WEIGHT_AFTER_DOWN,
+                               BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
             (_l2_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
                                expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready,
-                               empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk, stride_be, stride_ist, num_tiles,
-                               n_tiles_n, k_steps, 1, HAS_BIAS, WEIGHT_AFTER_DOWN, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                               empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk,
+                               stride_be, stride_ist, num_tiles, n_tiles_n, k_steps, 1, HAS_BIAS, WEIGHT_AFTER_DOWN,
+                               BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
             (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
                                empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs,
                                num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
