@@ -60,10 +60,11 @@ fp4_swap_ab: str = Config(default="auto", env_name_force="INDUCTOR_MOE_FP4_SWAP_
 # Read when the kernels run.
 cuda_decode: bool = Config(default=True, env_name_force="INDUCTOR_MOE_CUDA_DECODE")
 
-# fp8 block-128 weights with fp8 block-128 activations on sm_90: run the gate/up and down GEMMs
+# On sm_90, fp8 block-128 weights with fp8 block-128 activations: run the gate/up and down GEMMs
 # (L1, L2) as warp-specialised persistent kernels (templates/moe_gemm1_ws.py, moe_gemm2_ws.py,
-# Gluon) where they fit (lowering/moe_ws.py: ws_l1_reason, ws_l2_reason).  Off: the Triton
-# kernels (the same bits).  Read when the kernels run.
+# Gluon); bf16 / fp16 experts with a short I: the down GEMM so (moe_gemm2_ws_dense.py); where they
+# fit (lowering/moe_ws.py: ws_l1_reason, ws_l2_reason).  Off: the Triton kernels (the same bits).
+# Read when the kernels run.
 warp_specialized: bool = Config(default=True, env_name_force="INDUCTOR_MOE_WARP_SPECIALIZED")
 # Time MoE kernel tile candidates at the first call of each shape bucket that has no tuned entry
 # (seconds per bucket; never while a CUDA graph is being captured) and keep the fastest in

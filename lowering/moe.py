@@ -401,10 +401,12 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     arch, interpreting, ws_setting = _arch_major(x.device), _interpreting(), moe_config.warp_specialized
-    ws_l1 = not use_mega and ws_l1_reason(fmt, spec.act_format, BM, H, I, (w13_se, w13_sn, w13_sk), w13_t.data_ptr(),
-                                          spec.gate_up, spec.activation, arch, interpreting, ws_setting) is None
-    ws_l2 = not use_mega and ws_l2_reason(fmt, spec.act_format, BM, H, I, (w2_se, w2_sn, w2_sk), w2_t.data_ptr(), arch,
-                                          interpreting, ws_setting) is None
+    ws_l1 = not use_mega and ws_l1_reason(fmt, spec.act_format, (x.dtype, w13_t.dtype), BM, H, I,
+                                          (w13_se, w13_sn, w13_sk), w13_t.data_ptr(), spec.gate_up, spec.activation,
+                                          arch, interpreting, ws_setting) is None
+    ws_l2 = not use_mega and ws_l2_reason(fmt, spec.act_format, (x.dtype, w2_t.dtype), BM, H, I,
+                                          (w2_se, w2_sn, w2_sk), w2_t.data_ptr(), arch, interpreting,
+                                          ws_setting) is None
     # the warp-specialised GEMMs take their tiles from a counter that align zeroes (ready[0])
     blocks = align_blocks(ids, E, BM, one_launch=cfg.align_one_launch, chunk=cfg.align_chunk, use_pdl=use_pdl,
                           zero_ready=use_mega or ws_l1 or ws_l2)

@@ -1,31 +1,46 @@
-"""Where the warp-specialised fp8 x fp8 GEMMs (templates/moe_gemm1_ws.py, moe_gemm2_ws.py) run,
-and their launches.
+"""Where the warp-specialised GEMMs (templates/moe_gemm1_ws.py, moe_gemm2_ws.py: fp8 x fp8;
+moe_gemm2_ws_dense.py: a bf16 / fp16 L2) run, and their launches.
 
 # They replace moe_gemm1_kernel / moe_gemm2_kernel for DeepSeek's format pair (fp8 block-128
-# weights and activations) on sm_90 (wgmma; sm_100 has none), 128-row M-blocks, weights stored
-# with K contiguous and experts back to back (one TMA descriptor each), I and H multiples of 128;
-# L1 also needs gate rows before up rows (not interleaved) and a silu gate.  Each GEMM is chosen on
-# its own and writes the Triton kernel's bits, so combine and the buffers -- the two-launch path's
-# (the persistent L1+L2 kernel keeps its own GEMMs) -- do not change; align also zeroes the tile
-# counter both take their tiles from (AlignedBlocks.ready[0]).
+# weights and activations, I and H multiples of 128), and moe_gemm2_kernel for dense experts
+# (weights in the activations' 16-bit dtype) where I is short (DENSE_L2_MAX_I; benchmarks/NOTES.md,
+# "Warp-specialised dense GEMMs": the Triton kernels are L2-cache bound at long K, and so was a
+# dense WS L1), on sm_90 (wgmma; sm_100 has none), 128-row M-blocks, weights stored with K
+# contiguous and experts back to back (one TMA descriptor each); L1 also needs gate rows before up
+# rows (not interleaved) and a silu gate.  Each GEMM is chosen on its own and writes the Triton
+# kernel's bits, so combine and the buffers -- the two-launch path's (the persistent L1+L2 kernel
+# keeps its own GEMMs) -- do not change; align also zeroes the tile counter both take their tiles
+# from (AlignedBlocks.ready[0]).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from ..templates.moe_gemm2_ws import HAS_GLUON, MAX_REGISTERS
 
-BLOCK_M, BLOCK_N, BLOCK_K, STAGES = 128, 128, 128, 4
+BLOCK_M, BLOCK_N, BLOCK_K, STAGES = 128, 128, 128, 4  # BLOCK_K in bytes: 128 e4m3, 64 bf16 / fp16
 L1_STAGES = 4  # 48 KB a slot: x rows, gate and up tiles
+# dense L2: 256-column tiles (each warpgroup's wgmma n = 256: at n = 128 the MMAs' operand reads and
+# the ring's fills outran shared memory's bandwidth), and only up to 16 K steps: its persistent walk
+# hides the per-tile cost that short K leaves exposed (qwen3-30b-a3b, I = 768: 0.7-2.4% of the layer),
+# while at I = 2048 / 2880 it measured 0.3-2.3% slower than the Triton L2
+DENSE_L2_BLOCK_N = 256
+DENSE_L2_MAX_I = 1024
+DENSE_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def ws_l1_reason(fmt: str, act_format: str, block_m: int, hidden: int, intermediate: int, w13_strides: tuple,
-                 w13_address: int, gate_up: str, activation: str, arch_major: int, interpreting: bool,
-                 setting: bool) -> Optional[str]:
+def ws_l1_reason(fmt: str, act_format: str, dtypes: tuple, block_m: int, hidden: int, intermediate: int,
+                 w13_strides: tuple, w13_address: int, gate_up: str, activation: str, arch_major: int,
+                 interpreting: bool, setting: bool) -> Optional[str]:
     """None where the warp-specialised L1 takes the call, else why not (config.warp_specialized).
-    ``w13_strides``: (expert, row, K) in elements of w13 seen as [E, 2I, H]."""
-    why = _ws_reason(fmt, act_format, block_m, hidden, intermediate, arch_major, interpreting, setting)
+    ``dtypes``: (activations, weight); ``w13_strides``: (expert, row, K) in elements of w13 seen as
+    [E, 2I, H]."""
+    why = _ws_reason(fmt, act_format, dtypes, block_m, hidden, intermediate, arch_major, interpreting, setting)
+    if why is None and fmt == "dense":
+        return "fp8 x fp8 only: for dense experts the Triton L1 measured faster"
     why = why or _weight_reason("w13", w13_strides, w13_address, 2 * intermediate)
     if why is None and gate_up != "concat":
         return "gate rows before up rows only (not interleaved)"
@@ -34,28 +49,42 @@ def ws_l1_reason(fmt: str, act_format: str, block_m: int, hidden: int, intermedi
     return why
 
 
-def ws_l2_reason(fmt: str, act_format: str, block_m: int, hidden: int, intermediate: int, w2_strides: tuple,
-                 w2_address: int, arch_major: int, interpreting: bool, setting: bool) -> Optional[str]:
+def ws_l2_reason(fmt: str, act_format: str, dtypes: tuple, block_m: int, hidden: int, intermediate: int,
+                 w2_strides: tuple, w2_address: int, arch_major: int, interpreting: bool,
+                 setting: bool) -> Optional[str]:
     """None where the warp-specialised L2 takes the call, else why not (config.warp_specialized).
-    ``w2_strides``: (expert, row, K) in elements of w2 seen as [E, H, I]."""
-    why = _ws_reason(fmt, act_format, block_m, hidden, intermediate, arch_major, interpreting, setting)
+    ``dtypes``: (activations, weight); ``w2_strides``: (expert, row, K) in elements of w2 seen as
+    [E, H, I]."""
+    why = _ws_reason(fmt, act_format, dtypes, block_m, hidden, intermediate, arch_major, interpreting, setting)
+    if why is None and fmt == "dense" and intermediate > DENSE_L2_MAX_I:
+        return f"dense experts with I <= {DENSE_L2_MAX_I} only (at longer K the Triton L2 measured faster)"
     return why or _weight_reason("w2", w2_strides, w2_address, hidden)
 
 
-def _ws_reason(fmt, act_format, block_m, hidden, intermediate, arch_major, interpreting, setting) -> Optional[str]:
+def _ws_reason(fmt, act_format, dtypes, block_m, hidden, intermediate, arch_major, interpreting,
+               setting) -> Optional[str]:
     if not setting:
         return "config.warp_specialized is off"
-    if fmt != "fp8_block128" or act_format != "fp8_block128":
-        return "fp8 block-128 weights with fp8 block-128 activations only"
+    dense = fmt == "dense" and act_format == "dense"
+    if not dense and (fmt != "fp8_block128" or act_format != "fp8_block128"):
+        return "fp8 block-128 weights with fp8 block-128 activations, or dense weights and activations, only"
+    if dense and (dtypes[0] not in DENSE_DTYPES or dtypes[1] != dtypes[0]):
+        return "dense weights in the activations' dtype, bf16 or fp16, only"
     if not HAS_GLUON:
         return "this triton has no Gluon"
     if interpreting or arch_major != 9:
         return "sm_90 only (wgmma)"
     if block_m != BLOCK_M:
         return f"{BLOCK_M}-row M-blocks only"
-    if hidden % BLOCK_N or intermediate % BLOCK_K:
-        return f"H and I multiples of {BLOCK_N}"
+    multiple = _block_k(dtypes[0]) if dense else BLOCK_N  # whole K steps; dense N tiles may end short
+    if hidden % multiple or intermediate % multiple:
+        return f"H and I multiples of {multiple}"
     return None
+
+
+def _block_k(dtype: torch.dtype) -> int:
+    """One K step: a 128-byte row (the swizzle's) of the operands."""
+    return BLOCK_K // dtype.itemsize
 
 
 def _weight_reason(name: str, strides: tuple, address: int, rows: int) -> Optional[str]:
@@ -70,16 +99,16 @@ def _weight_reason(name: str, strides: tuple, address: int, rows: int) -> Option
     return None
 
 
-def _weight_rows_descriptor(w, row_stride: int):
-    """A TMA descriptor of BLOCK_N x BLOCK_K boxes over the weight [E, N, K] seen as [E * N, K]
+def _weight_rows_descriptor(w, row_stride: int, block_n: int = BLOCK_N):
+    """A TMA descriptor of block_n x (one K step) boxes over the weight [E, N, K] seen as [E * N, K]
     (experts back to back: the rules check it), in the kernels' 128-byte-swizzled layout."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     rows = w.as_strided((w.shape[0] * w.shape[1], w.shape[2]), (row_stride, 1))
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    return TensorDescriptor(rows, shape=list(rows.shape), strides=[row_stride, 1], block_shape=[BLOCK_N, BLOCK_K],
-                            layout=layout)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8 * w.element_size(), rank=2)
+    return TensorDescriptor(rows, shape=list(rows.shape), strides=[row_stride, 1],
+                            block_shape=[block_n, _block_k(w.dtype)], layout=layout)
 
 
 def launch_ws_l1(l1_args: tuple, l1_kw: dict, counter, max_blocks: int, num_sms: int, use_pdl: bool) -> int:
@@ -108,13 +137,22 @@ def launch_ws_l2(l2_args: tuple, has_bias: bool, weight_after_down: bool, counte
     """moe_gemm2_kernel's arguments (lowering/moe.py: l2_args) -> the warp-specialised L2, its tiles
     from ``counter`` less ``ticket_base`` (the tickets the warp-specialised L1 took, else 0)."""
     from ..templates.moe_gemm2_ws import moe_gemm2_fp8_ws_kernel
+    from ..templates.moe_gemm2_ws_dense import moe_gemm2_dense_ws_kernel
 
     (inter, w2, s2, _gscale, b2, tw, rows, sorted_ids, block_expert, expert_start, expert_count, inter_s,
      H, I, _w2_se, w2_sn, _w2_sk, s2_se, s2_sn, s2_sk, b2_se, inter_s_stride) = l2_args
+    pdl = {"launch_pdl": True} if use_pdl else {}
+    if w2.dtype in DENSE_DTYPES:
+        bn = DENSE_L2_BLOCK_N
+        moe_gemm2_dense_ws_kernel[(max(1, min(num_sms, max_blocks * -(-H // bn))),)](
+            inter, _weight_rows_descriptor(w2, w2_sn, bn), b2, tw, rows, sorted_ids, block_expert, expert_start,
+            expert_count, counter, H, I, inter.shape[0], max_blocks, ticket_base, b2_se, HAS_BIAS=has_bias,
+            WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=_block_k(w2.dtype),
+            STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl)
+        return
     grid = max(1, min(num_sms, max_blocks * (H // BLOCK_N)))
     moe_gemm2_fp8_ws_kernel[(grid,)](
         inter, _weight_rows_descriptor(w2, w2_sn), s2, b2, tw, rows, sorted_ids, block_expert, expert_start,
         expert_count, inter_s, counter, H, I, inter.shape[0], max_blocks, ticket_base, s2_se, s2_sn, s2_sk, b2_se,
         inter_s_stride, HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS,
-        **({"launch_pdl": True} if use_pdl else {}))
+        BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl)

@@ -189,7 +189,7 @@ if HAS_GLUON:
         HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, WEIGHT_BEFORE_DOWN: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
     ):
-        a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, 2 * BLOCK_N, BLOCK_K, STAGES)
+        a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, 2 * BLOCK_N, BLOCK_K, STAGES, gl.float8e4nv, 8)
         tile_ids, tile_full, tile_free = _tile_schedule_buffers()
         _tile_schedule_init(tile_full, tile_free)
         _pdl_wait(USE_PDL)

@@ -69,14 +69,15 @@ if HAS_GLUON:
         return e, ids
 
     @gluon.jit
-    def _slot_ring(BLOCK_M: gl.constexpr, W_ROWS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    def _slot_ring(BLOCK_M: gl.constexpr, W_ROWS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                   DTYPE: gl.constexpr, ELEM_BITS: gl.constexpr):
         """The K-step ring: STAGES slots of [BLOCK_M, BLOCK_K] gathered rows and [W_ROWS, BLOCK_K] weight
-        rows (e4m3, 128-byte swizzle: wgmma's and the TMA box's layout), and their barriers: `ready`
-        (the producer's 128 cp.async arrivals), `w_ready` (the weight TMA's bytes), `empty` (both
-        consumer warpgroups)."""
-        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-        a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], smem)
-        b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, W_ROWS, BLOCK_K], smem)
+        rows (DTYPE, one 128-byte row per K step, 128-byte swizzle: wgmma's and the TMA box's layout),
+        and their barriers: `ready` (the producer's 128 cp.async arrivals), `w_ready` (the weight TMA's
+        bytes), `empty` (both consumer warpgroups)."""
+        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=ELEM_BITS, rank=2)
+        a_bufs = gl.allocate_shared_memory(DTYPE, [STAGES, BLOCK_M, BLOCK_K], smem)
+        b_bufs = gl.allocate_shared_memory(DTYPE, [STAGES, W_ROWS, BLOCK_K], smem)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -136,9 +137,9 @@ if HAS_GLUON:
     def _l2_ws_producer(inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,
                         counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs, num_tiles,
                         n_tiles_n, k_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr):
-        # 16 e4m3 (one 16-byte cp.async) per thread, 8 threads per 128-byte row, 4 warps
-        layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+                        STAGES: gl.constexpr, ELEM_BYTES: gl.constexpr):
+        # one 16-byte cp.async per thread, 8 threads per 128-byte row (BLOCK_K elements), 4 warps
+        layout: gl.constexpr = gl.BlockedLayout([1, 16 // ELEM_BYTES], [4, 8], [4, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
         k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
         block_rows = gl.arange(0, BLOCK_M, layout=rows_l)
@@ -162,7 +163,7 @@ if HAS_GLUON:
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                     cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
                     async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
-                    mbarrier.expect(w_ready.index(s), BLOCK_N * BLOCK_K)  # e4m3: bytes = elements
+                    mbarrier.expect(w_ready.index(s), BLOCK_N * BLOCK_K * ELEM_BYTES)
                     tma_load(w_desc, [w_row, ks * BLOCK_K], w_ready.index(s), b_bufs.index(s))
                     it += 1
             t = t_next
@@ -261,7 +262,7 @@ if HAS_GLUON:
         HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
     ):
-        a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+        a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, BLOCK_N, BLOCK_K, STAGES, gl.float8e4nv, 8)
         tile_ids, tile_full, tile_free = _tile_schedule_buffers()
         _tile_schedule_init(tile_full, tile_free)
         _pdl_wait(USE_PDL)
@@ -281,5 +282,5 @@ if HAS_GLUON:
                                BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
             (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
                                empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs,
-                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 1)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

@@ -1,6 +1,6 @@
-"""The warp-specialised fp8 x fp8 GEMMs (templates/moe_gemm1_ws.py, moe_gemm2_ws.py, lowering/moe_ws.py):
-where they run, that they build for sm_90 without a GPU, and on a GPU that they write the Triton
-kernels' intermediate and rows bit for bit."""
+"""The warp-specialised GEMMs (fp8 x fp8: templates/moe_gemm1_ws.py, moe_gemm2_ws.py; bf16 / fp16:
+moe_gemm_ws_dense.py; lowering/moe_ws.py): where they run, that they build for sm_90 without a GPU,
+and on a GPU that they write the Triton kernels' intermediate and rows bit for bit."""
 
 import os
 
@@ -9,7 +9,8 @@ import torch
 
 from inductor_moe.lowering.moe_ws import ws_l1_reason, ws_l2_reason
 
-FIT = dict(fmt="fp8_block128", act_format="fp8_block128", block_m=128, hidden=2048, intermediate=768,
+FIT = dict(fmt="fp8_block128", act_format="fp8_block128", dtypes=(torch.bfloat16, torch.float8_e4m3fn), block_m=128,
+           hidden=2048, intermediate=768,
            w2_strides=(2048 * 768, 768, 1), w2_address=1 << 20, arch_major=9, interpreting=False, setting=True)
 
 
@@ -19,6 +20,7 @@ def test_ws_l2_takes_deepseek_format_on_sm90_only():
         ("setting", False, "config.warp_specialized"),
         ("fmt", "mxfp4", "fp8 block-128 weights"),
         ("act_format", "dense", "fp8 block-128 weights"),
+        ("fmt", "dense", "fp8 block-128 weights"),  # dense weights with fp8 activations
         ("arch_major", 10, "sm_90"),
         ("interpreting", True, "sm_90"),
         ("block_m", 64, "128-row"),
@@ -53,6 +55,34 @@ def test_ws_l1_takes_concatenated_silu_gate_up_only():
     for key, value, why in misses:
         reason = ws_l1_reason(**{**fit, key: value})
         assert reason is not None and why in reason, (key, reason)
+
+
+def test_ws_dense_l2_takes_16_bit_experts_with_short_k():
+    """bf16 / fp16 experts in the activations' dtype: the WS L2 where I (its K) is at most
+    DENSE_L2_MAX_I, in whole 64-element steps (its N tiles may end short: gpt-oss's H = 2880); never
+    the WS L1 (the Triton L1 measured faster)."""
+    from inductor_moe.lowering.moe_ws import DENSE_L2_MAX_I
+
+    dense = dict(FIT, fmt="dense", act_format="dense", dtypes=(torch.bfloat16, torch.bfloat16), hidden=2880,
+                 intermediate=768, w2_strides=(2880 * 768, 768, 1))
+    assert ws_l2_reason(**dense) is None
+    assert ws_l2_reason(**{**dense, "dtypes": (torch.float16, torch.float16)}) is None
+    assert ws_l2_reason(**{**dense, "intermediate": DENSE_L2_MAX_I, "w2_strides": (2880 * 1024, 1024, 1)}) is None
+    misses = [
+        ("dtypes", (torch.float32, torch.float32), "bf16 or fp16"),
+        ("dtypes", (torch.bfloat16, torch.float16), "activations' dtype"),
+        ("intermediate", 768 + 32, "multiples of 64"),
+        ("intermediate", 2048, f"I <= {DENSE_L2_MAX_I}"),
+        ("block_m", 64, "128-row"),
+        ("arch_major", 10, "sm_90"),
+        ("w2_strides", (2880 * 768, 1, 2880), "K contiguous"),
+    ]
+    for key, value, why in misses:
+        reason = ws_l2_reason(**{**dense, key: value})
+        assert reason is not None and why in reason, (key, reason)
+    l1 = dict(dense, w13_strides=(1536 * 2880, 2880, 1), w13_address=1 << 20, gate_up="concat", activation="silu")
+    del l1["w2_strides"], l1["w2_address"]
+    assert "Triton L1 measured faster" in ws_l1_reason(**l1)
 
 
 def _l1_ptx(stages=4, bias=False, limit=False):
@@ -137,30 +167,119 @@ def test_ws_l1_compiles_for_sm90_warp_specialised():
     assert "griddepcontrol.wait" in ptx
 
 
+def _dense_l2_ptx(dtype):
+    from inductor_moe.isa import compile_to_ptx
+    from inductor_moe.lowering.moe_ws import DENSE_L2_BLOCK_N, MAX_REGISTERS
+    from inductor_moe.templates.moe_gemm2_ws_dense import moe_gemm2_dense_ws_kernel as k
+    from triton.experimental.gluon.language import NVMMASharedLayout
+
+    layout = NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    ptrs = {"inter_ptr": "*" + dtype, "w_desc": f"tensordesc<{dtype}[{DENSE_L2_BLOCK_N},64],{layout!r}>",
+            "b_ptr": "*" + dtype, "topk_weights_ptr": "*fp32", "rows_out_ptr": "*" + dtype}
+    const = dict(HAS_BIAS=True, WEIGHT_AFTER_DOWN=True, BLOCK_M=128, BLOCK_N=DENSE_L2_BLOCK_N, BLOCK_K=64, STAGES=4,
+                 USE_PDL=True)
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "*i32" if a.endswith("_ptr") else "i32")
+           for a in k.arg_names}
+    return compile_to_ptx(k, sig, const, 90, {"num_warps": 4, "maxnreg": MAX_REGISTERS},
+                          divisible_by_16=tuple(a for a in k.arg_names if a.endswith("_ptr") or a in ("H", "I")))
+
+
+@pytest.mark.parametrize("dtype,ptx_type", [("bf16", "bf16"), ("fp16", "f16")])
+def test_ws_dense_l2_compiles_for_sm90_warp_specialised(dtype, ptx_type):
+    """The dense L2 builds for sm_90a: per 64-deep K step 4 n = 256 k16 wgmmas in each of two
+    consumer warpgroups, accumulating in place with the step before still in flight, TMA weights,
+    per-role register budgets."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("templates are interpreted in this process")
+    from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
+
+    if not HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    try:
+        ptx = _dense_l2_ptx(dtype)
+    except ImportError as e:  # a triton without the NVIDIA backend
+        pytest.skip(str(e))
+    assert ptx.count(f"wgmma.mma_async.sync.aligned.m64n256k16.f32.{ptx_type}.{ptx_type}") == 8
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx, "no MMA kept in flight"
+    assert "setmaxnreg.dec" in ptx and "setmaxnreg.inc" in ptx, "no per-partition register budgets"
+    assert "cp.async.mbarrier.arrive.noinc" in ptx
+    assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.arrive.expect_tx" in ptx, "weights not through TMA"
+    assert "griddepcontrol.wait" in ptx
+
+
 # ----------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _layer(T, E, H, I, k, bias, seed, bad_ids):
+def _layer(T, E, H, I, k, bias, seed, bad_ids, fmt="fp8_block128", dtype=torch.bfloat16):
     from inductor_moe.ops import weights as W
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    x = torch.randn(T, H, device="cuda", generator=g).to(dtype)
     ids = torch.rand(T, E, device="cuda", generator=g).topk(k, dim=1).indices.int()
     if bad_ids and T > 1:
         ids[0, 0] = -1
         ids[1, k - 1] = E
     tw = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
-    (w13, s13, _), (w2, s2, _) = (W.quantize_weight("fp8_block128", torch.randn(E, 2 * I, H, device="cuda",
-                                                                                  generator=g) / H ** 0.5),
-                                  W.quantize_weight("fp8_block128", torch.randn(E, H, I, device="cuda",
-                                                                                 generator=g) / I ** 0.5))
-    kw = dict(w13_scale=s13, w2_scale=s2)
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5
+    if fmt == "dense":
+        w13, w2, kw = w13.to(dtype), w2.to(dtype), {}
+    else:
+        (w13, s13, _), (w2, s2, _) = W.quantize_weight(fmt, w13), W.quantize_weight(fmt, w2)
+        kw = dict(w13_scale=s13, w2_scale=s2)
     if bias:
-        kw["b13"] = (torch.randn(E, 2 * I, device="cuda", generator=g) * 0.1).bfloat16()
-        kw["b2"] = (torch.randn(E, H, device="cuda", generator=g) * 0.1).bfloat16()
+        kw["b13"] = (torch.randn(E, 2 * I, device="cuda", generator=g) * 0.1).to(dtype)
+        kw["b2"] = (torch.randn(E, H, device="cuda", generator=g) * 0.1).to(dtype)
     return x, ids, tw, w13, w2, kw
+
+
+def _compare_with_triton_kernels(spec, layer, T, E, H, I, k, tol, monkeypatch, l1_ws=True):
+    """The WS L1 alone (its intermediate feeds the Triton L2), the WS L2 alone (its tiles from the
+    counter's first ticket), then both (L2 counting on from L1's last ticket; without ``l1_ws``: the
+    WS L2 after the Triton L1 that the rules keep), each bitwise equal to the Triton kernels' output,
+    outputs poisoned, twice; within ``tol`` of the float64 reference."""
+    from test_moe_kernels import _Poison
+
+    from inductor_moe import config
+    from inductor_moe.lowering import moe as moe_lowering
+    from inductor_moe.lowering.moe import fused_moe_experts
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.ops.moe_experts import moe_experts_reference
+    from inductor_moe.testing import counting_ws_launches
+
+    x, ids, tw, w13, w2, kw = layer
+    cfg = choose_moe_config(T, k, E, H, I, spec.weight_format, 132, act_format=spec.act_format,
+                            overrides={"block_m": 128})
+
+    def run(ws, l1=True, l2=True):
+        with _Poison(), config.patch(warp_specialized=ws, mega_kernel=False), counting_ws_launches() as launched:
+            with monkeypatch.context() as m:
+                if not l1:
+                    m.setattr(moe_lowering, "ws_l1_reason", lambda *a: "the Triton L1 for this comparison")
+                if not l2:
+                    m.setattr(moe_lowering, "ws_l2_reason", lambda *a: "the Triton L2 for this comparison")
+                out = fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg, **kw)
+        assert (bool(launched["l1"]), bool(launched["l2"])) == (ws and l1 and l1_ws, ws and l2), launched
+        return out
+
+    triton_out = run(False)
+    if l1_ws:
+        l1_only = run(True, l2=False)
+        assert torch.equal(l1_only, triton_out), (l1_only.float() - triton_out.float()).abs().max()
+    l2_only = run(True, l1=False)
+    ws_out, ws_again = run(True), run(True)
+    torch.cuda.synchronize()
+    assert not ws_out.isnan().any()
+    assert torch.equal(l2_only, triton_out), (l2_only.float() - triton_out.float()).abs().max()
+    assert torch.equal(ws_out, ws_again), "two runs differ bitwise"
+    assert torch.equal(ws_out, triton_out), (ws_out.float() - triton_out.float()).abs().max()
+    f64 = {n: (v.double() if v.dtype in (torch.bfloat16, torch.float16) else v) for n, v in kw.items()}
+    w13_ref, w2_ref = (w13.double(), w2.double()) if spec.weight_format == "dense" else (w13, w2)
+    ref = moe_experts_reference(x.double(), ids, tw.double(), w13_ref, w2_ref, spec, **f64)
+    err = ((ws_out.double() - ref).norm() / ref.norm()).item()
+    assert err <= tol, err
 
 
 @pytest.mark.gpu
@@ -172,46 +291,34 @@ def _layer(T, E, H, I, k, bias, seed, bad_ids):
     (500, 16, 384, 256, 4, "alpha=1.702,limit=7.0,up_offset=1.0", True),  # gpt-oss's clamped SwiGLU
 ])
 def test_gpu_ws_gemms_write_the_triton_kernels_bits(T, E, H, I, k, spec_extra, bias, monkeypatch):
-    """Same output bit for bit as the Triton L1 and L2 (same MMA shape, same promotion and epilogue
-    expressions) on 128-row blocks: the WS L1 alone (its e4m3 intermediate and scales feed the
-    Triton L2), the WS L2 alone (its tiles from the counter's first ticket), then both (L2 counting
-    on from L1's last ticket); with out-of-range ids, outputs poisoned, twice; within tolerance of
-    the float64 reference."""
-    from test_moe_kernels import TOL, _Poison
+    """fp8 x fp8: same output bit for bit as the Triton L1 and L2 (same MMA shape, same promotion and
+    epilogue expressions) on 128-row blocks, with out-of-range ids."""
+    from test_moe_kernels import TOL
 
-    from inductor_moe import config
-    from inductor_moe.lowering import moe as moe_lowering
-    from inductor_moe.lowering.moe import fused_moe_experts
-    from inductor_moe.lowering.moe_plan import choose_moe_config
-    from inductor_moe.ops.moe_experts import moe_experts_reference
     from inductor_moe.spec import MoESpec
-    from inductor_moe.testing import counting_ws_launches
 
-    spec = MoESpec.from_str(",".join(p for p in ("weight_format=fp8_block128,act_format=fp8_block128", spec_extra) if p))
-    x, ids, tw, w13, w2, kw = _layer(T, E, H, I, k, bias, seed=T + 1, bad_ids=True)
-    cfg = choose_moe_config(T, k, E, H, I, "fp8_block128", 132, act_format="fp8_block128",
-                            overrides={"block_m": 128})
+    spec = MoESpec.from_str(",".join(p for p in ("weight_format=fp8_block128,act_format=fp8_block128", spec_extra)
+                                     if p))
+    layer = _layer(T, E, H, I, k, bias, seed=T + 1, bad_ids=True)
+    _compare_with_triton_kernels(spec, layer, T, E, H, I, k, TOL["fp8_block128"], monkeypatch)
 
-    def run(ws, l1_ws=True, l2_ws=True):
-        with _Poison(), config.patch(warp_specialized=ws, mega_kernel=False), counting_ws_launches() as launched:
-            with monkeypatch.context() as m:
-                if not l1_ws:
-                    m.setattr(moe_lowering, "ws_l1_reason", lambda *a: "the Triton L1 for this comparison")
-                if not l2_ws:
-                    m.setattr(moe_lowering, "ws_l2_reason", lambda *a: "the Triton L2 for this comparison")
-                out = fused_moe_experts(x, ids, tw, w13, w2, spec, kernel_config=cfg, **kw)
-        assert (bool(launched["l1"]), bool(launched["l2"])) == (ws and l1_ws, ws and l2_ws), launched
-        return out
 
-    triton_out, l1_only, l2_only = run(False), run(True, l2_ws=False), run(True, l1_ws=False)
-    ws_out, ws_again = run(True), run(True)
-    torch.cuda.synchronize()
-    assert not ws_out.isnan().any()
-    assert torch.equal(l1_only, triton_out), (l1_only.float() - triton_out.float()).abs().max()
-    assert torch.equal(l2_only, triton_out), (l2_only.float() - triton_out.float()).abs().max()
-    assert torch.equal(ws_out, ws_again), "two runs differ bitwise"
-    assert torch.equal(ws_out, triton_out), (ws_out.float() - triton_out.float()).abs().max()
-    f64 = {n: (v.double() if v.dtype == torch.bfloat16 else v) for n, v in kw.items()}
-    ref = moe_experts_reference(x.double(), ids, tw.double(), w13, w2, spec, **f64)
-    err = ((ws_out.double() - ref).norm() / ref.norm()).item()
-    assert err <= TOL["fp8_block128"], err
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,E,H,I,k,spec_extra,bias,dtype", [
+    (4096, 128, 2048, 768, 8, "", False, torch.bfloat16),  # qwen3-30b-a3b
+    (1500, 16, 2880, 768, 4, "alpha=1.702,limit=7.0,up_offset=1.0", True, torch.bfloat16),  # H = 2880: a short N tile
+    (300, 8, 320, 448, 6, "weight_position=before_down", True, torch.bfloat16),  # a short N tile, few blocks
+    (40, 16, 512, 256, 2, "", False, torch.float16),  # fp16; most experts empty or one short block
+])
+def test_gpu_ws_dense_l2_writes_the_triton_kernels_bits(T, E, H, I, k, spec_extra, bias, dtype, monkeypatch):
+    """bf16 / fp16 experts: the WS L2 writes the Triton L2's bits (same k16 MMA order along K, same
+    epilogue expressions) on 128-row blocks, with out-of-range ids, N tiles past H stored masked;
+    the L1 stays the Triton kernel."""
+    from test_moe_kernels import TOL
+
+    from inductor_moe.spec import MoESpec
+
+    spec = MoESpec.from_str(spec_extra)
+    layer = _layer(T, E, H, I, k, bias, seed=T + 2, bad_ids=True, fmt="dense", dtype=dtype)
+    _compare_with_triton_kernels(spec, layer, T, E, H, I, k, TOL["dense"], monkeypatch, l1_ws=False)
