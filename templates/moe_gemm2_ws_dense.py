@@ -45,7 +45,7 @@ if HAS_GLUON:
     def _store_rows(vals, ids, out_ptr, row_len, col0, first_row, row_end, WG: gl.constexpr,
                     HALF: gl.constexpr, BLOCK_N: gl.constexpr):
         """vals [HALF, BLOCK_N] -> out rows ``ids`` (row length row_len) at columns col0.., the
-        expert's live rows and columns only; 16 bytes per thread, 16 threads per 256-byte row."""
+        expert's live rows and columns only; 16 bytes per thread, 16 threads per 256 bytes of a row."""
         store_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, store_l))
         cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_l))
