@@ -1,5 +1,5 @@
 """The warp-specialised GEMMs (fp8 x fp8: templates/moe_gemm1_ws.py, moe_gemm2_ws.py; bf16 / fp16:
-moe_gemm_ws_dense.py; lowering/moe_ws.py): where they run, that they build for sm_90 without a GPU,
+moe_gemm2_ws_dense.py; lowering/moe_ws.py): where they run, that they build for sm_90 without a GPU,
 and on a GPU that they write the Triton kernels' intermediate and rows bit for bit."""
 
 import os
