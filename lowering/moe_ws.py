@@ -23,6 +23,9 @@ from ..templates.moe_gemm2_ws import HAS_GLUON, MAX_REGISTERS
 
 BLOCK_M, BLOCK_N, BLOCK_K, STAGES = 128, 128, 128, 4  # BLOCK_K in bytes: 128 e4m3, 64 bf16 / fp16
 L1_STAGES = 4  # 48 KB a slot: x rows, gate and up tiles
+# fp8 L2: 256-column tiles where H allows (two 128-column wgmmas a K step, as L1's gate and up), so
+# each tile's fixed cost (epilogue, next tile's start) and gathered-row loads serve twice the MMAs
+FP8_L2_WIDE_BLOCK_N = 256
 # dense L2: 256-column tiles (each warpgroup's wgmma n = 256: at n = 128 the MMAs' operand reads and
 # the ring's fills outran shared memory's bandwidth), and only up to 16 K steps: its persistent walk
 # hides the per-tile cost that short K leaves exposed (qwen3-30b-a3b, I = 768: 0.7-2.4% of the layer),
@@ -150,9 +153,10 @@ def launch_ws_l2(l2_args: tuple, has_bias: bool, weight_after_down: bool, counte
             WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=_block_k(w2.dtype),
             STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl)
         return
-    grid = max(1, min(num_sms, max_blocks * (H // BLOCK_N)))
+    bn = FP8_L2_WIDE_BLOCK_N if H % FP8_L2_WIDE_BLOCK_N == 0 else BLOCK_N
+    grid = max(1, min(num_sms, max_blocks * (H // bn)))
     moe_gemm2_fp8_ws_kernel[(grid,)](
-        inter, _weight_rows_descriptor(w2, w2_sn), s2, b2, tw, rows, sorted_ids, block_expert, expert_start,
+        inter, _weight_rows_descriptor(w2, w2_sn, bn), s2, b2, tw, rows, sorted_ids, block_expert, expert_start,
         expert_count, inter_s, counter, H, I, inter.shape[0], max_blocks, ticket_base, s2_se, s2_sn, s2_sk, b2_se,
-        inter_s_stride, HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        inter_s_stride, HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn,
         BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl)

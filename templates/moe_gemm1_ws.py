@@ -22,11 +22,11 @@ if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-    from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _pdl_wait, _publish_tile,
-                               _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers, _tile_schedule_init,
-                               _wait_slot, cp_async_load, tma_load)
+    from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _pdl_wait, _promoted_wgmma,
+                               _publish_tile, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
+                               _tile_schedule_init, _wait_slot, cp_async_load, tma_load)
 
     @gluon.jit
     def _l1_ws_producer(x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,
@@ -81,13 +81,6 @@ if HAS_GLUON:
         ws_up = ws_expert + ((I + n0) // 128) * stride_sn
         tw = gl.load(topk_weights_ptr + safe_ids)
         return row_end, xs_rows, ws_gate, ws_up, gl.load(xs_rows), gl.load(ws_gate), gl.load(ws_up), tw
-
-    @gluon.jit
-    def _promoted_wgmma(acc, a_tile, b_tile, zero, scale):
-        """acc + (a_tile @ b_tile) * scale[:, None], the fp32 partial of one K step (gemm1_tile's order)."""
-        part = warpgroup_mma(a_tile, b_tile, zero, use_acc=False, is_async=True)
-        part = warpgroup_mma_wait(0, deps=(part, ))
-        return acc + part * scale[:, None]
 
     @gluon.jit
     def _l1_ws_consumer(w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr, sorted_ids_ptr, block_expert_ptr,

@@ -11,7 +11,11 @@
 #     mbarrier when they land, count: the producer's 128 threads) and a TMA copy of the weight
 #     tile [BN, BK] (bytes counted on `w_ready`).
 #   consumer warpgroup g (4 warps each, g = 0, 1): rows [g * BM/2, +BM/2) of the block; per K step
-#     one e4m3 x e4m3 wgmma from shared memory, wait, release the slot (`empty`, count 2), promote.
+#     and 128 columns (one weight scale block) one e4m3 x e4m3 wgmma from shared memory, wait,
+#     promote; then release the slot (`empty`, count 2).  A 256-column tile runs its two halves one
+#     after the other (L1's gate / up order): two accumulators and one partial fit the registers,
+#     and the tile's fixed cost (epilogue, next tile's start, the gathered rows) is spread over
+#     twice the MMAs (benchmarks/NOTES.md: 15-18% off the kernel at 128 columns).
 #     Epilogue as gemm2_tile: bias, routing weight, bf16 rows at the pairs' own output rows.
 #
 # Persistent: the tiles are max_blocks x (H / BN), N tiles fastest, and each program takes its next
@@ -24,7 +28,7 @@
 # consumers store the last one.
 # Takes: e4m3 intermediate [T*k, I] with fp32 scales [T*k, I/128], e4m3 weights [E, H, I] with
 # K contiguous and experts back to back (one TMA descriptor of [E * H, I]) and fp32 scales
-# [E, H/128, I/128]; I % BK == 0, H % BN == 0, 128 % BN == 0; a zeroed int32 tile counter.
+# [E, H/128, I/128]; I % BK == 0, BN 128 or 256, H % BN == 0; a zeroed int32 tile counter.
 """
 
 try:
@@ -173,15 +177,41 @@ if HAS_GLUON:
                     topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N: gl.constexpr):
         """What a consumer needs of tile t beyond its ids, issued before the previous tile's epilogue:
         one past the expert's last row, the rows' activation-scale pointers and first scales, the
-        weight tile's scale pointer and first scale, the routing weights (clamped ids: pad rows are
-        masked at the store)."""
+        weight tile's scale pointer and the first scales of its (one or two) 128-row scale blocks, the
+        routing weights (clamped ids: pad rows are masked at the store)."""
         ec = gl.maximum(e, 0)
         row_end = gl.load(expert_start_ptr + ec) + gl.load(expert_count_ptr + ec)
         safe_ids = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)
         as_rows = inter_scale_ptr + safe_ids.to(gl.int64) * stride_ist
         ws_base = w_scale_ptr + ec.to(gl.int64) * stride_se + ((t % n_tiles_n) * BLOCK_N // 128) * stride_sn
         tw = gl.load(topk_weights_ptr + safe_ids)
-        return row_end, as_rows, ws_base, gl.load(as_rows), gl.load(ws_base), tw
+        ws_hi = ws_base + (BLOCK_N // 128 - 1) * stride_sn
+        return row_end, as_rows, ws_base, gl.load(as_rows), gl.load(ws_base), gl.load(ws_hi), tw
+
+    @gluon.jit
+    def _promoted_wgmma(acc, a_tile, b_tile, zero, scale):
+        """acc + (a_tile @ b_tile) * scale[:, None], the fp32 partial of one K step (the Triton tiles'
+        order)."""
+        part = warpgroup_mma(a_tile, b_tile, zero, use_acc=False, is_async=True)
+        part = warpgroup_mma_wait(0, deps=(part, ))
+        return acc + part * scale[:, None]
+
+    @gluon.jit
+    def _l2_store(acc, e, ids, tw, n0, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be, store_rows,
+                  HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr):
+        """gemm2_tile's epilogue on 128 columns from n0: bias, routing weight, bf16 rows at the pairs'
+        own output rows (the expert's live rows only), 16 bytes per thread."""
+        store_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        if HAS_BIAS:
+            n = n0 + gl.arange(0, 128, layout=gl.SliceLayout(0, acc.type.layout))
+            acc += gl.load(b_ptr + e * stride_be + n).to(gl.float32)[None, :]
+        if WEIGHT_AFTER_DOWN:
+            acc *= tw.to(gl.float32)[:, None]
+        out_vals = gl.convert_layout(acc.to(rows_out_ptr.dtype.element_ty), store_l)
+        out_ids = gl.convert_layout(ids, gl.SliceLayout(1, store_l))
+        cols = n0 + gl.arange(0, 128, layout=gl.SliceLayout(0, store_l))
+        row_mask = first_row + store_rows < row_end
+        gl.store(rows_out_ptr + out_ids.to(gl.int64)[:, None] * H + cols[None, :], out_vals, mask=row_mask[:, None])
 
     @gluon.jit
     def _l2_ws_consumer(w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
@@ -191,19 +221,19 @@ if HAS_GLUON:
                         WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         HALF: gl.constexpr = BLOCK_M // 2
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 32])
-        # the store: 8 bf16 (16 bytes) per thread, 16 threads per 256-byte row
-        store_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        # a 256-column tile is two 128-column wgmmas, one weight scale block each, promoted one at a
+        # time (L1's gate / up order): two accumulators and one partial fit a consumer's registers
+        WIDE: gl.constexpr = BLOCK_N == 256
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
         rows_l: gl.constexpr = gl.SliceLayout(1, mma)
-        zero = gl.zeros([HALF, BLOCK_N], gl.float32, mma)
+        zero = gl.zeros([HALF, 128], gl.float32, mma)
         half_rows = WG * HALF + gl.arange(0, HALF, layout=rows_l)
-        store_rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, store_l))
-        store_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_l))
+        store_rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, gl.BlockedLayout([1, 8], [2, 16],
+                                                                                               [4, 1], [1, 0])))
         i = 0
         t = _receive_tile(tile_ids, tile_full, tile_free, i)
         e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, half_rows, BLOCK_M)
-        row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, tw_n = _tile_loads(
+        row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, w_hi_n, tw_n = _tile_loads(
             e_next, ids_next, t, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr, w_scale_ptr,
             topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N)
         it = 0
@@ -217,40 +247,43 @@ if HAS_GLUON:
             ws_base = ws_base_n
             a_s_next = a_s_n
             w_s_next = w_s_n
+            w_hi_next = w_hi_n
             tw = tw_n
             e_next, ids_next = _tile_rows(t_next, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
                                           half_rows, BLOCK_M)
             acc = zero
+            acc_hi = zero
             if e >= 0:
                 for ks in range(k_steps):
                     a_s = a_s_next
                     w_s = w_s_next
+                    w_hi = w_hi_next
                     k_next = gl.minimum(ks + 1, k_steps - 1)  # the scales one K step ahead of the MMA
                     a_s_next = gl.load(as_rows + k_next)
                     w_s_next = gl.load(ws_base + k_next * stride_sk)
+                    if WIDE:
+                        w_hi_next = gl.load(ws_base + stride_sn + k_next * stride_sk)
                     s = _wait_slot(ready, w_ready, it, STAGES)
-                    part = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF), b_bufs.index(s).permute((1, 0)),
-                                         zero, use_acc=False, is_async=True)
-                    part = warpgroup_mma_wait(0, deps=(part, ))
+                    a_tile = a_bufs.index(s).slice(WG * HALF, HALF)
+                    b_slot = b_bufs.index(s)
+                    acc = _promoted_wgmma(acc, a_tile, b_slot.slice(0, 128).permute((1, 0)), zero, a_s * w_s)
+                    if WIDE:
+                        acc_hi = _promoted_wgmma(acc_hi, a_tile, b_slot.slice(128, 128).permute((1, 0)), zero,
+                                                 a_s * w_hi)
                     mbarrier.arrive(empty.index(s), count=1)
-                    acc += part * (a_s * w_s)[:, None]
                     it += 1
             # the next tile's loads, in flight during this tile's epilogue
-            row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, tw_n = _tile_loads(
+            row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, w_hi_n, tw_n = _tile_loads(
                 e_next, ids_next, t_next, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N)
             if e >= 0:
-                pid_n = t % n_tiles_n
-                if HAS_BIAS:
-                    n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-                    acc += gl.load(b_ptr + e * stride_be + n).to(gl.float32)[None, :]
-                if WEIGHT_AFTER_DOWN:
-                    acc *= tw.to(gl.float32)[:, None]
-                out_vals = gl.convert_layout(acc.to(rows_out_ptr.dtype.element_ty), store_l)
-                out_ids = gl.convert_layout(ids, gl.SliceLayout(1, store_l))
-                row_mask = (t // n_tiles_n) * BLOCK_M + store_rows < row_end
-                out = (rows_out_ptr + out_ids.to(gl.int64)[:, None] * H + pid_n * BLOCK_N + store_cols[None, :])
-                gl.store(out, out_vals, mask=row_mask[:, None])
+                n0 = (t % n_tiles_n) * BLOCK_N
+                first_row = (t // n_tiles_n) * BLOCK_M
+                _l2_store(acc, e, ids, tw, n0, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be, store_rows,
+                          HAS_BIAS, WEIGHT_AFTER_DOWN)
+                if WIDE:
+                    _l2_store(acc_hi, e, ids, tw, n0 + 128, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be,
+                              store_rows, HAS_BIAS, WEIGHT_AFTER_DOWN)
             t = t_next
 
     @gluon.jit

@@ -106,17 +106,17 @@ def _l1_ptx(stages=4, bias=False, limit=False):
                               "H", "I", "stride_xt")))
 
 
-def _ptx(stages=4, bias=False):
+def _ptx(stages=4, bias=False, block_n=128):
     from inductor_moe.isa import compile_to_ptx
     from inductor_moe.lowering.moe_ws import MAX_REGISTERS
     from inductor_moe.templates.moe_gemm2_ws import moe_gemm2_fp8_ws_kernel as k
     from triton.experimental.gluon.language import NVMMASharedLayout
 
     layout = NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    ptrs = {"inter_ptr": "*fp8e4nv", "w_desc": f"tensordesc<fp8e4nv[128,128],{layout!r}>", "w_scale_ptr": "*fp32",
-            "b_ptr": "*bf16",
-            "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16", "inter_scale_ptr": "*fp32"}
-    const = dict(HAS_BIAS=bias, WEIGHT_AFTER_DOWN=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, STAGES=stages,
+    ptrs = {"inter_ptr": "*fp8e4nv", "w_desc": f"tensordesc<fp8e4nv[{block_n},128],{layout!r}>",
+            "w_scale_ptr": "*fp32", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16",
+            "inter_scale_ptr": "*fp32"}
+    const = dict(HAS_BIAS=bias, WEIGHT_AFTER_DOWN=True, BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=128, STAGES=stages,
                  USE_PDL=True)
     sig = {a: "constexpr" if a in const else ptrs.get(a, "*i32" if a.endswith("_ptr") else "i32")
            for a in k.arg_names}
@@ -125,9 +125,11 @@ def _ptx(stages=4, bias=False):
                               "H", "I")))  # as the JIT specialises them
 
 
-def test_ws_l2_compiles_for_sm90_warp_specialised():
-    """CI has no GPU: the Gluon kernel builds for sm_90a with fp8 wgmma, per-role register budgets,
-    cp.async completions on mbarriers and the PDL wait."""
+@pytest.mark.parametrize("block_n", [128, 256])
+def test_ws_l2_compiles_for_sm90_warp_specialised(block_n):
+    """CI has no GPU: the Gluon kernel builds for sm_90a with fp8 wgmma (a 256-column tile: two
+    128-column MMAs per K step), per-role register budgets, cp.async completions on mbarriers and the
+    PDL wait."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("templates are interpreted in this process")
     from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
@@ -135,10 +137,11 @@ def test_ws_l2_compiles_for_sm90_warp_specialised():
     if not HAS_GLUON:
         pytest.skip("this triton has no Gluon")
     try:
-        ptx = _ptx(bias=True)
+        ptx = _ptx(bias=True, block_n=block_n)
     except ImportError as e:  # a triton without the NVIDIA backend
         pytest.skip(str(e))
-    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 2 * 4 * block_n // 128, \
+        "per K step of 128: 4 k32 wgmmas per 128 columns, in each of the two consumer warpgroups"
     assert "setmaxnreg.dec" in ptx and "setmaxnreg.inc" in ptx, "no per-partition register budgets"
     assert "cp.async.mbarrier.arrive.noinc" in ptx
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.arrive.expect_tx" in ptx, "weights not through TMA"
