@@ -6,7 +6,10 @@ the PTX ISA version given explicitly.  Templates register themselves: every modu
 ``inductor_moe.templates`` may expose ``ISA_SPECS``, a list of
 ``(label, kernel, signature, constexprs, options)``; ``options["expect_sm100"] = "block_scale"``
 marks a template whose sm_100a PTX must hold tcgen05 block-scaled MMA (``--check`` fails
-otherwise); the other options go to the compiler.
+otherwise); ``options["only_arch"]`` (with ``"why_only"``) a template built for that target only
+(the Hopper warp-specialised Gluon kernels), listed as not built on the others;
+``options["divisible_by_16"]`` the arguments the JIT specialises so; the other options go to the
+compiler.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class IsaResult:
     ptx: str = ""
     error: str = ""
     expect: str = ""  # "block_scale": sm_100a must show tcgen05 block-scaled MMA
+    not_built: str = ""  # why the template has no build for this target
 
     @property
     def block_scaled_tcgen05(self) -> bool:
@@ -40,6 +44,8 @@ class IsaResult:
         target = f"sm_{self.arch}a"
         if self.error:
             return f"{self.label:60s} {target:8s} ERROR {self.error}"
+        if self.not_built:
+            return f"{self.label:60s} {target:8s} not built ({self.not_built})"
         return f"{self.label:60s} {target:8s} {', '.join(self.mma_kinds) or 'no MMA'}"
 
 
@@ -147,8 +153,8 @@ def discover_specs():
         if specs is None:
             specs = lowering_specs.get(info.name)
         if specs is None:
-            if any(getattr(v, "__module__", None) == module.__name__ and type(v).__name__ == "JITFunction"
-                   for v in vars(module).values()):
+            if any(getattr(v, "__module__", None) == module.__name__
+                   and type(v).__name__ in ("JITFunction", "GluonJITFunction") for v in vars(module).values()):
                 missing.append(info.name)
             continue
         found += [(info.name, spec) for spec in specs]
@@ -222,9 +228,14 @@ def compile_all(targets=TARGETS, only: str | None = None) -> list[IsaResult]:
             continue
         options = dict(options or {})
         expect = options.pop("expect_sm100", "")
+        only_arch, why_only = options.pop("only_arch", None), options.pop("why_only", "")
+        divisible = options.pop("divisible_by_16", ())
         for arch in targets:
+            if only_arch is not None and arch != only_arch:
+                results.append(IsaResult(label, arch, (), not_built=why_only or f"sm_{only_arch} only"))
+                continue
             try:
-                ptx = compile_to_ptx(kernel, signature, constexprs, arch, options)
+                ptx = compile_to_ptx(kernel, signature, constexprs, arch, options, divisible)
                 results.append(IsaResult(label, arch, mma_kinds(ptx), ptx, expect=expect))
             except Exception as e:  # report and go on with the other templates
                 while e.__cause__ is not None:  # the innermost error says what went wrong

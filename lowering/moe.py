@@ -31,7 +31,7 @@ from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
                        k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
 from .moe_tma import weight_tma_arguments, weight_tma_reason
-from .moe_ws import launch_ws_l1, launch_ws_l2, ws_l1_reason, ws_l2_reason
+from .moe_ws import launch_ws_l1, launch_ws_l2, ws_isa_specs, ws_l1_reason, ws_l2_reason
 from .moe_tune_cache import kernel_constraint_violation
 
 FORMAT_LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -214,7 +214,8 @@ def isa_specs() -> dict:
     the expert GEMMs exactly as the launcher builds them for a qwen3-30b-a3b prefill call
     (T=4096, E=128, k=8, H=2048, I=768) in every weight format the kernels read, with bf16
     activations, plus the fp8-activation pairs (``act x weight``); and the persistent L1+L2
-    kernel (``moe_mega``) at a decode call (lowering/moe_mega.py).  Dense weights are listed with
+    kernel (``moe_mega``) at a decode call (lowering/moe_mega.py), and the warp-specialised GEMMs
+    (lowering/moe_ws.py, sm_90a only).  Dense weights are listed with
     pointer loads (``w_desc`` None): the launcher passes them TMA descriptors at such a call
     (lowering/moe_tma.py), which changes the loads, not the MMA kind."""
     from ..isa import auto_signature
@@ -253,6 +254,7 @@ def isa_specs() -> dict:
             label = f"{name}[bf16 x {fmt}]" if act == "dense" else f"{name}[{act} x {fmt}]"
             specs[name].append((label, kernel, sig, const, options))
     specs["moe_mega"] = mega_isa_specs()  # the persistent L1+L2 kernel, at a decode call
+    specs.update(ws_isa_specs())  # the warp-specialised GEMMs (sm_90a only)
     return specs
 
 

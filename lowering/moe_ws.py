@@ -160,3 +160,51 @@ def launch_ws_l2(l2_args: tuple, has_bias: bool, weight_after_down: bool, counte
         expert_count, inter_s, counter, H, I, inter.shape[0], max_blocks, ticket_base, s2_se, s2_sn, s2_sk, b2_se,
         inter_s_stride, HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn,
         BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl)
+
+
+def ws_isa_specs() -> dict:
+    """{template module: [(label, kernel, signature, constexprs, options)]} for ``inductor_moe.isa``:
+    the warp-specialised GEMMs as launch_ws_l1 / launch_ws_l2 build them for a qwen3-30b-a3b prefill
+    call (H = 2048, I = 768, 128-row blocks; the fp8 L2 also on the 128-column tiles of an H that is
+    an odd multiple of 128, the dense L2 in bf16 and fp16), with the JIT's 16-divisibility of
+    pointers and sizes.  sm_90a only: wgmma and setmaxnreg have no sm_100 form (Blackwell runs the
+    Triton kernels: _ws_reason)."""
+    if not HAS_GLUON:
+        return {}
+    from triton.experimental.gluon.language import NVMMASharedLayout
+
+    from ..isa import auto_signature
+    from ..templates.moe_gemm1_ws import moe_gemm1_fp8_ws_kernel
+    from ..templates.moe_gemm2_ws import moe_gemm2_fp8_ws_kernel
+    from ..templates.moe_gemm2_ws_dense import moe_gemm2_dense_ws_kernel
+
+    def weight_box(dtype: str, bits: int, rows: int) -> str:
+        layout = NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=2)
+        return f"tensordesc<{dtype}[{rows},{BLOCK_K * 8 // bits}],{layout!r}>"
+
+    def spec(label, kernel, pointers, const, floats=()):
+        sig = auto_signature(kernel, pointers, const, floats)
+        divisible = tuple(a for a in kernel.arg_names if a.endswith("_ptr") or a in ("H", "I", "stride_xt"))
+        options = {"num_warps": 4, "maxnreg": MAX_REGISTERS, "only_arch": 90, "divisible_by_16": divisible,
+                   "why_only": "wgmma + setmaxnreg: sm_90 only, Blackwell runs the Triton kernels"}
+        return label, kernel, sig, const, options
+
+    fp8 = {"w_scale_ptr": "*fp32", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32"}
+    common = dict(BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, USE_PDL=True, HAS_BIAS=False)
+    l1 = spec("moe_gemm1_ws[fp8_block128 x fp8_block128]", moe_gemm1_fp8_ws_kernel,
+              {**fp8, "x_ptr": "*fp8e4nv", "inter_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32",
+               "inter_scale_ptr": "*fp32", "w_desc": weight_box("fp8e4nv", 8, BLOCK_N)},
+              dict(common, HAS_LIMIT=False, WEIGHT_BEFORE_DOWN=False, BLOCK_N=BLOCK_N, STAGES=L1_STAGES),
+              ("alpha", "limit", "up_offset"))
+    l2 = [spec(f"moe_gemm2_ws[fp8_block128 x fp8_block128, {bn} columns]", moe_gemm2_fp8_ws_kernel,
+               {**fp8, "inter_ptr": "*fp8e4nv", "rows_out_ptr": "*bf16", "inter_scale_ptr": "*fp32",
+                "w_desc": weight_box("fp8e4nv", 8, bn)},
+               dict(common, WEIGHT_AFTER_DOWN=True, BLOCK_N=bn, STAGES=STAGES))
+          for bn in (FP8_L2_WIDE_BLOCK_N, BLOCK_N)]
+    dense = [spec(f"moe_gemm2_ws_dense[{dtype} x dense]", moe_gemm2_dense_ws_kernel,
+                  {"inter_ptr": "*" + dtype, "b_ptr": "*" + dtype, "topk_weights_ptr": "*fp32",
+                   "rows_out_ptr": "*" + dtype, "w_desc": weight_box(dtype, 16, DENSE_L2_BLOCK_N)},
+                  dict(common, WEIGHT_AFTER_DOWN=True, BLOCK_N=DENSE_L2_BLOCK_N, BLOCK_K=BLOCK_K // 2, STAGES=STAGES))
+             for dtype in ("bf16", "fp16")]
+    return {"moe_gemm1_ws": [l1], "moe_gemm2_ws": l2, "moe_gemm2_ws_dense": dense}
+

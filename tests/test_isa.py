@@ -50,6 +50,13 @@ def test_every_template_compiles_for_hopper_and_blackwell():
     assert not errors, "\n".join(errors)
     moe = [r for r in results if r.label.startswith("moe_gemm") and r.arch == 90]
     assert moe and all(any(k.startswith("wgmma") for k in r.mma_kinds) for r in moe)
+    # the warp-specialised Gluon GEMMs are listed too: built for sm_90a, marked not built for sm_100a
+    ws = {(r.label.split("[")[0], r.arch): r for r in results if "_ws" in r.label}
+    from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
+    if HAS_GLUON:
+        for name in ("moe_gemm1_ws", "moe_gemm2_ws", "moe_gemm2_ws_dense"):
+            assert any(k.startswith("wgmma") for k in ws[name, 90].mma_kinds), ws[name, 90].line()
+            assert ws[name, 100].not_built and not ws[name, 100].mma_kinds, ws[name, 100].line()
 
 
 def _ptxas():

@@ -85,44 +85,19 @@ def test_ws_dense_l2_takes_16_bit_experts_with_short_k():
     assert "Triton L1 measured faster" in ws_l1_reason(**l1)
 
 
-def _l1_ptx(stages=4, bias=False, limit=False):
+def _ws_ptx(label_prefix, **constexprs):
+    """sm_90a PTX of the warp-specialised kernel the ISA listing labels ``label_prefix...``
+    (lowering/moe_ws.ws_isa_specs: the launcher's constexprs and the JIT's 16-divisibility), with
+    ``constexprs`` changed."""
     from inductor_moe.isa import compile_to_ptx
-    from inductor_moe.lowering.moe_ws import MAX_REGISTERS
-    from inductor_moe.templates.moe_gemm1_ws import moe_gemm1_fp8_ws_kernel as k
+    from inductor_moe.lowering.moe_ws import ws_isa_specs
 
-    from triton.experimental.gluon.language import NVMMASharedLayout
-
-    layout = NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    ptrs = {"x_ptr": "*fp8e4nv", "w_desc": f"tensordesc<fp8e4nv[128,128],{layout!r}>", "w_scale_ptr": "*fp32",
-            "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "inter_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32",
-            "inter_scale_ptr": "*fp32"}
-    const = dict(HAS_BIAS=bias, HAS_LIMIT=limit, WEIGHT_BEFORE_DOWN=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
-                 STAGES=stages, USE_PDL=True)
-    floats = ("alpha", "limit", "up_offset")
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "*i32" if a.endswith("_ptr") else
-                                                       "fp32" if a in floats else "i32") for a in k.arg_names}
-    return compile_to_ptx(k, sig, const, 90, {"num_warps": 4, "maxnreg": MAX_REGISTERS},
-                          divisible_by_16=tuple(a for a in k.arg_names if a.endswith("_ptr") or a in (
-                              "H", "I", "stride_xt")))
-
-
-def _ptx(stages=4, bias=False, block_n=128):
-    from inductor_moe.isa import compile_to_ptx
-    from inductor_moe.lowering.moe_ws import MAX_REGISTERS
-    from inductor_moe.templates.moe_gemm2_ws import moe_gemm2_fp8_ws_kernel as k
-    from triton.experimental.gluon.language import NVMMASharedLayout
-
-    layout = NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    ptrs = {"inter_ptr": "*fp8e4nv", "w_desc": f"tensordesc<fp8e4nv[{block_n},128],{layout!r}>",
-            "w_scale_ptr": "*fp32", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32", "rows_out_ptr": "*bf16",
-            "inter_scale_ptr": "*fp32"}
-    const = dict(HAS_BIAS=bias, WEIGHT_AFTER_DOWN=True, BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=128, STAGES=stages,
-                 USE_PDL=True)
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "*i32" if a.endswith("_ptr") else "i32")
-           for a in k.arg_names}
-    return compile_to_ptx(k, sig, const, 90, {"num_warps": 4, "maxnreg": MAX_REGISTERS},
-                          divisible_by_16=tuple(a for a in k.arg_names if a.endswith("_ptr") or a in (
-                              "H", "I")))  # as the JIT specialises them
+    label, kernel, signature, const, options = next(
+        spec for group in ws_isa_specs().values() for spec in group if spec[0].startswith(label_prefix))
+    options = dict(options)
+    divisible = options.pop("divisible_by_16")
+    options = {k: v for k, v in options.items() if k not in ("only_arch", "why_only")}
+    return compile_to_ptx(kernel, signature, {**const, **constexprs}, 90, options, divisible)
 
 
 @pytest.mark.parametrize("block_n", [128, 256])
@@ -137,7 +112,7 @@ def test_ws_l2_compiles_for_sm90_warp_specialised(block_n):
     if not HAS_GLUON:
         pytest.skip("this triton has no Gluon")
     try:
-        ptx = _ptx(bias=True, block_n=block_n)
+        ptx = _ws_ptx(f"moe_gemm2_ws[fp8_block128 x fp8_block128, {block_n} columns]", HAS_BIAS=True)
     except ImportError as e:  # a triton without the NVIDIA backend
         pytest.skip(str(e))
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 2 * 4 * block_n // 128, \
@@ -158,7 +133,7 @@ def test_ws_l1_compiles_for_sm90_warp_specialised():
     if not HAS_GLUON:
         pytest.skip("this triton has no Gluon")
     try:
-        ptx = _l1_ptx(bias=True, limit=True)
+        ptx = _ws_ptx("moe_gemm1_ws[", HAS_BIAS=True, HAS_LIMIT=True, WEIGHT_BEFORE_DOWN=True)
     except ImportError as e:  # a triton without the NVIDIA backend
         pytest.skip(str(e))
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 16, \
@@ -168,23 +143,6 @@ def test_ws_l1_compiles_for_sm90_warp_specialised():
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, "no e4m3 quantisation of the intermediate"
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.arrive.expect_tx" in ptx, "weights not through TMA"
     assert "griddepcontrol.wait" in ptx
-
-
-def _dense_l2_ptx(dtype):
-    from inductor_moe.isa import compile_to_ptx
-    from inductor_moe.lowering.moe_ws import DENSE_L2_BLOCK_N, MAX_REGISTERS
-    from inductor_moe.templates.moe_gemm2_ws_dense import moe_gemm2_dense_ws_kernel as k
-    from triton.experimental.gluon.language import NVMMASharedLayout
-
-    layout = NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    ptrs = {"inter_ptr": "*" + dtype, "w_desc": f"tensordesc<{dtype}[{DENSE_L2_BLOCK_N},64],{layout!r}>",
-            "b_ptr": "*" + dtype, "topk_weights_ptr": "*fp32", "rows_out_ptr": "*" + dtype}
-    const = dict(HAS_BIAS=True, WEIGHT_AFTER_DOWN=True, BLOCK_M=128, BLOCK_N=DENSE_L2_BLOCK_N, BLOCK_K=64, STAGES=4,
-                 USE_PDL=True)
-    sig = {a: "constexpr" if a in const else ptrs.get(a, "*i32" if a.endswith("_ptr") else "i32")
-           for a in k.arg_names}
-    return compile_to_ptx(k, sig, const, 90, {"num_warps": 4, "maxnreg": MAX_REGISTERS},
-                          divisible_by_16=tuple(a for a in k.arg_names if a.endswith("_ptr") or a in ("H", "I")))
 
 
 @pytest.mark.parametrize("dtype,ptx_type", [("bf16", "bf16"), ("fp16", "f16")])
@@ -199,7 +157,7 @@ def test_ws_dense_l2_compiles_for_sm90_warp_specialised(dtype, ptx_type):
     if not HAS_GLUON:
         pytest.skip("this triton has no Gluon")
     try:
-        ptx = _dense_l2_ptx(dtype)
+        ptx = _ws_ptx(f"moe_gemm2_ws_dense[{dtype} x", HAS_BIAS=True)
     except ImportError as e:  # a triton without the NVIDIA backend
         pytest.skip(str(e))
     assert ptx.count(f"wgmma.mma_async.sync.aligned.m64n256k16.f32.{ptx_type}.{ptx_type}") == 8
