@@ -197,21 +197,25 @@ if HAS_GLUON:
         return acc + part * scale[:, None]
 
     @gluon.jit
-    def _l2_store(acc, e, ids, tw, n0, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be, store_rows,
-                  HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr):
-        """gemm2_tile's epilogue on 128 columns from n0: bias, routing weight, bf16 rows at the pairs'
-        own output rows (the expert's live rows only), 16 bytes per thread."""
+    def _l2_epilogue(acc, e, ids, tw, n0, first_row, row_end, b_ptr, out_ptr, H, stride_be, WG: gl.constexpr,
+                     HALF: gl.constexpr, COLS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                     WEIGHT_AFTER_DOWN: gl.constexpr):
+        """gemm2_tile's epilogue on a warpgroup's [HALF, COLS] accumulator at columns n0..: bias, routing
+        weight, one rounding to the output dtype, stored at the pairs' own rows (out rows of length H;
+        the expert's live rows and the columns below H only), 16 bytes per thread, 16 threads per 256
+        bytes of a row."""
         store_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         if HAS_BIAS:
-            n = n0 + gl.arange(0, 128, layout=gl.SliceLayout(0, acc.type.layout))
-            acc += gl.load(b_ptr + e * stride_be + n).to(gl.float32)[None, :]
+            n = n0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, acc.type.layout))
+            acc += gl.load(b_ptr + e * stride_be + n, mask=n < H, other=0.0).to(gl.float32)[None, :]
         if WEIGHT_AFTER_DOWN:
             acc *= tw.to(gl.float32)[:, None]
-        out_vals = gl.convert_layout(acc.to(rows_out_ptr.dtype.element_ty), store_l)
+        rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, store_l))
+        cols = n0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, store_l))
+        vals = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), store_l)
         out_ids = gl.convert_layout(ids, gl.SliceLayout(1, store_l))
-        cols = n0 + gl.arange(0, 128, layout=gl.SliceLayout(0, store_l))
-        row_mask = first_row + store_rows < row_end
-        gl.store(rows_out_ptr + out_ids.to(gl.int64)[:, None] * H + cols[None, :], out_vals, mask=row_mask[:, None])
+        mask = (first_row + rows < row_end)[:, None] & (cols < H)[None, :]
+        gl.store(out_ptr + out_ids.to(gl.int64)[:, None] * H + cols[None, :], vals, mask=mask)
 
     @gluon.jit
     def _l2_ws_consumer(w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
@@ -228,8 +232,6 @@ if HAS_GLUON:
         rows_l: gl.constexpr = gl.SliceLayout(1, mma)
         zero = gl.zeros([HALF, 128], gl.float32, mma)
         half_rows = WG * HALF + gl.arange(0, HALF, layout=rows_l)
-        store_rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, gl.BlockedLayout([1, 8], [2, 16],
-                                                                                               [4, 1], [1, 0])))
         i = 0
         t = _receive_tile(tile_ids, tile_full, tile_free, i)
         e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, half_rows, BLOCK_M)
@@ -279,11 +281,11 @@ if HAS_GLUON:
             if e >= 0:
                 n0 = (t % n_tiles_n) * BLOCK_N
                 first_row = (t // n_tiles_n) * BLOCK_M
-                _l2_store(acc, e, ids, tw, n0, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be, store_rows,
-                          HAS_BIAS, WEIGHT_AFTER_DOWN)
+                _l2_epilogue(acc, e, ids, tw, n0, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be, WG, HALF,
+                             128, HAS_BIAS, WEIGHT_AFTER_DOWN)
                 if WIDE:
-                    _l2_store(acc_hi, e, ids, tw, n0 + 128, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be,
-                              store_rows, HAS_BIAS, WEIGHT_AFTER_DOWN)
+                    _l2_epilogue(acc_hi, e, ids, tw, n0 + 128, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be,
+                                 WG, HALF, 128, HAS_BIAS, WEIGHT_AFTER_DOWN)
             t = t_next
 
     @gluon.jit

@@ -23,9 +23,9 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-    from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _l2_ws_producer, _pdl_wait,
-                               _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers, _tile_schedule_init,
-                               _wait_slot)
+    from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _l2_epilogue, _l2_ws_producer,
+                               _pdl_wait, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
+                               _tile_schedule_init, _wait_slot)
 
     @gluon.jit
     def _row_end_and_weight(e, ids, expert_start_ptr, expert_count_ptr, topk_weights_ptr, num_pairs):
@@ -40,19 +40,6 @@ if HAS_GLUON:
     def _free_step(empty, it, STAGES: gl.constexpr):
         """Consumer: K step ``it``'s MMAs are done reading its slot."""
         mbarrier.arrive(empty.index(it % STAGES), count=1)
-
-    @gluon.jit
-    def _store_rows(vals, ids, out_ptr, row_len, col0, first_row, row_end, WG: gl.constexpr,
-                    HALF: gl.constexpr, BLOCK_N: gl.constexpr):
-        """vals [HALF, BLOCK_N] -> out rows ``ids`` (row length row_len) at columns col0.., the
-        expert's live rows and columns only; 16 bytes per thread, 16 threads per 256 bytes of a row."""
-        store_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, store_l))
-        cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_l))
-        vals = gl.convert_layout(vals.to(out_ptr.dtype.element_ty), store_l)
-        out_ids = gl.convert_layout(ids, gl.SliceLayout(1, store_l))
-        mask = (first_row + rows < row_end)[:, None] & (cols < row_len)[None, :]
-        gl.store(out_ptr + out_ids.to(gl.int64)[:, None] * row_len + cols[None, :], vals, mask=mask)
 
     @gluon.jit
     def _l2_dense_consumer(b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr, expert_start_ptr,
@@ -95,13 +82,8 @@ if HAS_GLUON:
             row_end_n, tw_n = _row_end_and_weight(e_next, ids_next, expert_start_ptr, expert_count_ptr,
                                                   topk_weights_ptr, num_pairs)
             if e >= 0:
-                n0 = (t % n_tiles_n) * BLOCK_N
-                if HAS_BIAS:
-                    n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-                    acc += gl.load(b_ptr + e * stride_be + n, mask=n < H, other=0.0).to(gl.float32)[None, :]
-                if WEIGHT_AFTER_DOWN:
-                    acc *= tw.to(gl.float32)[:, None]
-                _store_rows(acc, ids, rows_out_ptr, H, n0, (t // n_tiles_n) * BLOCK_M, row_end, WG, HALF, BLOCK_N)
+                _l2_epilogue(acc, e, ids, tw, (t % n_tiles_n) * BLOCK_N, (t // n_tiles_n) * BLOCK_M, row_end, b_ptr,
+                             rows_out_ptr, H, stride_be, WG, HALF, BLOCK_N, HAS_BIAS, WEIGHT_AFTER_DOWN)
             t = t_next
 
     @gluon.jit
