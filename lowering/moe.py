@@ -142,7 +142,8 @@ def _cuda_decode_available(spec: MoESpec, device: torch.device, x_dtype) -> bool
 @functools.lru_cache(maxsize=1024)
 def _unswapped_plan(T, k, E, H, I, fmt, num_sms, act_format) -> MoEKernelConfig:  # noqa: E741
     """The heuristic's tiles for a call planned swapped that cannot run so (tl.dot_scaled, fp16
-    activations, the persistent kernel, config.fp4_swap_ab off): planned once per shape, not per call."""
+    activations, the persistent kernel, config.fp4_swap_ab off, sm_100): planned once per shape, not
+    per call."""
     return choose_moe_config(T, k, E, H, I, fmt, num_sms, act_format=act_format, allow_swap_ab=False)
 
 
@@ -228,10 +229,14 @@ def isa_specs() -> dict:
     combos = [("dense", fmt) for fmt in KERNEL_WEIGHT_FORMATS] + [
         ("fp8_block128", "dense"), ("fp8_block128", "fp8_block128"), ("fp8_mx32", "mxfp4")]
     specs: dict = {"moe_gemm1": [], "moe_gemm2": []}
-    for act, fmt in combos:
+    # (activations, weights, swapped tiles allowed, the one target that runs them): MXFP4 as sm_100
+    # runs it (tl.dot_scaled, unswapped); bf16 x NVFP4 swapped on sm_90, unswapped on sm_100
+    # (moe_plan.fp4_swap_ab)
+    variants = [(act, fmt, fmt != "mxfp4", 90 if (act, fmt) == ("dense", "nvfp4") else None) for act, fmt in combos]
+    variants.append(("dense", "nvfp4", False, 100))
+    for act, fmt, allow_swap, only_arch in variants:
         spec = MoESpec(act_format=act)
-        # MXFP4 as sm_100 runs it (tl.dot_scaled, unswapped); NVFP4 through the swapped tiles
-        cfg = choose_moe_config(4096, 8, 128, 2048, 768, fmt, 132, act_format=act, allow_swap_ab=fmt != "mxfp4")
+        cfg = choose_moe_config(4096, 8, 128, 2048, 768, fmt, 132, act_format=act, allow_swap_ab=allow_swap)
         dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4"
         w, s = wtypes[fmt]
         a = "*bf16" if act == "dense" else "*fp8e4nv"
@@ -252,6 +257,11 @@ def isa_specs() -> dict:
             ptr_types = {**ptrs, "w_ptr": w, "w_scale_ptr": s, "w_gscale_ptr": "*fp32"}
             sig = auto_signature(kernel, ptr_types, const, floats)
             label = f"{name}[bf16 x {fmt}]" if act == "dense" else f"{name}[{act} x {fmt}]"
+            if only_arch == 90:
+                options.update(only_arch=90, why_only="sm_100 runs the unswapped tiles (moe_plan.fp4_swap_ab)")
+            elif only_arch == 100:
+                label = label[:-1] + ", unswapped]"
+                options.update(only_arch=100, why_only="sm_90 runs the swapped tiles")
             specs[name].append((label, kernel, sig, const, options))
     specs["moe_mega"] = mega_isa_specs()  # the persistent L1+L2 kernel, at a decode call
     specs.update(ws_isa_specs())  # the warp-specialised GEMMs (sm_90a only)
@@ -372,7 +382,8 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
                       and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))
     swap_ab = (not fp4_dot_scaled and x.dtype == torch.bfloat16 and not use_mega
-               and swap_ab_fits(fmt, spec.act_format, H, I) and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab)
+               and swap_ab_fits(fmt, spec.act_format, H, I)
+               and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab, _arch_major(x.device))
                and (fmt != "mxfp4" or mxfp4_scales_in_decode(w13_scale) and mxfp4_scales_in_decode(w2_scale)))
     if cfg.swap_ab and not swap_ab and cfg.source == "heuristic":  # planned swapped, runs unswapped
         cfg = _unswapped_plan(T, k, E, H, I, fmt, _num_sms(x.device), spec.act_format).replace(

@@ -192,11 +192,16 @@ def mxfp4_dot_scaled(setting: str, arch_major: int) -> bool:
     return arch_major >= 10
 
 
-def fp4_swap_ab(setting: str, planned: bool) -> bool:
+def fp4_swap_ab(setting: str, planned: bool, arch_major: int = 9) -> bool:
     """Whether FP4 weights decoded in registers run the swapped tiles (acc^T = W @ X^T, the decoded
     weight as wgmma's register A operand, activations in moe_common.to_mma_k_order): ``setting``
-    is config.fp4_swap_ab, ``planned`` what choose_moe_config (or the tuned table) decided."""
-    return planned if setting == "auto" else setting == "on"
+    is config.fp4_swap_ab, ``planned`` what choose_moe_config (or the tuned table) decided.  auto:
+    on Hopper only, as the FP4 GEMM (block_scaled_gemm.choose_gemm_config): the tiles are built
+    around wgmma's register operand, and Triton 3.6 (torch 2.11's) cannot lower the NVFP4 ones for
+    sm_100a ("Illegal shared layout"; the unswapped tiles build there: tcgen05 kind::f16)."""
+    if setting == "auto":
+        return planned and arch_major < 10
+    return setting == "on"
 
 
 def swap_ab_fits(weight_format: str, act_format: str, hidden: int, intermediate: int) -> bool:

@@ -555,6 +555,8 @@ def _isa_spec(label, a_fmt, b_fmt, dot_scaled, a_dtype="*bf16", m=128, expect=""
     options = {"num_warps": 8 if m >= 128 else 4, "num_stages": 3}
     if expect:
         options["expect_sm100"] = expect
+    if swap_ab:  # choose_gemm_config swaps on Hopper only
+        options.update(only_arch=90, why_only="swapped tiles on Hopper only (choose_gemm_config)")
     return (label, block_scaled_gemm_kernel, sig, const, options)
 
 

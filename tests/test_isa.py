@@ -48,8 +48,15 @@ def test_every_template_compiles_for_hopper_and_blackwell():
     results = isa.compile_all()
     errors = [r.line() for r in results if r.error]
     assert not errors, "\n".join(errors)
-    moe = [r for r in results if r.label.startswith("moe_gemm") and r.arch == 90]
+    moe = [r for r in results if r.label.startswith("moe_gemm") and r.arch == 90 and not r.not_built]
     assert moe and all(any(k.startswith("wgmma") for k in r.mma_kinds) for r in moe)
+    # NVFP4 experts with bf16 activations: the swapped tiles on sm_90a, the unswapped ones on sm_100a
+    by_label = {(r.label, r.arch): r for r in results}
+    for name in ("moe_gemm1", "moe_gemm2"):
+        assert by_label[f"{name}[bf16 x nvfp4]", 100].not_built, by_label[f"{name}[bf16 x nvfp4]", 100].line()
+        assert by_label[f"{name}[bf16 x nvfp4, unswapped]", 90].not_built
+        unswapped = by_label[f"{name}[bf16 x nvfp4, unswapped]", 100]
+        assert any(k.startswith("tcgen05.mma") for k in unswapped.mma_kinds), unswapped.line()
     # the warp-specialised Gluon GEMMs are listed too: built for sm_90a, marked not built for sm_100a
     ws = {(r.label.split("[")[0], r.arch): r for r in results if "_ws" in r.label}
     from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
