@@ -69,6 +69,17 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_PDL_ATTR = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)  # read by the driver at each launch
+_DIM3 = ctypes.c_uint * 3
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_kernel_ex():
+    """The driver's cuLaunchKernelEx, looked up once: torch's _get_gpu_runtime_library() opens a new
+    CDLL object per call (a class built each time), which cost more host time than the launch."""
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    return _get_gpu_runtime_library().cuLaunchKernelEx
 
 
 def launch(kernel, grid, block, args, stream, pdl: bool = False) -> None:
@@ -79,12 +90,11 @@ def launch(kernel, grid, block, args, stream, pdl: bool = False) -> None:
     if not pdl:
         kernel(grid=grid, block=block, args=args, stream=stream)
         return
-    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+    from torch.cuda._utils import _check_cuda
 
     keep = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
             ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a) for a in args]
-    params = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in keep])
-    attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
-                        ctypes.c_void_p(stream.cuda_stream), ctypes.pointer(attr), 1)
-    _check_cuda(_get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None))
+    params = (ctypes.c_void_p * len(keep))(*[ctypes.addressof(v) for v in keep])
+    cfg = _LaunchConfig(_DIM3(*grid), _DIM3(*block), 0, ctypes.c_void_p(stream.cuda_stream),
+                        ctypes.pointer(_PDL_ATTR), 1)
+    _check_cuda(_launch_kernel_ex()(ctypes.byref(cfg), kernel.func, params, None))
