@@ -60,12 +60,13 @@ def pdl_enabled(device: torch.device) -> bool:
     """PDL chaining: config.pdl, a CUDA device of sm_90+, a triton with launch_pdl, no interpreter."""
     if not moe_config.pdl or device.type != "cuda" or _interpreting() or not _triton_has_pdl():
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _arch_major(device) >= 9
 
 
 @functools.lru_cache(maxsize=None)
 def _arch_major(device: torch.device) -> int:
-    """sm major version (9 for Hopper); the interpreter compiles nothing, 9 stands in."""
+    """sm major version (9 for Hopper); the interpreter compiles nothing, 9 stands in.  Cached: the
+    driver query costs host time on every call of the op."""
     return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
 
 
@@ -81,7 +82,7 @@ def unsupported_reason(spec: MoESpec, device: torch.device, x_dtype: torch.dtype
     """Why the fused kernels cannot run this call (None when they can)."""
     if device.type != "cuda" and not _interpreting():
         return f"no Triton kernels on {device.type}"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+    if device.type == "cuda" and _arch_major(device) < 8:
         return "the fused MoE kernels need sm_80 or newer"
     if x_dtype not in FORMAT_LABELS:
         return f"activations of dtype {x_dtype} (the kernels take bfloat16/float16)"
