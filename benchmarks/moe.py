@@ -8,7 +8,8 @@ fused op per weight format with PDL on and off, an HF-style grouped_mm layer (so
 torch._grouped_mm with SwiGLU between -> unsort -> sum) eager and under torch.compile, the two
 grouped_mm calls alone, OpenAI triton_kernels matmul_ogs bf16 and mxfp4 (benchmarks/tk_baseline.py;
 "n/a" where it cannot run), and the floor max(FLOPs / 700e12, bytes / 3.0e12).  Prints one table,
-and writes moe_bench.md and moe_bench.png under $OUT (or ./out).
+and writes moe_bench.md and moe_bench.png under $OUT (or ./out).  ``--host``: without CUDA graphs
+(eager, torch.compile's default mode), wall time per call of ours and HF's (moe_host.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from inductor_moe.cuda.fp4_moe import MAX_PAIRS_PER_EXPERT
 
-from .timing import graph_time_us, kernel_times_by_name
+from .timing import graph_time_us, interleaved_stream_times_us, kernel_times_by_name
 from .tk_baseline import TKColumns
 from .tk_baseline import version as tk_version
 
@@ -236,6 +237,66 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True, same_routi
         tk.release()
         torch.cuda.empty_cache()
     return rows
+
+
+DEFAULT_FORMATS = "dense,fp8_block128,fp8_block128+a128,mxfp4,mxfp4+a32,nvfp4"
+HOST_TOKENS = (1, 16, 128, 1024, 4096)
+HOST_FORMATS = ("dense", "fp8_block128+a128", "mxfp4", "nvfp4")
+
+
+def run_host(layers, tokens_for, formats, log) -> str:
+    """Without CUDA graphs (eager, ``torch.compile``'s default mode) a small call costs what its
+    host side costs: wall µs per call of back-to-back calls (``timing.interleaved_stream_times_us``,
+    the contenders' rounds in turn) of our op as a compiled graph calls it
+    (``torch.ops.inductor_moe.moe_experts``), HF's grouped_mm layer eager and under ``torch.compile``
+    default, and our GPU time from graph replays beside."""
+    from inductor_moe.lowering import moe
+
+    moe.register()
+    op = torch.ops.inductor_moe.moe_experts
+    lines = ["| layer | T | format | ours, no graph | ours, graph replay (GPU) | HF eager, no graph | "
+             "HF compiled, no graph | ours / HF compiled |", "|---|---|---|---|---|---|---|---|"]
+    for name in layers:
+        E, k, H, I = LAYERS[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
+        w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
+        weights = {}
+        for fmt in formats:
+            wfmt, act = split_format(fmt)
+            if wfmt not in weights:
+                if wfmt == "dense":
+                    weights[wfmt] = (w13, w2, {})
+                else:
+                    (q13, e13), (q2, e2) = quantize_chunked(wfmt, w13), quantize_chunked(wfmt, w2)
+                    weights[wfmt] = (q13, q2, {f"w13_{key}": v for key, v in e13.items()}
+                                     | {f"w2_{key}": v for key, v in e2.items()})
+        hf_compiled = torch.compile(hf_grouped_mm, dynamic=True)
+        for T in tokens_for[name]:
+            x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+            routes = routings(T, E, k, g, REPEAT)
+
+            def each_route(f):  # noqa: B023 -- as in run(): each call routes anew
+                return round_robin([lambda i=i, w=w: f(i, w) for i, w in routes])  # noqa: B023
+            fns = {"hf": each_route(lambda i, w: hf_grouped_mm(x, i, w, w13, w2)),  # noqa: B023
+                   "hf_compiled": each_route(lambda i, w: hf_compiled(x, i, w, w13, w2))}  # noqa: B023
+            for fmt in formats:
+                wfmt, act = split_format(fmt)
+                wa, wb, kw = weights[wfmt]
+                spec = ",".join(p for p in ("" if wfmt == "dense" else f"weight_format={wfmt}",
+                                            "" if act == "dense" else f"act_format={act}") if p)
+                fns[fmt] = each_route(lambda i, w, wa=wa, wb=wb, spec=spec, kw=kw: op(x, i, w, wa, wb, spec, **kw))  # noqa: B023
+            wall = interleaved_stream_times_us(fns)
+            for fmt in formats:
+                gpu = time_graph(fns[fmt])
+                log(f"host {name} T={T} {fmt}: ours {wall[fmt]:.1f} (GPU {gpu:.1f}) HF eager {wall['hf']:.1f} "
+                    f"HF compiled {wall['hf_compiled']:.1f}")
+                lines.append(f"| {name} | {T} | {fmt} | {wall[fmt]:.1f} | {gpu:.1f} | {wall['hf']:.1f} | "
+                             f"{wall['hf_compiled']:.1f} | {wall[fmt] / wall['hf_compiled']:.2f} |")
+        del weights
+        del w13, w2
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
 
 
 COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "ours bf16 no-PDL"),
@@ -502,12 +563,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a subset of layers x token counts")
     p.add_argument("--layers", default=",".join(LAYERS))
     p.add_argument("--tokens", default=None, help="comma-separated token counts (overrides --quick)")
-    p.add_argument("--formats", default="dense,fp8_block128,fp8_block128+a128,mxfp4,mxfp4+a32,nvfp4",
+    p.add_argument("--formats", default=DEFAULT_FORMATS,
                    help="weight formats; +a128 / +a32: with fp8 activations (block-128 / mx32 scales)")
     p.add_argument("--no-compile", action="store_true", help="skip HF under torch.compile")
     p.add_argument("--no-tk", action="store_true", help="skip the OpenAI triton_kernels columns")
     p.add_argument("--same-routing", action="store_true",
                    help="every call in a graph routes alike (the expert weights stay L2-resident at small T)")
+    p.add_argument("--host", action="store_true",
+                   help="without CUDA graphs: wall us per call, ours / HF eager / HF compiled (default mode)")
     p.add_argument("--sweep", action="store_true", help="time tile variants per kernel, then exit")
     p.add_argument("--sweep-fp4", action="store_true", help="time fp4 kernel variants, then exit")
     p.add_argument("--sweep-prefill", action="store_true", help="time prefill variants per format, then exit")
@@ -517,6 +580,8 @@ def main(argv=None):
     layers = args.layers.split(",")
     if args.tokens:
         tokens_for = {n: tuple(int(t) for t in args.tokens.split(",")) for n in layers}
+    elif args.host:
+        tokens_for = {n: HOST_TOKENS for n in layers}
     else:
         tokens_for = {n: (QUICK[n] if args.quick else TOKENS) for n in layers}
     out_dir = os.environ.get("OUT") or "out"
@@ -530,6 +595,15 @@ def main(argv=None):
     if args.sweep or args.sweep_fp4 or args.sweep_prefill or args.sweep_cuda_decode:
         (sweep if args.sweep else sweep_fp4 if args.sweep_fp4 else sweep_prefill if args.sweep_prefill
          else sweep_cuda_decode)(log)
+        return
+    if args.host:
+        formats = args.formats.split(",") if args.formats != DEFAULT_FORMATS else HOST_FORMATS
+        text = header().replace("median of CUDA-graph replays, us per layer call",
+                                "no CUDA graphs: median wall us per layer call (graph replay beside)") + "\n\n" + run_host(
+            layers, tokens_for, formats, log)
+        with open(os.path.join(out_dir, "moe_host.md"), "w") as f:
+            f.write(text + "\n")
+        print(text, flush=True)
         return
     rows = run(layers, tokens_for, args.formats.split(","), not args.no_compile, log, with_tk=not args.no_tk,
                same_routing=args.same_routing)

@@ -69,3 +69,26 @@ def sync_time_us(fn, reps: int = 20) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
+
+
+def interleaved_stream_times_us(fns: dict, calls: int = 50, rounds: int = 9) -> dict:
+    """{name: median wall µs per call} of ``calls`` back-to-back calls of each function, no CUDA
+    graph, one sync per round: what a model run without graphs (eager, ``torch.compile``'s default
+    mode) pays per call -- the host's launch work where it exceeds the GPU's, else the GPU's time.
+    The functions' rounds are taken in turn: host timings drift with the machine's load and clocks
+    from one second to the next, so contenders timed side by side compare where ones timed one
+    after the other do not."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        order = list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]
+        for name, fn in order:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) * 1e6 / calls)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -27,7 +27,7 @@ from ..report import log, record_runtime_fallback
 from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
-from .moe_mega import choose_mega, launch_mega, mega_isa_specs, mega_max_tokens
+from .moe_mega import MegaLaunch, choose_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
                        k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
 from .moe_tma import weight_tma_arguments, weight_tma_reason
@@ -323,42 +323,92 @@ def _gemm_operands(spec: MoESpec, fmt: str, w, scale, which: str):
     return w, scale, (w.stride(0), w.stride(1), w.stride(2)), (scale.stride(0), scale.stride(1), scale.stride(2))
 
 
-def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale=None, w2_scale=None,
-                      b13=None, b2=None, w13_global_scale=None, w2_global_scale=None, *, kernel_config: Optional[MoEKernelConfig] = None,
-                      use_pdl: Optional[bool] = None, use_mega: Optional[bool] = None,
-                      use_cuda_decode: Optional[bool] = None) -> torch.Tensor:
-    """Run the fused kernels (inputs already validated and supported).  Works on CUDA, and on CPU
-    under TRITON_INTERPRET=1.  ``use_mega``: force the persistent L1+L2 kernel on or off (None:
-    on CUDA where ``config.mega_kernel`` and ``moe_mega.choose_mega`` say so).  ``use_cuda_decode``:
-    the CUDA decode kernels for FP4 experts at decode / mid sizes (``cuda/fp4_moe.py``); None: wherever they
-    fit, False: never, True: required (raises where they do not fit)."""
-    from ..templates.moe_align import align_blocks
-    from ..templates.moe_combine import moe_combine_kernel
-    from ..templates.moe_common import ACT_FORMAT_CODES, ACT_GROUPS, moe_kperm_kernel, moe_quant_act_kernel
-    from ..templates.moe_gemm1 import moe_gemm1_kernel
-    from ..templates.moe_gemm2 import moe_gemm2_kernel
+class _CallPlan:
+    """Every decision of the launcher for one call signature (``_call_plan``), made once: the route
+    (CUDA decode kernels or Triton), the tiles, which kernels run, their constexprs.  Holds no
+    tensors: a plan outlives the inputs it was made for."""
+
+    __slots__ = ("cuda_decode", "use_pdl", "cfg", "use_mega", "act", "fp4_dot_scaled", "swap_ab", "ws_l1", "ws_l2",
+                 "tma", "l1_kw", "l2_kw", "mega", "scales_fit")
+
+
+_PLANS: dict = {}  # call signature (_plan_key) -> _CallPlan
+MAX_PLANS = 4096
+
+
+def _tensor_key(t: Optional[torch.Tensor]):
+    """What a plan depends on in a tensor: shape, strides, dtype, and 16-byte alignment (which
+    Triton specialises on, and the TMA / warp-specialised kernels' rules check)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+
+
+def _plan_key(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2, w13_global_scale,
+              w2_global_scale, use_pdl, use_mega, use_cuda_decode) -> tuple:
+    """The call's signature: everything ``_make_plan`` reads but weight values, and the settings
+    (config's hash, the tuned tables' generation).  (MXFP4 Triton plans also depend on whether
+    the scales fit the decode: ``_call_plan``.)"""
+    from . import moe_tune_cache
+
+    return (spec, x.device, _tensor_key(x), _tensor_key(topk_ids), _tensor_key(topk_weights), _tensor_key(w13),
+            _tensor_key(w2), _tensor_key(w13_scale), _tensor_key(w2_scale), _tensor_key(b13), _tensor_key(b2),
+            _tensor_key(w13_global_scale), _tensor_key(w2_global_scale), use_pdl, use_mega, use_cuda_decode,
+            moe_config.get_hash(), moe_tune_cache.generation())
+
+
+_BY_SCALES = object()  # _PLANS' entry for a signature whose plan depends on the MXFP4 scales' values
+
+
+def _mxfp4_scales_fit(w13_scale, w2_scale) -> bool:
+    return mxfp4_scales_in_decode(w13_scale) and mxfp4_scales_in_decode(w2_scale)
+
+
+def _call_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2, w13_global_scale,
+               w2_global_scale, kernel_config, use_pdl, use_mega, use_cuda_decode) -> _CallPlan:
+    """The plan of this call: made at the first call of a signature, then looked up (a decode call's
+    host time was mostly these decisions).  A Triton plan for MXFP4 weights and bf16 activations is
+    kept per answer of ``mxfp4_scales_in_decode`` (read per weight version): two layers of one shape
+    whose scales differ get their own plans.  A call given its tiles (``kernel_config``: the tuner,
+    tests) is planned afresh; plans made during CUDA-graph capture are not kept (no tuning there)."""
+    args = (x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2, w13_global_scale,
+            w2_global_scale)
+    if kernel_config is not None:
+        return _make_plan(*args, kernel_config, use_pdl, use_mega, use_cuda_decode)
+    key = _plan_key(*args, use_pdl, use_mega, use_cuda_decode)
+    plan = _PLANS.get(key)
+    if plan is _BY_SCALES:
+        plan = _PLANS.get(key + (_mxfp4_scales_fit(w13_scale, w2_scale),))
+    if plan is None:
+        plan = _make_plan(*args, None, use_pdl, use_mega, use_cuda_decode)
+        if x.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            if len(_PLANS) >= MAX_PLANS:
+                _PLANS.clear()
+            if plan.scales_fit is None:
+                _PLANS[key] = plan
+            else:
+                _PLANS[key], _PLANS[key + (plan.scales_fit,)] = _BY_SCALES, plan
+    return plan
+
+
+def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2, w13_global_scale,
+               w2_global_scale, kernel_config, use_pdl, use_mega, use_cuda_decode) -> _CallPlan:
+    from ..templates.moe_common import ACT_FORMAT_CODES
 
     T, H = x.shape
     k = topk_ids.shape[1]
     E = w13.shape[0]
     I = W.intermediate_size(spec, w13, w2)
-    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
-    if T == 0 or k == 0:
-        return out.zero_()
     fmt = spec.effective_weight_format
-    if spec.quantize_weights is not None:
-        (w13, w13_scale, w13_global_scale), (w2, w2_scale, w2_global_scale) = W.quantized_expert_weights(
-            spec, w13, w2)
-        spec = MoESpec(**{**spec.__dict__, "quantize_weights": None, "weight_format": fmt, "transposed": False})
+    plan = _CallPlan()
     if use_pdl is None:
         use_pdl = pdl_enabled(x.device)
+    plan.use_pdl, plan.cuda_decode, plan.mega, plan.scales_fit = use_pdl, False, None, None
     if use_cuda_decode is not False and x.device.type == "cuda":
-        from ..cuda.fp4_moe import moe_decode, moe_decode_fits
+        from ..cuda.fp4_moe import moe_decode_fits
 
         why_not = moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2)
         if why_not is None:
-            return moe_decode(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2,
-                              w13_global_scale, w2_global_scale, out, use_pdl=use_pdl)
+            plan.cuda_decode = True
+            return plan
         if use_cuda_decode:
             raise ValueError(f"the CUDA MoE decode kernels cannot take this call: {why_not}")
     if kernel_config is None:  # the bucket's tuned tiles, else the heuristic's (lowering/moe_tune.py)
@@ -369,10 +419,6 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
                               w2_global_scale, kernel_config=c, use_pdl=use_pdl)),
             gate_up_interleaved=spec.gate_up == "interleaved")
     cfg = kernel_config
-    x = x if x.stride(1) == 1 else x.contiguous()
-    ids = topk_ids.contiguous()
-    tw = topk_weights.contiguous()
-    N = T * k
     if use_mega is None:
         use_mega = x.device.type == "cuda" and moe_config.mega_kernel and choose_mega(
             cfg, T, k, E, H, I, _num_sms(x.device))
@@ -380,18 +426,90 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
     if use_mega and cfg.tail_block_m:  # the persistent kernel's tile loops run whole blocks only
         cfg = cfg.replace(tail_block_m=0)
     act = ACT_FORMAT_CODES[spec.act_format]
+    if fmt == "mxfp4" and x.dtype == torch.bfloat16 and w13_scale is not None:  # what the swapped tiles need
+        plan.scales_fit = _mxfp4_scales_fit(w13_scale, w2_scale)
     fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
                       and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))
     swap_ab = (not fp4_dot_scaled and x.dtype == torch.bfloat16 and not use_mega
                and swap_ab_fits(fmt, spec.act_format, H, I)
                and fp4_swap_ab(moe_config.fp4_swap_ab, cfg.swap_ab, _arch_major(x.device))
-               and (fmt != "mxfp4" or mxfp4_scales_in_decode(w13_scale) and mxfp4_scales_in_decode(w2_scale)))
+               and (fmt != "mxfp4" or bool(plan.scales_fit)))
     if cfg.swap_ab and not swap_ab and cfg.source == "heuristic":  # planned swapped, runs unswapped
         cfg = _unswapped_plan(T, k, E, H, I, fmt, _num_sms(x.device), spec.act_format).replace(
             fp4_dot_scaled=cfg.fp4_dot_scaled)
     elif swap_ab and kernel_constraint_violation(cfg.block_m, cfg.gemm1, cfg.gemm2, fmt, spec.act_format, True):
         cfg = with_swap_ab(cfg, H, I, fmt)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
-    BM = cfg.block_m
+    if swap_ab and fmt == "mxfp4":
+        w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
+    w13_t, _, w13_strides, (_, s13_sn, _) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
+    w2_t, _, w2_strides, (_, s2_sn, _) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
+    arch, interpreting, ws_setting = _arch_major(x.device), _interpreting(), moe_config.warp_specialized
+    plan.ws_l1 = not use_mega and ws_l1_reason(fmt, spec.act_format, (x.dtype, w13_t.dtype), cfg.block_m, H, I,
+                                               w13_strides, w13_t.data_ptr(), spec.gate_up, spec.activation,
+                                               arch, interpreting, ws_setting) is None
+    plan.ws_l2 = not use_mega and ws_l2_reason(fmt, spec.act_format, (x.dtype, w2_t.dtype), cfg.block_m, H, I,
+                                               w2_strides, w2_t.data_ptr(), arch, interpreting, ws_setting) is None
+    plan.l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab,
+                                  W.gate_up_global_scales(spec, w13_global_scale), fp4_scales_ahead(fmt, s13_sn), I)
+    plan.l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab,
+                                  fp4_scales_ahead(fmt, s2_sn))
+    plan.tma = not use_mega and weight_tma_reason(spec, fmt, x.dtype, w13_t, w2_t, cfg, arch_major=arch,
+                                                  interpreting=interpreting, use_mega=use_mega) is None
+    plan.cfg, plan.use_mega, plan.act, plan.fp4_dot_scaled, plan.swap_ab = cfg, use_mega, act, fp4_dot_scaled, swap_ab
+    return plan
+
+
+def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale=None, w2_scale=None,
+                      b13=None, b2=None, w13_global_scale=None, w2_global_scale=None, *, kernel_config: Optional[MoEKernelConfig] = None,
+                      use_pdl: Optional[bool] = None, use_mega: Optional[bool] = None,
+                      use_cuda_decode: Optional[bool] = None) -> torch.Tensor:
+    """Run the fused kernels (inputs already validated and supported).  Works on CUDA, and on CPU
+    under TRITON_INTERPRET=1.  ``use_mega``: force the persistent L1+L2 kernel on or off (None:
+    on CUDA where ``config.mega_kernel`` and ``moe_mega.choose_mega`` say so).  ``use_cuda_decode``:
+    the CUDA decode kernels for FP4 experts at decode / mid sizes (``cuda/fp4_moe.py``); None: wherever they
+    fit, False: never, True: required (raises where they do not fit).  The decisions come from the
+    call's plan (``_call_plan``); what remains per call is allocating and launching."""
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    if T == 0 or k == 0:
+        return out.zero_()
+    if spec.quantize_weights is not None:
+        fmt = spec.effective_weight_format
+        (w13, w13_scale, w13_global_scale), (w2, w2_scale, w2_global_scale) = W.quantized_expert_weights(
+            spec, w13, w2)
+        spec = MoESpec(**{**spec.__dict__, "quantize_weights": None, "weight_format": fmt, "transposed": False})
+    plan = _call_plan(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2, w13_global_scale,
+                      w2_global_scale, kernel_config, use_pdl, use_mega, use_cuda_decode)
+    if plan.cuda_decode:
+        from ..cuda.fp4_moe import moe_decode
+
+        return moe_decode(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2,
+                          w13_global_scale, w2_global_scale, out, use_pdl=plan.use_pdl)
+    return _run_triton(plan, x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2,
+                       w13_global_scale, w2_global_scale, out)
+
+
+def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2,
+                w13_global_scale, w2_global_scale, out) -> torch.Tensor:
+    """Allocate and launch what ``plan`` says: align -> (x -> fp8) -> L1 -> L2 (or both in the
+    persistent kernel) -> combine."""
+    from ..templates.moe_align import align_blocks
+    from ..templates.moe_combine import moe_combine_kernel
+    from ..templates.moe_common import ACT_GROUPS, moe_kperm_kernel, moe_quant_act_kernel
+    from ..templates.moe_gemm1 import moe_gemm1_kernel
+    from ..templates.moe_gemm2 import moe_gemm2_kernel
+
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E = w13.shape[0]
+    I = W.intermediate_size(spec, w13, w2)
+    fmt = spec.effective_weight_format
+    cfg, use_pdl, use_mega, act, swap_ab = plan.cfg, plan.use_pdl, plan.use_mega, plan.act, plan.swap_ab
+    x = x if x.stride(1) == 1 else x.contiguous()
+    ids = topk_ids.contiguous()
+    tw = topk_weights.contiguous()
+    N = T * k
     pdl = {"launch_pdl": True} if use_pdl else {}
     if act:  # fp8 activations: x -> e4m3 + per-token group scales, once (not per L1 tile)
         G = ACT_GROUPS[act]
@@ -414,16 +532,9 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
     w13_t, s13, (w13_se, w13_sn, w13_sk), (s13_se, s13_sn, s13_sk) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
-    arch, interpreting, ws_setting = _arch_major(x.device), _interpreting(), moe_config.warp_specialized
-    ws_l1 = not use_mega and ws_l1_reason(fmt, spec.act_format, (x.dtype, w13_t.dtype), BM, H, I,
-                                          (w13_se, w13_sn, w13_sk), w13_t.data_ptr(), spec.gate_up, spec.activation,
-                                          arch, interpreting, ws_setting) is None
-    ws_l2 = not use_mega and ws_l2_reason(fmt, spec.act_format, (x.dtype, w2_t.dtype), BM, H, I,
-                                          (w2_se, w2_sn, w2_sk), w2_t.data_ptr(), arch, interpreting,
-                                          ws_setting) is None
     # the warp-specialised GEMMs take their tiles from a counter that align zeroes (ready[0])
-    blocks = align_blocks(ids, E, BM, one_launch=cfg.align_one_launch, chunk=cfg.align_chunk, use_pdl=use_pdl,
-                          zero_ready=use_mega or ws_l1 or ws_l2)
+    blocks = align_blocks(ids, E, cfg.block_m, one_launch=cfg.align_one_launch, chunk=cfg.align_chunk,
+                          use_pdl=use_pdl, zero_ready=use_mega or plan.ws_l1 or plan.ws_l2)
     max_blocks = blocks.max_blocks
     sorted_ids, block_expert = blocks.sorted_ids, blocks.block_expert
     expert_start, expert_count = blocks.expert_start, blocks.expert_count
@@ -440,30 +551,27 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
                a1.stride(0), w13_se, w13_sn, w13_sk, s13_se, s13_sn, s13_sk, b13.stride(0) if b13 is not None else 0,
                a1_s.stride(0) if act else 0, inter_s_stride,
                float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset))
-    l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab,
-                             W.gate_up_global_scales(spec, w13_global_scale), fp4_scales_ahead(fmt, s13_sn), I)
     rows = torch.empty((N, H), dtype=x.dtype, device=x.device)
     l2_args = (inter, w2_t, s2, g2s, b2 if b2 is not None else x, tw, rows,
                sorted_ids, block_expert, expert_start, expert_count, inter_s,
                H, I,
                w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0, inter_s_stride)
-    l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab,
-                             fp4_scales_ahead(fmt, s2_sn))
+    l1_kw, l2_kw = plan.l1_kw, plan.l2_kw
     if use_mega:  # one persistent launch runs the same L1 and L2 tiles
-        launch_mega(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw, ready=blocks.ready,
-                    max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)
+        if plan.mega is None:
+            plan.mega = MegaLaunch(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw,
+                                   ready=blocks.ready, max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)
+        plan.mega.launch(l1_args, l2_args, blocks.ready)
     else:
-        if weight_tma_reason(spec, fmt, x.dtype, w13_t, w2_t, cfg, arch_major=_arch_major(x.device),
-                             interpreting=_interpreting(), use_mega=use_mega) is None:
+        if plan.tma:  # descriptors hold their tensor: built per call, never cached (lowering/moe_tma.py)
             tma1, tma2 = weight_tma_arguments(spec, w13_t, w2_t, cfg)
-            l1_kw.update(tma1)
-            l2_kw.update(tma2)
+            l1_kw, l2_kw = {**l1_kw, **tma1}, {**l2_kw, **tma2}
         tickets = 0  # the counter's tickets L1 took (L2 counts on from there)
-        if ws_l1:
+        if plan.ws_l1:
             tickets = launch_ws_l1(l1_args, l1_kw, blocks.ready, max_blocks, _num_sms(x.device), use_pdl)
         else:
             moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)
-        if ws_l2:
+        if plan.ws_l2:
             launch_ws_l2(l2_args, b2 is not None, l2_kw["WEIGHT_AFTER_DOWN"], blocks.ready, tickets, max_blocks,
                          _num_sms(x.device), use_pdl)
         else:

@@ -1,7 +1,7 @@
 """The persistent single-launch MoE kernel (templates/moe_mega.py): when to use it, and its launch.
 
 # T: tokens, k: experts per token, E: experts, H: hidden, I: expert intermediate size, N = T*k
-``choose_mega`` is a pure function of the tile plan (testable without a GPU).  ``launch_mega``
+``choose_mega`` is a pure function of the tile plan (testable without a GPU).  ``MegaLaunch``
 takes the very arguments the launcher built for the two-launch L1 / L2 kernels and runs their
 tiles in one persistent grid sized so that every program is resident at once (the kernel's
 deadlock-freedom argument needs that).
@@ -155,20 +155,48 @@ def _resident_programs_per_sm(kernel, kwargs: dict, device: torch.device) -> int
     return found
 
 
-def launch_mega(gemm1_kernel, gemm1_args: tuple, gemm1_kw: dict, gemm2_kernel, gemm2_args: tuple, gemm2_kw: dict,
-                *, ready: torch.Tensor, max_blocks: int, num_sms: int, pdl: dict) -> None:
-    """Run L1 and L2 (given as the arguments of their own kernels) as one persistent launch.
-    ``ready`` [max_blocks] int32 must have been zeroed by this call's align (ZERO_READY)."""
-    from ..templates.moe_mega import moe_mega_kernel
+class MegaLaunch:
+    """The persistent launch of one call signature, worked out once: its constexprs, which of L1's /
+    L2's positional arguments feeds each of its runtime arguments, and its grid -- sized so that
+    every program is resident at once (the kernel's deadlock-freedom argument needs that), from the
+    compiled kernel's registers and shared memory.  Per call only the arguments are routed."""
 
-    kwargs = mega_arguments(gemm1_kernel, gemm1_args, gemm1_kw, gemm2_kernel, gemm2_args, gemm2_kw)
-    kwargs.update(ready_ptr=ready, max_blocks=max_blocks, **pdl)
-    tiles = max_blocks * (-(-kwargs["I"] // kwargs["L1_BLOCK_N"]) + -(-kwargs["H"] // kwargs["L2_BLOCK_N"]))
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        grid = 1  # programs run one after another: only one program walks the list in order
-    else:
-        grid = min(tiles, num_sms * _resident_programs_per_sm(moe_mega_kernel, kwargs, ready.device))
-    moe_mega_kernel[(max(1, grid),)](**kwargs)
+    def __init__(self, gemm1_kernel, gemm1_args: tuple, gemm1_kw: dict, gemm2_kernel, gemm2_args: tuple,
+                 gemm2_kw: dict, *, ready: torch.Tensor, max_blocks: int, num_sms: int, pdl: dict):
+        from ..templates.moe_mega import moe_mega_kernel
+
+        kwargs = mega_arguments(gemm1_kernel, gemm1_args, gemm1_kw, gemm2_kernel, gemm2_args, gemm2_kw)
+        kwargs.update(max_blocks=max_blocks, **pdl)
+        names1 = gemm1_kernel.arg_names[:len(gemm1_args)]
+        names2 = gemm2_kernel.arg_names[:len(gemm2_args)]
+        shared1 = set(names1) | set(gemm1_kw)
+
+        def routed(prefix, name):
+            return (prefix.upper() if name.isupper() else prefix) + name if name in PER_GEMM_ARGS else name
+
+        self.from_l1 = [(i, routed("l1_", n)) for i, n in enumerate(names1)]
+        self.from_l2 = [(i, routed("l2_", n)) for i, n in enumerate(names2) if n in PER_GEMM_ARGS or n not in shared1]
+        per_call = {name for _, name in self.from_l1 + self.from_l2} | {"ready_ptr"}
+        self.constants = {name: v for name, v in kwargs.items() if name not in per_call}
+        if any(isinstance(v, torch.Tensor) for v in self.constants.values()):
+            raise ValueError("a tensor among the persistent kernel's per-signature constants")
+        tiles = max_blocks * (-(-kwargs["I"] // kwargs["L1_BLOCK_N"]) + -(-kwargs["H"] // kwargs["L2_BLOCK_N"]))
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            self.grid = 1  # programs run one after another: only one program walks the list in order
+        else:
+            kwargs["ready_ptr"] = ready  # for the compile that tells the residency; not kept
+            self.grid = min(tiles, num_sms * _resident_programs_per_sm(moe_mega_kernel, kwargs, ready.device))
+        self.grid = max(1, self.grid)
+        self.kernel = moe_mega_kernel
+
+    def launch(self, gemm1_args: tuple, gemm2_args: tuple, ready: torch.Tensor) -> None:
+        """``ready`` [max_blocks] int32 must have been zeroed by this call's align (ZERO_READY)."""
+        kwargs = dict(self.constants, ready_ptr=ready)
+        for i, name in self.from_l1:
+            kwargs[name] = gemm1_args[i]
+        for i, name in self.from_l2:
+            kwargs[name] = gemm2_args[i]
+        self.kernel[(self.grid,)](**kwargs)
 
 
 # ------------------------------------------------------------------------------ ISA listing

@@ -250,6 +250,7 @@ def write_table(path, table: dict[TuneKey, TuneEntry], meta: Optional[dict] = No
         raise
     _loaded.cache_clear()
     _found.clear()
+    _bump()
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,6 +267,18 @@ def shipped_path(device: str) -> Path:
 
 
 _found: dict = {}  # (key, user cache path, shipped dir) -> lookup's answer: every fused call looks up
+_generation = 0  # bumped whenever a lookup's answer may change (lowering/moe.py keys its call plans on it)
+
+
+def generation() -> tuple:
+    """Changes whenever ``lookup`` may answer differently: a tuning remembered, tables written or
+    forgotten, another user cache or shipped directory."""
+    return _generation, user_cache_path(), SHIPPED_DIR
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1
 
 
 def lookup(key: TuneKey) -> Optional[tuple[Optional[TunedTiles], str]]:
@@ -295,6 +308,7 @@ def remember(key: TuneKey, entry: Optional[TuneEntry], persist: bool = True) -> 
     (merged with what the file holds now; a write failure only costs a debug log)."""
     _here[key] = entry
     _found.clear()
+    _bump()
     if entry is None or not persist:
         return
     path = user_cache_path()
@@ -311,3 +325,4 @@ def clear() -> None:
     _here.clear()
     _loaded.cache_clear()
     _found.clear()
+    _bump()

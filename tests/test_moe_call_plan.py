@@ -1,0 +1,153 @@
+"""The launcher's call plans (lowering/moe.py: _call_plan): made once per call signature, never
+shared across what changes a decision, holding no tensors; and the persistent launch's argument
+routing (lowering/moe_mega.py: MegaLaunch) against the kernel's full argument build."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_moe_kernels import _case, _inputs  # noqa: E402
+
+
+def _plan(case, seed=0, **overrides):
+    from inductor_moe.lowering import moe
+
+    s, _, x, ids, tw, w13, w2, extra, b13, b2 = _inputs(case, torch.Generator().manual_seed(seed))
+    args = dict(w13_scale=extra.get("w13_scale"), w2_scale=extra.get("w2_scale"), b13=b13, b2=b2,
+                w13_global_scale=extra.get("w13_global_scale"), w2_global_scale=extra.get("w2_global_scale"),
+                kernel_config=None, use_pdl=None, use_mega=None, use_cuda_decode=None)
+    args.update(overrides)
+    return moe._call_plan(x, ids, tw, w13, w2, s, **args)
+
+
+@pytest.fixture
+def plans():
+    from inductor_moe.lowering import moe
+
+    moe._PLANS.clear()
+    yield moe._PLANS
+    moe._PLANS.clear()
+
+
+def test_one_plan_per_signature(plans):
+    """Fresh inputs of the same shapes reuse the plan; another token count, dtype or setting
+    makes its own; a call given its tiles (the tuner) is planned afresh and not kept."""
+    from inductor_moe import config
+
+    case = _case("plan", T=5, E=8, H=64, I=32, k=2)
+    first = _plan(case, seed=0)
+    assert len(plans) == 1 and _plan(case, seed=1) is first
+    other_t = _plan(_case("plan_t", T=7, E=8, H=64, I=32, k=2))
+    assert other_t is not first and len(plans) == 2
+    assert _plan(_case("plan_fp16", T=5, E=8, H=64, I=32, k=2, dtype="float16")) is not first
+    with config.patch(warp_specialized=False):
+        patched = _plan(case)
+    assert patched is not first and _plan(case) is first  # the setting back: the first plan again
+    given = _plan(case, kernel_config=first.cfg)
+    assert given is not first and given.cfg == first.cfg and len(plans) == 4
+
+
+def test_plans_follow_the_tuned_tables(plans):
+    """A tuning remembered or the tables forgotten can change the tiles: the plan is made again."""
+    from inductor_moe.lowering import moe_tune_cache
+
+    case = _case("plan_tables", T=5, E=8, H=64, I=32, k=2)
+    first = _plan(case)
+    stamp = moe_tune_cache.generation()
+    moe_tune_cache.clear()
+    assert moe_tune_cache.generation() != stamp
+    again = _plan(case)
+    assert again is not first and again.cfg == first.cfg
+
+
+@pytest.mark.parametrize("fmt", ["dense", "fp8_block128", "mxfp4", "nvfp4"])
+def test_plans_hold_no_tensors(plans, fmt):
+    """A plan outlives its call: a tensor in it would keep freed activations or weights alive."""
+    plan = _plan(_case(f"plan_{fmt}", T=5, E=8, H=128, I=64, k=2, weight_format=fmt, bias=True))
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return 1
+        if isinstance(value, dict):
+            return sum(tensors(v) for v in value.values())
+        if isinstance(value, (tuple, list)):
+            return sum(tensors(v) for v in value)
+        return 0
+
+    assert plan.l1_kw["WEIGHT_FORMAT"] is not None
+    assert sum(tensors(getattr(plan, name)) for name in type(plan).__slots__) == 0
+
+
+def test_mxfp4_plans_know_each_weights_scales(plans):
+    """Two MXFP4 layers of one shape: the swapped tiles fold the e8m0 scale into the decode only
+    where every scale fits (mxfp4_scales_in_decode); a layer whose scales do not must get its own
+    plan, unswapped, not the first layer's."""
+    from inductor_moe.lowering import moe
+
+    case = _case("plan_mx", T=5, E=8, H=128, I=64, k=2, weight_format="mxfp4")
+    s, _, x, ids, tw, w13, w2, extra, _, _ = _inputs(case, torch.Generator().manual_seed(0))
+    s13, s2 = extra["w13_scale"], extra["w2_scale"]
+    s13.view(torch.uint8).clamp_(max=127)
+    s2.view(torch.uint8).clamp_(max=127)
+    big = s13.clone()
+    big.view(torch.uint8)[0, 0, 0] = 200  # a scale of 2^73: not foldable
+    kw = dict(b13=None, b2=None, w13_global_scale=None, w2_global_scale=None, kernel_config=None, use_pdl=None,
+              use_mega=None, use_cuda_decode=None)
+    fits = moe._call_plan(x, ids, tw, w13, w2, s, s13, s2, **kw)
+    other = moe._call_plan(x, ids, tw, w13.clone(), w2, s, big, s2, **kw)
+    assert fits.swap_ab and not other.swap_ab and other is not fits
+    assert moe._call_plan(x, ids, tw, w13, w2, s, s13, s2, **kw) is fits  # each found again
+    assert moe._call_plan(x, ids, tw, w13, w2, s, big, s2, **kw) is other
+
+
+def test_mega_launch_routes_what_mega_arguments_builds(monkeypatch):
+    """MegaLaunch works out once which L1 / L2 argument feeds each persistent-kernel argument;
+    per call it must hand the kernel exactly what mega_arguments builds from that call's own
+    arguments (new tensors, same signature)."""
+    from inductor_moe.lowering import moe, moe_mega
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+    from inductor_moe.spec import MoESpec
+    from inductor_moe.templates.moe_gemm1 import moe_gemm1_kernel
+    from inductor_moe.templates.moe_gemm2 import moe_gemm2_kernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the grid without compiling anything
+    spec = MoESpec()
+    cfg = choose_moe_config(1, 8, 128, 2048, 768, "dense", 132)
+    l1_kw = moe.gemm1_constexprs(spec, cfg, "dense", False, True, 2048, True, intermediate=768)
+    l2_kw = moe.gemm2_constexprs(spec, cfg, "dense", False, True, 768, True)
+
+    def call_args():
+        t = lambda *shape: torch.empty(shape)  # noqa: E731
+        shared = (t(8), t(8), t(8), t(8))  # sorted ids, block experts, starts, counts
+        tw, inter, inter_s = t(1, 8), t(8, 768), t(1)
+        l1 = (t(1, 2048), t(4), t(4), t(4), t(4), tw, inter, *shared, t(1), inter_s, 2048, 768, 8,
+              2048, 1, 2, 3, 0, 0, 0, 1536, 0, 0, 1.0, 0.0, 0.0)
+        l2 = (inter, t(4), t(4), t(4), t(4), tw, t(8, 2048), *shared, inter_s, 2048, 768,
+              5, 6, 7, 0, 0, 0, 2048, 0)
+        return l1, l2
+
+    l1, l2 = call_args()
+    launch = moe_mega.MegaLaunch(moe_gemm1_kernel, l1, l1_kw, moe_gemm2_kernel, l2, l2_kw, ready=torch.empty(8),
+                                 max_blocks=8, num_sms=132, pdl={"launch_pdl": True})
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda **kwargs: seen.update(grid=grid, kwargs=kwargs)
+
+    launch.kernel = Recorder()
+    l1, l2 = call_args()
+    ready = torch.empty(8)
+    launch.launch(l1, l2, ready)
+    expected = moe_mega.mega_arguments(moe_gemm1_kernel, l1, l1_kw, moe_gemm2_kernel, l2, l2_kw)
+    expected.update(ready_ptr=ready, max_blocks=8, launch_pdl=True)
+    assert seen["grid"] == (1,)
+    assert seen["kwargs"].keys() == expected.keys()
+    for name, value in expected.items():
+        got = seen["kwargs"][name]
+        assert got is value if isinstance(value, torch.Tensor) else got == value, name
