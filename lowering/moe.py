@@ -12,6 +12,7 @@ permuted once first (``moe_kperm_kernel``) and L1 writes the intermediate in the
 reference op, with the reason recorded in the report, never a wrong result.  No per-call host
 syncs and no per-expert Python loops: every launch is sized from shapes alone, so the whole call
 is CUDA-graph capturable (MXFP4 scales are read once per weight version: mxfp4_scales_in_decode).
+Every decision is made once per call signature (``_call_plan``); a call then allocates and launches.
 """
 
 from __future__ import annotations
