@@ -28,6 +28,7 @@ from ..report import log, record_runtime_fallback
 from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
+from .launch import PlannedLaunches
 from .moe_mega import MegaLaunch, choose_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
                        k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
@@ -330,7 +331,7 @@ class _CallPlan:
     tensors: a plan outlives the inputs it was made for."""
 
     __slots__ = ("cuda_decode", "use_pdl", "cfg", "use_mega", "act", "fp4_dot_scaled", "swap_ab", "ws_l1", "ws_l2",
-                 "tma", "l1_kw", "l2_kw", "mega", "scales_fit")
+                 "tma", "l1_kw", "l2_kw", "mega", "scales_fit", "launches")
 
 
 _PLANS: dict = {}  # call signature (_plan_key) -> _CallPlan
@@ -403,6 +404,7 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     if use_pdl is None:
         use_pdl = pdl_enabled(x.device)
     plan.use_pdl, plan.cuda_decode, plan.mega, plan.scales_fit = use_pdl, False, None, None
+    plan.launches = PlannedLaunches()  # the Triton launches, through their compiled kernels after the first
     if use_cuda_decode is not False and x.device.type == "cuda":
         from ..cuda.fp4_moe import moe_decode_fits
 
@@ -507,6 +509,7 @@ def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESp
     I = W.intermediate_size(spec, w13, w2)
     fmt = spec.effective_weight_format
     cfg, use_pdl, use_mega, act, swap_ab = plan.cfg, plan.use_pdl, plan.use_mega, plan.act, plan.swap_ab
+    launch = plan.launches.launch
     x = x if x.stride(1) == 1 else x.contiguous()
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()
@@ -519,9 +522,8 @@ def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESp
         x_s = torch.empty((T, -(-H // G)), dtype=s_dtype, device=x.device)
         bt = 16
         bk = max(G, min(512, 1 << (H - 1).bit_length()))
-        moe_quant_act_kernel[(-(-T // bt), -(-H // bk))](x, xq, x_s, T, H, x.stride(0), x_s.stride(0),
-                                                          ACT_FORMAT=act, BLOCK_T=bt, BLOCK_K=bk, USE_PDL=use_pdl,
-                                                          num_warps=4, **pdl)
+        launch("quant", moe_quant_act_kernel, (-(-T // bt), -(-H // bk)), (x, xq, x_s, T, H, x.stride(0), x_s.stride(0)),
+               dict(ACT_FORMAT=act, BLOCK_T=bt, BLOCK_K=bk, USE_PDL=use_pdl, num_warps=4, **pdl))
         inter = torch.empty((N, I), dtype=torch.float8_e4m3fn, device=x.device)
         inter_s = torch.empty((N, -(-I // G)), dtype=s_dtype, device=x.device)
         a1, a1_s, inter_s_stride = xq, x_s, inter_s.stride(0)
@@ -535,7 +537,7 @@ def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESp
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     # the warp-specialised GEMMs take their tiles from a counter that align zeroes (ready[0])
     blocks = align_blocks(ids, E, cfg.block_m, one_launch=cfg.align_one_launch, chunk=cfg.align_chunk,
-                          use_pdl=use_pdl, zero_ready=use_mega or plan.ws_l1 or plan.ws_l2)
+                          use_pdl=use_pdl, zero_ready=use_mega or plan.ws_l1 or plan.ws_l2, launch=launch)
     max_blocks = blocks.max_blocks
     sorted_ids, block_expert = blocks.sorted_ids, blocks.block_expert
     expert_start, expert_count = blocks.expert_start, blocks.expert_count
@@ -544,8 +546,8 @@ def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESp
     g2s = w2_global_scale if w2_global_scale is not None else x
     if swap_ab:  # L1 reads x with K in to_mma_k_order (L1 writes the intermediate so for L2)
         a1 = torch.empty((T, H), dtype=x.dtype, device=x.device)
-        moe_kperm_kernel[(-(-T // 16), -(-H // 256))](x, a1, T, H, x.stride(0), BLOCK_T=16, BLOCK_K=256,
-                                                       USE_PDL=use_pdl, num_warps=4, **pdl)
+        launch("kperm", moe_kperm_kernel, (-(-T // 16), -(-H // 256)), (x, a1, T, H, x.stride(0)),
+               dict(BLOCK_T=16, BLOCK_K=256, USE_PDL=use_pdl, num_warps=4, **pdl))
     l1_args = (a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
                sorted_ids, block_expert, expert_start, expert_count, a1_s, inter_s,
                H, I, k,
@@ -562,25 +564,25 @@ def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESp
         if plan.mega is None:
             plan.mega = MegaLaunch(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw,
                                    ready=blocks.ready, max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)
-        plan.mega.launch(l1_args, l2_args, blocks.ready)
+        plan.mega.launch(l1_args, l2_args, blocks.ready, launch)
     else:
         if plan.tma:  # descriptors hold their tensor: built per call, never cached (lowering/moe_tma.py)
             tma1, tma2 = weight_tma_arguments(spec, w13_t, w2_t, cfg)
             l1_kw, l2_kw = {**l1_kw, **tma1}, {**l2_kw, **tma2}
         tickets = 0  # the counter's tickets L1 took (L2 counts on from there)
         if plan.ws_l1:
-            tickets = launch_ws_l1(l1_args, l1_kw, blocks.ready, max_blocks, _num_sms(x.device), use_pdl)
+            tickets = launch_ws_l1(l1_args, l1_kw, blocks.ready, max_blocks, _num_sms(x.device), use_pdl, launch)
         else:
-            moe_gemm1_kernel[(max_blocks * -(-I // cfg.gemm1.block_n),)](*l1_args, **l1_kw, **pdl)
+            launch("l1", moe_gemm1_kernel, (max_blocks * -(-I // cfg.gemm1.block_n),), l1_args, {**l1_kw, **pdl})
         if plan.ws_l2:
             launch_ws_l2(l2_args, b2 is not None, l2_kw["WEIGHT_AFTER_DOWN"], blocks.ready, tickets, max_blocks,
-                         _num_sms(x.device), use_pdl)
+                         _num_sms(x.device), use_pdl, launch)
         else:
-            moe_gemm2_kernel[(max_blocks * -(-H // cfg.gemm2.block_n),)](*l2_args, **l2_kw, **pdl)
+            launch("l2", moe_gemm2_kernel, (max_blocks * -(-H // cfg.gemm2.block_n),), l2_args, {**l2_kw, **pdl})
 
     bt, bh = cfg.combine_block_t, cfg.combine_block_h
-    moe_combine_kernel[(-(-T // bt), -(-H // bh))](rows, ids, out, T, H, E, out.stride(0), TOP_K=k,
-                                                    BLOCK_T=bt, BLOCK_H=bh, USE_PDL=use_pdl, num_warps=4, **pdl)
+    launch("combine", moe_combine_kernel, (-(-T // bt), -(-H // bh)), (rows, ids, out, T, H, E, out.stride(0)),
+           dict(TOP_K=k, BLOCK_T=bt, BLOCK_H=bh, USE_PDL=use_pdl, num_warps=4, **pdl))
     return out
 
 

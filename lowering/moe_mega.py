@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from .launch import jit_launch
 from .moe_plan import MoEKernelConfig
 
 # Provisional, until measured on a GPU (benchmarks/moe.py, columns "ours bf16 mega" / "split"):
@@ -189,14 +190,15 @@ class MegaLaunch:
         self.grid = max(1, self.grid)
         self.kernel = moe_mega_kernel
 
-    def launch(self, gemm1_args: tuple, gemm2_args: tuple, ready: torch.Tensor) -> None:
-        """``ready`` [max_blocks] int32 must have been zeroed by this call's align (ZERO_READY)."""
+    def launch(self, gemm1_args: tuple, gemm2_args: tuple, ready: torch.Tensor, launch=jit_launch) -> None:
+        """``ready`` [max_blocks] int32 must have been zeroed by this call's align (ZERO_READY);
+        ``launch``: a call plan's (lowering/launch.py)."""
         kwargs = dict(self.constants, ready_ptr=ready)
         for i, name in self.from_l1:
             kwargs[name] = gemm1_args[i]
         for i, name in self.from_l2:
             kwargs[name] = gemm2_args[i]
-        self.kernel[(self.grid,)](**kwargs)
+        launch("mega", self.kernel, (self.grid,), (), kwargs)
 
 
 # ------------------------------------------------------------------------------ ISA listing

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..templates.moe_gemm2_ws import HAS_GLUON, MAX_REGISTERS
+from .launch import jit_launch
 
 BLOCK_M, BLOCK_N, BLOCK_K, STAGES = 128, 128, 128, 4  # BLOCK_K in bytes: 128 e4m3, 64 bf16 / fp16
 L1_STAGES = 4  # 48 KB a slot: x rows, gate and up tiles
@@ -114,7 +115,8 @@ def _weight_rows_descriptor(w, row_stride: int, block_n: int = BLOCK_N):
                             block_shape=[block_n, _block_k(w.dtype)], layout=layout)
 
 
-def launch_ws_l1(l1_args: tuple, l1_kw: dict, counter, max_blocks: int, num_sms: int, use_pdl: bool) -> int:
+def launch_ws_l1(l1_args: tuple, l1_kw: dict, counter, max_blocks: int, num_sms: int, use_pdl: bool,
+                 launch=jit_launch) -> int:
     """moe_gemm1_kernel's arguments and constexprs (lowering/moe.py: l1_args, l1_kw) -> the
     warp-specialised L1, its tiles from ``counter`` (an int32 that is 0).  Returns the tickets it
     takes: every tile, then one that ends each program."""
@@ -125,18 +127,18 @@ def launch_ws_l1(l1_args: tuple, l1_kw: dict, counter, max_blocks: int, num_sms:
      alpha, limit, up_offset) = l1_args
     num_tiles = max_blocks * (I // BLOCK_N)
     grid = max(1, min(num_sms, num_tiles))
-    moe_gemm1_fp8_ws_kernel[(grid,)](
+    launch("ws_l1", moe_gemm1_fp8_ws_kernel, (grid,), (
         xq, _weight_rows_descriptor(w13, w13_sn), s13, b13, tw, inter, sorted_ids, block_expert, expert_start,
         expert_count, x_s, inter_s, counter, H, I, top_k, inter.shape[0], max_blocks, stride_xt, s13_se, s13_sn,
-        s13_sk, b13_se, x_s_stride, inter_s_stride, alpha, limit, up_offset,
+        s13_sk, b13_se, x_s_stride, inter_s_stride, alpha, limit, up_offset), dict(
         HAS_BIAS=l1_kw["HAS_BIAS"], HAS_LIMIT=l1_kw["HAS_LIMIT"], WEIGHT_BEFORE_DOWN=l1_kw["WEIGHT_BEFORE_DOWN"],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STAGES=L1_STAGES, USE_PDL=use_pdl, num_warps=4,
-        maxnreg=MAX_REGISTERS, **({"launch_pdl": True} if use_pdl else {}))
+        maxnreg=MAX_REGISTERS, **({"launch_pdl": True} if use_pdl else {})))
     return num_tiles + grid
 
 
 def launch_ws_l2(l2_args: tuple, has_bias: bool, weight_after_down: bool, counter, ticket_base: int,
-                 max_blocks: int, num_sms: int, use_pdl: bool) -> None:
+                 max_blocks: int, num_sms: int, use_pdl: bool, launch=jit_launch) -> None:
     """moe_gemm2_kernel's arguments (lowering/moe.py: l2_args) -> the warp-specialised L2, its tiles
     from ``counter`` less ``ticket_base`` (the tickets the warp-specialised L1 took, else 0)."""
     from ..templates.moe_gemm2_ws import moe_gemm2_fp8_ws_kernel
@@ -147,19 +149,19 @@ def launch_ws_l2(l2_args: tuple, has_bias: bool, weight_after_down: bool, counte
     pdl = {"launch_pdl": True} if use_pdl else {}
     if w2.dtype in DENSE_DTYPES:
         bn = DENSE_L2_BLOCK_N
-        moe_gemm2_dense_ws_kernel[(max(1, min(num_sms, max_blocks * -(-H // bn))),)](
+        launch("ws_l2", moe_gemm2_dense_ws_kernel, (max(1, min(num_sms, max_blocks * -(-H // bn))),), (
             inter, _weight_rows_descriptor(w2, w2_sn, bn), b2, tw, rows, sorted_ids, block_expert, expert_start,
-            expert_count, counter, H, I, inter.shape[0], max_blocks, ticket_base, b2_se, HAS_BIAS=has_bias,
+            expert_count, counter, H, I, inter.shape[0], max_blocks, ticket_base, b2_se), dict(HAS_BIAS=has_bias,
             WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=_block_k(w2.dtype),
-            STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl)
+            STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl))
         return
     bn = FP8_L2_WIDE_BLOCK_N if H % FP8_L2_WIDE_BLOCK_N == 0 else BLOCK_N
     grid = max(1, min(num_sms, max_blocks * (H // bn)))
-    moe_gemm2_fp8_ws_kernel[(grid,)](
+    launch("ws_l2", moe_gemm2_fp8_ws_kernel, (grid,), (
         inter, _weight_rows_descriptor(w2, w2_sn, bn), s2, b2, tw, rows, sorted_ids, block_expert, expert_start,
         expert_count, inter_s, counter, H, I, inter.shape[0], max_blocks, ticket_base, s2_se, s2_sn, s2_sk, b2_se,
-        inter_s_stride, HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn,
-        BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl)
+        inter_s_stride), dict(HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn,
+        BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl))
 
 
 def ws_isa_specs() -> dict:

@@ -210,10 +210,11 @@ def _fused_tiles(n_entries: int) -> tuple:
 
 
 def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use_pdl: bool,
-                 zero_ready: bool = False) -> AlignedBlocks:
+                 zero_ready: bool = False, launch=None) -> AlignedBlocks:
     """Launch the align kernels on ``ids`` ([T, k] expert ids, contiguous) for ``block_m``-pair
     blocks: ``moe_align_fused`` (one launch) or count -> offsets -> scatter (one program per
-    ``chunk`` entries).  ``zero_ready``: also zero one counter per block (the persistent kernel's)."""
+    ``chunk`` entries).  ``zero_ready``: also zero one counter per block (the persistent kernel's).
+    ``launch(site, kernel, grid, args, kwargs)``: a call plan's launcher (lowering/launch.py)."""
     N = ids.numel()
     max_blocks = (N + min(E, N) * (block_m - 1)) // block_m
     e_p2 = max(16, 1 << (E - 1).bit_length())
@@ -226,20 +227,25 @@ def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use
     ready = dict(ready_ptr=out.ready if zero_ready else out.block_expert, ZERO_READY=zero_ready)
     pdl = {"launch_pdl": True} if use_pdl else {}
     nb_chunk = max(16, 8192 // e_p2)
+    launch = launch or _jit_launch
     if one_launch:
         fused_chunk, scan, warps = _fused_tiles(N)
-        moe_align_fused[(max(1, -(-N // fused_chunk)),)](
-            ids, N, E, max_blocks, out.expert_count, out.expert_start, out.sorted_ids, out.block_expert, BLOCK_M=block_m,
-            E_P2=e_p2, CHUNK=fused_chunk, LOG_CHUNK=fused_chunk.bit_length() - 1, SCAN=scan, NB_CHUNK=nb_chunk,
-            USE_PDL=use_pdl, num_warps=warps, **ready, **pdl)
+        launch("align", moe_align_fused, (max(1, -(-N // fused_chunk)),), (
+            ids, N, E, max_blocks, out.expert_count, out.expert_start, out.sorted_ids, out.block_expert), dict(
+            BLOCK_M=block_m, E_P2=e_p2, CHUNK=fused_chunk, LOG_CHUNK=fused_chunk.bit_length() - 1, SCAN=scan,
+            NB_CHUNK=nb_chunk, USE_PDL=use_pdl, num_warps=warps, **ready, **pdl))
     else:
-        moe_align_count[(num_chunks,)](ids, N, E, out.chunk_counts, num_chunks, E_P2=e_p2, CHUNK=chunk,
-                                       USE_PDL=use_pdl, num_warps=4, **pdl)
-        moe_align_prefix[(e_p2,)](out.chunk_counts, num_chunks, E, out.expert_count,
-                                  BLOCK_C=min(1024, max(16, 1 << (num_chunks - 1).bit_length())), USE_PDL=use_pdl,
-                                  num_warps=4, **pdl)
-        moe_align_scatter[(max(1, num_chunks),)](  # no entries: one program still writes starts and blocks
-            ids, N, E, max_blocks, num_chunks, out.chunk_counts, out.expert_count, out.expert_start, out.sorted_ids,
-            out.block_expert, BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk, USE_PDL=use_pdl,
-            num_warps=4, **ready, **pdl)
+        launch("align_count", moe_align_count, (num_chunks,), (ids, N, E, out.chunk_counts, num_chunks),
+               dict(E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl, num_warps=4, **pdl))
+        launch("align_prefix", moe_align_prefix, (e_p2,), (out.chunk_counts, num_chunks, E, out.expert_count),
+               dict(BLOCK_C=min(1024, max(16, 1 << (num_chunks - 1).bit_length())), USE_PDL=use_pdl, num_warps=4,
+                    **pdl))
+        launch("align_scatter", moe_align_scatter, (max(1, num_chunks),), (  # no entries: one program still writes
+            ids, N, E, max_blocks, num_chunks, out.chunk_counts, out.expert_count, out.expert_start,  # starts, blocks
+            out.sorted_ids, out.block_expert), dict(BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk,
+                                                    USE_PDL=use_pdl, num_warps=4, **ready, **pdl))
     return out
+
+
+def _jit_launch(site, kernel, grid, args, kwargs) -> None:
+    kernel[grid](*args, **kwargs)

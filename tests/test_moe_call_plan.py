@@ -151,3 +151,51 @@ def test_mega_launch_routes_what_mega_arguments_builds(monkeypatch):
     for name, value in expected.items():
         got = seen["kwargs"][name]
         assert got is value if isinstance(value, torch.Tensor) else got == value, name
+
+
+def test_planned_launches_bind_the_full_signature(monkeypatch):
+    """A plan's launch site goes through the JIT once, then through the compiled kernel it returned,
+    with every parameter in signature order (positional, then keywords and defaults; launch
+    options such as num_warps are not parameters); another kernel at the site goes through the
+    JIT again; without a compiled kernel (the interpreter) every launch takes the JIT."""
+    import inspect
+
+    from inductor_moe.lowering import launch as L
+
+    class Param:
+        def __init__(self, name, default=inspect.Parameter.empty):
+            self.name, self.default, self.has_default = name, default, default is not inspect.Parameter.empty
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("compiled", (grid[0], grid[1], grid[2]), args))  # as Triton's does
+
+    class Kernel:
+        def __init__(self, returns):
+            self.params = [Param("a_ptr"), Param("n"), Param("BLOCK"), Param("USE_PDL", False)]
+            self.arg_names = [p.name for p in self.params]
+            self.returns = returns
+            self.fn = self
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("jit", grid, args, kwargs)) or self.returns
+
+    monkeypatch.setattr(L, "_is_compiled", lambda obj, kernel: isinstance(obj, Compiled))
+    kernel, launches = Kernel(Compiled()), L.PlannedLaunches()
+    launches.launch("site", kernel, (2,), ("x", 7), dict(BLOCK=64, num_warps=4))
+    launches.launch("site", kernel, (3,), ("y", 7), dict(BLOCK=64, num_warps=4))
+    launches.launch("site", kernel, (3,), (), dict(a_ptr="z", n=7, BLOCK=64, USE_PDL=True, launch_pdl=True))
+    assert calls[0] == ("jit", (2,), ("x", 7), dict(BLOCK=64, num_warps=4))
+    assert calls[1] == ("compiled", (3, 1, 1), ("y", 7, 64, False))  # the compiled launcher reads 3 dims
+    assert calls[2][0] == "jit"  # bound otherwise: through the JIT, then kept so
+    launches.launch("site", kernel, (3,), (), dict(a_ptr="z", n=7, BLOCK=64, USE_PDL=True, launch_pdl=True))
+    assert calls[3] == ("compiled", (3, 1, 1), ("z", 7, 64, True))
+    other = Kernel(Compiled())
+    launches.launch("site", other, (1,), ("w", 7), dict(BLOCK=32))
+    assert calls[4][0] == "jit"
+    interpreted, calls[:] = Kernel(None), []
+    for _ in range(2):
+        launches.launch("interp", interpreted, (1,), ("v", 1), dict(BLOCK=16))
+    assert [c[0] for c in calls] == ["jit", "jit"]
