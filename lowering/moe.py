@@ -393,6 +393,8 @@ def _call_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
 
 def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2, w13_global_scale,
                w2_global_scale, kernel_config, use_pdl, use_mega, use_cuda_decode) -> _CallPlan:
+    """Every launcher decision for this call, in the order they depend on each other (the CUDA
+    decode route first, then the tiles, then what the tiles allow)."""
     from ..templates.moe_common import ACT_FORMAT_CODES
 
     T, H = x.shape
