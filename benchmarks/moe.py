@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -112,6 +113,31 @@ def round_robin(fns):
     return call
 
 
+def layer_weights(name, formats, generator):
+    """The layer's random bf16 expert weights and, per weight format in ``formats``, the op's weight
+    arguments: (w13, w2, {wfmt: (w13, w2, scale keyword arguments)}), "dense" the bf16 ones."""
+    E, k, H, I = LAYERS[name]
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=generator) / H ** 0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=generator) / I ** 0.5).bfloat16()
+    weights = {"dense": (w13, w2, {})}
+    for wfmt in {split_format(f)[0] for f in formats} - {"dense"}:
+        (q13, e13), (q2, e2) = quantize_chunked(wfmt, w13), quantize_chunked(wfmt, w2)
+        weights[wfmt] = (q13, q2, {f"w13_{key}": v for key, v in e13.items()} | {f"w2_{key}": v for key, v in e2.items()})
+    return w13, w2, weights
+
+
+def op_spec(fmt: str) -> str:
+    """The op's spec string for a benchmark format (weight format [+ fp8 activations])."""
+    wfmt, act = split_format(fmt)
+    return ",".join(p for p in ("" if wfmt == "dense" else f"weight_format={wfmt}",
+                                "" if act == "dense" else f"act_format={act}") if p)
+
+
+def each_route(routes, f):
+    """``f(ids, tw)`` -> one function taking ``routes`` in turn (each call routes anew)."""
+    return round_robin([lambda i=i, w=w: f(i, w) for i, w in routes])
+
+
 def routings(T, E, k, generator, count):
     """``count`` random softmax top-k routings (ids int32, renormalised fp32 weights) of T tokens."""
     out = []
@@ -165,32 +191,22 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True, same_routi
     for name in layers:
         E, k, H, I = LAYERS[name]
         g = torch.Generator(device="cuda").manual_seed(0)
-        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
-        w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
-        quant = {}
-        for wfmt in {split_format(f)[0] for f in formats}:
-            if wfmt != "dense":
-                (q13, e13), (q2, e2) = quantize_chunked(wfmt, w13), quantize_chunked(wfmt, w2)
-                kw = {f"w13_{key}": v for key, v in e13.items()} | {f"w2_{key}": v for key, v in e2.items()}
-                quant[wfmt] = (q13, q2, kw)
+        w13, w2, quant = layer_weights(name, formats, g)
         tk.prepare(name, w13, w2, k)
         hf_compiled = torch.compile(hf_grouped_mm, dynamic=True) if with_compile else None
         for T in tokens_for[name]:
             x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
             routes = routings(T, E, k, g, 1 if same_routing else REPEAT)
             ids, tw = routes[0]
-
-            def each_route(f):  # noqa: B023 -- f(ids, tw) -> one function taking the routings in turn
-                return round_robin([lambda i=i, w=w: f(i, w) for i, w in routes])  # noqa: B023
+            routed = functools.partial(each_route, routes)
             r = dict(layer=name, T=T, floor=floor_us(T, E, k, H, I, 2.0),
                      floor_fp4=floor_us(T, E, k, H, I, 0.5 + 1 / 32),
                      floor_fp8=floor_us(T, E, k, H, I, 1.0, FP8_MMA_RATE))
             t0 = time.time()
             for fmt in formats:
-                wfmt, act = split_format(fmt)
-                wa, wb, kw = (w13, w2, {}) if wfmt == "dense" else quant[wfmt]
-                spec = ",".join(p for p in ("" if wfmt == "dense" else f"weight_format={wfmt}",
-                                            "" if act == "dense" else f"act_format={act}") if p)
+                wfmt = split_format(fmt)[0]
+                wa, wb, kw = quant[wfmt]
+                spec = op_spec(fmt)
                 variants = [("", {"pdl": True})]
                 if fmt == "dense":
                     variants.append(("_nopdl", {"pdl": False}))
@@ -200,7 +216,7 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True, same_routi
                     variants.append(("_triton", {"cuda_decode": False}))
                 for suffix, patch in variants:
                     with config.patch(**patch):
-                        fn = each_route(lambda i, w: op(x, i, w, wa, wb, spec, **kw))  # noqa: B023
+                        fn = routed(lambda i, w: op(x, i, w, wa, wb, spec, **kw))  # noqa: B023
                         try:
                             r[f"{fmt}{suffix}"] = time_graph(fn)
                         except Exception as e:  # noqa: BLE001
@@ -211,16 +227,16 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True, same_routi
 
                 for mega in (True, False):
                     try:
-                        r["dense_mega" if mega else "dense_split"] = time_graph(each_route(
+                        r["dense_mega" if mega else "dense_split"] = time_graph(routed(
                             lambda i, w: fused_moe_experts(x, i, w, w13, w2, MoESpec(), use_mega=mega)))  # noqa: B023
                     except Exception as e:  # noqa: BLE001
                         log(f"  {name} T={T} dense mega={mega}: {type(e).__name__}: {e}")
             r["mem"] = peak_mib(lambda: op(x, ids, tw, w13, w2, ""))
-            r["hf"] = time_graph(each_route(lambda i, w: hf_grouped_mm(x, i, w, w13, w2)))
+            r["hf"] = time_graph(routed(lambda i, w: hf_grouped_mm(x, i, w, w13, w2)))
             r["hf_mem"] = peak_mib(lambda: hf_grouped_mm(x, ids, tw, w13, w2))
             if hf_compiled is not None:
                 try:
-                    r["hf_compiled"] = time_graph(each_route(lambda i, w: hf_compiled(x, i, w, w13, w2)))
+                    r["hf_compiled"] = time_graph(routed(lambda i, w: hf_compiled(x, i, w, w13, w2)))
                 except Exception as e:  # noqa: BLE001
                     log(f"  {name} T={T} hf compiled: {type(e).__name__}: {e}")
             flat = ids.reshape(-1)
@@ -259,33 +275,16 @@ def run_host(layers, tokens_for, formats, log) -> str:
     for name in layers:
         E, k, H, I = LAYERS[name]
         g = torch.Generator(device="cuda").manual_seed(0)
-        w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
-        w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).bfloat16()
-        weights = {}
-        for fmt in formats:
-            wfmt, act = split_format(fmt)
-            if wfmt not in weights:
-                if wfmt == "dense":
-                    weights[wfmt] = (w13, w2, {})
-                else:
-                    (q13, e13), (q2, e2) = quantize_chunked(wfmt, w13), quantize_chunked(wfmt, w2)
-                    weights[wfmt] = (q13, q2, {f"w13_{key}": v for key, v in e13.items()}
-                                     | {f"w2_{key}": v for key, v in e2.items()})
+        w13, w2, weights = layer_weights(name, formats, g)
         hf_compiled = torch.compile(hf_grouped_mm, dynamic=True)
         for T in tokens_for[name]:
             x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-            routes = routings(T, E, k, g, REPEAT)
-
-            def each_route(f):  # noqa: B023 -- as in run(): each call routes anew
-                return round_robin([lambda i=i, w=w: f(i, w) for i, w in routes])  # noqa: B023
-            fns = {"hf": each_route(lambda i, w: hf_grouped_mm(x, i, w, w13, w2)),  # noqa: B023
-                   "hf_compiled": each_route(lambda i, w: hf_compiled(x, i, w, w13, w2))}  # noqa: B023
+            routed = functools.partial(each_route, routings(T, E, k, g, REPEAT))
+            fns = {"hf": routed(lambda i, w: hf_grouped_mm(x, i, w, w13, w2)),  # noqa: B023
+                   "hf_compiled": routed(lambda i, w: hf_compiled(x, i, w, w13, w2))}  # noqa: B023
             for fmt in formats:
-                wfmt, act = split_format(fmt)
-                wa, wb, kw = weights[wfmt]
-                spec = ",".join(p for p in ("" if wfmt == "dense" else f"weight_format={wfmt}",
-                                            "" if act == "dense" else f"act_format={act}") if p)
-                fns[fmt] = each_route(lambda i, w, wa=wa, wb=wb, spec=spec, kw=kw: op(x, i, w, wa, wb, spec, **kw))  # noqa: B023
+                wa, wb, kw = weights[split_format(fmt)[0]]
+                fns[fmt] = routed(lambda i, w, wa=wa, wb=wb, spec=op_spec(fmt), kw=kw: op(x, i, w, wa, wb, spec, **kw))  # noqa: B023
             wall = interleaved_stream_times_us(fns)
             for fmt in formats:
                 gpu = time_graph(fns[fmt])
