@@ -5,11 +5,13 @@
 Per shape: median GPU time of CUDA-graph replay (µs) of
   ours        inductor_moe::block_scaled_mm's CUDA kernel (bf16 activations, packed FP4 weights), with
               its default strategy: at M <= 16 the CUDA decode GEMM ("cuda_decode"), else the fused
-              Triton kernel, or at large M on sm_90 "dequant_chunks"
+              Triton kernel, or at large M on sm_90 "ws" (the weight decoded into wgmma's registers,
+              1024 <= M < 4096) or "dequant_chunks"
   ours L2-cold  the same, cycling through copies of the weight larger than the L2 together (HBM reads)
   triton L2-cold  where ours is "cuda_decode": the Triton strategy it replaced, timed the same way
-  dequant_chunks  where ours is the fused kernel above 16 rows (the swapped tile on sm_90): the
+  dequant_chunks  where ours is the fused kernel above 16 rows (the swapped tile on sm_90) or "ws": the
               large-M strategy (decode row chunks to bf16, then cuBLAS), L2-resident like "ours"
+  ws          from 128 rows on sm_90 where ours is another strategy: the "ws" kernel, timed the same way
   ours best   with --sweep: the fastest of a few tile configs (named in "best config"; ds = dot_scaled,
               pf = register prefetch of the next K step)
   ours/ds     the default tiles with tl.dot_scaled instead of in-register dequantisation (MXFP4 only)
@@ -37,7 +39,7 @@ from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
 from inductor_moe.spec import GemmSpec
 
 from .timing import graph_time_us, kernel_us
-from inductor_moe.templates.block_scaled_gemm import (_num_sms, block_scaled_gemm, choose_gemm_config, choose_strategy,
+from inductor_moe.templates.block_scaled_gemm import (_num_sms, _ws_reason, block_scaled_gemm, choose_gemm_config, choose_strategy,
                                                       default_plan)
 
 L2_COLD_BYTES = 150 << 20  # weight copies cycled through per timed graph: well past the 50 MB L2
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
     header = (f"# FP4 GEMM — {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"commit {commit}\n\nmeasured copy bandwidth {bw / 1e12:.2f} TB/s; bf16 peak taken as "
               f"{BF16_PEAK / 1e12:.0f} TFLOP/s; times are µs (median of CUDA-graph replays)\n")
-    cols = ["fmt", "M", "N", "K", "ours", "ours L2-cold", "frac floor (L2-cold)", "triton L2-cold", "dequant_chunks", "ours best", "best config", "ours/ds", "deq+mm", "fp8 rw", "bf16 mm", "floor", "frac floor (best)",
+    cols = ["fmt", "M", "N", "K", "ours", "ours L2-cold", "frac floor (L2-cold)", "triton L2-cold", "dequant_chunks", "ws", "ours best", "best config", "ours/ds", "deq+mm", "fp8 rw", "bf16 mm", "floor", "frac floor (best)",
             "best/bf16", "rel err", "packed MiB", "call MiB ours", "call MiB deq+mm", "default (strategy or tiles)"]
     rows = []
     deq_fns = {}
@@ -286,7 +288,10 @@ def main(argv=None) -> int:
                 # the large-M strategy the fused default replaced (the swapped tiles, swapped_tile_runs)
                 t_chunks = (graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, global_scale=g,
                                                                     strategy="dequant_chunks"))
-                            if strategy == "fused" and m > 16 else float("nan"))
+                            if strategy in ("fused", "ws") and m > 16 else float("nan"))
+                t_ws = float("nan")
+                if strategy != "ws" and m >= 128 and _ws_reason(x, q, s, spec) is None:
+                    t_ws = graph_time_us(lambda: block_scaled_gemm(x, q, s, spec, global_scale=g, strategy="ws"))
                 t_ds = float("nan")
                 if fmt == "mxfp4" and not args.no_ds and strategy == "fused":
                     cfg_ds = replace(cfg, dot_scaled=True, swap_ab=False)
@@ -342,7 +347,7 @@ def main(argv=None) -> int:
                 mem_ours = call_mib(ours)
                 weight_bytes = q.numel() + s.numel()
                 floor = max((weight_bytes + x.numel() * 2 + m * n * 2) / bw, 2 * m * n * k / BF16_PEAK) * 1e6
-                rows.append([fmt, m, n, k, f"{t_ours:.1f}", f"{t_cold:.1f}", f"{floor / t_cold:.2f}", f"{t_triton:.1f}", f"{t_chunks:.1f}", f"{best[0]:.1f}", _cfg_str(best[1]), f"{t_ds:.1f}",
+                rows.append([fmt, m, n, k, f"{t_ours:.1f}", f"{t_cold:.1f}", f"{floor / t_cold:.2f}", f"{t_triton:.1f}", f"{t_chunks:.1f}", f"{t_ws:.1f}", f"{best[0]:.1f}", _cfg_str(best[1]), f"{t_ds:.1f}",
                              f"{t_deq:.1f} ({deq_kind})", f"{t_fp8:.1f}",
                              f"{t_bf16:.1f}", f"{floor:.1f}", f"{floor / best[0]:.2f}", f"{best[0] / t_bf16:.2f}",
                              f"{err:.1e}", f"{weight_bytes / 2**20:.1f}", f"{mem_ours:.1f}", f"{mem_deq:.1f}",
@@ -355,7 +360,7 @@ def main(argv=None) -> int:
     table += "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
     text = header + "\n" + table
     keep = ["fmt", "M", "N", "K", "ours", "ours L2-cold", "frac floor (L2-cold)", "triton L2-cold", "dequant_chunks",
-            "ours best", "best config", "fp8 rw", "bf16 mm", "floor", "frac floor (best)",
+            "ws", "ours best", "best config", "fp8 rw", "bf16 mm", "floor", "frac floor (best)",
             "best/bf16"]
     idx = [cols.index(c) for c in keep]
     compact = "| " + " | ".join(keep) + " |\n|" + "---|" * len(keep) + "\n"

@@ -64,6 +64,11 @@ cuda_decode: bool = Config(default=True, env_name_force="INDUCTOR_MOE_CUDA_DECOD
 # (L1, L2) as warp-specialised persistent kernels (templates/moe_gemm1_ws.py, moe_gemm2_ws.py,
 # Gluon); bf16 / fp16 experts with a short I: the down GEMM so (moe_gemm2_ws_dense.py); where they
 # fit (lowering/moe_ws.py: ws_l1_reason, ws_l2_reason).  Off: the Triton kernels (the same bits).
+# Also FP4 matmuls (bf16 activations) of 1024..4095 rows: the weight decoded into wgmma's registers
+# (templates/fp4_gemm_ws.py), which keeps one re-laid-out copy of each such packed weight and its
+# scales (1.18 / 1.33x the packed MXFP4 / NVFP4 weight and scale bytes: the scales repeated for
+# the four lanes that share a row) beside the original; off: those
+# calls decode row chunks to a bf16 workspace for cuBLAS ("dequant_chunks", no copy kept).
 # Read when the kernels run.
 warp_specialized: bool = Config(default=True, env_name_force="INDUCTOR_MOE_WARP_SPECIALIZED")
 # Time MoE kernel tile candidates at the first call of each shape bucket that has no tuned entry

@@ -49,6 +49,12 @@ DEQUANT_CHUNKS_MIN_M = 128
 # Rows of A up to which the decode GEMV runs (dense activations; it decodes the weight once and
 # loops over the rows in registers, so its FMA work grows with M while its bytes do not).
 GEMV_MAX_M = 2  # H100: the GEMV costs ~3.3 us per row (M=1: 11.4 us, M=16: 60.7 us at 4096^2)
+# Rows of A from which, and below which, "ws" (templates/fp4_gemm_ws.py: the weight decoded into
+# wgmma's registers, warp-specialised) runs on sm_90 where it takes the operands, in place of
+# "dequant_chunks".  H100 (benchmarks/NOTES_fp4.md): 0.98-1.20x bf16 torch.mm at 1024 rows
+# (dequant_chunks 1.41-1.62x), 1.01-1.37x at 2048; at 4096 rows dequant_chunks' one decode pass is
+# amortised and it is as fast or up to 7% faster (8192^2, 14336 x 4096)
+WS_MIN_M, WS_MAX_M = 1024, 4096
 
 
 @dataclass(frozen=True)
@@ -268,16 +274,19 @@ def gemv_fits(m: int, spec: GemmSpec, a_dtype: torch.dtype) -> bool:
             and spec.b_format in _PACKED and m <= 16)
 
 
-STRATEGIES = ("cuda_decode", "gemv", "fused", "dequant_chunks")
+STRATEGIES = ("cuda_decode", "gemv", "fused", "dequant_chunks", "ws")
 
 
 def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype, arch: int,
-                    cuda_decode: bool = False, swapped_tile: bool = False, num_sms: int = 132) -> str:
+                    cuda_decode: bool = False, swapped_tile: bool = False, num_sms: int = 132,
+                    ws: bool = False) -> str:
     """"cuda_decode" (M <= 16, bf16 activations: the CUDA mma.sync decode GEMM, where the caller
     found it buildable and the operands aligned: ``cuda_decode``), "gemv" (decode, no tl.dot),
     "fused" (the Triton GEMM kernel) or "dequant_chunks" (decode weight row chunks to bf16 once,
     then cuBLAS; where the swapped tile takes the operands, ``swapped_tile``, at the rows it does
-    not run (``swapped_tile_runs``), else from ``DEQUANT_CHUNKS_MIN_M``).
+    not run (``swapped_tile_runs``), else from ``DEQUANT_CHUNKS_MIN_M``) or "ws" (the weight
+    decoded into wgmma's registers, sm_90, from ``WS_MIN_M`` to below ``WS_MAX_M`` rows where the
+    caller found it takes the operands: ``ws``).
     ``INDUCTOR_MOE_FP4_STRATEGY=<one of STRATEGIES>`` overrides where the forced one applies (else
     the default choice stands)."""
     chunks_fit = dequant_chunks_fits(spec, a_dtype)
@@ -287,7 +296,8 @@ def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype
         if forced not in STRATEGIES:
             raise ValueError(f"INDUCTOR_MOE_FP4_STRATEGY={forced!r}; allowed: {', '.join(STRATEGIES)}")
         if forced == "fused" or (forced == "gemv" and gemv_fits(m, spec, a_dtype)) or (
-                forced == "dequant_chunks" and chunks_fit) or (forced == "cuda_decode" and decode_fit):
+                forced == "dequant_chunks" and chunks_fit) or (forced == "cuda_decode" and decode_fit) or (
+                forced == "ws" and ws and arch == 90):
             return forced
     if decode_fit:
         return "cuda_decode"
@@ -295,6 +305,8 @@ def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype
         return "gemv"
     if swapped_tile and arch < 100 and swapped_tile_runs(m, n, k, spec.b_format, num_sms, chunks_fit):
         return "fused"
+    if ws and arch == 90 and WS_MIN_M <= m < WS_MAX_M:
+        return "ws"
     return "dequant_chunks" if chunks_fit and arch < 100 and m >= DEQUANT_CHUNKS_MIN_M else "fused"
 
 
@@ -416,16 +428,40 @@ def _swapped_tile_planned(a2, b_scale, m: int, n: int, k: int, spec: GemmSpec, n
             and swapped_tile_takes(b_scale, k, spec))
 
 
+def _ws_reason(a2, b, b_scale, spec: GemmSpec) -> Optional[str]:
+    """Why the "ws" kernel cannot take this call (None when it can): sm_90, the operands
+    (fp4_gemm_ws.ws_operands_reason), MXFP4 scales in the decode's range, and the weight's
+    re-layout made (it cannot be made during CUDA-graph capture)."""
+    from .. import config
+    from .fp4_gemm_ws import cached_weight_layout, ws_operands_reason
+
+    if a2.device.type != "cuda" or _interpreting() or _arch(a2.device) != 90:
+        return "sm_90 only"
+    if not config.warp_specialized:
+        return "config.warp_specialized is off"
+    why = ws_operands_reason(spec, a2.dtype)
+    if why is None and spec.b_format == "mxfp4":
+        from ..lowering.moe import mxfp4_scales_in_decode
+
+        if not mxfp4_scales_in_decode(b_scale):
+            why = "MXFP4 scales above 2 (e8m0 bytes 129..254) do not fit the decode's multiply"
+    if why is None and cached_weight_layout(b, b_scale, spec.b_format == "nvfp4") is None:
+        why = "the weight's re-layout was not made before CUDA-graph capture"
+    return why
+
+
 def default_plan(a2, b, b_scale, spec: GemmSpec, bias=None):
     """(strategy, config) that ``block_scaled_gemm`` runs a call [M, K] x [N, K / 2] left to its
-    defaults with (config None for "dequant_chunks").  The swapped tile is considered only where
-    it may run (``swapped_tile_runs`` on sm_90), so other calls never read the scales."""
+    defaults with (config None for "dequant_chunks" and "ws").  The swapped tile and "ws" are
+    considered only where they may run (``swapped_tile_runs``, WS_MIN_M..WS_MAX_M rows on sm_90), so other
+    calls never read the scales."""
     M, N, K = a2.shape[0], b.shape[0], b.shape[1] * 2
     arch, sms = _arch(a2.device), _num_sms(a2.device)
     decode_ok = M <= 16 and _cuda_decode_reason(a2, b, b_scale, spec, bias) is None
     swapped = arch < 100 and _swapped_tile_planned(a2, b_scale, M, N, K, spec, sms, dequant_chunks_fits(spec, a2.dtype))
+    ws = arch == 90 and WS_MIN_M <= M < WS_MAX_M and _ws_reason(a2, b, b_scale, spec) is None
     strategy = choose_strategy(M, N, K, spec, a2.dtype, arch, cuda_decode=decode_ok, swapped_tile=swapped,
-                               num_sms=sms)
+                               num_sms=sms, ws=ws)
     if strategy == "cuda_decode":
         from ..cuda.fp4_decode import choose_decode_mma_config
 
@@ -474,6 +510,16 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
         strategy = "gemv"
     if strategy == "dequant_chunks":
         return dequant_chunks_gemm(a, b, b_scale, spec, global_scale, bias)
+    if strategy == "ws":
+        from .fp4_gemm_ws import cached_weight_layout, launch_fp4_gemm_ws
+
+        why = None if planned else _ws_reason(a2, b, b_scale, spec)
+        if why is not None:
+            raise ValueError(f"the ws strategy cannot take this call: {why}")
+        nv = spec.b_format == "nvfp4"
+        return launch_fp4_gemm_ws(a2, cached_weight_layout(b, b_scale, nv), nv, global_scale, bias, out,
+                                  ACTIVATION_CODES[spec.activation],
+                                  use_pdl and not _interpreting()).reshape(*lead, N)
     if strategy == "gemv":
         if not gemv_fits(M, spec, a2.dtype):
             raise ValueError(f"the gemv strategy takes dense activations and M <= 16 (M={M}, {spec.a_format})")

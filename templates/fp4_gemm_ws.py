@@ -1,0 +1,341 @@
+"""Block-scaled FP4 GEMM at large M on Hopper: the weight decoded into wgmma's registers, warp-specialised.
+
+# M: rows of A (tokens), N: output features (weight rows), K: reduction dim.
+# Why: Hopper has no FP4 MMA, so the weight must become bf16 before the tensor cores see it.  The
+# Triton kernels decode it in the same warps that wait on the MMAs, and "dequant_chunks" (decode
+# to a bf16 workspace, then cuBLAS) pays a second pass over 2.5 bytes per weight: at M = 1024 both
+# stood at 1.3-1.65x bf16 torch.mm (benchmarks/NOTES_fp4.md, "Large M").  Here the decode happens
+# where the MMA wants the operand, in registers, and warps are split by role (Gluon, sm_90a):
+#
+#   loader (4 warps, one issues): per K step of 64, TMA copies of the activations [TOKENS, 64]
+#     (bf16, 128-byte swizzle: wgmma's B operand), the tile's packed weight (2 KB per m64 tile)
+#     and its scales into a ring of STAGES slots; one `ready` mbarrier counts the bytes.
+#   consumer warpgroup g (4 warps each, g = 0, 1): M64S m64 tiles of weight rows (W_ROWS / 128).
+#     Per K step each thread reads its 16 packed bytes of an m64 tile with one 16-byte shared
+#     load, decodes them (fp_codes' e2m1 -> bf16x2 PTX, the block scale folded into its one
+#     multiply) straight into the registers of wgmma's A fragment, and issues
+#     out^T[m64 rows, tokens] += W_tile @ A_tile^T (A from registers, B from shared memory); the
+#     next step is decoded while those MMAs run, and the other warpgroup's fill the gaps.
+#   Tiles of 128 weight rows x 256 tokens (one m64n256 accumulator per warpgroup) measured 12-17%
+#   faster than 256 x 128 (two m64n128): half the decode and half the wgmma instructions per FLOP
+#   for 40% more activation bytes per FLOP (benchmarks/NOTES_fp4.md).
+#
+# The packed weight is re-laid-out once per weight version (``fp4_ws_weight_layout``, in
+# ``weight_cache``): for every tile and K step, thread t of m64 tile i finds at byte 16 t of the
+# m64 tile's 2 KB block exactly the 32 e2m1 codes of its A fragment -- rows R0 = 16 w + l // 4
+# and R0 + 8, k = 16 q + 2 c + {0, 1} (low nibbles) and + 8 (high nibbles), q = 0..3, l = lane,
+# c = l % 4 -- ordered so that each 32-bit word decodes into the fragment's four registers for
+# one k16 chunk.  Scales follow the same thread order (4 bytes a thread for MXFP4, 8 for NVFP4;
+# the four lanes of a row hold copies).  N and K are padded to the tile with zero codes.
+# Output: act(global_scale * acc + bias) stored transposed back to [M, N] rows, 16 bytes a thread.
+# MXFP4 scales must fit the decode's multiply (e8m0 <= 128, or NaN: lowering.moe.mxfp4_scales_in_decode);
+# NVFP4 weights come out 2^-8 small (fp_codes.E4M3_DECODE_SHIFT) and the epilogue takes it back.
+"""
+
+import torch
+
+from .moe_gemm2_ws import HAS_GLUON
+
+W_ROWS = 128  # weight rows per tile: 2 consumer warpgroups x M64S = 1 m64 wgmma tile (256: 2 each)
+TOKENS = 256  # activation rows per tile (the wgmma's n: 256 with M64S = 1, 128 with 2)
+BLOCK_K = 64  # one 128-byte row of bf16 activations per K step
+STAGES = 4
+M64_BYTES = 2048  # one m64 tile's packed codes of a K step: 128 threads x 16 bytes
+SCALE_BYTES = {False: 4, True: 8}  # per thread and m64 tile of a K step: MXFP4, NVFP4 (NV)
+# registers per thread: 168 x 12 warps at launch; then the consumer warpgroups 232, the loader 40
+MAX_REGISTERS = 168
+
+
+def fp4_ws_weight_layout(b: torch.Tensor, b_scale: torch.Tensor, nv: bool, w_rows: int = W_ROWS) -> tuple:
+    """(packed codes, scales) of the weight B [N, K/2] (e2m1 pairs, low nibble first) and its block
+    scales [N, K/G] (e8m0 bytes, G = 32; or e4m3 bytes, G = 16 for NVFP4) in the kernel's thread
+    order (module docstring), as uint8 [tiles * steps * 64, 128] and [tiles * steps * 4 * S / 16 ... , 128]
+    rows for the TMA boxes; ``w_rows`` weight rows a tile (64 per m64 tile).  Pure torch: the same
+    function on any device."""
+    N, K = b.shape[0], b.shape[1] * 2
+    W_ROWS, m64s = w_rows, w_rows // 64
+    G = 16 if nv else 32
+    tiles, steps = -(-N // W_ROWS), -(-K // BLOCK_K)
+    codes = torch.zeros((tiles * W_ROWS, steps * BLOCK_K), dtype=torch.uint8, device=b.device)
+    packed = b.view(torch.uint8)
+    codes[:N, 0:K:2] = packed & 15
+    codes[:N, 1:K:2] = packed >> 4
+    # rows: tile, m64 tile i, warp w, row half, a, bb (lane // 4 = 2 a + bb); K: step, q, nibble h, c, t
+    codes = codes.view(tiles, m64s, 4, 2, 4, 2, steps, 4, 2, 4, 2)
+    # -> tile, step, i, thread (w, a, bb, c), byte (q, row half, t), nibble h
+    codes = codes.permute(0, 6, 1, 2, 4, 5, 9, 7, 3, 10, 8)
+    codes = codes.reshape(-1, 2)
+    w = (codes[:, 0] | (codes[:, 1] << 4)).reshape(tiles * steps * m64s * M64_BYTES // 128, 128)
+
+    blocks_per_step = BLOCK_K // G
+    s = torch.zeros((tiles * W_ROWS, steps * blocks_per_step), dtype=torch.uint8, device=b.device)
+    s[:N, :K // G] = b_scale.view(torch.uint8)
+    # rows as above; K: step, block.  -> tile, step, i, thread (w, a, bb, c: copies), byte (row half, block)
+    s = s.view(tiles, m64s, 4, 2, 4, 2, steps, blocks_per_step)
+    s = s.permute(0, 6, 1, 2, 4, 5, 3, 7).unsqueeze(6).expand(tiles, steps, m64s, 4, 4, 2, 4, 2, blocks_per_step)
+    s = s.reshape(tiles * steps * m64s * SCALE_BYTES[nv], 128)
+    return w.contiguous(), s.contiguous()
+
+
+if HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+    from ._details.fp_codes import _E2M1_PAIRS_SCALED_PTX, _TWO_POW_118, E4M3_DECODE_SHIFT
+    from .moe_gemm2_ws import _pdl_wait, tma_load
+
+    LOADER_REGISTERS, CONSUMER_REGISTERS = gl.constexpr(40), gl.constexpr(232)
+
+    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # triton >= 3.7
+        @gluon.jit
+        def _view(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+            return smem.reinterpret(dtype, shape, layout)
+    else:
+        @gluon.jit
+        def _view(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+            return smem._reinterpret(dtype, shape, layout)
+
+    @gluon.jit
+    def _loader(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, m0, tile_n, k_steps,
+                TOKENS: gl.constexpr, W_BOX: gl.constexpr, S_ROWS: gl.constexpr, STAGES: gl.constexpr):
+        slot_bytes: gl.constexpr = TOKENS * 64 * 2 + (W_BOX + S_ROWS) * 128
+        for ks in range(k_steps):
+            s = ks % STAGES
+            mbarrier.wait(empty.index(s), ((ks // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), slot_bytes)
+            block = tile_n * k_steps + ks
+            tma_load(a_desc, [m0, ks * 64], ready.index(s), a_bufs.index(s))
+            tma_load(w_desc, [block * W_BOX, 0], ready.index(s), w_bufs.index(s))
+            tma_load(s_desc, [block * S_ROWS, 0], ready.index(s), s_bufs.index(s))
+
+    @gluon.jit
+    def _decode_m64(w_slot, s_slot, i: gl.constexpr, M64_TILES: gl.constexpr, NV: gl.constexpr,
+                    a_layout: gl.constexpr):
+        """m64 tile ``i`` of a K step: the thread's 16 packed bytes and its scales -> wgmma's A
+        fragment [64, 64] bf16 (module docstring: the byte order)."""
+        packed_l: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [4, 1], [1, 0])
+        plain3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # rank 2: the leading dim is indexed
+        packed = _view(w_slot, gl.uint8, [M64_TILES, 128, 16], plain3).index(i).load(packed_l)
+        if NV:  # one e4m3 scale per row half and k16 chunk q: factor scale * 2^118 (fp_codes.e4m3_decode_factor)
+            scale_l: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
+            sc = _view(s_slot, gl.uint8, [M64_TILES, 128, 8], plain3).index(i).load(scale_l)
+            f = (sc.to(gl.float8e4nv, bitcast=True).to(gl.float32) * _TWO_POW_118).to(gl.bfloat16)
+            f = gl.join(gl.reshape(f, [128, 2, 4]), gl.reshape(f, [128, 2, 4]))  # row half, q, copy t2
+            f = gl.permute(f, [0, 2, 1, 3])  # byte order: q, row half, t2
+        else:  # one e8m0 scale per row half and 32-block: factor 2^(byte - 1) (fp_codes.e8m0_decode_factor)
+            scale_l: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [4, 1], [1, 0])
+            sc = _view(s_slot, gl.uint8, [M64_TILES, 128, 4], plain3).index(i).load(scale_l).to(gl.int32)
+            f = gl.minimum((sc + 126) << 7, 0x7FC0).to(gl.int16).to(gl.bfloat16, bitcast=True)
+            f = gl.reshape(f, [128, 2, 2])  # row half, block
+            f = gl.join(f, f)  # + copy t2
+            f = gl.join(f, f)  # + copy q' (q = 2 block + q')
+            f = gl.permute(f, [0, 2, 4, 1, 3])  # byte order: block, q', row half, t2
+        f = gl.convert_layout(gl.reshape(f, [128, 16]), packed_l)
+        lo, hi = gl.inline_asm_elementwise(_E2M1_PAIRS_SCALED_PTX, "=r,=r,=r,=r,r,r,r", [packed, f],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+        # thread t = (w, a, bb, c), byte = (q, row half, t2), nibble h -> row (w, half, a, bb), k (q, h, c, t2)
+        v = gl.reshape(gl.join(lo, hi), [4, 4, 2, 4, 4, 2, 2, 2])
+        v = gl.permute(v, [0, 5, 1, 2, 4, 7, 3, 6])
+        return gl.convert_layout(gl.reshape(v, [64, 64]), a_layout)
+
+    @gluon.jit
+    def _activation(y, ACTIVATION: gl.constexpr):
+        """block_scaled_gemm_kernel's epilogue activations (codes SILU 1, GELU 2, GELU_TANH 3, RELU 4)."""
+        if ACTIVATION == 1:
+            y = y / (1.0 + gl.exp(-y))
+        elif ACTIVATION == 2:
+            y = 0.5 * y * (1.0 + gl.erf(y * 0.7071067811865476))
+        elif ACTIVATION == 3:
+            z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = y / (1.0 + gl.exp(-2.0 * z))
+        elif ACTIVATION == 4:
+            y = gl.maximum(y, 0.0)
+        return y
+
+    @gluon.jit
+    def _epilogue(acc, out_ptr, bias_ptr, gscale_ptr, m0, n0, M, N, stride_om, NV: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, HAS_GLOBAL_SCALE: gl.constexpr, ACTIVATION: gl.constexpr,
+                  TOKENS: gl.constexpr):
+        """acc [64 weight rows n0.., TOKENS tokens m0..] -> out[m, n] = act(gs * acc + bias), one rounding."""
+        n_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+        if HAS_GLOBAL_SCALE:
+            acc = acc * gl.load(gscale_ptr)
+        if NV:
+            acc = acc * E4M3_DECODE_SHIFT
+        if HAS_BIAS:
+            n = n0 + gl.arange(0, 64, layout=n_l)
+            acc = acc + gl.load(bias_ptr + n, mask=n < N, other=0.0).to(gl.float32)[:, None]
+        acc = _activation(acc, ACTIVATION)
+        store_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 8 outputs of a row: 16 bytes
+        vals = gl.convert_layout(gl.permute(acc.to(out_ptr.dtype.element_ty), [1, 0]), store_l)
+        m = m0 + gl.arange(0, TOKENS, layout=gl.SliceLayout(1, store_l))
+        n = n0 + gl.arange(0, 64, layout=gl.SliceLayout(0, store_l))
+        gl.store(out_ptr + m.to(gl.int64)[:, None] * stride_om + n[None, :], vals,
+                 mask=(m < M)[:, None] & (n < N)[None, :])
+
+    @gluon.jit
+    def _consumer(a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, m0, tile_n, M, N, k_steps,
+                  stride_om, WG: gl.constexpr, NV: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  HAS_GLOBAL_SCALE: gl.constexpr, ACTIVATION: gl.constexpr, STAGES: gl.constexpr,
+                  M64S: gl.constexpr, TOKENS: gl.constexpr):
+        """Weight rows [64 M64S WG, +64 M64S) of the tile: M64S (1 or 2) m64 wgmma tiles of TOKENS columns."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, TOKENS, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        i0: gl.constexpr = M64S * WG
+        acc0 = gl.zeros([64, TOKENS], gl.float32, mma)
+        acc1 = gl.zeros([64, TOKENS], gl.float32, mma)  # unused where M64S == 1
+        mbarrier.wait(ready.index(0), 0)
+        w0 = _decode_m64(w_bufs.index(0), s_bufs.index(0), i0, M64S * 2, NV, a_layout)
+        w1 = w0
+        if M64S == 2:
+            w1 = _decode_m64(w_bufs.index(0), s_bufs.index(0), i0 + 1, M64S * 2, NV, a_layout)
+        for ks in range(k_steps):
+            s = ks % STAGES
+            tokens = a_bufs.index(s).permute((1, 0))  # [64 K, TOKENS]
+            acc0 = warpgroup_mma(w0, tokens, acc0, is_async=True)
+            if M64S == 2:
+                acc1 = warpgroup_mma(w1, tokens, acc1, is_async=True)
+            # the next step's fragments decoded while these MMAs run (the last step's again at the
+            # end: its slot is still held, so the wait passes)
+            nxt = gl.minimum(ks + 1, k_steps - 1)
+            sn = nxt % STAGES
+            mbarrier.wait(ready.index(sn), (nxt // STAGES) & 1)
+            w0n = _decode_m64(w_bufs.index(sn), s_bufs.index(sn), i0, M64S * 2, NV, a_layout)
+            w1n = w0n
+            if M64S == 2:
+                w1n = _decode_m64(w_bufs.index(sn), s_bufs.index(sn), i0 + 1, M64S * 2, NV, a_layout)
+                acc0, acc1, w0, w1 = warpgroup_mma_wait(0, deps=(acc0, acc1, w0, w1))
+            else:
+                acc0, w0 = warpgroup_mma_wait(0, deps=(acc0, w0))
+            mbarrier.arrive(empty.index(s), count=1)
+            w0 = w0n
+            w1 = w1n
+        n0 = tile_n * (128 * M64S) + WG * (64 * M64S)
+        _epilogue(acc0, out_ptr, bias_ptr, gscale_ptr, m0, n0, M, N, stride_om, NV, HAS_BIAS, HAS_GLOBAL_SCALE,
+                  ACTIVATION, TOKENS)
+        if M64S == 2:
+            _epilogue(acc1, out_ptr, bias_ptr, gscale_ptr, m0, n0 + 64, M, N, stride_om, NV, HAS_BIAS,
+                      HAS_GLOBAL_SCALE, ACTIVATION, TOKENS)
+
+    @gluon.jit
+    def fp4_gemm_ws_kernel(a_desc, w_desc, s_desc, out_ptr, bias_ptr, gscale_ptr, M, N, k_steps, tiles_m,
+                           stride_om, NV: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_GLOBAL_SCALE: gl.constexpr,
+                           ACTIVATION: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+        TOKENS: gl.constexpr = a_desc.block_type.shape[0]
+        W_BOX: gl.constexpr = w_desc.block_type.shape[0]  # 16 rows of 128 bytes per m64 tile
+        M64S: gl.constexpr = W_BOX // 32  # m64 tiles per consumer warpgroup
+        S_ROWS: gl.constexpr = s_desc.block_type.shape[0]
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        s_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES] + s_desc.block_type.shape, s_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        pid = gl.program_id(0)
+        m0 = (pid % tiles_m) * TOKENS  # consecutive programs share the weight tile
+        tile_n = pid // tiles_m
+        _pdl_wait(USE_PDL)
+        gl.warp_specialize([
+            (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, m0, tile_n, M, N,
+                         k_steps, stride_om, 0, NV, HAS_BIAS, HAS_GLOBAL_SCALE, ACTIVATION, STAGES, M64S, TOKENS)),
+            (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, m0, tile_n, M, N,
+                         k_steps, stride_om, 1, NV, HAS_BIAS, HAS_GLOBAL_SCALE, ACTIVATION, STAGES, M64S, TOKENS)),
+            (_loader, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, m0, tile_n, k_steps, TOKENS,
+                       W_BOX, S_ROWS, STAGES)),
+        ], [4, 4], [CONSUMER_REGISTERS, LOADER_REGISTERS])
+
+def ws_operands_reason(spec, a_dtype: torch.dtype) -> "str | None":
+    """Why the kernel cannot take these operands (None when it can; the device and the MXFP4
+    scales' range are the caller's: sm_90 only, ``mxfp4_scales_in_decode``)."""
+    if not HAS_GLUON:
+        return "this triton has no Gluon"
+    if spec.a_format != "dense" or a_dtype != torch.bfloat16:
+        return "bf16 activations only"
+    if spec.b_format not in ("mxfp4", "nvfp4"):
+        return "MXFP4 / NVFP4 weights only"
+    return None
+
+
+def cached_weight_layout(b: torch.Tensor, b_scale: torch.Tensor, nv: bool, w_rows: int = 0):
+    """(TMA descriptor of the packed codes, of the scales, the two tensors) in the kernel's order for
+    tiles of ``w_rows`` weight rows (default W_ROWS), made once per weight version (``weight_cache``).
+    During CUDA-graph capture nothing can be built (the capture would record the re-layout, not run
+    it): None where it was not made before."""
+    from .. import weight_cache
+
+    w_rows = w_rows or W_ROWS
+    tag = f"fp4_gemm_ws_layout_{w_rows}"
+    if b.is_cuda and torch.cuda.is_current_stream_capturing():
+        return weight_cache.lookup(tag, (b, b_scale))
+
+    def build():
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        w, s = fp4_ws_weight_layout(b, b_scale, nv, w_rows)
+        plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+        m64s = w_rows // 64  # each m64 tile's step: 2 KB of codes, 128 x SCALE_BYTES of scales
+        w_desc = TensorDescriptor(w, shape=list(w.shape), strides=[128, 1], block_shape=[16 * m64s, 128],
+                                  layout=plain)
+        s_desc = TensorDescriptor(s, shape=list(s.shape), strides=[128, 1],
+                                  block_shape=[m64s * SCALE_BYTES[nv], 128], layout=plain)
+        return w_desc, s_desc, w, s
+
+    return weight_cache.cached(tag, (b, b_scale), build)
+
+
+def launch_fp4_gemm_ws(a2, layout, nv: bool, global_scale, bias, out, activation_code: int, use_pdl: bool,
+                       tokens: int = 0):
+    """out[M, N] = act(global_scale * a2 @ B^T + bias) with B as ``cached_weight_layout`` holds it;
+    a2 [M, K] bf16 with K contiguous; ``tokens`` rows of a2 a tile (default TOKENS)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    tokens = tokens or TOKENS
+    M, K = a2.shape
+    N = out.shape[1]
+    if a2.data_ptr() % 16 or (a2.stride(0) * 2) % 16:  # TMA: 16-byte aligned base and rows
+        a2 = a2.contiguous()
+    a_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    a_desc = TensorDescriptor(a2, shape=[M, K], strides=[a2.stride(0), 1], block_shape=[tokens, BLOCK_K],
+                              layout=a_layout)
+    w_desc, s_desc = layout[0], layout[1]
+    w_rows = w_desc.block_shape[0] * 4  # 16 rows of 128 bytes per m64 tile
+    tiles_m, tiles_n = -(-M // tokens), -(-N // w_rows)
+    fp4_gemm_ws_kernel[(tiles_m * tiles_n,)](
+        a_desc, w_desc, s_desc, out, bias if bias is not None else out,
+        global_scale if global_scale is not None else out, M, N, -(-K // BLOCK_K), tiles_m, out.stride(0),
+        NV=nv, HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None, ACTIVATION=activation_code,
+        STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS,
+        **({"launch_pdl": True} if use_pdl else {}))
+    return out
+
+
+def _isa_specs() -> list:
+    """What ``python -m inductor_moe.isa`` compiles: both formats with a bias and silu, sm_90a only."""
+    if not HAS_GLUON:
+        return []
+    from ..isa import auto_signature
+
+    def box(dtype, bits, rows, cols, swizzle):
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=bits, rank=2)
+        return f"tensordesc<{dtype}[{rows},{cols}],{layout!r}>"
+
+    specs = []
+    for nv in (False, True):
+        const = dict(NV=nv, HAS_BIAS=True, HAS_GLOBAL_SCALE=nv, ACTIVATION=1, STAGES=STAGES, USE_PDL=True)
+        m64s = W_ROWS // 64
+        ptrs = {"a_desc": box("bf16", 16, TOKENS, BLOCK_K, 128), "w_desc": box("u8", 8, 16 * m64s, 128, 0),
+                "s_desc": box("u8", 8, m64s * SCALE_BYTES[nv], 128, 0), "out_ptr": "*bf16", "bias_ptr": "*bf16",
+                "gscale_ptr": "*fp32"}
+        options = {"num_warps": 4, "maxnreg": MAX_REGISTERS, "only_arch": 90,
+                   "divisible_by_16": ("out_ptr", "bias_ptr", "gscale_ptr", "stride_om"),
+                   "why_only": "wgmma + setmaxnreg: sm_90 only (sm_100 multiplies FP4 natively: the Triton kernel)"}
+        label = f"fp4_gemm_ws[bf16 x {'nvfp4' if nv else 'mxfp4'}, decode in wgmma's registers]"
+        specs.append((label, fp4_gemm_ws_kernel, auto_signature(fp4_gemm_ws_kernel, ptrs, const), const, options))
+    return specs
+
+
+ISA_SPECS = _isa_specs()
