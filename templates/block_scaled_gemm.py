@@ -55,6 +55,10 @@ GEMV_MAX_M = 2  # H100: the GEMV costs ~3.3 us per row (M=1: 11.4 us, M=16: 60.7
 # (dequant_chunks 1.41-1.62x), 1.01-1.37x at 2048; at 4096 rows dequant_chunks' one decode pass is
 # amortised and it is as fast or up to 7% faster (8192^2, 14336 x 4096)
 WS_MIN_M, WS_MAX_M = 1024, 4096
+# ...and where its tiles (fp4_gemm_ws: W_ROWS weight rows x TOKENS rows of A) number at least this
+# share of the SMs: 1280 x 4096 at 1024 / 2048 rows (40 / 80 tiles on 132 SMs, the last wave split
+# in K) took 1.3 / 1.25x dequant_chunks' time, 2880^2 at 1024 rows (92 tiles) 0.80x
+WS_MIN_FILL = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -285,8 +289,8 @@ def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype
     "fused" (the Triton GEMM kernel) or "dequant_chunks" (decode weight row chunks to bf16 once,
     then cuBLAS; where the swapped tile takes the operands, ``swapped_tile``, at the rows it does
     not run (``swapped_tile_runs``), else from ``DEQUANT_CHUNKS_MIN_M``) or "ws" (the weight
-    decoded into wgmma's registers, sm_90, from ``WS_MIN_M`` to below ``WS_MAX_M`` rows where the
-    caller found it takes the operands: ``ws``).
+    decoded into wgmma's registers, sm_90, from ``WS_MIN_M`` to below ``WS_MAX_M`` rows where its
+    tiles fill ``WS_MIN_FILL`` of the SMs and the caller found it takes the operands: ``ws``).
     ``INDUCTOR_MOE_FP4_STRATEGY=<one of STRATEGIES>`` overrides where the forced one applies (else
     the default choice stands)."""
     chunks_fit = dequant_chunks_fits(spec, a_dtype)
@@ -305,9 +309,16 @@ def choose_strategy(m: int, n: int, k: int, spec: GemmSpec, a_dtype: torch.dtype
         return "gemv"
     if swapped_tile and arch < 100 and swapped_tile_runs(m, n, k, spec.b_format, num_sms, chunks_fit):
         return "fused"
-    if ws and arch == 90 and WS_MIN_M <= m < WS_MAX_M:
+    if ws and arch == 90 and WS_MIN_M <= m < WS_MAX_M and ws_tiles(m, n) >= WS_MIN_FILL * num_sms:
         return "ws"
     return "dequant_chunks" if chunks_fit and arch < 100 and m >= DEQUANT_CHUNKS_MIN_M else "fused"
+
+
+def ws_tiles(m: int, n: int) -> int:
+    """Tiles of the "ws" kernel for an [m, K] x [n, K] call."""
+    from .fp4_gemm_ws import TOKENS, W_ROWS
+
+    return -(-m // TOKENS) * -(-n // W_ROWS)
 
 
 def _interpreting() -> bool:
@@ -459,7 +470,8 @@ def default_plan(a2, b, b_scale, spec: GemmSpec, bias=None):
     arch, sms = _arch(a2.device), _num_sms(a2.device)
     decode_ok = M <= 16 and _cuda_decode_reason(a2, b, b_scale, spec, bias) is None
     swapped = arch < 100 and _swapped_tile_planned(a2, b_scale, M, N, K, spec, sms, dequant_chunks_fits(spec, a2.dtype))
-    ws = arch == 90 and WS_MIN_M <= M < WS_MAX_M and _ws_reason(a2, b, b_scale, spec) is None
+    ws = (arch == 90 and WS_MIN_M <= M < WS_MAX_M and ws_tiles(M, N) >= WS_MIN_FILL * sms
+          and _ws_reason(a2, b, b_scale, spec) is None)  # the re-layout is made only where ws would run
     strategy = choose_strategy(M, N, K, spec, a2.dtype, arch, cuda_decode=decode_ok, swapped_tile=swapped,
                                num_sms=sms, ws=ws)
     if strategy == "cuda_decode":

@@ -42,6 +42,7 @@ BLOCK_K = 64  # one 128-byte row of bf16 activations per K step
 STAGES = 4
 M64_BYTES = 2048  # one m64 tile's packed codes of a K step: 128 threads x 16 bytes
 SCALE_BYTES = {False: 4, True: 8}  # per thread and m64 tile of a K step: MXFP4, NVFP4 (NV)
+MAX_SPLIT, MIN_PART_STEPS = 4, 8  # the last wave's tiles split in K (tail_split)
 # registers per thread: 168 x 12 warps at launch; then the consumer warpgroups 232, the loader 40
 MAX_REGISTERS = 168
 
@@ -97,15 +98,16 @@ if HAS_GLUON:
             return smem._reinterpret(dtype, shape, layout)
 
     @gluon.jit
-    def _loader(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, m0, tile_n, k_steps,
+    def _loader(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, m0, tile_n, k0, k_count, k_steps,
                 TOKENS: gl.constexpr, W_BOX: gl.constexpr, S_ROWS: gl.constexpr, STAGES: gl.constexpr):
+        """K steps [k0, k0 + k_count) of the tile into the ring."""
         slot_bytes: gl.constexpr = TOKENS * 64 * 2 + (W_BOX + S_ROWS) * 128
-        for ks in range(k_steps):
-            s = ks % STAGES
-            mbarrier.wait(empty.index(s), ((ks // STAGES) & 1) ^ 1)
+        for i in range(k_count):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), slot_bytes)
-            block = tile_n * k_steps + ks
-            tma_load(a_desc, [m0, ks * 64], ready.index(s), a_bufs.index(s))
+            block = tile_n * k_steps + k0 + i
+            tma_load(a_desc, [m0, (k0 + i) * 64], ready.index(s), a_bufs.index(s))
             tma_load(w_desc, [block * W_BOX, 0], ready.index(s), w_bufs.index(s))
             tma_load(s_desc, [block * S_ROWS, 0], ready.index(s), s_bufs.index(s))
 
@@ -175,10 +177,10 @@ if HAS_GLUON:
                  mask=(m < M)[:, None] & (n < N)[None, :])
 
     @gluon.jit
-    def _consumer(a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, m0, tile_n, M, N, k_steps,
-                  stride_om, WG: gl.constexpr, NV: gl.constexpr, HAS_BIAS: gl.constexpr,
+    def _consumer(a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, ws_ptr, part_slot, m0, tile_n,
+                  M, N, k_steps, stride_om, WG: gl.constexpr, NV: gl.constexpr, HAS_BIAS: gl.constexpr,
                   HAS_GLOBAL_SCALE: gl.constexpr, ACTIVATION: gl.constexpr, STAGES: gl.constexpr,
-                  M64S: gl.constexpr, TOKENS: gl.constexpr):
+                  M64S: gl.constexpr, TOKENS: gl.constexpr, SPLIT: gl.constexpr):
         """Weight rows [64 M64S WG, +64 M64S) of the tile: M64S (1 or 2) m64 wgmma tiles of TOKENS columns."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, TOKENS, 16])
@@ -191,7 +193,7 @@ if HAS_GLUON:
         w1 = w0
         if M64S == 2:
             w1 = _decode_m64(w_bufs.index(0), s_bufs.index(0), i0 + 1, M64S * 2, NV, a_layout)
-        for ks in range(k_steps):
+        for ks in range(k_steps):  # the tile's (or its part's) steps, counted from 0
             s = ks % STAGES
             tokens = a_bufs.index(s).permute((1, 0))  # [64 K, TOKENS]
             acc0 = warpgroup_mma(w0, tokens, acc0, is_async=True)
@@ -212,17 +214,34 @@ if HAS_GLUON:
             mbarrier.arrive(empty.index(s), count=1)
             w0 = w0n
             w1 = w1n
-        n0 = tile_n * (128 * M64S) + WG * (64 * M64S)
-        _epilogue(acc0, out_ptr, bias_ptr, gscale_ptr, m0, n0, M, N, stride_om, NV, HAS_BIAS, HAS_GLOBAL_SCALE,
-                  ACTIVATION, TOKENS)
-        if M64S == 2:
-            _epilogue(acc1, out_ptr, bias_ptr, gscale_ptr, m0, n0 + 64, M, N, stride_om, NV, HAS_BIAS,
-                      HAS_GLOBAL_SCALE, ACTIVATION, TOKENS)
+        if SPLIT > 1 and part_slot >= 0:  # a K part of a split tile: raw fp32 partials for the reduce kernel
+            _store_partial(acc0, ws_ptr, part_slot, M64S * WG, M64S, TOKENS)
+            if M64S == 2:
+                _store_partial(acc1, ws_ptr, part_slot, M64S * WG + 1, M64S, TOKENS)
+        else:
+            n0 = tile_n * (128 * M64S) + WG * (64 * M64S)
+            _epilogue(acc0, out_ptr, bias_ptr, gscale_ptr, m0, n0, M, N, stride_om, NV, HAS_BIAS, HAS_GLOBAL_SCALE,
+                      ACTIVATION, TOKENS)
+            if M64S == 2:
+                _epilogue(acc1, out_ptr, bias_ptr, gscale_ptr, m0, n0 + 64, M, N, stride_om, NV, HAS_BIAS,
+                          HAS_GLOBAL_SCALE, ACTIVATION, TOKENS)
 
     @gluon.jit
-    def fp4_gemm_ws_kernel(a_desc, w_desc, s_desc, out_ptr, bias_ptr, gscale_ptr, M, N, k_steps, tiles_m,
-                           stride_om, NV: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_GLOBAL_SCALE: gl.constexpr,
-                           ACTIVATION: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+    def _store_partial(acc, ws_ptr, part_slot, i: gl.constexpr, M64S: gl.constexpr, TOKENS: gl.constexpr):
+        """m64 tile i's accumulator [64, TOKENS] at rows 64 i of the part's [128 M64S, TOKENS] fp32 slot."""
+        rows = 64 * i + gl.arange(0, 64, layout=gl.SliceLayout(1, acc.type.layout))
+        cols = gl.arange(0, TOKENS, layout=gl.SliceLayout(0, acc.type.layout))
+        base = ws_ptr + part_slot.to(gl.int64) * (128 * M64S * TOKENS)
+        gl.store(base + rows[:, None] * TOKENS + cols[None, :], acc)
+
+    @gluon.jit
+    def fp4_gemm_ws_kernel(a_desc, w_desc, s_desc, out_ptr, bias_ptr, gscale_ptr, ws_ptr, M, N, k_steps, tiles_m,
+                           full_tiles, k_per_part, stride_om, NV: gl.constexpr, HAS_BIAS: gl.constexpr,
+                           HAS_GLOBAL_SCALE: gl.constexpr, ACTIVATION: gl.constexpr, SPLIT: gl.constexpr,
+                           STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+        """Programs below ``full_tiles`` compute a whole tile each; with SPLIT > 1 the rest split each
+        remaining tile's K steps in SPLIT parts of ``k_per_part`` (the last wave would otherwise leave
+        SMs idle) and leave fp32 partials in ``ws_ptr`` for fp4_gemm_ws_reduce_kernel."""
         TOKENS: gl.constexpr = a_desc.block_type.shape[0]
         W_BOX: gl.constexpr = w_desc.block_type.shape[0]  # 16 rows of 128 bytes per m64 tile
         M64S: gl.constexpr = W_BOX // 32  # m64 tiles per consumer warpgroup
@@ -236,17 +255,30 @@ if HAS_GLUON:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
         pid = gl.program_id(0)
-        m0 = (pid % tiles_m) * TOKENS  # consecutive programs share the weight tile
-        tile_n = pid // tiles_m
+        tile = pid
+        k0 = 0
+        k_count = k_steps
+        part_slot = -1
+        if SPLIT > 1:
+            if pid >= full_tiles:
+                part_slot = pid - full_tiles
+                tile = full_tiles + part_slot // SPLIT
+                k0 = (part_slot % SPLIT) * k_per_part
+                k_count = gl.minimum(k_steps - k0, k_per_part)
+        m0 = (tile % tiles_m) * TOKENS  # consecutive programs share the weight tile
+        tile_n = tile // tiles_m
         _pdl_wait(USE_PDL)
         gl.warp_specialize([
-            (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, m0, tile_n, M, N,
-                         k_steps, stride_om, 0, NV, HAS_BIAS, HAS_GLOBAL_SCALE, ACTIVATION, STAGES, M64S, TOKENS)),
-            (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, m0, tile_n, M, N,
-                         k_steps, stride_om, 1, NV, HAS_BIAS, HAS_GLOBAL_SCALE, ACTIVATION, STAGES, M64S, TOKENS)),
-            (_loader, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, m0, tile_n, k_steps, TOKENS,
-                       W_BOX, S_ROWS, STAGES)),
+            (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, ws_ptr, part_slot, m0,
+                         tile_n, M, N, k_count, stride_om, 0, NV, HAS_BIAS, HAS_GLOBAL_SCALE, ACTIVATION, STAGES,
+                         M64S, TOKENS, SPLIT)),
+            (_consumer, (a_bufs, w_bufs, s_bufs, ready, empty, out_ptr, bias_ptr, gscale_ptr, ws_ptr, part_slot, m0,
+                         tile_n, M, N, k_count, stride_om, 1, NV, HAS_BIAS, HAS_GLOBAL_SCALE, ACTIVATION, STAGES,
+                         M64S, TOKENS, SPLIT)),
+            (_loader, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, m0, tile_n, k0, k_count, k_steps,
+                       TOKENS, W_BOX, S_ROWS, STAGES)),
         ], [4, 4], [CONSUMER_REGISTERS, LOADER_REGISTERS])
+
 
 def ws_operands_reason(spec, a_dtype: torch.dtype) -> "str | None":
     """Why the kernel cannot take these operands (None when it can; the device and the MXFP4
@@ -287,11 +319,24 @@ def cached_weight_layout(b: torch.Tensor, b_scale: torch.Tensor, nv: bool, w_row
     return weight_cache.cached(tag, (b, b_scale), build)
 
 
+def tail_split(tiles: int, k_steps: int, num_sms: int) -> tuple:
+    """(tiles computed whole, K parts per remaining tile).  Where the last wave's tiles would leave
+    at least half of the SMs idle, each of them is split in K into as many parts as the SMs take (at
+    most MAX_SPLIT, each at least MIN_PART_STEPS steps): e.g. 448 tiles on 132 SMs, 3 full waves and
+    52 tiles split in 2 -- 3.5 tile times instead of 4."""
+    rem = tiles % num_sms
+    split = min(num_sms // rem, MAX_SPLIT, k_steps // MIN_PART_STEPS) if rem else 1
+    return (tiles - rem, split) if split >= 2 else (tiles, 1)
+
+
 def launch_fp4_gemm_ws(a2, layout, nv: bool, global_scale, bias, out, activation_code: int, use_pdl: bool,
-                       tokens: int = 0):
+                       tokens: int = 0, num_sms: int = 0):
     """out[M, N] = act(global_scale * a2 @ B^T + bias) with B as ``cached_weight_layout`` holds it;
-    a2 [M, K] bf16 with K contiguous; ``tokens`` rows of a2 a tile (default TOKENS)."""
+    a2 [M, K] bf16 with K contiguous; ``tokens`` rows of a2 a tile (default TOKENS); the last wave
+    split in K where it would leave SMs idle (``tail_split``; ``num_sms`` default: the device's)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ._details._fp4_gemm_ws_reduce import fp4_gemm_ws_reduce_kernel
 
     tokens = tokens or TOKENS
     M, K = a2.shape
@@ -304,12 +349,23 @@ def launch_fp4_gemm_ws(a2, layout, nv: bool, global_scale, bias, out, activation
     w_desc, s_desc = layout[0], layout[1]
     w_rows = w_desc.block_shape[0] * 4  # 16 rows of 128 bytes per m64 tile
     tiles_m, tiles_n = -(-M // tokens), -(-N // w_rows)
-    fp4_gemm_ws_kernel[(tiles_m * tiles_n,)](
-        a_desc, w_desc, s_desc, out, bias if bias is not None else out,
-        global_scale if global_scale is not None else out, M, N, -(-K // BLOCK_K), tiles_m, out.stride(0),
-        NV=nv, HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None, ACTIVATION=activation_code,
-        STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS,
+    k_steps = -(-K // BLOCK_K)
+    num_sms = num_sms or torch.cuda.get_device_properties(a2.device).multi_processor_count
+    full, split = tail_split(tiles_m * tiles_n, k_steps, num_sms)
+    rem = tiles_m * tiles_n - full
+    ws = torch.empty((rem * split, w_rows, tokens) if split > 1 else (1,), dtype=torch.float32, device=a2.device)
+    bias_arg = bias if bias is not None else out
+    gs_arg = global_scale if global_scale is not None else out
+    fp4_gemm_ws_kernel[(full + rem * split,)](
+        a_desc, w_desc, s_desc, out, bias_arg, gs_arg, ws, M, N, k_steps, tiles_m, full, -(-k_steps // split),
+        out.stride(0), NV=nv, HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None,
+        ACTIVATION=activation_code, SPLIT=split, STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS,
         **({"launch_pdl": True} if use_pdl else {}))
+    if split > 1:
+        fp4_gemm_ws_reduce_kernel[(rem, w_rows // 32)](
+            ws, out, bias_arg, gs_arg, full, tiles_m, M, N, out.stride(0), SPLIT=split, W_ROWS=w_rows,
+            TOKENS=tokens, NV=nv, HAS_BIAS=bias is not None, HAS_GLOBAL_SCALE=global_scale is not None,
+            ACTIVATION=activation_code, BLOCK_R=32, num_warps=4)
     return out
 
 
@@ -325,13 +381,13 @@ def _isa_specs() -> list:
 
     specs = []
     for nv in (False, True):
-        const = dict(NV=nv, HAS_BIAS=True, HAS_GLOBAL_SCALE=nv, ACTIVATION=1, STAGES=STAGES, USE_PDL=True)
+        const = dict(NV=nv, HAS_BIAS=True, HAS_GLOBAL_SCALE=nv, ACTIVATION=1, SPLIT=2, STAGES=STAGES, USE_PDL=True)
         m64s = W_ROWS // 64
         ptrs = {"a_desc": box("bf16", 16, TOKENS, BLOCK_K, 128), "w_desc": box("u8", 8, 16 * m64s, 128, 0),
                 "s_desc": box("u8", 8, m64s * SCALE_BYTES[nv], 128, 0), "out_ptr": "*bf16", "bias_ptr": "*bf16",
-                "gscale_ptr": "*fp32"}
+                "gscale_ptr": "*fp32", "ws_ptr": "*fp32"}
         options = {"num_warps": 4, "maxnreg": MAX_REGISTERS, "only_arch": 90,
-                   "divisible_by_16": ("out_ptr", "bias_ptr", "gscale_ptr", "stride_om"),
+                   "divisible_by_16": ("out_ptr", "bias_ptr", "gscale_ptr", "ws_ptr", "stride_om"),
                    "why_only": "wgmma + setmaxnreg: sm_90 only (sm_100 multiplies FP4 natively: the Triton kernel)"}
         label = f"fp4_gemm_ws[bf16 x {'nvfp4' if nv else 'mxfp4'}, decode in wgmma's registers]"
         specs.append((label, fp4_gemm_ws_kernel, auto_signature(fp4_gemm_ws_kernel, ptrs, const), const, options))

@@ -88,6 +88,21 @@ def test_strategy_choice_takes_ws_from_its_rows_on_sm90():
     assert choose_strategy(WS_MIN_M, 4096, 4096, spec, torch.bfloat16, 90) == "dequant_chunks"
     assert choose_strategy(WS_MIN_M - 1, 4096, 4096, spec, torch.bfloat16, 90, ws=True) != "ws"
     assert choose_strategy(WS_MIN_M, 4096, 4096, spec, torch.bfloat16, 100, ws=True) == "fused"
+    # a grid of few tiles leaves SMs idle where cuBLAS fills them: 40 tiles on 132 SMs
+    assert choose_strategy(1024, 1280, 4096, spec, torch.bfloat16, 90, ws=True) == "dequant_chunks"
+    assert choose_strategy(1024, 2880, 2880, spec, torch.bfloat16, 90, ws=True) == "ws"  # 92 tiles
+
+
+def test_tail_split_fills_the_last_wave():
+    from inductor_moe.templates.fp4_gemm_ws import MAX_SPLIT, MIN_PART_STEPS, tail_split
+
+    assert tail_split(448, 64, 132) == (396, 2)  # 14336 x 4096 at 1024 rows: 3 full waves + 52 tiles in halves
+    assert tail_split(184, 45, 132) == (132, 2)  # 2880^2 at 2048 rows
+    assert tail_split(128, 64, 132) == (128, 1)  # one wave that nearly fills the SMs: nothing to split
+    assert tail_split(264, 64, 132) == (264, 1)  # whole waves
+    assert tail_split(20, 64, 132) == (0, MAX_SPLIT)  # a small grid: as many parts as allowed
+    assert tail_split(20, 2 * MIN_PART_STEPS, 132) == (0, 2)  # parts of at least MIN_PART_STEPS steps
+    assert tail_split(20, MIN_PART_STEPS, 132) == (20, 1)
 
 
 def test_ws_refuses_what_it_cannot_take_on_cpu():
@@ -114,14 +129,14 @@ def sm90(fn):
 TILES = [(W_ROWS, TOKENS), (256, 128)]  # (weight rows, tokens): the default and the other the kernel builds
 
 
-def _run(a, q, s, spec, gs, bias, tile=TILES[0]):
+def _run(a, q, s, spec, gs, bias, tile=TILES[0], num_sms=0):
     from inductor_moe.templates.block_scaled_gemm import ACTIVATION_CODES
     from inductor_moe.templates.fp4_gemm_ws import cached_weight_layout, launch_fp4_gemm_ws
 
     out = torch.full((a.shape[0], q.shape[0]), float("nan"), dtype=getattr(torch, spec.out_dtype), device=a.device)
     nv = spec.b_format == "nvfp4"
     return launch_fp4_gemm_ws(a, cached_weight_layout(q, s, nv, tile[0]), nv, gs, bias, out,
-                              ACTIVATION_CODES[spec.activation], use_pdl=False, tokens=tile[1])
+                              ACTIVATION_CODES[spec.activation], use_pdl=False, tokens=tile[1], num_sms=num_sms)
 
 
 @sm90
@@ -144,10 +159,32 @@ def test_cuda_ws_matches_reference_and_is_deterministic(fb, m, n, k, act, tile):
 
 
 @sm90
+@pytest.mark.parametrize("fb", ["mxfp4", "nvfp4"])
+def test_cuda_ws_split_tail_matches_reference(fb):
+    """The last wave split in K (a pretend 8-SM GPU: 10 tiles, 8 whole, 2 in parts) -- partials summed
+    in part order by the reduce kernel: the reference's values, the same bits twice."""
+    from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
+    from inductor_moe.templates.fp4_gemm_ws import tail_split
+
+    m, n, k = 300, 5 * W_ROWS - 16, 40 * 64 + 32
+    assert tail_split(-(-m // TOKENS) * -(-n // W_ROWS), -(-k // 64), 8) == (8, 4)
+    a, _, q, s, gs, bias = make_operands("dense", fb, m, n, k, device="cuda", seed=7)
+    spec = GemmSpec(b_format=fb, activation="silu")
+    ref = block_scaled_mm_reference(a.double(), q, s, spec, None, gs, bias)
+    out = _run(a, q, s, spec, gs, bias, num_sms=8)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) <= TOL
+    assert torch.equal(out, _run(a, q, s, spec, gs, bias, num_sms=8))
+    whole = _run(a, q, s, spec, gs, bias, num_sms=1000)  # nothing split
+    assert rel_err(out, whole) <= 1e-2
+
+
+@sm90
 def test_cuda_ws_is_the_large_m_default_and_captures():
     from inductor_moe.templates.block_scaled_gemm import WS_MIN_M, block_scaled_gemm, default_plan
 
-    a, _, q, s, gs, bias = make_operands("dense", "nvfp4", WS_MIN_M, 512, 256, device="cuda", seed=3)
+    n = 23 * W_ROWS  # 92 tiles: enough to fill the SMs' WS_MIN_FILL
+    a, _, q, s, gs, bias = make_operands("dense", "nvfp4", WS_MIN_M, n, 256, device="cuda", seed=3)
     spec = GemmSpec(b_format="nvfp4", activation="gelu_tanh")
     assert default_plan(a, q, s, spec, bias) == ("ws", None)
     from inductor_moe import config
@@ -164,7 +201,7 @@ def test_cuda_ws_is_the_large_m_default_and_captures():
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
     # a weight first seen during capture cannot be re-laid-out there: the call falls back
-    a2, _, q2, s2, gs2, _ = make_operands("dense", "nvfp4", WS_MIN_M, 512, 256, device="cuda", seed=4)
+    a2, _, q2, s2, gs2, _ = make_operands("dense", "nvfp4", WS_MIN_M, n, 256, device="cuda", seed=4)
     with torch.cuda.stream(stream):
         graph2 = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph2, stream=stream):
