@@ -39,8 +39,8 @@ from inductor_moe.ops.block_scaled_mm import block_scaled_mm_reference
 from inductor_moe.spec import GemmSpec
 
 from .timing import graph_time_us, kernel_us
-from inductor_moe.templates.block_scaled_gemm import (_num_sms, _ws_reason, block_scaled_gemm, choose_gemm_config, choose_strategy,
-                                                      default_plan)
+from inductor_moe.templates.block_scaled_gemm import (_num_sms, _ws_reason, block_scaled_gemm, choose_gemm_config,
+                                                      choose_strategy, default_plan)
 
 L2_COLD_BYTES = 150 << 20  # weight copies cycled through per timed graph: well past the 50 MB L2
 

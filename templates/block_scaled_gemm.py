@@ -51,9 +51,9 @@ DEQUANT_CHUNKS_MIN_M = 128
 GEMV_MAX_M = 2  # H100: the GEMV costs ~3.3 us per row (M=1: 11.4 us, M=16: 60.7 us at 4096^2)
 # Rows of A from which, and below which, "ws" (templates/fp4_gemm_ws.py: the weight decoded into
 # wgmma's registers, warp-specialised) runs on sm_90 where it takes the operands, in place of
-# "dequant_chunks".  H100 (benchmarks/NOTES_fp4.md): 0.98-1.20x bf16 torch.mm at 1024 rows
-# (dequant_chunks 1.41-1.62x), 1.01-1.37x at 2048; at 4096 rows dequant_chunks' one decode pass is
-# amortised and it is as fast or up to 7% faster (8192^2, 14336 x 4096)
+# "dequant_chunks".  H100 (BENCHMARKS.md): 0.94-1.06x bf16 torch.mm at 1024-2048 rows on 4096^2,
+# 8192^2, 14336 x 4096 (dequant_chunks 1.1-1.55x), 1.26-1.41x at 2880^2; at 4096 rows dequant_chunks'
+# one decode pass is amortised and ws was level to 8% slower
 WS_MIN_M, WS_MAX_M = 1024, 4096
 # ...and where its tiles (fp4_gemm_ws: W_ROWS weight rows x TOKENS rows of A) number at least this
 # share of the SMs: 1280 x 4096 at 1024 / 2048 rows (40 / 80 tiles on 132 SMs, the last wave split
@@ -464,8 +464,8 @@ def _ws_reason(a2, b, b_scale, spec: GemmSpec) -> Optional[str]:
 def default_plan(a2, b, b_scale, spec: GemmSpec, bias=None):
     """(strategy, config) that ``block_scaled_gemm`` runs a call [M, K] x [N, K / 2] left to its
     defaults with (config None for "dequant_chunks" and "ws").  The swapped tile and "ws" are
-    considered only where they may run (``swapped_tile_runs``, WS_MIN_M..WS_MAX_M rows on sm_90), so other
-    calls never read the scales."""
+    considered only where they may run (``swapped_tile_runs``; WS_MIN_M..WS_MAX_M rows on sm_90 with
+    the SMs filled), so other calls never read the scales nor re-lay-out the weight."""
     M, N, K = a2.shape[0], b.shape[0], b.shape[1] * 2
     arch, sms = _arch(a2.device), _num_sms(a2.device)
     decode_ok = M <= 16 and _cuda_decode_reason(a2, b, b_scale, spec, bias) is None

@@ -19,6 +19,8 @@
 #   Tiles of 128 weight rows x 256 tokens (one m64n256 accumulator per warpgroup) measured 12-17%
 #   faster than 256 x 128 (two m64n128): half the decode and half the wgmma instructions per FLOP
 #   for 40% more activation bytes per FLOP (benchmarks/NOTES_fp4.md).
+#   Where the last wave's tiles would leave most SMs idle they are split in K (``tail_split``):
+#   each part stores its fp32 accumulator and _details/_fp4_gemm_ws_reduce.py adds them in order.
 #
 # The packed weight is re-laid-out once per weight version (``fp4_ws_weight_layout``, in
 # ``weight_cache``): for every tile and K step, thread t of m64 tile i finds at byte 16 t of the
@@ -50,14 +52,14 @@ MAX_REGISTERS = 168
 def fp4_ws_weight_layout(b: torch.Tensor, b_scale: torch.Tensor, nv: bool, w_rows: int = W_ROWS) -> tuple:
     """(packed codes, scales) of the weight B [N, K/2] (e2m1 pairs, low nibble first) and its block
     scales [N, K/G] (e8m0 bytes, G = 32; or e4m3 bytes, G = 16 for NVFP4) in the kernel's thread
-    order (module docstring), as uint8 [tiles * steps * 64, 128] and [tiles * steps * 4 * S / 16 ... , 128]
-    rows for the TMA boxes; ``w_rows`` weight rows a tile (64 per m64 tile).  Pure torch: the same
-    function on any device."""
+    order (module docstring) for tiles of ``w_rows`` weight rows (64 per m64 tile), as uint8 rows of
+    128 bytes for the TMA boxes: [tiles * steps * w_rows / 4, 128] and [tiles * steps * (w_rows / 64)
+    * SCALE_BYTES, 128].  Pure torch: the same function on any device."""
     N, K = b.shape[0], b.shape[1] * 2
-    W_ROWS, m64s = w_rows, w_rows // 64
+    m64s = w_rows // 64
     G = 16 if nv else 32
-    tiles, steps = -(-N // W_ROWS), -(-K // BLOCK_K)
-    codes = torch.zeros((tiles * W_ROWS, steps * BLOCK_K), dtype=torch.uint8, device=b.device)
+    tiles, steps = -(-N // w_rows), -(-K // BLOCK_K)
+    codes = torch.zeros((tiles * w_rows, steps * BLOCK_K), dtype=torch.uint8, device=b.device)
     packed = b.view(torch.uint8)
     codes[:N, 0:K:2] = packed & 15
     codes[:N, 1:K:2] = packed >> 4
@@ -69,7 +71,7 @@ def fp4_ws_weight_layout(b: torch.Tensor, b_scale: torch.Tensor, nv: bool, w_row
     w = (codes[:, 0] | (codes[:, 1] << 4)).reshape(tiles * steps * m64s * M64_BYTES // 128, 128)
 
     blocks_per_step = BLOCK_K // G
-    s = torch.zeros((tiles * W_ROWS, steps * blocks_per_step), dtype=torch.uint8, device=b.device)
+    s = torch.zeros((tiles * w_rows, steps * blocks_per_step), dtype=torch.uint8, device=b.device)
     s[:N, :K // G] = b_scale.view(torch.uint8)
     # rows as above; K: step, block.  -> tile, step, i, thread (w, a, bb, c: copies), byte (row half, block)
     s = s.view(tiles, m64s, 4, 2, 4, 2, steps, blocks_per_step)
@@ -143,7 +145,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _activation(y, ACTIVATION: gl.constexpr):
-        """block_scaled_gemm_kernel's epilogue activations (codes SILU 1, GELU 2, GELU_TANH 3, RELU 4)."""
+        """block_scaled_gemm_kernel's epilogue activations (codes SILU 1, GELU 2, GELU_TANH 3, RELU 4),
+        in Gluon (which calls Gluon functions only)."""
         if ACTIVATION == 1:
             y = y / (1.0 + gl.exp(-y))
         elif ACTIVATION == 2:
