@@ -53,6 +53,13 @@ def describe_gemm_lowering(spec, device: torch.device, m=None, n=None, k=None) -
         index = device.index if device.index is not None else torch.cuda.current_device()
         if nvrtc.why_not(index) is None:  # built on this GPU and switched on (config.cuda_decode)
             name += "; cuda fp4_decode_mma at M <= 16 (bf16 activations, where NVRTC builds it)"
+        from .. import config
+        from ..templates.block_scaled_gemm import WS_MAX_M, WS_MIN_M
+        from ..templates.fp4_gemm_ws import HAS_GLUON
+
+        if HAS_GLUON and config.warp_specialized and torch.cuda.get_device_capability(device)[0] == 9:
+            name += (f"; gluon fp4_gemm_ws at {WS_MIN_M}-{WS_MAX_M - 1} rows where its tiles fill the GPU "
+                     "(bf16 activations)")
     return name
 
 
