@@ -53,7 +53,7 @@ GEMV_MAX_M = 2  # H100: the GEMV costs ~3.3 us per row (M=1: 11.4 us, M=16: 60.7
 # wgmma's registers, warp-specialised) runs on sm_90 where it takes the operands, in place of
 # "dequant_chunks".  H100 (BENCHMARKS.md): 0.94-1.06x bf16 torch.mm at 1024-2048 rows on 4096^2,
 # 8192^2, 14336 x 4096 (dequant_chunks 1.1-1.55x), 1.26-1.41x at 2880^2; at 4096 rows dequant_chunks'
-# one decode pass is amortised and ws was level to 8% slower
+# one decode pass is amortised and ws took 0.90-1.09x its time (1.24-1.28x at 1280 x 4096)
 WS_MIN_M, WS_MAX_M = 1024, 4096
 # ...and where its tiles (fp4_gemm_ws: W_ROWS weight rows x TOKENS rows of A) number at least this
 # share of the SMs: 1280 x 4096 at 1024 / 2048 rows (40 / 80 tiles on 132 SMs, the last wave split
