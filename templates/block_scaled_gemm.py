@@ -530,8 +530,8 @@ def block_scaled_gemm(a, b, b_scale, spec: GemmSpec, a_scale=None, global_scale=
             raise ValueError(f"the ws strategy cannot take this call: {why}")
         nv = spec.b_format == "nvfp4"
         return launch_fp4_gemm_ws(a2, cached_weight_layout(b, b_scale, nv), nv, global_scale, bias, out,
-                                  ACTIVATION_CODES[spec.activation],
-                                  use_pdl and not _interpreting()).reshape(*lead, N)
+                                  ACTIVATION_CODES[spec.activation], use_pdl and not _interpreting(),
+                                  num_sms=_num_sms(a.device)).reshape(*lead, N)
     if strategy == "gemv":
         if not gemv_fits(M, spec, a2.dtype):
             raise ValueError(f"the gemv strategy takes dense activations and M <= 16 (M={M}, {spec.a_format})")

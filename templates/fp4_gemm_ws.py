@@ -336,7 +336,8 @@ def launch_fp4_gemm_ws(a2, layout, nv: bool, global_scale, bias, out, activation
                        tokens: int = 0, num_sms: int = 0):
     """out[M, N] = act(global_scale * a2 @ B^T + bias) with B as ``cached_weight_layout`` holds it;
     a2 [M, K] bf16 with K contiguous; ``tokens`` rows of a2 a tile (default TOKENS); the last wave
-    split in K where it would leave SMs idle (``tail_split``; ``num_sms`` default: the device's)."""
+    split in K where it would leave SMs idle (``tail_split``; ``num_sms`` default: the device's, asked
+    anew: callers on a hot path pass their cached count)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from ._details._fp4_gemm_ws_reduce import fp4_gemm_ws_reduce_kernel

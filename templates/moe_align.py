@@ -227,7 +227,8 @@ def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use
     ready = dict(ready_ptr=out.ready if zero_ready else out.block_expert, ZERO_READY=zero_ready)
     pdl = {"launch_pdl": True} if use_pdl else {}
     nb_chunk = max(16, 8192 // e_p2)
-    launch = launch or _jit_launch
+    if launch is None:
+        from ..lowering.launch import jit_launch as launch
     if one_launch:
         fused_chunk, scan, warps = _fused_tiles(N)
         launch("align", moe_align_fused, (max(1, -(-N // fused_chunk)),), (
@@ -245,7 +246,3 @@ def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use
             out.sorted_ids, out.block_expert), dict(BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk,
                                                     USE_PDL=use_pdl, num_warps=4, **ready, **pdl))
     return out
-
-
-def _jit_launch(site, kernel, grid, args, kwargs) -> None:
-    kernel[grid](*args, **kwargs)
