@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from inductor_moe.cuda.fp4_moe import MAX_PAIRS_PER_EXPERT
+from inductor_moe.lowering.moe_fp4_ws import MIN_ROWS_PER_EXPERT
 
 from .timing import graph_time_us, interleaved_stream_times_us, kernel_times_by_name
 from .tk_baseline import TKColumns
@@ -214,6 +215,8 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True, same_routi
                     variants.append(("_ds", {"mxfp4_mma": "dot_scaled", "cuda_decode": False}))
                 if fmt in ("mxfp4", "nvfp4") and T * k <= MAX_PAIRS_PER_EXPERT[fmt] * E:  # what CUDA decode replaces
                     variants.append(("_triton", {"cuda_decode": False}))
+                if fmt in ("mxfp4", "nvfp4") and T * k >= MIN_ROWS_PER_EXPERT * E:  # what moe_fp4_ws replaces
+                    variants.append(("_triton", {"warp_specialized": False}))
                 for suffix, patch in variants:
                     with config.patch(**patch):
                         fn = routed(lambda i, w: op(x, i, w, wa, wb, spec, **kw))  # noqa: B023

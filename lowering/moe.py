@@ -33,6 +33,7 @@ from .moe_mega import MegaLaunch, choose_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
                        k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
 from .moe_tma import weight_tma_arguments, weight_tma_reason
+from .moe_fp4_ws import MIN_ROWS_PER_EXPERT, fp4_ws_reason, fp4_ws_tokens, launch_fp4_ws, weight_layouts
 from .moe_ws import launch_ws_l1, launch_ws_l2, ws_isa_specs, ws_l1_reason, ws_l2_reason
 from .moe_tune_cache import kernel_constraint_violation
 
@@ -126,6 +127,11 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
                                 top_k, num_experts, hidden, intermediate, sms)
         if t_max:  # the persistent kernel runs the calls with few tokens (lowering/moe_mega.py)
             name += f" + triton_mega{pdl}[{label}] for T <= {t_max}"
+    if device.type == "cuda" and fp4_ws_reason(spec, fmt, x_dtype, MIN_ROWS_PER_EXPERT, 1, 64, 64, True,
+                                               _arch_major(device), _interpreting(),
+                                               moe_config.warp_specialized) is None:
+        name += (f" + gluon moe_fp4_ws[{label}] from {MIN_ROWS_PER_EXPERT} pairs per expert (L1 and L2 decode in "
+                 "wgmma's registers; MXFP4 scales <= 2)")
     return name
 
 
@@ -331,7 +337,7 @@ class _CallPlan:
     tensors: a plan outlives the inputs it was made for."""
 
     __slots__ = ("cuda_decode", "use_pdl", "cfg", "use_mega", "act", "fp4_dot_scaled", "swap_ab", "ws_l1", "ws_l2",
-                 "tma", "l1_kw", "l2_kw", "mega", "scales_fit", "launches")
+                 "tma", "l1_kw", "l2_kw", "mega", "scales_fit", "launches", "fp4_ws")
 
 
 _PLANS: dict = {}  # call signature (_plan_key) -> _CallPlan
@@ -392,9 +398,10 @@ def _call_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
 
 
 def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2, w13_global_scale,
-               w2_global_scale, kernel_config, use_pdl, use_mega, use_cuda_decode) -> _CallPlan:
+               w2_global_scale, kernel_config, use_pdl, use_mega, use_cuda_decode, allow_fp4_ws=True) -> _CallPlan:
     """Every launcher decision for this call, in the order they depend on each other (the CUDA
-    decode route first, then the tiles, then what the tiles allow)."""
+    decode route first, then the warp-specialised FP4 GEMMs, then the tiles, then what the tiles
+    allow).  ``allow_fp4_ws`` False: a plan for a call whose FP4 weights have no re-laid-out copy."""
     from ..templates.moe_common import ACT_FORMAT_CODES
 
     T, H = x.shape
@@ -405,7 +412,7 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     plan = _CallPlan()
     if use_pdl is None:
         use_pdl = pdl_enabled(x.device)
-    plan.use_pdl, plan.cuda_decode, plan.mega, plan.scales_fit = use_pdl, False, None, None
+    plan.use_pdl, plan.cuda_decode, plan.mega, plan.scales_fit, plan.fp4_ws = use_pdl, False, None, None, 0
     plan.launches = PlannedLaunches()  # the Triton launches, through their compiled kernels after the first
     if use_cuda_decode is not False and x.device.type == "cuda":
         from ..cuda.fp4_moe import moe_decode_fits
@@ -416,6 +423,20 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
             return plan
         if use_cuda_decode:
             raise ValueError(f"the CUDA MoE decode kernels cannot take this call: {why_not}")
+    arch, interpreting, ws_setting = _arch_major(x.device), _interpreting(), moe_config.warp_specialized
+    if fmt == "mxfp4" and x.dtype == torch.bfloat16 and w13_scale is not None:  # what the decode in registers needs
+        plan.scales_fit = _mxfp4_scales_fit(w13_scale, w2_scale)
+    if (allow_fp4_ws and kernel_config is None and not use_mega and x.device.type == "cuda"
+            and fp4_ws_reason(spec, fmt, x.dtype, T * k, E, H, I, plan.scales_fit, arch, interpreting,
+                              ws_setting) is None
+            and weight_layouts(spec, fmt, w13, w13_scale, w2, w2_scale) is not None):
+        plan.fp4_ws = fp4_ws_tokens(T * k, E)  # L1 and L2 decode in wgmma's registers (lowering/moe_fp4_ws.py)
+        plan.cfg = _unswapped_plan(T, k, E, H, I, fmt, _num_sms(x.device), spec.act_format).replace(
+            block_m=plan.fp4_ws, tail_block_m=0)
+        plan.use_mega, plan.act, plan.fp4_dot_scaled, plan.swap_ab = False, 0, False, False
+        plan.ws_l1 = plan.ws_l2 = plan.tma = False
+        plan.l1_kw = plan.l2_kw = None
+        return plan
     if kernel_config is None:  # the bucket's tuned tiles, else the heuristic's (lowering/moe_tune.py)
         from .moe_tune import config_for_call
 
@@ -431,8 +452,6 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     if use_mega and cfg.tail_block_m:  # the persistent kernel's tile loops run whole blocks only
         cfg = cfg.replace(tail_block_m=0)
     act = ACT_FORMAT_CODES[spec.act_format]
-    if fmt == "mxfp4" and x.dtype == torch.bfloat16 and w13_scale is not None:  # what the swapped tiles need
-        plan.scales_fit = _mxfp4_scales_fit(w13_scale, w2_scale)
     fp4_dot_scaled = (cfg.fp4_dot_scaled and fmt == "mxfp4" and (x.dtype == torch.bfloat16 or act != 0)
                       and mxfp4_dot_scaled(moe_config.mxfp4_mma, _arch_major(x.device)))
     swap_ab = (not fp4_dot_scaled and x.dtype == torch.bfloat16 and not use_mega
@@ -448,7 +467,6 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
     w13_t, _, w13_strides, (_, s13_sn, _) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, _, w2_strides, (_, s2_sn, _) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
-    arch, interpreting, ws_setting = _arch_major(x.device), _interpreting(), moe_config.warp_specialized
     plan.ws_l1 = not use_mega and ws_l1_reason(fmt, spec.act_format, (x.dtype, w13_t.dtype), cfg.block_m, H, I,
                                                w13_strides, w13_t.data_ptr(), spec.gate_up, spec.activation,
                                                arch, interpreting, ws_setting) is None
@@ -486,19 +504,38 @@ def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_sca
         spec = MoESpec(**{**spec.__dict__, "quantize_weights": None, "weight_format": fmt, "transposed": False})
     plan = _call_plan(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2, w13_global_scale,
                       w2_global_scale, kernel_config, use_pdl, use_mega, use_cuda_decode)
+    layouts = None
+    if plan.fp4_ws:
+        layouts = weight_layouts(spec, spec.effective_weight_format, w13, w13_scale, w2, w2_scale)
+        if layouts is None:  # this layer's weights have no re-laid-out copy (capture, memory): the Triton tiles
+            plan = _plan_without_fp4_ws(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2,
+                                        w13_global_scale, w2_global_scale, use_pdl, use_mega, use_cuda_decode)
     if plan.cuda_decode:
         from ..cuda.fp4_moe import moe_decode
 
         return moe_decode(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2,
                           w13_global_scale, w2_global_scale, out, use_pdl=plan.use_pdl)
     return _run_triton(plan, x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2,
-                       w13_global_scale, w2_global_scale, out)
+                       w13_global_scale, w2_global_scale, out, layouts)
+
+
+def _plan_without_fp4_ws(x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2, w13_global_scale,
+                         w2_global_scale, use_pdl, use_mega, use_cuda_decode) -> _CallPlan:
+    """The call's plan with the Triton expert GEMMs (kept beside the signature's own)."""
+    args = (x, topk_ids, topk_weights, w13, w2, spec, w13_scale, w2_scale, b13, b2, w13_global_scale, w2_global_scale)
+    key = _plan_key(*args, use_pdl, use_mega, use_cuda_decode) + ("without fp4_ws",)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(*args, None, use_pdl, use_mega, use_cuda_decode, allow_fp4_ws=False)
+        if not torch.cuda.is_current_stream_capturing():
+            _PLANS[key] = plan
+    return plan
 
 
 def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2,
-                w13_global_scale, w2_global_scale, out) -> torch.Tensor:
+                w13_global_scale, w2_global_scale, out, fp4_ws_layouts=None) -> torch.Tensor:
     """Allocate and launch what ``plan`` says: align -> (x -> fp8) -> L1 -> L2 (or both in the
-    persistent kernel) -> combine."""
+    persistent kernel, or the warp-specialised FP4 GEMMs on ``fp4_ws_layouts``) -> combine."""
     from ..templates.moe_align import align_blocks
     from ..templates.moe_combine import moe_combine_kernel
     from ..templates.moe_common import ACT_GROUPS, moe_kperm_kernel, moe_quant_act_kernel
@@ -539,7 +576,8 @@ def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESp
     w2_t, s2, (w2_se, w2_sn, w2_sk), (s2_se, s2_sn, s2_sk) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     # the warp-specialised GEMMs take their tiles from a counter that align zeroes (ready[0])
     blocks = align_blocks(ids, E, cfg.block_m, one_launch=cfg.align_one_launch, chunk=cfg.align_chunk,
-                          use_pdl=use_pdl, zero_ready=use_mega or plan.ws_l1 or plan.ws_l2, launch=launch)
+                          use_pdl=use_pdl, zero_ready=use_mega or plan.ws_l1 or plan.ws_l2 or bool(plan.fp4_ws),
+                          launch=launch)
     max_blocks = blocks.max_blocks
     sorted_ids, block_expert = blocks.sorted_ids, blocks.block_expert
     expert_start, expert_count = blocks.expert_start, blocks.expert_count
@@ -562,7 +600,10 @@ def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESp
                H, I,
                w2_se, w2_sn, w2_sk, s2_se, s2_sn, s2_sk, b2.stride(0) if b2 is not None else 0, inter_s_stride)
     l1_kw, l2_kw = plan.l1_kw, plan.l2_kw
-    if use_mega:  # one persistent launch runs the same L1 and L2 tiles
+    if plan.fp4_ws:
+        launch_fp4_ws(spec, fmt, fp4_ws_layouts, x, inter, rows, tw, blocks, plan.fp4_ws, k, H, I, b13, b2,
+                      w13_global_scale, w2_global_scale, _num_sms(x.device), use_pdl, launch)
+    elif use_mega:  # one persistent launch runs the same L1 and L2 tiles
         if plan.mega is None:
             plan.mega = MegaLaunch(moe_gemm1_kernel, l1_args, l1_kw, moe_gemm2_kernel, l2_args, l2_kw,
                                    ready=blocks.ready, max_blocks=max_blocks, num_sms=_num_sms(x.device), pdl=pdl)

@@ -54,31 +54,34 @@ def fp4_ws_weight_layout(b: torch.Tensor, b_scale: torch.Tensor, nv: bool, w_row
     scales [N, K/G] (e8m0 bytes, G = 32; or e4m3 bytes, G = 16 for NVFP4) in the kernel's thread
     order (module docstring) for tiles of ``w_rows`` weight rows (64 per m64 tile), as uint8 rows of
     128 bytes for the TMA boxes: [tiles * steps * w_rows / 4, 128] and [tiles * steps * (w_rows / 64)
-    * SCALE_BYTES, 128].  Pure torch: the same function on any device."""
-    N, K = b.shape[0], b.shape[1] * 2
+    * SCALE_BYTES, 128].  A stack of experts [E, N, K/2] (the MoE's) gives each expert its own
+    ``tiles`` (N padded per expert), experts back to back.  Pure torch: the same function on any device."""
+    if b.dim() == 2:
+        b, b_scale = b.unsqueeze(0), b_scale.unsqueeze(0)
+    E, N, K = b.shape[0], b.shape[1], b.shape[2] * 2
     m64s = w_rows // 64
     G = 16 if nv else 32
     tiles, steps = -(-N // w_rows), -(-K // BLOCK_K)
-    codes = torch.zeros((tiles * w_rows, steps * BLOCK_K), dtype=torch.uint8, device=b.device)
+    codes = torch.zeros((E, tiles * w_rows, steps * BLOCK_K), dtype=torch.uint8, device=b.device)
     packed = b.view(torch.uint8)
-    codes[:N, 0:K:2] = packed & 15
-    codes[:N, 1:K:2] = packed >> 4
+    codes[:, :N, 0:K:2] = packed & 15
+    codes[:, :N, 1:K:2] = packed >> 4
     # rows: tile, m64 tile i, warp w, row half, a, bb (lane // 4 = 2 a + bb); K: step, q, nibble h, c, t
-    codes = codes.view(tiles, m64s, 4, 2, 4, 2, steps, 4, 2, 4, 2)
+    codes = codes.view(E, tiles, m64s, 4, 2, 4, 2, steps, 4, 2, 4, 2)
     # -> tile, step, i, thread (w, a, bb, c), byte (q, row half, t), nibble h
-    codes = codes.permute(0, 6, 1, 2, 4, 5, 9, 7, 3, 10, 8)
+    codes = codes.permute(0, 1, 7, 2, 3, 5, 6, 10, 8, 4, 11, 9)
     codes = codes.reshape(-1, 2)
-    w = (codes[:, 0] | (codes[:, 1] << 4)).reshape(tiles * steps * m64s * M64_BYTES // 128, 128)
+    w = (codes[:, 0] | (codes[:, 1] << 4)).reshape(E * tiles * steps * m64s * M64_BYTES // 128, 128)
 
     blocks_per_step = BLOCK_K // G
-    s = torch.zeros((tiles * w_rows, steps * blocks_per_step), dtype=torch.uint8, device=b.device)
-    s[:N, :K // G] = b_scale.view(torch.uint8)
+    s = torch.zeros((E, tiles * w_rows, steps * blocks_per_step), dtype=torch.uint8, device=b.device)
+    s[:, :N, :K // G] = b_scale.view(torch.uint8)
     # rows as above; K: step, block.  -> tile, step, i, thread (w, a, bb, c: copies), byte (row half, block)
-    s = s.view(tiles, m64s, 4, 2, 4, 2, steps, blocks_per_step)
-    s = s.permute(0, 6, 1, 2, 4, 5, 3, 7).unsqueeze(6).expand(tiles, steps, m64s, 4, 4, 2, 4, 2, blocks_per_step)
-    s = s.reshape(tiles * steps * m64s * SCALE_BYTES[nv], 128)
+    s = s.view(E, tiles, m64s, 4, 2, 4, 2, steps, blocks_per_step)
+    s = s.permute(0, 1, 7, 2, 3, 5, 6, 4, 8).unsqueeze(7).expand(E, tiles, steps, m64s, 4, 4, 2, 4, 2,
+                                                                   blocks_per_step)
+    s = s.reshape(E * tiles * steps * m64s * SCALE_BYTES[nv], 128)
     return w.contiguous(), s.contiguous()
-
 
 if HAS_GLUON:
     from triton.experimental import gluon
