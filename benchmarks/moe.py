@@ -215,8 +215,8 @@ def run(layers, tokens_for, formats, with_compile, log, with_tk=True, same_routi
                     variants.append(("_ds", {"mxfp4_mma": "dot_scaled", "cuda_decode": False}))
                 if fmt in ("mxfp4", "nvfp4") and T * k <= MAX_PAIRS_PER_EXPERT[fmt] * E:  # what CUDA decode replaces
                     variants.append(("_triton", {"cuda_decode": False}))
-                if fmt in ("mxfp4", "nvfp4") and T * k >= MIN_ROWS_PER_EXPERT * E:  # what moe_fp4_ws replaces
-                    variants.append(("_triton", {"warp_specialized": False}))
+                if fmt in ("mxfp4", "nvfp4") and T * k >= MIN_ROWS_PER_EXPERT * E:  # the opt-in warp-specialised GEMMs
+                    variants.append(("_ws", {"moe_fp4_ws": True}))
                 for suffix, patch in variants:
                     with config.patch(**patch):
                         fn = routed(lambda i, w: op(x, i, w, wa, wb, spec, **kw))  # noqa: B023
@@ -305,7 +305,8 @@ COLUMNS = [("floor", "floor bf16"), ("dense", "ours bf16"), ("dense_nopdl", "our
            ("dense_mega", "ours bf16 mega"), ("dense_split", "ours bf16 split"),
            ("fp8_block128", "ours fp8"), ("fp8_block128+a128", "ours fp8 x fp8 act"), ("floor_fp8", "floor fp8"),
            ("mxfp4+a32", "ours mxfp4 x fp8-mx32 act"), ("mxfp4", "ours mxfp4"), ("mxfp4_triton", "ours mxfp4 triton"), ("mxfp4_ds", "ours mxfp4 dot_scaled"),
-           ("nvfp4", "ours nvfp4"), ("nvfp4_triton", "ours nvfp4 triton"), ("floor_fp4", "floor fp4"),
+           ("mxfp4_ws", "ours mxfp4 ws (opt-in)"), ("nvfp4", "ours nvfp4"), ("nvfp4_triton", "ours nvfp4 triton"),
+           ("nvfp4_ws", "ours nvfp4 ws (opt-in)"), ("floor_fp4", "floor fp4"),
            ("hf", "HF eager"), ("hf_compiled", "HF compiled"), ("grouped_mm", "grouped_mm x2"),
            ("tk_bf16", "TK bf16"), ("tk_mxfp4", "TK mxfp4")]
 

@@ -128,8 +128,8 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
         if t_max:  # the persistent kernel runs the calls with few tokens (lowering/moe_mega.py)
             name += f" + triton_mega{pdl}[{label}] for T <= {t_max}"
     if device.type == "cuda" and fp4_ws_reason(spec, fmt, x_dtype, MIN_ROWS_PER_EXPERT, 1, 64, 64, True,
-                                               _arch_major(device), _interpreting(),
-                                               moe_config.warp_specialized) is None:
+                                               _arch_major(device), _interpreting(), moe_config.warp_specialized,
+                                               moe_config.moe_fp4_ws) is None:
         name += (f" + gluon moe_fp4_ws[{label}] from {MIN_ROWS_PER_EXPERT} pairs per expert (L1 and L2 decode in "
                  "wgmma's registers; MXFP4 scales <= 2)")
     return name
@@ -428,7 +428,7 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         plan.scales_fit = _mxfp4_scales_fit(w13_scale, w2_scale)
     if (allow_fp4_ws and kernel_config is None and not use_mega and x.device.type == "cuda"
             and fp4_ws_reason(spec, fmt, x.dtype, T * k, E, H, I, plan.scales_fit, arch, interpreting,
-                              ws_setting) is None
+                              ws_setting, moe_config.moe_fp4_ws) is None
             and weight_layouts(spec, fmt, w13, w13_scale, w2, w2_scale) is not None):
         plan.fp4_ws = fp4_ws_tokens(T * k, E)  # L1 and L2 decode in wgmma's registers (lowering/moe_fp4_ws.py)
         plan.cfg = _unswapped_plan(T, k, E, H, I, fmt, _num_sms(x.device), spec.act_format).replace(

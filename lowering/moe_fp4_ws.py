@@ -1,6 +1,8 @@
 """Where the MoE's warp-specialised FP4 GEMMs (templates/moe_fp4_ws.py) run, and their launches.
 
-# They replace L1 and L2 together (align's blocks are theirs: 128 or 256 rows) for FP4 experts with
+# Opt-in (config.moe_fp4_ws): on an H100 they measured slower than the swapped Triton tiles
+# (BENCHMARKS.md, "The MoE's FP4 GEMMs warp-specialised"; benchmarks/NOTES_fp4.md says where the
+# time goes).  They replace L1 and L2 together (align's blocks are theirs: 128 or 256 rows) for FP4 experts with
 # bf16 activations on sm_90 at prefill sizes, where each expert gets enough rows for their tiles
 # (MIN_ROWS_PER_EXPERT; below it the swapped Triton tiles and the CUDA decode kernels stay).  Each
 # takes a re-laid-out copy of its expert weights (1.18 / 1.33x the packed MXFP4 / NVFP4 weight and
@@ -34,9 +36,12 @@ def fp4_ws_tokens(num_pairs: int, num_experts: int) -> int:
 
 def fp4_ws_reason(spec, fmt: str, x_dtype: torch.dtype, num_pairs: int, num_experts: int, hidden: int,
                   intermediate: int, scales_fit: Optional[bool], arch_major: int, interpreting: bool,
-                  setting: bool) -> Optional[str]:
+                  setting: bool, opted_in: bool = True) -> Optional[str]:
     """None where the warp-specialised FP4 GEMMs take the call (the weights' copies aside:
-    ``weight_layouts``), else why not."""
+    ``weight_layouts``), else why not.  ``setting``: config.warp_specialized; ``opted_in``:
+    config.moe_fp4_ws."""
+    if not opted_in:
+        return "config.moe_fp4_ws is off (opt-in: slower than the Triton tiles on an H100)"
     if not setting:
         return "config.warp_specialized is off"
     if fmt not in ("mxfp4", "nvfp4") or spec.act_format != "dense" or x_dtype != torch.bfloat16:

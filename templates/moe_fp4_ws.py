@@ -354,7 +354,8 @@ def launch_moe_fp4_ws(gemm: int, act, layout, n_out: int, k_dim: int, out, bias,
         float(limit or 0.0), float(up_offset)), dict(
         GEMM=gemm, NV=nv, HAS_BIAS=bias is not None, GATE_UP_GSCALES=gate_up_gscales, INTERLEAVED=interleaved,
         ACTIVATION=activation, HAS_LIMIT=limit is not None, ROUTING_WEIGHT=routing_weight, TOKENS=tokens,
-        STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl))
+        STAGES=int(__import__("os").environ.get("MOE_FP4_WS_STAGES", STAGES)), USE_PDL=use_pdl, num_warps=4,
+        maxnreg=MAX_REGISTERS, **pdl))
     return num_tiles + grid
 
 

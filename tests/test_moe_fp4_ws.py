@@ -70,13 +70,14 @@ def test_expert_stack_layout_is_each_experts_own(nv):
 
 
 def _why(fmt="mxfp4", x_dtype=torch.bfloat16, pairs=128 * 8, E=8, H=256, I=128, fits=True, arch=9,
-         interpreting=False, setting=True, spec=""):
+         interpreting=False, setting=True, spec="", opted_in=True):
     s = MoESpec.from_str(",".join(p for p in (spec, f"weight_format={fmt}") if p))
-    return rule.fp4_ws_reason(s, fmt, x_dtype, pairs, E, H, I, fits, arch, interpreting, setting)
+    return rule.fp4_ws_reason(s, fmt, x_dtype, pairs, E, H, I, fits, arch, interpreting, setting, opted_in)
 
 
 def test_rule_and_refusals():
     assert _why() is None and _why("nvfp4", fits=None) is None
+    assert "opt-in" in _why(opted_in=False)
     assert "warp_specialized" in _why(setting=False)
     assert "bf16 activations" in _why(x_dtype=torch.float16)
     assert "bf16 activations" in _why(spec="act_format=fp8_mx32")
@@ -113,9 +114,11 @@ def _reference(x, ids, tw, w13, w2, spec, kw):
 
 @pytest.fixture
 def ws_calls(monkeypatch):
-    """The M-block rows of every warp-specialised FP4 launch the lowering makes."""
+    """The M-block rows of every warp-specialised FP4 launch the lowering makes (opted in)."""
+    from inductor_moe import config
     from inductor_moe.lowering import moe
 
+    monkeypatch.setattr(config, "moe_fp4_ws", True)
     calls = []
     real = moe.launch_fp4_ws
 
@@ -205,14 +208,17 @@ def test_gpu_capture_replays_and_falls_back_for_new_weights(ws_calls):
 
 @pytest.mark.gpu
 @sm90
-@pytest.mark.parametrize("why", ["config off", "scales above 2", "no memory for the copy", "few pairs per expert"])
+@pytest.mark.parametrize("why", ["not opted in", "config off", "scales above 2", "no memory for the copy",
+                                 "few pairs per expert"])
 def test_gpu_fallbacks_run_the_triton_tiles(why, ws_calls, monkeypatch):
     from inductor_moe import config
     from test_moe_kernels import TOL
 
     T = 100 if why == "few pairs per expert" else 600
     spec, x, ids, tw, w13, w2, kw = _inputs(T, 8, 256, 128, 2, "mxfp4", seed=6)
-    if why == "config off":
+    if why == "not opted in":
+        monkeypatch.setattr(config, "moe_fp4_ws", False)
+    elif why == "config off":
         monkeypatch.setattr(config, "warp_specialized", False)
     elif why == "scales above 2":
         kw["w13_scale"] = kw["w13_scale"].clone()
