@@ -75,8 +75,9 @@ warp_specialized: bool = Config(default=True, env_name_force="INDUCTOR_MOE_WARP_
 # L1 and L2 as warp-specialised Gluon kernels decoding the weights into wgmma's registers
 # (templates/moe_fp4_ws.py), each keeping a re-laid-out copy of its expert weights (1.18 / 1.33x
 # the packed MXFP4 / NVFP4 bytes) where that leaves a quarter of the device free.  Off by default:
-# on an H100 they measured 0.95-1.3x slower than the swapped Triton tiles at 4096-16384 tokens
-# (BENCHMARKS.md, "The MoE's FP4 GEMMs warp-specialised").  Needs warp_specialized on.
+# on an H100 the layer took 0.96-1.26x the swapped Triton tiles' time at 4096-16384 tokens, faster
+# only at gpt-oss-120b NVFP4 16384 (BENCHMARKS.md, "The MoE's FP4 GEMMs warp-specialised").
+# Needs warp_specialized on.
 moe_fp4_ws: bool = Config(default=False, env_name_force="INDUCTOR_MOE_FP4_WS")
 # Time MoE kernel tile candidates at the first call of each shape bucket that has no tuned entry
 # (seconds per bucket; never while a CUDA graph is being captured) and keep the fastest in
