@@ -69,16 +69,18 @@ def _fits_in_memory(w: torch.Tensor, scale: torch.Tensor, nv: bool) -> bool:
 def weight_layouts(spec, fmt: str, w13, w13_scale, w2, w2_scale) -> Optional[tuple]:
     """The two re-laid-out expert stacks (``cached_moe_layout``), or None where one is not there and
     cannot be made now (during CUDA-graph capture, or where it would leave too little memory free)."""
-    from ..templates.moe_fp4_ws import cached_moe_layout
     from .. import weight_cache
+    from ..templates.moe_fp4_ws import cached_moe_layout, layout_tag
 
     nv = fmt == "nvfp4"
     if fmt == "mxfp4":
         w13_scale, w2_scale = w13_scale.view(torch.uint8), w2_scale.view(torch.uint8)
     layouts = []
     for w, s, gate_up in ((w13, w13_scale, spec.gate_up), (w2, w2_scale, None)):
-        tag = f"moe_fp4_ws_{gate_up or 'down'}"
-        if weight_cache.lookup(tag, (w, s)) is None and not torch.cuda.is_current_stream_capturing():
+        layout = weight_cache.lookup(layout_tag(gate_up), (w, s))
+        if layout is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
             if not _fits_in_memory(w, s, nv):
                 key = (tuple(w.shape), w.device.index)
                 if key not in _refused_for_memory:
@@ -87,9 +89,7 @@ def weight_layouts(spec, fmt: str, w13, w13_scale, w2, w2_scale) -> Optional[tup
                              "would leave less than %.0f%% of the device free: the Triton tiles run them",
                              tuple(w.shape), fmt, 100 * FREE_MEMORY_RESERVE)
                 return None
-        layout = cached_moe_layout(w, s, nv, gate_up)
-        if layout is None:
-            return None
+            layout = cached_moe_layout(w, s, nv, gate_up)
         layouts.append(layout)
     return tuple(layouts)
 

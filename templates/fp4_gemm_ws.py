@@ -298,31 +298,32 @@ def ws_operands_reason(spec, a_dtype: torch.dtype) -> "str | None":
     return None
 
 
+def layout_descriptors(codes: torch.Tensor, scales: torch.Tensor, nv: bool, w_rows: int) -> tuple:
+    """(TMA descriptor of the codes, of the scales, the two tensors) of ``fp4_ws_weight_layout``'s
+    output: one box per m64 tile's K step (2 KB of codes, 128 x SCALE_BYTES of scales) x w_rows / 64."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    m64s = w_rows // 64
+    w_desc = TensorDescriptor(codes, shape=list(codes.shape), strides=[128, 1], block_shape=[16 * m64s, 128],
+                              layout=plain)
+    s_desc = TensorDescriptor(scales, shape=list(scales.shape), strides=[128, 1],
+                              block_shape=[m64s * SCALE_BYTES[nv], 128], layout=plain)
+    return w_desc, s_desc, codes, scales
+
+
 def cached_weight_layout(b: torch.Tensor, b_scale: torch.Tensor, nv: bool, w_rows: int = 0):
-    """(TMA descriptor of the packed codes, of the scales, the two tensors) in the kernel's order for
-    tiles of ``w_rows`` weight rows (default W_ROWS), made once per weight version (``weight_cache``).
-    During CUDA-graph capture nothing can be built (the capture would record the re-layout, not run
-    it): None where it was not made before."""
+    """``layout_descriptors`` of the weight for tiles of ``w_rows`` weight rows (default W_ROWS), made
+    once per weight version (``weight_cache``).  During CUDA-graph capture nothing can be built (the
+    capture would record the re-layout, not run it): None where it was not made before."""
     from .. import weight_cache
 
     w_rows = w_rows or W_ROWS
     tag = f"fp4_gemm_ws_layout_{w_rows}"
     if b.is_cuda and torch.cuda.is_current_stream_capturing():
         return weight_cache.lookup(tag, (b, b_scale))
-
-    def build():
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-        w, s = fp4_ws_weight_layout(b, b_scale, nv, w_rows)
-        plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-        m64s = w_rows // 64  # each m64 tile's step: 2 KB of codes, 128 x SCALE_BYTES of scales
-        w_desc = TensorDescriptor(w, shape=list(w.shape), strides=[128, 1], block_shape=[16 * m64s, 128],
-                                  layout=plain)
-        s_desc = TensorDescriptor(s, shape=list(s.shape), strides=[128, 1],
-                                  block_shape=[m64s * SCALE_BYTES[nv], 128], layout=plain)
-        return w_desc, s_desc, w, s
-
-    return weight_cache.cached(tag, (b, b_scale), build)
+    return weight_cache.cached(tag, (b, b_scale), lambda: layout_descriptors(
+        *fp4_ws_weight_layout(b, b_scale, nv, w_rows), nv, w_rows))
 
 
 def tail_split(tiles: int, k_steps: int, num_sms: int) -> tuple:

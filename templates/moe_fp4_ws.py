@@ -30,11 +30,11 @@ gathering producer (Gluon, sm_90a).
 
 import torch
 
-from .fp4_gemm_ws import BLOCK_K, SCALE_BYTES, STAGES, W_ROWS, fp4_ws_weight_layout
+from .fp4_gemm_ws import BLOCK_K, SCALE_BYTES, STAGES, W_ROWS, fp4_ws_weight_layout, layout_descriptors
 from .moe_gemm2_ws import HAS_GLUON
 
 # M-block rows (the wgmma's n) -> ring slots: a 128-row block's slot is 21 KB, and 8 of them
-# measured 6-9% faster than 4 (gpt-oss-120b / qwen3-30b-a3b at 4096 tokens); 256 rows: 37 KB, 4 fit
+# measured 6-9% faster than 4 (ad hoc, benchmarks/NOTES_fp4.md); 256 rows: 37 KB, 4 fit
 STAGES_BY_TOKENS = {128: 8, 256: STAGES}
 MAX_REGISTERS = 168  # x 12 warps at launch; then the consumers 224, the producer 56
 L1, L2 = 1, 2
@@ -310,28 +310,18 @@ if HAS_GLUON:
         ], [4, 4], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
 
+def layout_tag(gate_up: "str | None") -> str:
+    """``weight_cache``'s tag of an expert stack's re-laid-out copy (w13 by its gate/up layout, or w2)."""
+    return f"moe_fp4_ws_{gate_up or 'down'}"
+
+
 def cached_moe_layout(w: torch.Tensor, scale: torch.Tensor, nv: bool, gate_up: "str | None"):
-    """(TMA descriptor of the codes, of the scales, the two tensors) of an expert stack, made once per
-    weight version (``weight_cache``); None during CUDA-graph capture where it was not made before."""
+    """``layout_descriptors`` of an expert stack (``moe_fp4_ws_layout``), made once per weight version
+    (``weight_cache``); never during CUDA-graph capture (the caller looks it up there)."""
     from .. import weight_cache
 
-    tag = f"moe_fp4_ws_{gate_up or 'down'}"
-    if w.is_cuda and torch.cuda.is_current_stream_capturing():
-        return weight_cache.lookup(tag, (w, scale))
-
-    def build():
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-        codes, scales = moe_fp4_ws_layout(w, scale, nv, gate_up)
-        plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-        m64s = W_ROWS // 64
-        w_desc = TensorDescriptor(codes, shape=list(codes.shape), strides=[128, 1], block_shape=[16 * m64s, 128],
-                                  layout=plain)
-        s_desc = TensorDescriptor(scales, shape=list(scales.shape), strides=[128, 1],
-                                  block_shape=[m64s * SCALE_BYTES[nv], 128], layout=plain)
-        return w_desc, s_desc, codes, scales
-
-    return weight_cache.cached(tag, (w, scale), build)
+    return weight_cache.cached(layout_tag(gate_up), (w, scale), lambda: layout_descriptors(
+        *moe_fp4_ws_layout(w, scale, nv, gate_up), nv, W_ROWS))
 
 
 def launch_moe_fp4_ws(gemm: int, act, layout, n_out: int, k_dim: int, out, bias, gscale, topk_weights, blocks,
