@@ -31,7 +31,8 @@ from ..spec import MoESpec
 from .launch import PlannedLaunches
 from .moe_mega import MegaLaunch, choose_mega, mega_isa_specs, mega_max_tokens
 from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
-                       k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers, with_swap_ab)
+                       fp8_x_fp8_ws_blocks, k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers,
+                       with_swap_ab)
 from .moe_tma import weight_tma_arguments, weight_tma_reason
 from .moe_fp4_ws import MIN_ROWS_PER_EXPERT, fp4_ws_reason, fp4_ws_tokens, launch_fp4_ws, weight_layouts
 from .moe_ws import launch_ws_l1, launch_ws_l2, ws_isa_specs, ws_l1_reason, ws_l2_reason
@@ -445,6 +446,10 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
                               w2_global_scale, kernel_config=c, use_pdl=use_pdl)),
             gate_up_interleaved=spec.gate_up == "interleaved")
     cfg = kernel_config
+    wide = fp8_x_fp8_ws_blocks(cfg, fmt, spec.act_format, T, k, E, I)
+    if wide is not None and _ws_reasons(spec, fmt, x, w13, w13_scale, w2, w2_scale, wide.block_m, H, I, arch,
+                                        interpreting, ws_setting) == (None, None):
+        cfg = wide  # 128-row blocks, both GEMMs warp-specialised (gpt-oss's I % 128 = 64)
     if use_mega is None:
         use_mega = x.device.type == "cuda" and moe_config.mega_kernel and choose_mega(
             cfg, T, k, E, H, I, _num_sms(x.device))
@@ -465,13 +470,11 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         cfg = with_swap_ab(cfg, H, I, fmt)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
     if swap_ab and fmt == "mxfp4":
         w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
-    w13_t, _, w13_strides, (_, s13_sn, _) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
-    w2_t, _, w2_strides, (_, s2_sn, _) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
-    plan.ws_l1 = not use_mega and ws_l1_reason(fmt, spec.act_format, (x.dtype, w13_t.dtype), cfg.block_m, H, I,
-                                               w13_strides, w13_t.data_ptr(), spec.gate_up, spec.activation,
-                                               arch, interpreting, ws_setting) is None
-    plan.ws_l2 = not use_mega and ws_l2_reason(fmt, spec.act_format, (x.dtype, w2_t.dtype), cfg.block_m, H, I,
-                                               w2_strides, w2_t.data_ptr(), arch, interpreting, ws_setting) is None
+    w13_t, _, _, (_, s13_sn, _) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
+    w2_t, _, _, (_, s2_sn, _) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
+    l1_why, l2_why = _ws_reasons(spec, fmt, x, w13, w13_scale, w2, w2_scale, cfg.block_m, H, I, arch, interpreting,
+                                 ws_setting)
+    plan.ws_l1, plan.ws_l2 = not use_mega and l1_why is None, not use_mega and l2_why is None
     plan.l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab,
                                   W.gate_up_global_scales(spec, w13_global_scale), fp4_scales_ahead(fmt, s13_sn), I)
     plan.l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab,
@@ -480,6 +483,17 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
                                                   interpreting=interpreting, use_mega=use_mega) is None
     plan.cfg, plan.use_mega, plan.act, plan.fp4_dot_scaled, plan.swap_ab = cfg, use_mega, act, fp4_dot_scaled, swap_ab
     return plan
+
+
+def _ws_reasons(spec, fmt, x, w13, w13_scale, w2, w2_scale, block_m, H, I, arch, interpreting, ws_setting) -> tuple:
+    """(why the warp-specialised L1 does not take the call or None, the same of L2) on ``block_m``-row
+    blocks (lowering/moe_ws.py)."""
+    w13_t, _, w13_strides, _ = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
+    w2_t, _, w2_strides, _ = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
+    return (ws_l1_reason(fmt, spec.act_format, (x.dtype, w13_t.dtype), block_m, H, I, w13_strides, w13_t.data_ptr(),
+                         spec.gate_up, spec.activation, arch, interpreting, ws_setting),
+            ws_l2_reason(fmt, spec.act_format, (x.dtype, w2_t.dtype), block_m, H, I, w2_strides, w2_t.data_ptr(),
+                         arch, interpreting, ws_setting))
 
 
 def fused_moe_experts(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale=None, w2_scale=None,

@@ -158,9 +158,25 @@ def _fp8_x_fp8_tiles(rows_per_expert: float, intermediate: int, gate_up_interlea
     with two dots at 64 rows."""
     if not _gate_up_in_scale_blocks(intermediate, gate_up_interleaved, 128):
         return False, 64, g1, g2
-    if rows_per_expert > 80:
+    if rows_per_expert > FP8_X_FP8_FULL_BLOCK_ROWS:
         return False, 128, g1, dataclasses.replace(g2, block_n=64)
     return False, 64, dataclasses.replace(g1, num_stages=4), dataclasses.replace(g2, num_stages=4)
+
+
+FP8_X_FP8_FULL_BLOCK_ROWS = 80  # rows per expert above which fp8 x fp8 runs 128-row blocks
+
+
+def fp8_x_fp8_ws_blocks(cfg: MoEKernelConfig, weight_format: str, act_format: str, num_tokens: int, top_k: int,
+                        num_experts: int, intermediate: int) -> Optional[MoEKernelConfig]:
+    """The heuristic's fp8 x fp8 tiles on 128-row blocks where _fp8_x_fp8_tiles kept 64 only because
+    the Triton L1's up tiles straddle two scale blocks (I % 128 = 64, gpt-oss): the warp-specialised
+    GEMMs (lowering/moe_ws.py) promote those per column at no register cost, so when both take the
+    call the blocks are as where I % 128 == 0.  None where this call keeps ``cfg``."""
+    rows_per_expert = max(num_tokens * top_k, 1) / min(num_experts, max(num_tokens * top_k, 1))
+    if (weight_format != "fp8_block128" or act_format != "fp8_block128" or cfg.source != "heuristic"
+            or cfg.block_m != 64 or intermediate % 128 == 0 or rows_per_expert <= FP8_X_FP8_FULL_BLOCK_ROWS):
+        return None
+    return cfg.replace(block_m=128, gemm2=dataclasses.replace(cfg.gemm2, block_n=64))
 
 
 def fp8_weight_scales_uniform(spec, cfg: "MoEKernelConfig", weight_format: str, intermediate: int) -> bool:

@@ -2,7 +2,8 @@
 moe_gemm2_ws_dense.py: a bf16 / fp16 L2) run, and their launches.
 
 # They replace moe_gemm1_kernel / moe_gemm2_kernel for DeepSeek's format pair (fp8 block-128
-# weights and activations, I and H multiples of 128), and moe_gemm2_kernel for dense experts
+# weights and activations, I and H multiples of 64: gpt-oss's 2880 ends in half a 128-column tile and
+# half a K step), and moe_gemm2_kernel for dense experts
 # (weights in the activations' 16-bit dtype) where I is short (DENSE_L2_MAX_I; benchmarks/NOTES.md,
 # "Warp-specialised dense GEMMs": the Triton kernels are L2-cache bound at long K, and so was a
 # dense WS L1), on sm_90 (wgmma; sm_100 has none), 128-row M-blocks, weights stored with K
@@ -80,7 +81,8 @@ def _ws_reason(fmt, act_format, dtypes, block_m, hidden, intermediate, arch_majo
         return "sm_90 only (wgmma)"
     if block_m != BLOCK_M:
         return f"{BLOCK_M}-row M-blocks only"
-    multiple = _block_k(dtypes[0]) if dense else BLOCK_N  # whole K steps; dense N tiles may end short
+    # dense: whole K steps (N tiles may end short); fp8: K steps and N tiles may end half full
+    multiple = _block_k(dtypes[0]) if dense else BLOCK_N // 2
     if hidden % multiple or intermediate % multiple:
         return f"H and I multiples of {multiple}"
     return None
@@ -125,16 +127,23 @@ def launch_ws_l1(l1_args: tuple, l1_kw: dict, counter, max_blocks: int, num_sms:
     (xq, w13, s13, _gscale, b13, tw, inter, sorted_ids, block_expert, expert_start, expert_count, x_s, inter_s,
      H, I, top_k, stride_xt, _w13_se, w13_sn, _w13_sk, s13_se, s13_sn, s13_sk, b13_se, x_s_stride, inter_s_stride,
      alpha, limit, up_offset) = l1_args
-    num_tiles = max_blocks * (I // BLOCK_N)
+    num_tiles = max_blocks * -(-I // BLOCK_N)
     grid = max(1, min(num_sms, num_tiles))
     launch("ws_l1", moe_gemm1_fp8_ws_kernel, (grid,), (
         xq, _weight_rows_descriptor(w13, w13_sn), s13, b13, tw, inter, sorted_ids, block_expert, expert_start,
         expert_count, x_s, inter_s, counter, H, I, top_k, inter.shape[0], max_blocks, stride_xt, s13_se, s13_sn,
         s13_sk, b13_se, x_s_stride, inter_s_stride, alpha, limit, up_offset), dict(
         HAS_BIAS=l1_kw["HAS_BIAS"], HAS_LIMIT=l1_kw["HAS_LIMIT"], WEIGHT_BEFORE_DOWN=l1_kw["WEIGHT_BEFORE_DOWN"],
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STAGES=L1_STAGES, USE_PDL=use_pdl, num_warps=4,
-        maxnreg=MAX_REGISTERS, **({"launch_pdl": True} if use_pdl else {})))
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STAGES=L1_STAGES, USE_PDL=use_pdl,
+        UP_SPLIT=l1_up_split(I), K_TAIL=H % BLOCK_K != 0, num_warps=4, maxnreg=MAX_REGISTERS,
+        **({"launch_pdl": True} if use_pdl else {})))
     return num_tiles + grid
+
+
+def l1_up_split(intermediate: int) -> int:
+    """The columns of an L1 up tile (w13 rows I + n, n % 128 == 0) in its first 128-row fp8 scale
+    block: 0 where the tile lies in one block (I % 128 == 0), else 128 - I % 128."""
+    return -intermediate % BLOCK_N
 
 
 def launch_ws_l2(l2_args: tuple, has_bias: bool, weight_after_down: bool, counter, ticket_base: int,
@@ -155,22 +164,30 @@ def launch_ws_l2(l2_args: tuple, has_bias: bool, weight_after_down: bool, counte
             WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=_block_k(w2.dtype),
             STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl))
         return
-    bn = FP8_L2_WIDE_BLOCK_N if H % FP8_L2_WIDE_BLOCK_N == 0 else BLOCK_N
-    grid = max(1, min(num_sms, max_blocks * (H // bn)))
+    bn = fp8_l2_block_n(H)
+    grid = max(1, min(num_sms, max_blocks * -(-H // bn)))
     launch("ws_l2", moe_gemm2_fp8_ws_kernel, (grid,), (
         inter, _weight_rows_descriptor(w2, w2_sn, bn), s2, b2, tw, rows, sorted_ids, block_expert, expert_start,
         expert_count, inter_s, counter, H, I, inter.shape[0], max_blocks, ticket_base, s2_se, s2_sn, s2_sk, b2_se,
         inter_s_stride), dict(HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn,
-        BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, num_warps=4, maxnreg=MAX_REGISTERS, **pdl))
+        BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, K_TAIL=I % BLOCK_K != 0, N_TAIL=H % bn != 0,
+        num_warps=4, maxnreg=MAX_REGISTERS, **pdl))
+
+
+def fp8_l2_block_n(hidden: int) -> int:
+    """The fp8 L2's tile width: 256 columns where the last tile's padding is at most an eighth of H
+    (gpt-oss's 2880: 12 tiles, the last a quarter full), else 128."""
+    return FP8_L2_WIDE_BLOCK_N if -hidden % FP8_L2_WIDE_BLOCK_N <= hidden // 8 else BLOCK_N
 
 
 def ws_isa_specs() -> dict:
     """{template module: [(label, kernel, signature, constexprs, options)]} for ``inductor_moe.isa``:
     the warp-specialised GEMMs as launch_ws_l1 / launch_ws_l2 build them for a qwen3-30b-a3b prefill
     call (H = 2048, I = 768, 128-row blocks; the fp8 L2 also on the 128-column tiles of an H that is
-    an odd multiple of 128, the dense L2 in bf16 and fp16), with the JIT's 16-divisibility of
-    pointers and sizes.  sm_90a only: wgmma and setmaxnreg have no sm_100 form (Blackwell runs the
-    Triton kernels: _ws_reason)."""
+    an odd multiple of 128, both fp8 GEMMs also at gpt-oss-120b's H = I = 2880 -- half a K step,
+    half an N tile, L1's up tiles across two scale blocks -- the dense L2 in bf16 and fp16), with
+    the JIT's 16-divisibility of pointers and sizes.  sm_90a only: wgmma and setmaxnreg have no
+    sm_100 form (Blackwell runs the Triton kernels: _ws_reason)."""
     if not HAS_GLUON:
         return {}
     from triton.experimental.gluon.language import NVMMASharedLayout
@@ -193,20 +210,23 @@ def ws_isa_specs() -> dict:
 
     fp8 = {"w_scale_ptr": "*fp32", "b_ptr": "*bf16", "topk_weights_ptr": "*fp32"}
     common = dict(BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, USE_PDL=True, HAS_BIAS=False)
-    l1 = spec("moe_gemm1_ws[fp8_block128 x fp8_block128]", moe_gemm1_fp8_ws_kernel,
-              {**fp8, "x_ptr": "*fp8e4nv", "inter_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32",
-               "inter_scale_ptr": "*fp32", "w_desc": weight_box("fp8e4nv", 8, BLOCK_N)},
-              dict(common, HAS_LIMIT=False, WEIGHT_BEFORE_DOWN=False, BLOCK_N=BLOCK_N, STAGES=L1_STAGES),
-              ("alpha", "limit", "up_offset"))
-    l2 = [spec(f"moe_gemm2_ws[fp8_block128 x fp8_block128, {bn} columns]", moe_gemm2_fp8_ws_kernel,
+    l1 = [spec(f"moe_gemm1_ws[fp8_block128 x fp8_block128{label}]", moe_gemm1_fp8_ws_kernel,
+               {**fp8, "x_ptr": "*fp8e4nv", "inter_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32",
+                "inter_scale_ptr": "*fp32", "w_desc": weight_box("fp8e4nv", 8, BLOCK_N)},
+               dict(common, HAS_LIMIT=False, WEIGHT_BEFORE_DOWN=False, BLOCK_N=BLOCK_N, STAGES=L1_STAGES,
+                    UP_SPLIT=l1_up_split(i), K_TAIL=h % BLOCK_K != 0),
+               ("alpha", "limit", "up_offset"))
+          for label, h, i in (("", 2048, 768), (", H = I = 2880", 2880, 2880))]
+    l2 = [spec(f"moe_gemm2_ws[fp8_block128 x fp8_block128, {bn} columns{label}]", moe_gemm2_fp8_ws_kernel,
                {**fp8, "inter_ptr": "*fp8e4nv", "rows_out_ptr": "*bf16", "inter_scale_ptr": "*fp32",
                 "w_desc": weight_box("fp8e4nv", 8, bn)},
-               dict(common, WEIGHT_AFTER_DOWN=True, BLOCK_N=bn, STAGES=STAGES))
-          for bn in (FP8_L2_WIDE_BLOCK_N, BLOCK_N)]
+               dict(common, WEIGHT_AFTER_DOWN=True, BLOCK_N=bn, STAGES=STAGES, K_TAIL=k_tail, N_TAIL=n_tail))
+          for bn, label, k_tail, n_tail in ((FP8_L2_WIDE_BLOCK_N, "", False, False), (BLOCK_N, "", False, False),
+                                            (fp8_l2_block_n(2880), ", H = I = 2880", True, True))]
     dense = [spec(f"moe_gemm2_ws_dense[{dtype} x dense]", moe_gemm2_dense_ws_kernel,
                   {"inter_ptr": "*" + dtype, "b_ptr": "*" + dtype, "topk_weights_ptr": "*fp32",
                    "rows_out_ptr": "*" + dtype, "w_desc": weight_box(dtype, 16, DENSE_L2_BLOCK_N)},
                   dict(common, WEIGHT_AFTER_DOWN=True, BLOCK_N=DENSE_L2_BLOCK_N, BLOCK_K=BLOCK_K // 2, STAGES=STAGES))
              for dtype in ("bf16", "fp16")]
-    return {"moe_gemm1_ws": [l1], "moe_gemm2_ws": l2, "moe_gemm2_ws_dense": dense}
+    return {"moe_gemm1_ws": l1, "moe_gemm2_ws": l2, "moe_gemm2_ws_dense": dense}
 

@@ -11,9 +11,14 @@
 # weight (before down), one fp32 scale per row per 128 columns (BN = 128: the tile is one group),
 # e4m3 rows at the pairs' own intermediate rows.  Same MMA shape and the same promotion and
 # epilogue expressions as gemm1_tile's two-dot W_SCALE_UNIFORM tiles, so the same bits.
-# Takes: e4m3 x [T, H] with fp32 scales [T, H/128], e4m3 w13 [E, 2I, H] (gate rows, then up rows)
-# with K contiguous and experts back to back (one TMA descriptor of [E * 2I, H]) and fp32 scales
-# [E, 2I/128, H/128]; H % BK == 0, I % BN == 0, BN = 128; a zeroed int32 tile counter.
+# I = 128n + 64 (gpt-oss): every up tile's rows (I + n) straddle two 128-row scale blocks, so the
+# up partial is promoted with one scale per column (its first UP_SPLIT columns the lower block's),
+# and both dots in gemm1_tile's per-column expression (part * row scale * column scale), its bits;
+# the last tile's columns past I are computed, left out of the row scale and not stored.  H =
+# 128n + 64: the last K step's x columns past H are copied as zeros (TMA zero-fills the weight's).
+# Takes: e4m3 x [T, H] with fp32 scales [T, ceil(H/128)], e4m3 w13 [E, 2I, H] (gate rows, then up
+# rows) with K contiguous and experts back to back (one TMA descriptor of [E * 2I, H]) and fp32
+# scales [E, ceil(2I/128), ceil(H/128)]; H and I multiples of 64, BN = 128; a zeroed int32 tile counter.
 """
 
 from .moe_gemm2_ws import HAS_GLUON
@@ -22,7 +27,7 @@ if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
     from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _pdl_wait, _promoted_wgmma,
                                _publish_tile, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
@@ -30,9 +35,9 @@ if HAS_GLUON:
 
     @gluon.jit
     def _l1_ws_producer(x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,
-                        counter_ptr, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_xt, num_tiles,
-                        n_tiles_n, k_steps,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+                        counter_ptr, tile_ids, tile_full, tile_free, H, I, top_k, num_pairs, stride_xt, num_tiles,
+                        n_tiles_n, k_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                        STAGES: gl.constexpr, K_TAIL: gl.constexpr):
         # 16 e4m3 (one 16-byte cp.async) per thread, 8 threads per 128-byte row, 4 warps
         layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
@@ -56,7 +61,10 @@ if HAS_GLUON:
                 for ks in range(k_steps):
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                    cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
+                    if K_TAIL:  # the last step's columns past H: zeros
+                        cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K, mask=(ks * BLOCK_K + k < H)[None, :])
+                    else:
+                        cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
                     async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
                     b_slot = b_bufs.index(s)
                     mbarrier.expect(w_ready.index(s), 2 * BLOCK_N * BLOCK_K)  # e4m3: bytes = elements
@@ -68,9 +76,10 @@ if HAS_GLUON:
     @gluon.jit
     def _l1_tile_loads(e, ids, t, n_tiles_n, expert_start_ptr, expert_count_ptr, x_scale_ptr, w_scale_ptr,
                        topk_weights_ptr, I, top_k, num_pairs, stride_se, stride_sn, stride_xst,
-                       BLOCK_N: gl.constexpr):
+                       BLOCK_N: gl.constexpr, UP_SPLIT: gl.constexpr):
         """moe_gemm2_ws._tile_loads for L1: the expert's row end, the rows' x-scale pointers (by token)
-        and first scales, the gate and up tiles' scale pointers and first scales, the routing weights."""
+        and first scales, the gate and up tiles' scale pointers and first scales (UP_SPLIT: also of the
+        up tile's second scale block, clamped to the last one), the routing weights."""
         ec = gl.maximum(e, 0)
         row_end = gl.load(expert_start_ptr + ec) + gl.load(expert_count_ptr + ec)
         safe_ids = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)
@@ -79,8 +88,21 @@ if HAS_GLUON:
         ws_expert = w_scale_ptr + ec.to(gl.int64) * stride_se
         ws_gate = ws_expert + (n0 // 128) * stride_sn
         ws_up = ws_expert + ((I + n0) // 128) * stride_sn
+        ws_up_hi = ws_up
+        if UP_SPLIT:
+            ws_up_hi = ws_expert + gl.minimum((I + n0) // 128 + 1, (2 * I - 1) // 128) * stride_sn
         tw = gl.load(topk_weights_ptr + safe_ids)
-        return row_end, xs_rows, ws_gate, ws_up, gl.load(xs_rows), gl.load(ws_gate), gl.load(ws_up), tw
+        return (row_end, xs_rows, ws_gate, ws_up, ws_up_hi, gl.load(xs_rows), gl.load(ws_gate), gl.load(ws_up),
+                gl.load(ws_up_hi), tw)
+
+    @gluon.jit
+    def _column_promoted_wgmma(acc, a_tile, b_tile, zero, a_s, w_s):
+        """acc + (a_tile @ b_tile) * a_s[:, None] * w_s, w_s a scalar or [1, BN] column scales:
+        gemm1_tile's promotion where the weight scale may vary along the tile
+        (moe_tiles.act_weight_tile_dot), the same roundings."""
+        part = warpgroup_mma(a_tile, b_tile, zero, use_acc=False, is_async=True)
+        part = warpgroup_mma_wait(0, deps=(part, ))
+        return acc + part * a_s[:, None] * w_s
 
     @gluon.jit
     def _l1_ws_consumer(w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr, sorted_ids_ptr, block_expert_ptr,
@@ -89,7 +111,7 @@ if HAS_GLUON:
                         stride_sk, stride_be, stride_xst, stride_ist, alpha, limit, up_offset, num_tiles, n_tiles_n,
                         k_steps, WG: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr,
                         WEIGHT_BEFORE_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+                        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UP_SPLIT: gl.constexpr):
         HALF: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
@@ -100,12 +122,13 @@ if HAS_GLUON:
         half_rows = WG * HALF + gl.arange(0, HALF, layout=rows_l)
         store_rows = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, store_l))
         store_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_l))
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
         i = 0
         t = _receive_tile(tile_ids, tile_full, tile_free, i)
         e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, half_rows, BLOCK_M)
-        row_end_n, xs_rows_n, wsg_n, wsu_n, a_s_n, g_s_n, u_s_n, tw_n = _l1_tile_loads(
+        row_end_n, xs_rows_n, wsg_n, wsu_n, wsh_n, a_s_n, g_s_n, u_s_n, h_s_n, tw_n = _l1_tile_loads(
             e_next, ids_next, t, n_tiles_n, expert_start_ptr, expert_count_ptr, x_scale_ptr, w_scale_ptr,
-            topk_weights_ptr, I, top_k, num_pairs, stride_se, stride_sn, stride_xst, BLOCK_N)
+            topk_weights_ptr, I, top_k, num_pairs, stride_se, stride_sn, stride_xst, BLOCK_N, UP_SPLIT)
         it = 0
         while t < num_tiles:
             i += 1
@@ -116,9 +139,11 @@ if HAS_GLUON:
             xs_rows = xs_rows_n
             ws_gate = wsg_n
             ws_up = wsu_n
+            ws_up_hi = wsh_n
             a_s_next = a_s_n
             g_s_next = g_s_n
             u_s_next = u_s_n
+            h_s_next = h_s_n
             tw = tw_n
             e_next, ids_next = _tile_rows(t_next, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
                                           half_rows, BLOCK_M)
@@ -129,28 +154,35 @@ if HAS_GLUON:
                     a_s = a_s_next
                     g_s = g_s_next
                     u_s = u_s_next
+                    h_s = h_s_next
                     k_next = gl.minimum(ks + 1, k_steps - 1)  # the scales one K step ahead of the MMA
                     a_s_next = gl.load(xs_rows + k_next)
                     g_s_next = gl.load(ws_gate + k_next * stride_sk)
                     u_s_next = gl.load(ws_up + k_next * stride_sk)
+                    if UP_SPLIT:
+                        h_s_next = gl.load(ws_up_hi + k_next * stride_sk)
                     s = _wait_slot(ready, w_ready, it, STAGES)
                     a_tile = a_bufs.index(s).slice(WG * HALF, HALF)
-                    b_slot = b_bufs.index(s)
-                    acc_gate = _promoted_wgmma(acc_gate, a_tile, b_slot.slice(0, BLOCK_N).permute((1, 0)), zero,
-                                               a_s * g_s)
-                    acc_up = _promoted_wgmma(acc_up, a_tile, b_slot.slice(BLOCK_N, BLOCK_N).permute((1, 0)), zero,
-                                             a_s * u_s)
+                    b_gate = b_bufs.index(s).slice(0, BLOCK_N).permute((1, 0))
+                    b_up = b_bufs.index(s).slice(BLOCK_N, BLOCK_N).permute((1, 0))
+                    if UP_SPLIT:
+                        acc_gate = _column_promoted_wgmma(acc_gate, a_tile, b_gate, zero, a_s, g_s)
+                        acc_up = _column_promoted_wgmma(acc_up, a_tile, b_up, zero, a_s,
+                                                        gl.where(cols < UP_SPLIT, u_s, h_s)[None, :])
+                    else:
+                        acc_gate = _promoted_wgmma(acc_gate, a_tile, b_gate, zero, a_s * g_s)
+                        acc_up = _promoted_wgmma(acc_up, a_tile, b_up, zero, a_s * u_s)
                     mbarrier.arrive(empty.index(s), count=1)
                     it += 1
             # the next tile's loads, in flight during this tile's epilogue
-            row_end_n, xs_rows_n, wsg_n, wsu_n, a_s_n, g_s_n, u_s_n, tw_n = _l1_tile_loads(
+            row_end_n, xs_rows_n, wsg_n, wsu_n, wsh_n, a_s_n, g_s_n, u_s_n, h_s_n, tw_n = _l1_tile_loads(
                 e_next, ids_next, t_next, n_tiles_n, expert_start_ptr, expert_count_ptr, x_scale_ptr, w_scale_ptr,
-                topk_weights_ptr, I, top_k, num_pairs, stride_se, stride_sn, stride_xst, BLOCK_N)
+                topk_weights_ptr, I, top_k, num_pairs, stride_se, stride_sn, stride_xst, BLOCK_N, UP_SPLIT)
             if e >= 0:
-                n = (t % n_tiles_n) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+                n = (t % n_tiles_n) * BLOCK_N + cols
                 if HAS_BIAS:
-                    acc_gate += gl.load(b_ptr + e * stride_be + n).to(gl.float32)[None, :]
-                    acc_up += gl.load(b_ptr + e * stride_be + I + n).to(gl.float32)[None, :]
+                    acc_gate += gl.load(b_ptr + e * stride_be + n, mask=n < I, other=0.0).to(gl.float32)[None, :]
+                    acc_up += gl.load(b_ptr + e * stride_be + I + n, mask=n < I, other=0.0).to(gl.float32)[None, :]
                 if HAS_LIMIT:  # moe_common.swiglu_epilogue, silu: the same expressions
                     acc_gate = gl.minimum(acc_gate, limit)
                     acc_up = gl.minimum(gl.maximum(acc_up, -limit), limit)
@@ -158,7 +190,7 @@ if HAS_GLUON:
                 if WEIGHT_BEFORE_DOWN:
                     h *= tw.to(gl.float32)[:, None]
                 live = (t // n_tiles_n) * BLOCK_M + half_rows < row_end
-                h = gl.where(live[:, None], h, 0.0)
+                h = gl.where(live[:, None] & (n < I)[None, :], h, 0.0)  # neither in the row's scale
                 # moe_common.quantize_fp8_groups for one 128-column group
                 scale = gl.max(gl.abs(h), axis=1) / 448.0
                 scale = gl.where(scale == 0.0, 1.0, scale)
@@ -166,8 +198,9 @@ if HAS_GLUON:
                 q = gl.convert_layout(q, store_l)
                 out_ids = gl.convert_layout(ids, gl.SliceLayout(1, store_l))
                 row_mask = (t // n_tiles_n) * BLOCK_M + store_rows < row_end
-                out = inter_ptr + out_ids.to(gl.int64)[:, None] * I + (t % n_tiles_n) * BLOCK_N + store_cols[None, :]
-                gl.store(out, q, mask=row_mask[:, None])
+                out_cols = (t % n_tiles_n) * BLOCK_N + store_cols
+                out = inter_ptr + out_ids.to(gl.int64)[:, None] * I + out_cols[None, :]
+                gl.store(out, q, mask=row_mask[:, None] & (out_cols < I)[None, :])
                 gl.store(inter_scale_ptr + ids.to(gl.int64) * stride_ist + (t % n_tiles_n) * (BLOCK_N // 128), scale,
                          mask=live)
             t = t_next
@@ -181,29 +214,29 @@ if HAS_GLUON:
         alpha, limit, up_offset,
         HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, WEIGHT_BEFORE_DOWN: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
+        UP_SPLIT: gl.constexpr = 0, K_TAIL: gl.constexpr = False,
     ):
         a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, 2 * BLOCK_N, BLOCK_K, STAGES, gl.float8e4nv, 8)
         tile_ids, tile_full, tile_free = _tile_schedule_buffers()
         _tile_schedule_init(tile_full, tile_free)
         _pdl_wait(USE_PDL)
-        n_tiles_n = I // BLOCK_N
+        n_tiles_n = gl.cdiv(I, BLOCK_N)
         num_tiles = max_blocks * n_tiles_n
-        k_steps = H // BLOCK_K
+        k_steps = gl.cdiv(H, BLOCK_K)
         gl.warp_specialize([
             (_l1_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr, sorted_ids_ptr, block_expert_ptr,
                                expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr, a_bufs, b_bufs, ready,
                                w_ready, empty, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_se,
                                stride_sn, stride_sk, stride_be, stride_xst, stride_ist, alpha, limit, up_offset,
                                num_tiles, n_tiles_n, k_steps, 0, HAS_BIAS, HAS_LIMIT, WEIGHT_BEFORE_DOWN, BLOCK_M,
-                               BLOCK_N, BLOCK_K, STAGES)),
+                               BLOCK_N, BLOCK_K, STAGES, UP_SPLIT)),
             (_l1_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, inter_ptr, sorted_ids_ptr, block_expert_ptr,
                                expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr, a_bufs, b_bufs, ready,
                                w_ready, empty, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_se,
                                stride_sn, stride_sk, stride_be, stride_xst, stride_ist, alpha, limit, up_offset,
                                num_tiles, n_tiles_n, k_steps, 1, HAS_BIAS, HAS_LIMIT, WEIGHT_BEFORE_DOWN, BLOCK_M,
-                               BLOCK_N, BLOCK_K, STAGES)),
+                               BLOCK_N, BLOCK_K, STAGES, UP_SPLIT)),
             (_l1_ws_producer, (x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
-                               empty, counter_ptr, tile_ids, tile_full, tile_free, I, top_k, num_pairs, stride_xt,
-                               num_tiles, n_tiles_n, k_steps,
-                               BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                               empty, counter_ptr, tile_ids, tile_full, tile_free, H, I, top_k, num_pairs, stride_xt,
+                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, K_TAIL)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

@@ -26,9 +26,12 @@
 # without an expert (-1) are skipped by every partition alike, so the ring's slot and phase
 # counters agree.  The producer runs up to STAGES steps ahead, into the next tile while the
 # consumers store the last one.
-# Takes: e4m3 intermediate [T*k, I] with fp32 scales [T*k, I/128], e4m3 weights [E, H, I] with
-# K contiguous and experts back to back (one TMA descriptor of [E * H, I]) and fp32 scales
-# [E, H/128, I/128]; I % BK == 0, BN 128 or 256, H % BN == 0; a zeroed int32 tile counter.
+# I = 128n + 64 (gpt-oss): the last K step's intermediate columns past I are copied as zeros (TMA
+# zero-fills the weight's, K_TAIL); H % BN != 0 (N_TAIL): the last N tile is computed whole and
+# stored masked, a 128-column half of it wholly past H promoted with 1.0 for its missing scales.
+# Takes: e4m3 intermediate [T*k, I] with fp32 scales [T*k, ceil(I/128)], e4m3 weights [E, H, I]
+# with K contiguous and experts back to back (one TMA descriptor of [E * H, I]) and fp32 scales
+# [E, ceil(H/128), ceil(I/128)]; H and I multiples of 64, BN 128 or 256; a zeroed int32 tile counter.
 """
 
 try:
@@ -141,7 +144,7 @@ if HAS_GLUON:
     def _l2_ws_producer(inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,
                         counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs, num_tiles,
                         n_tiles_n, k_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, ELEM_BYTES: gl.constexpr):
+                        STAGES: gl.constexpr, ELEM_BYTES: gl.constexpr, K_TAIL: gl.constexpr):
         # one 16-byte cp.async per thread, 8 threads per 128-byte row (BLOCK_K elements), 4 warps
         layout: gl.constexpr = gl.BlockedLayout([1, 16 // ELEM_BYTES], [4, 8], [4, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
@@ -165,7 +168,10 @@ if HAS_GLUON:
                 for ks in range(k_steps):
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                    cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
+                    if K_TAIL:  # the last step's columns past I: zeros
+                        cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K, mask=(ks * BLOCK_K + k < I)[None, :])
+                    else:
+                        cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
                     async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
                     mbarrier.expect(w_ready.index(s), BLOCK_N * BLOCK_K * ELEM_BYTES)
                     tma_load(w_desc, [w_row, ks * BLOCK_K], w_ready.index(s), b_bufs.index(s))
@@ -174,11 +180,13 @@ if HAS_GLUON:
 
     @gluon.jit
     def _tile_loads(e, ids, t, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr, w_scale_ptr,
-                    topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N: gl.constexpr):
+                    topk_weights_ptr, H, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N: gl.constexpr,
+                    N_TAIL: gl.constexpr):
         """What a consumer needs of tile t beyond its ids, issued before the previous tile's epilogue:
         one past the expert's last row, the rows' activation-scale pointers and first scales, the
-        weight tile's scale pointer and the first scales of its (one or two) 128-row scale blocks, the
-        routing weights (clamped ids: pad rows are masked at the store)."""
+        weight tile's scale pointer and the first scales of its (one or two) 128-row scale blocks
+        (N_TAIL: a second block wholly past H has none, 1.0: its columns are not stored), the routing
+        weights (clamped ids: pad rows are masked at the store)."""
         ec = gl.maximum(e, 0)
         row_end = gl.load(expert_start_ptr + ec) + gl.load(expert_count_ptr + ec)
         safe_ids = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)
@@ -186,7 +194,11 @@ if HAS_GLUON:
         ws_base = w_scale_ptr + ec.to(gl.int64) * stride_se + ((t % n_tiles_n) * BLOCK_N // 128) * stride_sn
         tw = gl.load(topk_weights_ptr + safe_ids)
         ws_hi = ws_base + (BLOCK_N // 128 - 1) * stride_sn
-        return row_end, as_rows, ws_base, gl.load(as_rows), gl.load(ws_base), gl.load(ws_hi), tw
+        if N_TAIL:
+            w_hi = gl.load(ws_hi, mask=(t % n_tiles_n) * BLOCK_N + BLOCK_N - 128 < H, other=1.0)
+        else:
+            w_hi = gl.load(ws_hi)
+        return row_end, as_rows, ws_base, gl.load(as_rows), gl.load(ws_base), w_hi, tw
 
     @gluon.jit
     def _promoted_wgmma(acc, a_tile, b_tile, zero, scale):
@@ -223,7 +235,7 @@ if HAS_GLUON:
                         tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk, stride_be,
                         stride_ist, num_tiles, n_tiles_n, k_steps, WG: gl.constexpr, HAS_BIAS: gl.constexpr,
                         WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+                        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, N_TAIL: gl.constexpr):
         HALF: gl.constexpr = BLOCK_M // 2
         # a 256-column tile is two 128-column wgmmas, one weight scale block each, promoted one at a
         # time (L1's gate / up order): two accumulators and one partial fit a consumer's registers
@@ -237,7 +249,7 @@ if HAS_GLUON:
         e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, half_rows, BLOCK_M)
         row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, w_hi_n, tw_n = _tile_loads(
             e_next, ids_next, t, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr, w_scale_ptr,
-            topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N)
+            topk_weights_ptr, H, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N, N_TAIL)
         it = 0
         while t < num_tiles:
             i += 1
@@ -263,7 +275,10 @@ if HAS_GLUON:
                     k_next = gl.minimum(ks + 1, k_steps - 1)  # the scales one K step ahead of the MMA
                     a_s_next = gl.load(as_rows + k_next)
                     w_s_next = gl.load(ws_base + k_next * stride_sk)
-                    if WIDE:
+                    if WIDE and N_TAIL:
+                        w_hi_next = gl.load(ws_base + stride_sn + k_next * stride_sk,
+                                            mask=(t % n_tiles_n) * BLOCK_N + 128 < H, other=1.0)
+                    elif WIDE:
                         w_hi_next = gl.load(ws_base + stride_sn + k_next * stride_sk)
                     s = _wait_slot(ready, w_ready, it, STAGES)
                     a_tile = a_bufs.index(s).slice(WG * HALF, HALF)
@@ -277,7 +292,7 @@ if HAS_GLUON:
             # the next tile's loads, in flight during this tile's epilogue
             row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, w_hi_n, tw_n = _tile_loads(
                 e_next, ids_next, t_next, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
-                w_scale_ptr, topk_weights_ptr, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N)
+                w_scale_ptr, topk_weights_ptr, H, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N, N_TAIL)
             if e >= 0:
                 n0 = (t % n_tiles_n) * BLOCK_N
                 first_row = (t // n_tiles_n) * BLOCK_M
@@ -295,27 +310,28 @@ if HAS_GLUON:
         H, I, num_pairs, max_blocks, ticket_base,
         stride_se, stride_sn, stride_sk, stride_be, stride_ist,
         HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr, K_TAIL: gl.constexpr = False,
+        N_TAIL: gl.constexpr = False,
     ):
         a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, BLOCK_N, BLOCK_K, STAGES, gl.float8e4nv, 8)
         tile_ids, tile_full, tile_free = _tile_schedule_buffers()
         _tile_schedule_init(tile_full, tile_free)
         _pdl_wait(USE_PDL)
-        n_tiles_n = H // BLOCK_N
+        n_tiles_n = gl.cdiv(H, BLOCK_N)
         num_tiles = max_blocks * n_tiles_n
-        k_steps = I // BLOCK_K
+        k_steps = gl.cdiv(I, BLOCK_K)
         gl.warp_specialize([
             (_l2_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
                                expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready,
                                empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk,
                                stride_be, stride_ist, num_tiles, n_tiles_n, k_steps, 0, HAS_BIAS, WEIGHT_AFTER_DOWN,
-                               BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                               BLOCK_M, BLOCK_N, BLOCK_K, STAGES, N_TAIL)),
             (_l2_ws_consumer, (w_scale_ptr, b_ptr, topk_weights_ptr, rows_out_ptr, sorted_ids_ptr, block_expert_ptr,
                                expert_start_ptr, expert_count_ptr, inter_scale_ptr, a_bufs, b_bufs, ready, w_ready,
                                empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk,
                                stride_be, stride_ist, num_tiles, n_tiles_n, k_steps, 1, HAS_BIAS, WEIGHT_AFTER_DOWN,
-                               BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+                               BLOCK_M, BLOCK_N, BLOCK_K, STAGES, N_TAIL)),
             (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
                                empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs,
-                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 1)),
+                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 1, K_TAIL)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

@@ -112,5 +112,5 @@ if HAS_GLUON:
                                   HAS_BIAS, WEIGHT_AFTER_DOWN, BLOCK_M, BLOCK_N, STAGES)),
             (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
                                empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs,
-                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 2)),
+                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 2, False)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

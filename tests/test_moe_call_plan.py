@@ -199,3 +199,30 @@ def test_planned_launches_bind_the_full_signature(monkeypatch):
     for _ in range(2):
         launches.launch("interp", interpreted, (1,), ("v", 1), dict(BLOCK=16))
     assert [c[0] for c in calls] == ["jit", "jit"]
+
+
+def test_fp8_plans_take_full_blocks_where_the_ws_gemms_run(plans, monkeypatch):
+    """fp8 x fp8 at I = 128n + 64 (gpt-oss): the Triton L1's up tiles straddle two scale blocks, so
+    its heuristic keeps 64-row blocks; above 80 rows per expert the plan takes 128-row blocks where
+    both warp-specialised GEMMs then run (they promote per column), and not where they would not."""
+    from inductor_moe import config
+    from inductor_moe.lowering import moe
+    from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
+
+    if not HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    monkeypatch.setattr(moe, "_interpreting", lambda: False)  # CPU tensors plan as sm_90 (_arch_major)
+    fp8 = dict(E=4, H=192, I=192, k=2, weight_format="fp8_block128", act="fp8_block128")
+    wide = _plan(_case("fp8_tail", T=256, **fp8))  # 128 rows per expert
+    assert (wide.cfg.block_m, wide.ws_l1, wide.ws_l2) == (128, True, True)
+    assert wide.cfg.gemm2.block_n == 64  # as _fp8_x_fp8_tiles' 128-row plan
+    few = _plan(_case("fp8_tail_few", T=128, **fp8))  # 64 rows per expert: the Triton tiles' blocks
+    assert few.cfg.block_m == 64 and not (few.ws_l1 or few.ws_l2)
+    with config.patch(warp_specialized=False):
+        off = _plan(_case("fp8_tail", T=256, **fp8))
+    assert off.cfg.block_m == 64 and not (off.ws_l1 or off.ws_l2)
+    interleaved = _plan(_case("fp8_tail_il", T=256, spec="gate_up=interleaved", **fp8))  # no WS L1
+    assert interleaved.cfg.block_m == 64 and not interleaved.ws_l1
+    plans.clear()  # a device's plans are made for its arch: another arch, another process
+    monkeypatch.setattr(moe, "_arch_major", lambda device: 10)
+    assert _plan(_case("fp8_tail_sm100", T=256, **fp8)).cfg.block_m == 64

@@ -16,6 +16,8 @@ FIT = dict(fmt="fp8_block128", act_format="fp8_block128", dtypes=(torch.bfloat16
 
 def test_ws_l2_takes_deepseek_format_on_sm90_only():
     assert ws_l2_reason(**FIT) is None
+    # gpt-oss-120b: H = I = 2880 ends in half a K step and half an N tile
+    assert ws_l2_reason(**{**FIT, "hidden": 2880, "intermediate": 2880, "w2_strides": (2880 * 2880, 2880, 1)}) is None
     misses = [
         ("setting", False, "config.warp_specialized"),
         ("fmt", "mxfp4", "fp8 block-128 weights"),
@@ -24,8 +26,8 @@ def test_ws_l2_takes_deepseek_format_on_sm90_only():
         ("arch_major", 10, "sm_90"),
         ("interpreting", True, "sm_90"),
         ("block_m", 64, "128-row"),
-        ("hidden", 2880, "multiples of 128"),
-        ("intermediate", 2880, "multiples of 128"),
+        ("hidden", 2880 + 32, "multiples of 64"),
+        ("intermediate", 2880 + 32, "multiples of 64"),
         ("w2_strides", (2048 * 768, 1, 2048), "K contiguous"),
         ("w2_strides", (2048 * 768 + 16, 768, 1), "back to back"),
         ("w2_strides", (2048 * 776, 776, 1), "16-byte aligned"),
@@ -40,12 +42,16 @@ def test_ws_l1_takes_concatenated_silu_gate_up_only():
     fit = dict(FIT, w13_strides=(1536 * 2048, 2048, 1), w13_address=1 << 20, gate_up="concat", activation="silu")
     del fit["w2_strides"], fit["w2_address"]
     assert ws_l1_reason(**fit) is None
+    # gpt-oss-120b: I = 2880, so every up tile (rows I + n) straddles two 128-row scale blocks
+    assert ws_l1_reason(**{**fit, "hidden": 2880, "intermediate": 2880,
+                           "w13_strides": (5760 * 2880, 2880, 1)}) is None
     misses = [
         ("setting", False, "config.warp_specialized"),
         ("act_format", "fp8_mx32", "fp8 block-128 weights"),
         ("arch_major", 10, "sm_90"),
         ("block_m", 64, "128-row"),
-        ("hidden", 2880, "multiples of 128"),
+        ("hidden", 2880 + 32, "multiples of 64"),
+        ("intermediate", 768 + 64 + 32, "multiples of 64"),
         ("w13_strides", (1536 * 2048, 1, 1536), "w13 with K contiguous"),
         ("w13_strides", (1536 * 2048 + 16, 2048, 1), "back to back"),
         ("w13_address", (1 << 20) + 4, "w13 rows 16-byte aligned"),
@@ -121,6 +127,36 @@ def test_ws_l2_compiles_for_sm90_warp_specialised(block_n):
     assert "cp.async.mbarrier.arrive.noinc" in ptx
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.arrive.expect_tx" in ptx, "weights not through TMA"
     assert "griddepcontrol.wait" in ptx
+
+
+def test_ws_fp8_tails_compile_for_sm90():
+    """gpt-oss's H = I = 2880: the half-full last K step's gathered columns are copied with cp.async's
+    zero-fill form (a source size operand) in both GEMMs, L1's per-column up scales are chosen per
+    register, and L2 runs 256-column tiles (fp8_l2_block_n), the last a quarter full."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("templates are interpreted in this process")
+    from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
+
+    if not HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    import re
+
+    zero_fill = re.compile(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10, %r\d+;")
+    try:
+        whole = {"l1": _ws_ptx("moe_gemm1_ws[fp8_block128 x fp8_block128]"),
+                 "l2": _ws_ptx("moe_gemm2_ws[fp8_block128 x fp8_block128, 256 columns]")}
+        tails = {"l1": _ws_ptx("moe_gemm1_ws[fp8_block128 x fp8_block128, H = I = 2880]"),
+                 "l2": _ws_ptx("moe_gemm2_ws[fp8_block128 x fp8_block128, 256 columns, H = I = 2880]")}
+    except ImportError as e:  # a triton without the NVIDIA backend
+        pytest.skip(str(e))
+    for gemm in ("l1", "l2"):
+        assert zero_fill.search(tails[gemm]) and not zero_fill.search(whole[gemm]), gemm
+        assert tails[gemm].count("wgmma.mma_async") == whole[gemm].count("wgmma.mma_async"), gemm
+    # the up tile's two scales are chosen per register, not per element
+    assert tails["l1"].count("selp.f32") == whole["l1"].count("selp.f32")
+    from inductor_moe.lowering.moe_ws import fp8_l2_block_n
+
+    assert [fp8_l2_block_n(h) for h in (2048, 2880, 384, 320)] == [256, 256, 128, 128]
 
 
 def test_ws_l1_compiles_for_sm90_warp_specialised():
@@ -250,6 +286,10 @@ def _compare_with_triton_kernels(spec, layer, T, E, H, I, k, tol, monkeypatch, l
     (300, 8, 256, 384, 6, "weight_position=before_down", True),  # few blocks, biases, weight before down
     (40, 16, 512, 256, 2, "", False),  # most experts empty or one short block
     (500, 16, 384, 256, 4, "alpha=1.702,limit=7.0,up_offset=1.0", True),  # gpt-oss's clamped SwiGLU
+    # H, I = 128n + 64: half-full last K steps and N tiles, L1's up tiles across two scale blocks
+    (600, 8, 320, 448, 4, "alpha=1.702,limit=7.0,up_offset=1.0", True),
+    (2048, 16, 2880, 2880, 4, "alpha=1.702,limit=7.0,up_offset=1.0", True),  # gpt-oss-120b's dims
+    (40, 16, 192, 192, 2, "weight_position=before_down", False),  # one N tile, half of it past I
 ])
 def test_gpu_ws_gemms_write_the_triton_kernels_bits(T, E, H, I, k, spec_extra, bias, monkeypatch):
     """fp8 x fp8: same output bit for bit as the Triton L1 and L2 (same MMA shape, same promotion and
