@@ -30,7 +30,7 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
     from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _pdl_wait, _promoted_wgmma,
-                               _publish_tile, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
+                               _pass_slots, _publish_tile, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
                                _tile_schedule_init, _wait_slot, cp_async_load, tma_load)
 
     @gluon.jit
@@ -149,7 +149,8 @@ if HAS_GLUON:
                                           half_rows, BLOCK_M)
             acc_gate = zero
             acc_up = zero
-            if e >= 0:
+            half_live = (t // n_tiles_n) * BLOCK_M + WG * HALF < row_end  # else all padding
+            if (e >= 0) & half_live:
                 for ks in range(k_steps):
                     a_s = a_s_next
                     g_s = g_s_next
@@ -174,11 +175,13 @@ if HAS_GLUON:
                         acc_up = _promoted_wgmma(acc_up, a_tile, b_up, zero, a_s * u_s)
                     mbarrier.arrive(empty.index(s), count=1)
                     it += 1
+            elif e >= 0:
+                it = _pass_slots(ready, empty, it, k_steps, STAGES)
             # the next tile's loads, in flight during this tile's epilogue
             row_end_n, xs_rows_n, wsg_n, wsu_n, wsh_n, a_s_n, g_s_n, u_s_n, h_s_n, tw_n = _l1_tile_loads(
                 e_next, ids_next, t_next, n_tiles_n, expert_start_ptr, expert_count_ptr, x_scale_ptr, w_scale_ptr,
                 topk_weights_ptr, I, top_k, num_pairs, stride_se, stride_sn, stride_xst, BLOCK_N, UP_SPLIT)
-            if e >= 0:
+            if (e >= 0) & half_live:
                 n = (t % n_tiles_n) * BLOCK_N + cols
                 if HAS_BIAS:
                     acc_gate += gl.load(b_ptr + e * stride_be + n, mask=n < I, other=0.0).to(gl.float32)[None, :]

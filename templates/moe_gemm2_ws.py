@@ -104,6 +104,19 @@ if HAS_GLUON:
         return s
 
     @gluon.jit
+    def _pass_slots(ready, empty, it, k_steps, STAGES: gl.constexpr):
+        """Consumer: a tile whose rows in this warpgroup's half are all padding (an expert's last
+        block): each K step's slot is waited for (so the release lands in the slot's current phase)
+        and released without MMAs, leaving the tensor cores to the other warpgroup.  Returns the
+        ring position after the tile."""
+        for _ in range(k_steps):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            mbarrier.arrive(empty.index(s), count=1)
+            it += 1
+        return it
+
+    @gluon.jit
     def _publish_tile(counter_ptr, ticket_base, tile_ids, tile_full, tile_free, i):
         """Producer: the CTA's i-th tile is the next ticket of the grid's counter (less ``ticket_base``,
         where an earlier kernel counted first), handed to the consumers through slot i % 2.  Tiles
@@ -267,7 +280,8 @@ if HAS_GLUON:
                                           half_rows, BLOCK_M)
             acc = zero
             acc_hi = zero
-            if e >= 0:
+            half_live = (t // n_tiles_n) * BLOCK_M + WG * HALF < row_end  # else all padding
+            if (e >= 0) & half_live:
                 for ks in range(k_steps):
                     a_s = a_s_next
                     w_s = w_s_next
@@ -289,11 +303,13 @@ if HAS_GLUON:
                                                  a_s * w_hi)
                     mbarrier.arrive(empty.index(s), count=1)
                     it += 1
+            elif e >= 0:
+                it = _pass_slots(ready, empty, it, k_steps, STAGES)
             # the next tile's loads, in flight during this tile's epilogue
             row_end_n, as_rows_n, ws_base_n, a_s_n, w_s_n, w_hi_n, tw_n = _tile_loads(
                 e_next, ids_next, t_next, n_tiles_n, expert_start_ptr, expert_count_ptr, inter_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, H, num_pairs, stride_se, stride_sn, stride_ist, BLOCK_N, N_TAIL)
-            if e >= 0:
+            if (e >= 0) & half_live:
                 n0 = (t % n_tiles_n) * BLOCK_N
                 first_row = (t // n_tiles_n) * BLOCK_M
                 _l2_epilogue(acc, e, ids, tw, n0, first_row, row_end, b_ptr, rows_out_ptr, H, stride_be, WG, HALF,

@@ -24,7 +24,7 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
     from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _l2_epilogue, _l2_ws_producer,
-                               _pdl_wait, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
+                               _pass_slots, _pdl_wait, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
                                _tile_schedule_init, _wait_slot)
 
     @gluon.jit
@@ -68,7 +68,8 @@ if HAS_GLUON:
             e_next, ids_next = _tile_rows(t_next, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
                                           half_rows, BLOCK_M)
             acc = zero
-            if e >= 0:
+            half_live = (t // n_tiles_n) * BLOCK_M + WG * HALF < row_end  # else all padding
+            if (e >= 0) & half_live:
                 for ks in range(k_steps):
                     s = _wait_slot(ready, w_ready, it, STAGES)
                     acc = warpgroup_mma(a_bufs.index(s).slice(WG * HALF, HALF), b_bufs.index(s).permute((1, 0)), acc,
@@ -79,9 +80,11 @@ if HAS_GLUON:
                     it += 1
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 _free_step(empty, it - 1, STAGES)
+            elif e >= 0:
+                it = _pass_slots(ready, empty, it, k_steps, STAGES)
             row_end_n, tw_n = _row_end_and_weight(e_next, ids_next, expert_start_ptr, expert_count_ptr,
                                                   topk_weights_ptr, num_pairs)
-            if e >= 0:
+            if (e >= 0) & half_live:
                 _l2_epilogue(acc, e, ids, tw, (t % n_tiles_n) * BLOCK_N, (t // n_tiles_n) * BLOCK_M, row_end, b_ptr,
                              rows_out_ptr, H, stride_be, WG, HALF, BLOCK_N, HAS_BIAS, WEIGHT_AFTER_DOWN)
             t = t_next
