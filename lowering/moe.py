@@ -133,7 +133,33 @@ def describe_moe_lowering(spec, device: torch.device, x_dtype, num_experts, hidd
                                                moe_config.moe_fp4_ws) is None:
         name += (f" + gluon moe_fp4_ws[{label}] from {MIN_ROWS_PER_EXPERT} pairs per expert (L1 and L2 decode in "
                  "wgmma's registers; MXFP4 scales <= 2)")
+    if device.type == "cuda" and isinstance(hidden, int) and isinstance(intermediate, int):
+        name += ws_description(spec, x_dtype, hidden, intermediate, _arch_major(device), _interpreting(),
+                               moe_config.warp_specialized)
     return name
+
+
+def ws_description(spec: MoESpec, x_dtype, hidden: int, intermediate: int, arch_major: int, interpreting: bool,
+                   setting: bool) -> str:
+    """The report's note of the warp-specialised GEMMs (lowering/moe_ws.py) that calls of this kind
+    run on 128-row blocks (prefill), "" where neither would: by the format, shape and device rules
+    (a call whose weights are not TMA-ready runs the Triton kernels)."""
+    fmt = spec.effective_weight_format
+    w_dtype = x_dtype if fmt == "dense" else torch.float8_e4m3fn
+    dtypes = (x_dtype, w_dtype)
+    taken = []
+    # contiguous stacked weights, as _gemm_operands sees them: (expert, row, K) strides
+    if fmt == "dense" and spec.transposed:  # [E, K, N]
+        w13_strides, w2_strides = (2 * intermediate * hidden, 1, 2 * intermediate), (hidden * intermediate, 1, hidden)
+    else:
+        w13_strides, w2_strides = (2 * intermediate * hidden, hidden, 1), (hidden * intermediate, intermediate, 1)
+    if ws_l1_reason(fmt, spec.act_format, dtypes, 128, hidden, intermediate, w13_strides, 0, spec.gate_up,
+                    spec.activation, arch_major, interpreting, setting) is None:
+        taken.append("L1")
+    if ws_l2_reason(fmt, spec.act_format, dtypes, 128, hidden, intermediate, w2_strides, 0, arch_major, interpreting,
+                    setting) is None:
+        taken.append("L2")
+    return f" + gluon warp-specialised {' + '.join(taken)} on 128-row blocks (prefill)" if taken else ""
 
 
 def _cuda_decode_available(spec: MoESpec, device: torch.device, x_dtype) -> bool:

@@ -63,6 +63,27 @@ def test_ws_l1_takes_concatenated_silu_gate_up_only():
         assert reason is not None and why in reason, (key, reason)
 
 
+def test_report_names_the_ws_gemms_where_their_rules_take_the_kind_of_call():
+    """The op's lowering label (describe_moe_lowering) says which warp-specialised GEMMs prefill
+    calls of a layer run, and names none where the rules send them to the Triton kernels."""
+    from inductor_moe.lowering.moe import ws_description
+    from inductor_moe.spec import MoESpec
+
+    fp8 = "weight_format=fp8_block128,act_format=fp8_block128"
+
+    def note(spec, H, I, arch=9, setting=True):
+        return ws_description(MoESpec.from_str(spec), torch.bfloat16, H, I, arch, False, setting)
+
+    assert note(fp8, 2048, 768).endswith("warp-specialised L1 + L2 on 128-row blocks (prefill)")
+    assert "L1 + L2" in note(fp8, 2880, 2880)  # gpt-oss
+    assert "L1" not in note(fp8 + ",gate_up=interleaved", 2048, 768) and "L2" in note(fp8, 2048, 768)
+    assert note("", 2048, 768).endswith("warp-specialised L2 on 128-row blocks (prefill)")  # bf16, short I
+    assert note("transposed=True", 2048, 768) == ""  # [E, K, N] weights: K not contiguous
+    for quiet in (note("", 2880, 2880), note("weight_format=mxfp4", 2048, 768), note(fp8, 2048, 768, arch=10),
+                  note(fp8, 2048, 768, setting=False)):
+        assert quiet == ""
+
+
 def test_ws_dense_l2_takes_16_bit_experts_with_short_k():
     """bf16 / fp16 experts in the activations' dtype: the WS L2 where I (its K) is at most
     DENSE_L2_MAX_I, in whole 64-element steps (its N tiles may end short: gpt-oss's H = 2880); never
