@@ -472,7 +472,7 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
                               w2_global_scale, kernel_config=c, use_pdl=use_pdl)),
             gate_up_interleaved=spec.gate_up == "interleaved")
     cfg = kernel_config
-    wide = fp8_x_fp8_ws_blocks(cfg, fmt, spec.act_format, T, k, E, I)
+    wide = None if use_mega else fp8_x_fp8_ws_blocks(cfg, fmt, spec.act_format, T, k, E, I)
     if wide is not None and _ws_reasons(spec, fmt, x, w13, w13_scale, w2, w2_scale, wide.block_m, H, I, arch,
                                         interpreting, ws_setting) == (None, None):
         cfg = wide  # 128-row blocks, both GEMMs warp-specialised (gpt-oss's I % 128 = 64)

@@ -29,9 +29,9 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-    from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _pdl_wait, _promoted_wgmma,
-                               _pass_slots, _publish_tile, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
-                               _tile_schedule_init, _wait_slot, cp_async_load, tma_load)
+    from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _pass_slots, _pdl_wait,
+                               _promoted_wgmma, _publish_tile, _receive_tile, _slot_ring, _tile_rows,
+                               _tile_schedule_buffers, _tile_schedule_init, _wait_slot, cp_async_load, tma_load)
 
     @gluon.jit
     def _l1_ws_producer(x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,

@@ -16,7 +16,9 @@
 #     after the other (L1's gate / up order): two accumulators and one partial fit the registers,
 #     and the tile's fixed cost (epilogue, next tile's start, the gathered rows) is spread over
 #     twice the MMAs (benchmarks/NOTES.md: 15-18% off the kernel at 128 columns).
-#     Epilogue as gemm2_tile: bias, routing weight, bf16 rows at the pairs' own output rows.
+#     Epilogue as gemm2_tile: bias, routing weight, bf16 rows at the pairs' own output rows.  A
+#     warpgroup whose rows of the block are all padding (an expert's last block of <= 64 rows)
+#     releases the tile's slots without MMAs (_pass_slots): the other has the tensor cores alone.
 #
 # Persistent: the tiles are max_blocks x (H / BN), N tiles fastest, and each program takes its next
 # one from a grid-wide counter (_publish_tile), so tiles start in id order as a non-persistent
