@@ -135,7 +135,7 @@ def launch_ws_l1(l1_args: tuple, l1_kw: dict, counter, max_blocks: int, num_sms:
         s13_sk, b13_se, x_s_stride, inter_s_stride, alpha, limit, up_offset), dict(
         HAS_BIAS=l1_kw["HAS_BIAS"], HAS_LIMIT=l1_kw["HAS_LIMIT"], WEIGHT_BEFORE_DOWN=l1_kw["WEIGHT_BEFORE_DOWN"],
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STAGES=L1_STAGES, USE_PDL=use_pdl,
-        UP_SPLIT=l1_up_split(I), K_TAIL=H % BLOCK_K != 0, num_warps=4, maxnreg=MAX_REGISTERS,
+        UP_SPLIT=l1_up_split(I), num_warps=4, maxnreg=MAX_REGISTERS,
         **({"launch_pdl": True} if use_pdl else {})))
     return num_tiles + grid
 
@@ -170,7 +170,7 @@ def launch_ws_l2(l2_args: tuple, has_bias: bool, weight_after_down: bool, counte
         inter, _weight_rows_descriptor(w2, w2_sn, bn), s2, b2, tw, rows, sorted_ids, block_expert, expert_start,
         expert_count, inter_s, counter, H, I, inter.shape[0], max_blocks, ticket_base, s2_se, s2_sn, s2_sk, b2_se,
         inter_s_stride), dict(HAS_BIAS=has_bias, WEIGHT_AFTER_DOWN=weight_after_down, BLOCK_M=BLOCK_M, BLOCK_N=bn,
-        BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, K_TAIL=I % BLOCK_K != 0, N_TAIL=H % bn != 0,
+        BLOCK_K=BLOCK_K, STAGES=STAGES, USE_PDL=use_pdl, N_TAIL=H % bn != 0,
         num_warps=4, maxnreg=MAX_REGISTERS, **pdl))
 
 
@@ -214,15 +214,15 @@ def ws_isa_specs() -> dict:
                {**fp8, "x_ptr": "*fp8e4nv", "inter_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32",
                 "inter_scale_ptr": "*fp32", "w_desc": weight_box("fp8e4nv", 8, BLOCK_N)},
                dict(common, HAS_LIMIT=False, WEIGHT_BEFORE_DOWN=False, BLOCK_N=BLOCK_N, STAGES=L1_STAGES,
-                    UP_SPLIT=l1_up_split(i), K_TAIL=h % BLOCK_K != 0),
+                    UP_SPLIT=l1_up_split(i)),
                ("alpha", "limit", "up_offset"))
-          for label, h, i in (("", 2048, 768), (", H = I = 2880", 2880, 2880))]
+          for label, i in (("", 768), (", H = I = 2880", 2880))]
     l2 = [spec(f"moe_gemm2_ws[fp8_block128 x fp8_block128, {bn} columns{label}]", moe_gemm2_fp8_ws_kernel,
                {**fp8, "inter_ptr": "*fp8e4nv", "rows_out_ptr": "*bf16", "inter_scale_ptr": "*fp32",
                 "w_desc": weight_box("fp8e4nv", 8, bn)},
-               dict(common, WEIGHT_AFTER_DOWN=True, BLOCK_N=bn, STAGES=STAGES, K_TAIL=k_tail, N_TAIL=n_tail))
-          for bn, label, k_tail, n_tail in ((FP8_L2_WIDE_BLOCK_N, "", False, False), (BLOCK_N, "", False, False),
-                                            (fp8_l2_block_n(2880), ", H = I = 2880", True, True))]
+               dict(common, WEIGHT_AFTER_DOWN=True, BLOCK_N=bn, STAGES=STAGES, N_TAIL=n_tail))
+          for bn, label, n_tail in ((FP8_L2_WIDE_BLOCK_N, "", False), (BLOCK_N, "", False),
+                                    (fp8_l2_block_n(2880), ", H = I = 2880", True))]
     dense = [spec(f"moe_gemm2_ws_dense[{dtype} x dense]", moe_gemm2_dense_ws_kernel,
                   {"inter_ptr": "*" + dtype, "b_ptr": "*" + dtype, "topk_weights_ptr": "*fp32",
                    "rows_out_ptr": "*" + dtype, "w_desc": weight_box(dtype, 16, DENSE_L2_BLOCK_N)},

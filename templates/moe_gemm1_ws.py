@@ -15,7 +15,8 @@
 # up partial is promoted with one scale per column (its first UP_SPLIT columns the lower block's),
 # and both dots in gemm1_tile's per-column expression (part * row scale * column scale), its bits;
 # the last tile's columns past I are computed, left out of the row scale and not stored.  H =
-# 128n + 64: the last K step's x columns past H are copied as zeros (TMA zero-fills the weight's).
+# 128n + 64: the last K step's x columns past H are copied as zeros (TMA zero-fills the weight's),
+# as are the pad rows of an expert's last block (no reads for them).
 # Takes: e4m3 x [T, H] with fp32 scales [T, ceil(H/128)], e4m3 w13 [E, 2I, H] (gate rows, then up
 # rows) with K contiguous and experts back to back (one TMA descriptor of [E * 2I, H]) and fp32
 # scales [E, ceil(2I/128), ceil(H/128)]; H and I multiples of 64, BN = 128; a zeroed int32 tile counter.
@@ -30,14 +31,14 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
     from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _pass_slots, _pdl_wait,
-                               _promoted_wgmma, _publish_tile, _receive_tile, _slot_ring, _tile_rows,
+                               _promoted_wgmma, _publish_tile, _receive_tile, _row_end, _slot_ring, _tile_rows,
                                _tile_schedule_buffers, _tile_schedule_init, _wait_slot, cp_async_load, tma_load)
 
     @gluon.jit
-    def _l1_ws_producer(x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,
-                        counter_ptr, tile_ids, tile_full, tile_free, H, I, top_k, num_pairs, stride_xt, num_tiles,
+    def _l1_ws_producer(x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr, a_bufs,
+                        b_bufs, ready, w_ready, empty, counter_ptr, tile_ids, tile_full, tile_free, H, I, top_k, num_pairs, stride_xt, num_tiles,
                         n_tiles_n, k_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, K_TAIL: gl.constexpr):
+                        STAGES: gl.constexpr):
         # 16 e4m3 (one 16-byte cp.async) per thread, 8 threads per 128-byte row, 4 warps
         layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
@@ -46,25 +47,27 @@ if HAS_GLUON:
         i = 0
         t = _publish_tile(counter_ptr, 0, tile_ids, tile_full, tile_free, i)
         e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, block_rows, BLOCK_M)
+        end_next = _row_end(e_next, expert_start_ptr, expert_count_ptr)
         it = 0
         while t < num_tiles:
             i += 1
             t_next = _publish_tile(counter_ptr, 0, tile_ids, tile_full, tile_free, i)
             e = e_next
             ids = ids_next
+            row_end = end_next
             e_next, ids_next = _tile_rows(t_next, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
                                           block_rows, BLOCK_M)
+            end_next = _row_end(e_next, expert_start_ptr, expert_count_ptr)
             if e >= 0:
-                token = gl.minimum(gl.maximum(ids, 0), num_pairs - 1) // top_k  # pad rows: some valid row
+                token = gl.minimum(gl.maximum(ids, 0), num_pairs - 1) // top_k
                 a_ptrs = x_ptr + token.to(gl.int64)[:, None] * stride_xt + k[None, :]
+                live = ((t // n_tiles_n) * BLOCK_M + block_rows < row_end)[:, None]  # pad rows: zeros, no reads
                 gate_row = e * 2 * I + (t % n_tiles_n) * BLOCK_N  # rows of w13 seen as [E * 2I, H]
                 for ks in range(k_steps):
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                    if K_TAIL:  # the last step's columns past H: zeros
-                        cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K, mask=(ks * BLOCK_K + k < H)[None, :])
-                    else:
-                        cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
+                    # the last step's columns past H and pad rows: zeros (cp.async's zero-fill form)
+                    cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K, mask=live & (ks * BLOCK_K + k < H)[None, :])
                     async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
                     b_slot = b_bufs.index(s)
                     mbarrier.expect(w_ready.index(s), 2 * BLOCK_N * BLOCK_K)  # e4m3: bytes = elements
@@ -217,7 +220,7 @@ if HAS_GLUON:
         alpha, limit, up_offset,
         HAS_BIAS: gl.constexpr, HAS_LIMIT: gl.constexpr, WEIGHT_BEFORE_DOWN: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
-        UP_SPLIT: gl.constexpr = 0, K_TAIL: gl.constexpr = False,
+        UP_SPLIT: gl.constexpr = 0,
     ):
         a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, 2 * BLOCK_N, BLOCK_K, STAGES, gl.float8e4nv, 8)
         tile_ids, tile_full, tile_free = _tile_schedule_buffers()
@@ -239,7 +242,8 @@ if HAS_GLUON:
                                stride_sn, stride_sk, stride_be, stride_xst, stride_ist, alpha, limit, up_offset,
                                num_tiles, n_tiles_n, k_steps, 1, HAS_BIAS, HAS_LIMIT, WEIGHT_BEFORE_DOWN, BLOCK_M,
                                BLOCK_N, BLOCK_K, STAGES, UP_SPLIT)),
-            (_l1_ws_producer, (x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
+            (_l1_ws_producer, (x_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
+                               a_bufs, b_bufs, ready, w_ready,
                                empty, counter_ptr, tile_ids, tile_full, tile_free, H, I, top_k, num_pairs, stride_xt,
-                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, K_TAIL)),
+                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

@@ -29,7 +29,8 @@
 # counters agree.  The producer runs up to STAGES steps ahead, into the next tile while the
 # consumers store the last one.
 # I = 128n + 64 (gpt-oss): the last K step's intermediate columns past I are copied as zeros (TMA
-# zero-fills the weight's, K_TAIL); H % BN != 0 (N_TAIL): the last N tile is computed whole and
+# zero-fills the weight's), as are the pad rows of an expert's last block (no reads for them);
+# H % BN != 0 (N_TAIL): the last N tile is computed whole and
 # stored masked, a 128-column half of it wholly past H promoted with 1.0 for its missing scales.
 # Takes: e4m3 intermediate [T*k, I] with fp32 scales [T*k, ceil(I/128)], e4m3 weights [E, H, I]
 # with K contiguous and experts back to back (one TMA descriptor of [E * H, I]) and fp32 scales
@@ -76,6 +77,12 @@ if HAS_GLUON:
         e = gl.load(block_expert_ptr + pid_m, mask=live, other=-1)
         ids = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + rows)
         return e, ids
+
+    @gluon.jit
+    def _row_end(e, expert_start_ptr, expert_count_ptr):
+        """One past expert e's last row (any valid value where e is -1)."""
+        ec = gl.maximum(e, 0)
+        return gl.load(expert_start_ptr + ec) + gl.load(expert_count_ptr + ec)
 
     @gluon.jit
     def _slot_ring(BLOCK_M: gl.constexpr, W_ROWS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
@@ -156,10 +163,10 @@ if HAS_GLUON:
             mbarrier.init(tile_free.index(i), count=2)
 
     @gluon.jit
-    def _l2_ws_producer(inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready, empty,
-                        counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs, num_tiles,
+    def _l2_ws_producer(inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
+                        a_bufs, b_bufs, ready, w_ready, empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs, num_tiles,
                         n_tiles_n, k_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, ELEM_BYTES: gl.constexpr, K_TAIL: gl.constexpr):
+                        STAGES: gl.constexpr, ELEM_BYTES: gl.constexpr):
         # one 16-byte cp.async per thread, 8 threads per 128-byte row (BLOCK_K elements), 4 warps
         layout: gl.constexpr = gl.BlockedLayout([1, 16 // ELEM_BYTES], [4, 8], [4, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
@@ -168,25 +175,27 @@ if HAS_GLUON:
         i = 0
         t = _publish_tile(counter_ptr, ticket_base, tile_ids, tile_full, tile_free, i)
         e_next, ids_next = _tile_rows(t, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr, block_rows, BLOCK_M)
+        end_next = _row_end(e_next, expert_start_ptr, expert_count_ptr)
         it = 0
         while t < num_tiles:
             i += 1
             t_next = _publish_tile(counter_ptr, ticket_base, tile_ids, tile_full, tile_free, i)
             e = e_next
             ids = ids_next
+            row_end = end_next
             e_next, ids_next = _tile_rows(t_next, num_tiles, n_tiles_n, block_expert_ptr, sorted_ids_ptr,
                                           block_rows, BLOCK_M)
+            end_next = _row_end(e_next, expert_start_ptr, expert_count_ptr)
             if e >= 0:
-                entry = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)  # pad rows: some valid row
+                entry = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)
                 a_ptrs = inter_ptr + entry.to(gl.int64)[:, None] * I + k[None, :]
+                live = ((t // n_tiles_n) * BLOCK_M + block_rows < row_end)[:, None]  # pad rows: zeros, no reads
                 w_row = e * H + (t % n_tiles_n) * BLOCK_N  # rows of w2 seen as [E * H, I]
                 for ks in range(k_steps):
                     s = it % STAGES
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                    if K_TAIL:  # the last step's columns past I: zeros
-                        cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K, mask=(ks * BLOCK_K + k < I)[None, :])
-                    else:
-                        cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K)
+                    # the last step's columns past I and pad rows: zeros (cp.async's zero-fill form)
+                    cp_async_load(a_bufs.index(s), a_ptrs + ks * BLOCK_K, mask=live & (ks * BLOCK_K + k < I)[None, :])
                     async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
                     mbarrier.expect(w_ready.index(s), BLOCK_N * BLOCK_K * ELEM_BYTES)
                     tma_load(w_desc, [w_row, ks * BLOCK_K], w_ready.index(s), b_bufs.index(s))
@@ -328,8 +337,7 @@ if HAS_GLUON:
         H, I, num_pairs, max_blocks, ticket_base,
         stride_se, stride_sn, stride_sk, stride_be, stride_ist,
         HAS_BIAS: gl.constexpr, WEIGHT_AFTER_DOWN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr, K_TAIL: gl.constexpr = False,
-        N_TAIL: gl.constexpr = False,
+        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr, N_TAIL: gl.constexpr = False,
     ):
         a_bufs, b_bufs, ready, w_ready, empty = _slot_ring(BLOCK_M, BLOCK_N, BLOCK_K, STAGES, gl.float8e4nv, 8)
         tile_ids, tile_full, tile_free = _tile_schedule_buffers()
@@ -349,7 +357,8 @@ if HAS_GLUON:
                                empty, tile_ids, tile_full, tile_free, H, num_pairs, stride_se, stride_sn, stride_sk,
                                stride_be, stride_ist, num_tiles, n_tiles_n, k_steps, 1, HAS_BIAS, WEIGHT_AFTER_DOWN,
                                BLOCK_M, BLOCK_N, BLOCK_K, STAGES, N_TAIL)),
-            (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
+            (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
+                               a_bufs, b_bufs, ready, w_ready,
                                empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs,
-                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 1, K_TAIL)),
+                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 1)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

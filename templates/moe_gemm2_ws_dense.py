@@ -113,7 +113,8 @@ if HAS_GLUON:
                                   expert_start_ptr, expert_count_ptr, a_bufs, b_bufs, ready, w_ready, empty, tile_ids,
                                   tile_full, tile_free, H, num_pairs, stride_be, num_tiles, n_tiles_n, k_steps, 1,
                                   HAS_BIAS, WEIGHT_AFTER_DOWN, BLOCK_M, BLOCK_N, STAGES)),
-            (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, a_bufs, b_bufs, ready, w_ready,
+            (_l2_ws_producer, (inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
+                               a_bufs, b_bufs, ready, w_ready,
                                empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs,
-                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 2, False)),
+                               num_tiles, n_tiles_n, k_steps, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, 2)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

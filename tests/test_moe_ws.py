@@ -151,9 +151,10 @@ def test_ws_l2_compiles_for_sm90_warp_specialised(block_n):
 
 
 def test_ws_fp8_tails_compile_for_sm90():
-    """gpt-oss's H = I = 2880: the half-full last K step's gathered columns are copied with cp.async's
-    zero-fill form (a source size operand) in both GEMMs, L1's per-column up scales are chosen per
-    register, and L2 runs 256-column tiles (fp8_l2_block_n), the last a quarter full."""
+    """gpt-oss's H = I = 2880 and every block's pad rows: the producers copy the gathered rows only
+    with cp.async's zero-fill form (a source size operand: no reads for pad rows or the columns past
+    K), in both fp8 GEMMs and the dense L2; L1's per-column up scales are chosen per register, and
+    L2 runs 256-column tiles at 2880 (fp8_l2_block_n), the last a quarter full."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("templates are interpreted in this process")
     from inductor_moe.templates.moe_gemm2_ws import HAS_GLUON
@@ -163,16 +164,20 @@ def test_ws_fp8_tails_compile_for_sm90():
     import re
 
     zero_fill = re.compile(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10, %r\d+;")
+    plain = re.compile(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10;")
     try:
         whole = {"l1": _ws_ptx("moe_gemm1_ws[fp8_block128 x fp8_block128]"),
                  "l2": _ws_ptx("moe_gemm2_ws[fp8_block128 x fp8_block128, 256 columns]")}
         tails = {"l1": _ws_ptx("moe_gemm1_ws[fp8_block128 x fp8_block128, H = I = 2880]"),
                  "l2": _ws_ptx("moe_gemm2_ws[fp8_block128 x fp8_block128, 256 columns, H = I = 2880]")}
+        dense = _ws_ptx("moe_gemm2_ws_dense[bf16 x")
     except ImportError as e:  # a triton without the NVIDIA backend
         pytest.skip(str(e))
     for gemm in ("l1", "l2"):
-        assert zero_fill.search(tails[gemm]) and not zero_fill.search(whole[gemm]), gemm
+        for ptx in (whole[gemm], tails[gemm]):
+            assert len(zero_fill.findall(ptx)) == 8 and not plain.search(ptx), gemm  # 128 rows x 128 B / 128
         assert tails[gemm].count("wgmma.mma_async") == whole[gemm].count("wgmma.mma_async"), gemm
+    assert zero_fill.search(dense) and not plain.search(dense)
     # the up tile's two scales are chosen per register, not per element
     assert tails["l1"].count("selp.f32") == whole["l1"].count("selp.f32")
     from inductor_moe.lowering.moe_ws import fp8_l2_block_n
