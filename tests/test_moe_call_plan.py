@@ -112,10 +112,13 @@ def test_mega_launch_routes_what_mega_arguments_builds(monkeypatch):
     from inductor_moe.lowering import moe, moe_mega
     from inductor_moe.lowering.moe_plan import choose_moe_config
     from inductor_moe.spec import MoESpec
+    from inductor_moe.templates import moe_mega as _compiled_kernels  # noqa: F401
     from inductor_moe.templates.moe_gemm1 import moe_gemm1_kernel
     from inductor_moe.templates.moe_gemm2 import moe_gemm2_kernel
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the grid without compiling anything
+    # the grid without compiling anything; the templates are imported first, else their kernels
+    # would be made interpreted for the rest of the process (Triton reads the variable at decoration)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     spec = MoESpec()
     cfg = choose_moe_config(1, 8, 128, 2048, 768, "dense", 132)
     l1_kw = moe.gemm1_constexprs(spec, cfg, "dense", False, True, 2048, True, intermediate=768)
