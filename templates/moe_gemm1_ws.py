@@ -84,7 +84,7 @@ if HAS_GLUON:
         and first scales, the gate and up tiles' scale pointers and first scales (UP_SPLIT: also of the
         up tile's second scale block, clamped to the last one), the routing weights."""
         ec = gl.maximum(e, 0)
-        row_end = gl.load(expert_start_ptr + ec) + gl.load(expert_count_ptr + ec)
+        row_end = _row_end(e, expert_start_ptr, expert_count_ptr)
         safe_ids = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)
         xs_rows = x_scale_ptr + (safe_ids // top_k).to(gl.int64) * stride_xst
         n0 = (t % n_tiles_n) * BLOCK_N

@@ -212,7 +212,7 @@ if HAS_GLUON:
         (N_TAIL: a second block wholly past H has none, 1.0: its columns are not stored), the routing
         weights (clamped ids: pad rows are masked at the store)."""
         ec = gl.maximum(e, 0)
-        row_end = gl.load(expert_start_ptr + ec) + gl.load(expert_count_ptr + ec)
+        row_end = _row_end(e, expert_start_ptr, expert_count_ptr)
         safe_ids = gl.minimum(gl.maximum(ids, 0), num_pairs - 1)
         as_rows = inter_scale_ptr + safe_ids.to(gl.int64) * stride_ist
         ws_base = w_scale_ptr + ec.to(gl.int64) * stride_se + ((t % n_tiles_n) * BLOCK_N // 128) * stride_sn

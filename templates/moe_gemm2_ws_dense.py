@@ -24,16 +24,15 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
     from .moe_gemm2_ws import (CONSUMER_REGISTERS, PRODUCER_REGISTERS, PRODUCER_WARPS, _l2_epilogue, _l2_ws_producer,
-                               _pass_slots, _pdl_wait, _receive_tile, _slot_ring, _tile_rows, _tile_schedule_buffers,
-                               _tile_schedule_init, _wait_slot)
+                               _pass_slots, _pdl_wait, _receive_tile, _row_end, _slot_ring, _tile_rows,
+                               _tile_schedule_buffers, _tile_schedule_init, _wait_slot)
 
     @gluon.jit
     def _row_end_and_weight(e, ids, expert_start_ptr, expert_count_ptr, topk_weights_ptr, num_pairs):
         """What a consumer needs of a tile beyond its ids, loaded during the previous tile's epilogue:
         one past the expert's last row, the rows' routing weights (clamped ids: pad rows are masked at
         the store)."""
-        ec = gl.maximum(e, 0)
-        row_end = gl.load(expert_start_ptr + ec) + gl.load(expert_count_ptr + ec)
+        row_end = _row_end(e, expert_start_ptr, expert_count_ptr)
         return row_end, gl.load(topk_weights_ptr + gl.minimum(gl.maximum(ids, 0), num_pairs - 1))
 
     @gluon.jit
