@@ -195,6 +195,17 @@ def _gate_up_in_scale_blocks(intermediate: int, gate_up_interleaved: bool, block
             and intermediate % block_n == 0)
 
 
+def expert_major_order(weight_format: str) -> bool:
+    """Whether the Triton expert GEMMs run an expert's M-blocks side by side (moe_gemm1 / moe_gemm2
+    EXPERT_MAJOR; else N tiles fastest): for 16- and 8-bit weights, whose bytes bound the prefill,
+    so the blocks after an expert's first read its weight tiles from L2 rather than again from DRAM.
+    H100 (benchmarks/NOTES.md, "An expert's M-blocks side by side"), layer time against N fastest:
+    bf16 gpt-oss T = 2048-16384 and dsv4 T = 16384 0.94-0.95, qwen3 0.98-1.01; fp8 weights with bf16
+    activations 0.98-0.99.  FP4's swapped tiles ran 0.99-1.02 and keep N fastest (their weight
+    tiles are a quarter of the bytes)."""
+    return weight_format in ("dense", "fp8_block128")
+
+
 def mxfp4_dot_scaled(setting: str, arch_major: int) -> bool:
     """Whether MXFP4 weights go through tl.dot_scaled (else the packed in-register decode).
     ``setting`` is config.mxfp4_mma.  auto: dot_scaled where the hardware has block-scaled MMA

@@ -54,13 +54,28 @@ else:  # pragma: no cover
 
 
 @triton.jit
-def expert_block_of_program(block_expert_ptr, num_n, USE_PDL: tl.constexpr):
+def expert_block_of_program(block_expert_ptr, expert_start_ptr, expert_count_ptr, num_n,
+                            BLOCK_M: tl.constexpr, EXPERT_MAJOR: tl.constexpr, USE_PDL: tl.constexpr):
     """(M-block, N tile, expert or -1 past the last used block) of this program of an expert GEMM
-    grid, N tiles fastest; waits for the predecessor kernel (PDL) before its first read."""
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
+    grid; waits for the predecessor kernel (PDL) before its first read.  N tiles go fastest, or
+    with EXPERT_MAJOR, inside each expert's range of programs, its M-blocks: expert e's blocks
+    [b0, b0 + nb) own programs [b0 * num_n, (b0 + nb) * num_n) either way, and programs start in id
+    order, so then an expert's blocks read each weight tile together and all but the first read hit
+    in L2 (N fastest puts them num_n programs apart: at gpt-oss T = 4096, 13% of w13 was read twice
+    from DRAM; benchmarks/NOTES.md, "An expert's M-blocks side by side")."""
+    pid = tl.program_id(0)
+    b = pid // num_n
     pdl_wait(USE_PDL)
-    return pid_m, pid_n, tl.load(block_expert_ptr + pid_m)
+    e = tl.load(block_expert_ptr + b)
+    pid_m = b
+    pid_n = pid % num_n
+    if EXPERT_MAJOR and e >= 0:
+        first = tl.load(expert_start_ptr + e) // BLOCK_M
+        nb = tl.cdiv(tl.load(expert_count_ptr + e), BLOCK_M)
+        local = pid - first * num_n
+        pid_m = first + local % nb
+        pid_n = local // nb
+    return pid_m, pid_n, e
 
 
 @triton.jit

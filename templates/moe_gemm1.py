@@ -226,12 +226,13 @@ def moe_gemm1_kernel(
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
     PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
-    W_SCALE_UNIFORM: tl.constexpr = False,
+    W_SCALE_UNIFORM: tl.constexpr = False, EXPERT_MAJOR: tl.constexpr = False,
 ):
     """TAIL_BLOCK_M > 0: a block holding at most that many rows (an expert's last) runs a tile of
     TAIL_BLOCK_M rows, so its MMA does not spend BLOCK_M rows' work on a few tokens.  ``w_desc``:
-    gemm1_tile's."""
-    pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(I, BLOCK_N), USE_PDL)
+    gemm1_tile's.  EXPERT_MAJOR: the order of the programs (moe_common.expert_block_of_program)."""
+    pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, expert_start_ptr, expert_count_ptr, tl.cdiv(I, BLOCK_N),
+                                              BLOCK_M, EXPERT_MAJOR, USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
         row_start = pid_m * BLOCK_M
         if TAIL_BLOCK_M == 0:

@@ -110,9 +110,11 @@ def moe_gemm2_kernel(
     FP4_DOT_SCALED: tl.constexpr, USE_PDL: tl.constexpr, ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
     PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
+    EXPERT_MAJOR: tl.constexpr = False,
 ):
-    """TAIL_BLOCK_M, ``w_desc``: as in moe_gemm1_kernel / gemm2_tile."""
-    pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, tl.cdiv(H, BLOCK_N), USE_PDL)
+    """TAIL_BLOCK_M, ``w_desc``, EXPERT_MAJOR: as in moe_gemm1_kernel / gemm2_tile."""
+    pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, expert_start_ptr, expert_count_ptr, tl.cdiv(H, BLOCK_N),
+                                              BLOCK_M, EXPERT_MAJOR, USE_PDL)
     if e >= 0:  # blocks past the last used one have no expert
         row_start = pid_m * BLOCK_M
         if TAIL_BLOCK_M == 0:

@@ -1,4 +1,5 @@
-"""The align kernels (templates/moe_align.py) against a plain-torch layout of the same ids.
+"""The align kernels (templates/moe_align.py) against a plain-torch layout of the same ids, and the
+order in which the expert GEMMs' programs take the blocks it makes (moe_common.expert_block_of_program).
 
 Both forms -- one launch (``moe_align_fused``: every program counts all entries, then places its
 own chunk) and count -> prefix -> scatter -- must give every expert's entries in flat order from
@@ -14,9 +15,13 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_moe_kernels import interpreted_results, report_cases  # noqa: E402
+
+from inductor_moe.templates.moe_common import expert_block_of_program  # noqa: E402
 
 
 def _case(name, T, k, E, block_m, routing="random", one_launch=True, chunk=16):
@@ -85,8 +90,60 @@ def run_case(case) -> dict:
                 ready_zeroed=bool((out.ready == 0).all()), n_blocks=len(owners), max_blocks=out.max_blocks)
 
 
+# The expert GEMMs' program order over align's blocks, with num_n N tiles per block: every
+# (block, N tile) of a used block exactly once, and with EXPERT_MAJOR an expert's blocks side by side
+ORDER_CASES = [
+    dict(name="order_random", T=75, k=4, E=33, block_m=8, routing="random", num_n=3),
+    dict(name="order_skewed", T=300, k=2, E=8, block_m=8, routing="skewed", num_n=5),  # expert 3: many blocks
+    dict(name="order_bad_ids", T=37, k=4, E=8, block_m=4, routing="bad_ids", num_n=2),
+]
+
+
+@triton.jit
+def _program_order_probe(block_expert_ptr, expert_start_ptr, expert_count_ptr, out_ptr, num_n,
+                         BLOCK_M: tl.constexpr, EXPERT_MAJOR: tl.constexpr):
+    pid_m, pid_n, e = expert_block_of_program(block_expert_ptr, expert_start_ptr, expert_count_ptr, num_n, BLOCK_M,
+                                              EXPERT_MAJOR, False)
+    p = tl.program_id(0)
+    tl.store(out_ptr + 3 * p, pid_m)
+    tl.store(out_ptr + 3 * p + 1, pid_n)
+    tl.store(out_ptr + 3 * p + 2, e)
+
+
+def _reference_order(owners, counts, num_n, block_m, expert_major):
+    """(block, N tile) of each program over the used blocks: N tiles fastest, or inside each expert's
+    programs its blocks fastest."""
+    order, b = [], 0
+    while b < len(owners):
+        nb = -(-int(counts[owners[b]]) // block_m)
+        tiles = range(nb * num_n)
+        order += [(b + i % nb, i // nb) if expert_major else (b + i // num_n, i % num_n) for i in tiles]
+        b += nb
+    return order
+
+
+def run_order_case(case) -> dict:
+    import inductor_moe.templates.moe_align as align
+
+    ids = _ids(case)
+    E, bm, num_n = case["E"], case["block_m"], case["num_n"]
+    out = align.align_blocks(ids, E, bm, one_launch=True, chunk=16, use_pdl=False)
+    counts, _start, _rows, owners = _reference_layout(ids, E, bm)
+    result = dict(name=case["name"], n_blocks=len(owners), max_experts_blocks=max(
+        (owners.count(e) for e in set(owners)), default=0))
+    for expert_major in (False, True):
+        probe = torch.full((out.max_blocks * num_n, 3), -9, dtype=torch.int32)
+        _program_order_probe[(out.max_blocks * num_n,)](out.block_expert, out.expert_start, out.expert_count, probe,
+                                                        num_n, BLOCK_M=bm, EXPERT_MAJOR=expert_major)
+        want = [(m, n, owners[m]) for m, n in _reference_order(owners, counts, num_n, bm, expert_major)]
+        got = [tuple(r) for r in probe.tolist()]
+        key = "expert_major" if expert_major else "n_fastest"
+        result[key] = got[:len(want)] == want and all(r[2] == -1 for r in got[len(want):])
+    return result
+
+
 def _main():
-    report_cases([(c, run_case) for c in CASES])
+    report_cases([(c, run_case) for c in CASES] + [(c, run_order_case) for c in ORDER_CASES])
 
 
 # ----------------------------------------------------------------------------- pytest side
@@ -103,6 +160,17 @@ def test_align_layout_matches_torch(interpreted, case):
     assert r["counts"] and r["starts"] and r["placed"] and r["blocks"] and r["ready_zeroed"], r
     if case["routing"] == "skewed":
         assert r["n_blocks"] > 20, r  # expert 3 spans many blocks
+
+
+@pytest.mark.parametrize("case", ORDER_CASES, ids=[c["name"] for c in ORDER_CASES])
+def test_expert_gemm_program_order(interpreted, case):
+    """Each program of an expert GEMM grid gets the (block, N tile, expert) the order says, so every
+    tile runs once; EXPERT_MAJOR puts an expert's blocks side by side, so they read each weight tile
+    together (lowering/moe_plan.expert_major_order)."""
+    r = interpreted[case["name"]]
+    assert "error" not in r, r
+    assert r["n_fastest"] and r["expert_major"], r
+    assert r["max_experts_blocks"] >= 2, r  # some expert has several blocks: the orders differ
 
 
 def test_one_launch_covers_the_mid_sizes():
