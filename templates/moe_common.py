@@ -69,12 +69,13 @@ def expert_block_of_program(block_expert_ptr, expert_start_ptr, expert_count_ptr
     e = tl.load(block_expert_ptr + b)
     pid_m = b
     pid_n = pid % num_n
-    if EXPERT_MAJOR and e >= 0:
-        first = tl.load(expert_start_ptr + e) // BLOCK_M
-        nb = tl.cdiv(tl.load(expert_count_ptr + e), BLOCK_M)
-        local = pid - first * num_n
-        pid_m = first + local % nb
-        pid_n = local // nb
+    if EXPERT_MAJOR:  # nested: `EXPERT_MAJOR and e >= 0` failed to build where the default was left (AOT)
+        if e >= 0:
+            first = tl.load(expert_start_ptr + e) // BLOCK_M
+            nb = tl.cdiv(tl.load(expert_count_ptr + e), BLOCK_M)
+            local = pid - first * num_n
+            pid_m = first + local % nb
+            pid_n = local // nb
     return pid_m, pid_n, e
 
 
