@@ -29,11 +29,10 @@ from ..ops import weights as W
 from ..ops.moe_experts import moe_experts_reference, validate_moe_inputs_once
 from ..spec import MoESpec
 from .launch import PlannedLaunches
-from . import moe_plan
 from .moe_mega import MegaLaunch, choose_mega, mega_isa_specs, mega_max_tokens
-from .moe_plan import (MoEKernelConfig, choose_moe_config, fp4_scales_ahead, fp4_swap_ab, fp8_weight_scales_uniform,
-                       fp8_x_fp8_ws_blocks, k_half_tail, mxfp4_dot_scaled, swap_ab_fits, swap_ab_max_registers,
-                       with_swap_ab)
+from .moe_plan import (MoEKernelConfig, choose_moe_config, expert_major_order, fp4_scales_ahead, fp4_swap_ab,
+                       fp8_weight_scales_uniform, fp8_x_fp8_ws_blocks, k_half_tail, mxfp4_dot_scaled, swap_ab_fits,
+                       swap_ab_max_registers, with_swap_ab)
 from .moe_tma import weight_tma_arguments, weight_tma_reason
 from .moe_fp4_ws import MIN_ROWS_PER_EXPERT, fp4_ws_reason, fp4_ws_tokens, launch_fp4_ws, weight_layouts
 from .moe_ws import launch_ws_l1, launch_ws_l2, ws_isa_specs, ws_l1_reason, ws_l2_reason
@@ -227,7 +226,7 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
                 SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales,
                 W_SCALE_UNIFORM=fp8_weight_scales_uniform(spec, cfg, fmt, intermediate) and not swap_ab,
-                EXPERT_MAJOR=moe_plan.expert_major_order(fmt),
+                EXPERT_MAJOR=expert_major_order(fmt),
                 **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab and cfg.gate_up_one_dot),
                 **_launch_options(g1, cfg.block_m, swap_ab, 1))
 
@@ -244,7 +243,7 @@ def gemm2_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 WEIGHT_FORMAT=WEIGHT_FORMAT_CODES[fmt], BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n,
                 BLOCK_K=g2.block_k, EVEN_K=intermediate % g2.block_k == 0 or half_tail, FP4_DOT_SCALED=fp4_dot_scaled,
                 USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
-                SWAP_AB=swap_ab, EXPERT_MAJOR=moe_plan.expert_major_order(fmt),
+                SWAP_AB=swap_ab, EXPERT_MAJOR=expert_major_order(fmt),
                 **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab),
                 **_launch_options(g2, cfg.block_m, swap_ab, 2))
 
