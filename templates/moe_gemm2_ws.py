@@ -164,9 +164,9 @@ if HAS_GLUON:
 
     @gluon.jit
     def _l2_ws_producer(inter_ptr, w_desc, sorted_ids_ptr, block_expert_ptr, expert_start_ptr, expert_count_ptr,
-                        a_bufs, b_bufs, ready, w_ready, empty, counter_ptr, ticket_base, tile_ids, tile_full, tile_free, H, I, num_pairs, num_tiles,
-                        n_tiles_n, k_steps, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, ELEM_BYTES: gl.constexpr):
+                        a_bufs, b_bufs, ready, w_ready, empty, counter_ptr, ticket_base, tile_ids, tile_full,
+                        tile_free, H, I, num_pairs, num_tiles, n_tiles_n, k_steps, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, ELEM_BYTES: gl.constexpr):
         # one 16-byte cp.async per thread, 8 threads per 128-byte row (BLOCK_K elements), 4 warps
         layout: gl.constexpr = gl.BlockedLayout([1, 16 // ELEM_BYTES], [4, 8], [4, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
