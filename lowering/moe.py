@@ -5,8 +5,9 @@ Pipeline (templates/): align (route + pad per expert) -> L1 (dispatch x w13, Swi
 writes the one [N, I] intermediate) -> L2 (x w2, routing weight, writes [N, H] per-(token, slot)
 rows) -> combine (fixed-order fp32 sum over slots).  Chained with PDL on sm_90+.  Where
 ``moe_mega.choose_mega`` says so (small decode calls), L1 and L2 run as one persistent launch.
-FP4 experts with bf16 activations run swapped tiles (``MoEKernelConfig.swap_ab``): x's K is
-permuted once first (``moe_kperm_kernel``) and L1 writes the intermediate in the same order.
+FP4 experts with bf16 activations (fp8 experts from 192 rows per expert) run swapped tiles
+(``MoEKernelConfig.swap_ab``): x's K is permuted once first (``moe_kperm_kernel``) and L1 writes the
+intermediate in the same order.
 
 ``register()`` installs the CUDA kernel of the op; anything the kernels do not cover runs the
 reference op, with the reason recorded in the report, never a wrong result.  No per-call host
@@ -268,10 +269,11 @@ def isa_specs() -> dict:
         ("fp8_block128", "dense"), ("fp8_block128", "fp8_block128"), ("fp8_mx32", "mxfp4")]
     specs: dict = {"moe_gemm1": [], "moe_gemm2": []}
     # (activations, weights, swapped tiles allowed, the one target that runs them): MXFP4 as sm_100
-    # runs it (tl.dot_scaled, unswapped); bf16 x NVFP4 swapped on sm_90, unswapped on sm_100
-    # (moe_plan.fp4_swap_ab)
-    variants = [(act, fmt, fmt != "mxfp4", 90 if (act, fmt) == ("dense", "nvfp4") else None) for act, fmt in combos]
-    variants.append(("dense", "nvfp4", False, 100))
+    # runs it (tl.dot_scaled, unswapped); bf16 x NVFP4 and bf16 x fp8 swapped on sm_90, unswapped on
+    # sm_100 (moe_plan.fp4_swap_ab)
+    swapped_on_90 = (("dense", "nvfp4"), ("dense", "fp8_block128"))
+    variants = [(act, fmt, fmt != "mxfp4", 90 if (act, fmt) in swapped_on_90 else None) for act, fmt in combos]
+    variants += [(act, fmt, False, 100) for act, fmt in swapped_on_90]
     for act, fmt, allow_swap, only_arch in variants:
         spec = MoESpec(act_format=act)
         cfg = choose_moe_config(4096, 8, 128, 2048, 768, fmt, 132, act_format=act, allow_swap_ab=allow_swap)

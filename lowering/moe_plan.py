@@ -46,7 +46,7 @@ class MoEKernelConfig:
     regime: str  # "decode", "mid" or "prefill", for people and the report
     gate_up_one_dot: bool = True  # L1: one [BK, 2*block_n] weight tile (gate/up alternating) per step
     fp4_dot_scaled: bool = True  # mxfp4 through tl.dot_scaled (else e2m1 decoded in registers + tl.dot)
-    swap_ab: bool = False  # FP4 decoded in registers as wgmma's register A operand (fp4_swap_ab)
+    swap_ab: bool = False  # FP4 / fp8 weights decoded in registers as wgmma's register A operand (fp4_swap_ab)
     # swapped FP4 tiles with their block scales loaded in the K step: prefetch the next step's to L1
     # (templates/moe_tiles.py: prefetch_fp4_weight_scales); opt-in, no rule sets it (timed slower: BENCHMARKS.md)
     fp4_prefetch_scales: bool = False
@@ -220,7 +220,7 @@ def mxfp4_dot_scaled(setting: str, arch_major: int) -> bool:
 
 
 def fp4_swap_ab(setting: str, planned: bool, arch_major: int = 9) -> bool:
-    """Whether FP4 weights decoded in registers run the swapped tiles (acc^T = W @ X^T, the decoded
+    """Whether FP4 (or fp8) weights decoded in registers run the swapped tiles (acc^T = W @ X^T, the decoded
     weight as wgmma's register A operand, activations in moe_common.to_mma_k_order): ``setting``
     is config.fp4_swap_ab, ``planned`` what choose_moe_config (or the tuned table) decided.  auto:
     on Hopper only, as the FP4 GEMM (block_scaled_gemm.choose_gemm_config): the tiles are built
@@ -232,13 +232,23 @@ def fp4_swap_ab(setting: str, planned: bool, arch_major: int = 9) -> bool:
 
 
 def swap_ab_fits(weight_format: str, act_format: str, hidden: int, intermediate: int) -> bool:
-    """The swapped FP4 tiles take bf16 activations and K permuted per 64 (both GEMMs' K)."""
-    return (weight_format in ("mxfp4", "nvfp4") and act_format == "dense"
+    """The swapped tiles take FP4 or fp8 weights with bf16 activations and K permuted per 64 (both
+    GEMMs' K)."""
+    return (weight_format in ("mxfp4", "nvfp4", "fp8_block128") and act_format == "dense"
             and hidden % 64 == 0 and intermediate % 64 == 0)
 
 
+# fp8 weights with bf16 activations run the swapped tiles (on 256-row blocks) from this many rows per
+# expert on average.  H100, same process against the unswapped plan (benchmarks/NOTES.md, "fp8 weights
+# on the swapped tiles"): 256-row blocks at 192-1024 rows per expert 0.76-0.88x (dsv4 T = 8192 /
+# 16384, gpt-oss T = 8192 / 16384, qwen3 T = 4096 / 16384), level at 128 (gpt-oss T = 4096, 0.99x),
+# 1.21x at 96 (dsv4 T = 4096); 128-row swapped tiles 0.97-1.03x (64 deep) or 1.2-1.3x (128 deep).
+FP8_SWAP_AB_MIN_ROWS_PER_EXPERT = 192
+
+
 def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_format: str) -> "MoEKernelConfig":
-    """``cfg`` with the swapped FP4 tiles at its block_m.  Up to 128 rows: 4 warps (one warpgroup:
+    """``cfg`` with the swapped tiles at its block_m (fp8 weights: 256-row blocks, else what the FP4
+    rules below give MXFP4, but 64-deep steps at 128 rows and below).  Up to 128 rows: 4 warps (one warpgroup:
     64 weight rows per wgmma), 128 weight rows per program (L1: 64 intermediate columns, gate and
     up), 128 of K per step with 3 stages where both GEMMs' K are multiples of 128, else (NVFP4) 64
     with 4: on gpt-oss (K = 2880) 128-deep steps ending in one 64-deep step (K_HALF_TAIL) measured
@@ -257,6 +267,8 @@ def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_
     "MXFP4 scales in 16-byte rows")."""
     if cfg.block_m == 256:  # NVFP4 takes them only where hidden % 128 == 0 (swap_ab_block_m)
         g1, g2 = GemmTiles(64, 128 if weight_format == "nvfp4" else 64, 8, 3), GemmTiles(128, 64, 8, 3)
+    elif weight_format == "fp8_block128":  # forced on (config.fp4_swap_ab): 64 deep, as measured fastest
+        g1, g2 = GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4)
     elif (hidden % 128 == 0 and intermediate % 128 == 0) or weight_format == "mxfp4":
         g1, g2 = GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3)
     elif cfg.block_m == 128:  # NVFP4, K = 64 (mod 128): L1 in two warpgroups of 64 weight rows
@@ -316,7 +328,8 @@ def k_half_tail(k_dim: int, block_k: int, swap_ab: bool) -> bool:
 
 def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str, hidden: int,
                     intermediate: int) -> int:
-    """Rows per M-block for the swapped tiles, where the tokens are wgmma's N: 16 up to 8 rows per
+    """Rows per M-block for the swapped tiles, where the tokens are wgmma's N (fp8 weights: 256, the
+    one height at which they beat the unswapped tiles, FP8_SWAP_AB_MIN_ROWS_PER_EXPERT): 16 up to 8 rows per
     expert, 32 up to 32 (MXFP4: 28), 64 up to 48, then 128 -- but NVFP4 keeps 64 at mid sizes, and takes 256
     from 128 rows per expert where both K are multiples of 128, MXFP4 from 512 at any K (H100 sweeps: 16 beat 32 at 8 rows
     per expert by 9%, 32 beat 16 at 16 rows by 0-25% and 64 at 24-32 by 3-30%; at 64 rows 128 beat
@@ -327,6 +340,8 @@ def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str, hid
     (benchmarks/NOTES.md, "MXFP4 prefill on 256-row swapped tiles"); MXFP4 with its scales in
     16-byte rows, 64 against 32 rows at 32 rows per expert: qwen3 / gpt-oss 3% / 9% faster, at 24
     (dsv4) 7% slower, at 16 12-13% slower)."""
+    if weight_format == "fp8_block128":  # swapped from 192 rows per expert (FP8_SWAP_AB_MIN_ROWS_PER_EXPERT)
+        return 256
     if rows_per_expert <= 8:
         return 16
     if rows_per_expert <= (28 if weight_format == "mxfp4" else 32):
@@ -335,7 +350,7 @@ def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str, hid
         return 64
     if weight_format == "nvfp4" and rows_per_expert >= 128 and hidden % 128 == 0 and intermediate % 128 == 0:
         return 256
-    if weight_format == "mxfp4" and rows_per_expert >= 512:
+    if weight_format in ("mxfp4", "fp8_block128") and rows_per_expert >= 512:
         return 256
     return 128
 
@@ -433,7 +448,8 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         align_one_launch=n_entries <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime, gate_up_one_dot=one_dot)
-    if allow_swap_ab and swap_ab_fits(weight_format, act_format, hidden, intermediate):
+    if (allow_swap_ab and swap_ab_fits(weight_format, act_format, hidden, intermediate)
+            and (weight_format != "fp8_block128" or rows_per_expert >= FP8_SWAP_AB_MIN_ROWS_PER_EXPERT)):
         cfg = with_swap_ab(cfg.replace(block_m=swap_ab_block_m(rows_per_expert, weight_format, regime, hidden,
                                                                intermediate)), hidden, intermediate, weight_format)
     if overrides:

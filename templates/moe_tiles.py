@@ -10,8 +10,9 @@
 # FP4_DOT_SCALED: mxfp4 through tl.dot_scaled (tcgen05 block-scaled MMA on sm_100; emulated on
 # sm_90); otherwise e2m1 is decoded in registers (exact: value * power-of-two or e4m3 scale fits
 # the activation dtype) and fed to tl.dot.  Neither ever writes a dequantised weight to memory.
-# SWAP_AB (FP4 decoded in registers, bf16 activations): the tile computes acc^T = W @ X^T with the
-# activations' K in moe_common.to_mma_k_order, so the decoded weight is wgmma's register operand.
+# SWAP_AB (FP4 or fp8 weights decoded in registers, bf16 activations): the tile computes
+# acc^T = W @ X^T with the activations' K in moe_common.to_mma_k_order, so the decoded weight is
+# wgmma's register operand.
 """
 
 import triton
@@ -135,6 +136,31 @@ def _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, s
 
 
 @triton.jit
+def _fp8_weight_rows_dot(acc, a, w_ptr, s_ptr, n, n_mask, k0, K, stride_wn, stride_wk, stride_sn, stride_sk,
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc [BN, BM] += W[n, k0:k0+BK] @ a^T for fp8 e4m3 weights, the swapped tile (as
+    ``_fp4_weight_rows_dot``): in to_mma_k_order a lane's values of a row are 16 consecutive weight
+    bytes, one 16-byte load, so the scaled weight is wgmma's register A operand with no trip through
+    shared memory (the unswapped tile converts the weight in registers and stores it back for
+    wgmma's B).  Each row's 128x128-block scale multiplies it in fp32 and the product is rounded
+    once to bf16, exactly as the unswapped tile does (BLOCK_K divides 128: one scale per row)."""
+    BN: tl.constexpr = n.shape[0]
+    k = k0 + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + n[:, None] * stride_wn + k[None, :] * stride_wk
+    if EVEN_K:
+        b = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+    else:
+        b = tl.load(w_ptrs, mask=n_mask[:, None] & (k[None, :] < K), other=0.0)
+    s = _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk)[:, None]
+    even, odd = tl.split(tl.reshape(b, [BN, BLOCK_K // 2, 2]))
+    w = tl.join(store_cast(even.to(tl.float32) * s, tl.bfloat16), store_cast(odd.to(tl.float32) * s, tl.bfloat16))
+    w = to_mma_k_order(tl.reshape(w, [BN, BLOCK_K]), BN, BLOCK_K)
+    if INTERPRET:  # see moe_common.INTERPRET
+        w, a = w.to(tl.float32), a.to(tl.float32)
+    return tl.dot(w, tl.trans(a), acc)
+
+
+@triton.jit
 def desc_weight_tile(w_desc, e, n0, k0, R: tl.constexpr, BLOCK_K: tl.constexpr, K_MAJOR: tl.constexpr,
                      HALVES: tl.constexpr):
     """The dense weight tile [BK, R] of expert e, columns from n0, K from k0, through a host-built
@@ -181,13 +207,17 @@ def weight_tile_dot(acc, a, w_ptr, s_ptr, n, k0, K, N, stride_wn, stride_wk, str
                     BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, EVEN_K: tl.constexpr,
                     FP4_DOT_SCALED: tl.constexpr, SWAP_AB: tl.constexpr = False, w_scales=None):
     """acc += a [BM, BK] @ w[n, k0:k0+BK]^T, dequantising the weight tile in registers only.
-    SWAP_AB (bf16 activations in ``to_mma_k_order``, FP4 decoded in registers, BK a multiple of
-    64): acc is [BN, BM]; ``w_scales``: this step's fp4_weight_scales if the caller loaded them ahead."""
-    tl.static_assert(not SWAP_AB or (WEIGHT_FORMAT >= 2 and not FP4_DOT_SCALED and a.dtype == tl.bfloat16
+    SWAP_AB (bf16 activations in ``to_mma_k_order``, fp8 or FP4 weights decoded in registers, BK a
+    multiple of 64): acc is [BN, BM]; ``w_scales``: this step's fp4_weight_scales if the caller
+    loaded them ahead."""
+    tl.static_assert(not SWAP_AB or (WEIGHT_FORMAT >= 1 and not FP4_DOT_SCALED and a.dtype == tl.bfloat16
                                      and BLOCK_K % 64 == 0),
-                     "SWAP_AB runs the packed bf16 decode of FP4 weights only, in 64-deep K steps")
+                     "SWAP_AB runs fp8 or FP4 weights decoded in registers only, in 64-deep K steps")
     n_mask = n < N
-    if SWAP_AB:
+    if SWAP_AB and WEIGHT_FORMAT == 1:
+        acc = _fp8_weight_rows_dot(acc, a, w_ptr, s_ptr, n, n_mask, k0, K, stride_wn, stride_wk, stride_sn,
+                                   stride_sk, BLOCK_K, EVEN_K)
+    elif SWAP_AB:
         if w_scales is None:  # not loaded ahead by the caller
             w_scales = fp4_weight_scales(s_ptr, n, n_mask, k0, K, stride_sn, stride_sk, BLOCK_K, WEIGHT_FORMAT, EVEN_K)
         acc = _fp4_weight_rows_dot(acc, a, w_ptr, w_scales, n, n_mask, k0, K, stride_wn, stride_wk,

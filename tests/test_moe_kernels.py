@@ -111,6 +111,21 @@ CASES = [
     _case("nvfp4_swap_ab_h96_unswapped", T=5, k=6, I=64, H=96, weight_format="nvfp4", bias=True,
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", settings={"fp4_swap_ab": "on"},
           overrides={"gate_up_one_dot": False, "gemm1.block_k": 64, "gemm2.block_k": 64}, swapped=False),
+    # fp8 weights with bf16 activations on the swapped tiles (the scaled weight as wgmma's register
+    # operand): one gate/up dot and two, bad ids; 128-deep steps ending in one 64-deep step in both
+    # GEMMs with gpt-oss's interleaved gate/up and biases; 256-row blocks; and the unswapped tiles
+    _case("fp8_swap_ab", T=33, k=2, I=64, H=128, weight_format="fp8_block128", bad_ids=True,
+          settings={"fp4_swap_ab": "on"}, swapped=True),
+    _case("fp8_swap_ab_two_dot", T=5, k=6, I=128, H=256, weight_format="fp8_block128", bias=True,
+          spec="gate_up=interleaved", overrides={"gate_up_one_dot": False}, settings={"fp4_swap_ab": "on"},
+          swapped=True),
+    _case("fp8_swap_ab_half_k_tail_gpt_oss", T=66, E=8, k=2, I=192, H=192, weight_format="fp8_block128",
+          spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved", bias=True, settings={"fp4_swap_ab": "on"},
+          overrides={"block_m": 32, "tail_block_m": 16, "gemm1.block_k": 128, "gemm2.block_k": 128}, swapped=True),
+    _case("fp8_swap_ab_256_rows", T=1024, E=4, k=2, I=64, H=128, weight_format="fp8_block128",
+          settings={"fp4_swap_ab": "on"}, swapped=True, block_m=256),
+    _case("fp8_unswapped", T=33, k=2, I=64, H=128, weight_format="fp8_block128", settings={"fp4_swap_ab": "off"},
+          swapped=False),
     _case("quantize_fp8", T=5, k=2, I=64, spec="quantize_weights=fp8_block128"),
     # dense weights through TMA descriptors (lowering/moe_tma.py), every layout: K past the tensor's
     # end (H = 80 in 64-deep steps) and intermediate columns past I (48 in 32-column tiles) read zeros
@@ -447,6 +462,30 @@ def test_plan_swapped_fp4_tiles():
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").swap_ab
     assert not choose_moe_config(1024, 8, 128, 96, 768, "nvfp4").swap_ab
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "dense").swap_ab
+
+
+def test_plan_swapped_fp8_tiles_from_192_rows_per_expert():
+    """fp8 weights with bf16 activations run the swapped tiles on 256-row blocks (two warpgroups,
+    64-deep steps, 64-row tiles for an expert's last block) from 192 rows per expert on average,
+    where they measured faster than the unswapped tiles; below, and with fp8 activations or an H
+    that is not a multiple of 64, the unswapped tiles.  Forced on at 128 rows: 64-deep steps."""
+    from inductor_moe.lowering.moe_plan import GemmTiles, choose_moe_config, with_swap_ab
+
+    for (T, k, H, I), swapped in (((3056, 8, 2048, 768), False), ((3072, 8, 2048, 768), True),
+                                  ((16384, 8, 2048, 768), True), ((4096, 4, 2880, 2880), False),
+                                  ((8192, 4, 2880, 2880), True), ((4096, 6, 4096, 2048), False),
+                                  ((16384, 6, 4096, 2048), True)):
+        E = 256 if H == 4096 else 128
+        cfg = choose_moe_config(T, k, E, H, I, "fp8_block128")
+        assert cfg.swap_ab == swapped, (T, H, cfg)
+        if swapped:
+            assert cfg.block_m == 256 and cfg.tail_block_m == 64, cfg
+            assert (cfg.gemm1, cfg.gemm2) == (GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3)), cfg
+    assert not choose_moe_config(16384, 8, 128, 2048, 768, "fp8_block128", act_format="fp8_block128").swap_ab
+    assert not choose_moe_config(16384, 8, 128, 2112, 736, "fp8_block128").swap_ab  # I % 64 != 0
+    forced = with_swap_ab(choose_moe_config(4096, 4, 128, 2880, 2880, "fp8_block128"), 2880, 2880, "fp8_block128")
+    assert forced.swap_ab and forced.block_m == 128
+    assert (forced.gemm1, forced.gemm2) == (GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4)), forced
 
 
 def test_plan_swapped_k_loop_and_register_cap():
@@ -786,9 +825,9 @@ def test_gpu_random_shapes(seed):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("swap", ["on", "off"])
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "fp8_block128"])
 def test_gpu_fp4_swapped_tiles(fmt, swap):
-    """FP4 decode tiles swapped or not (config.fp4_swap_ab), qwen3 decode/mid and a gpt-oss-like
+    """FP4 / fp8 decode tiles swapped or not (config.fp4_swap_ab), qwen3 decode/mid and a gpt-oss-like
     layer with biases, the clamped SwiGLU, interleaved gate/up and uneven tiles."""
     from inductor_moe import config
 
@@ -797,6 +836,22 @@ def test_gpu_fp4_swapped_tiles(fmt, swap):
             _check_gpu(T, 128, 2048, 768, 8, fmt, seed=T)
         _check_gpu(5, 32, 2880, 2880, 4, fmt, "gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0", bias=True,
                    bad_ids=True)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fp8_swapped_prefill():
+    """fp8 weights with bf16 activations where the rule swaps them (256-row blocks, 64-row tiles for
+    an expert's last block): qwen3 at 192 rows per expert, and a gpt-oss-like layer (K = 2880,
+    biases, the clamped SwiGLU, interleaved gate/up, bad ids) at 512."""
+    from inductor_moe.lowering.moe_plan import choose_moe_config
+
+    for T, E, H, I, k in ((3072, 128, 2048, 768, 8), (2048, 16, 2880, 2880, 4)):
+        cfg = choose_moe_config(T, k, E, H, I, "fp8_block128")
+        assert cfg.swap_ab and cfg.block_m == 256, cfg
+    _check_gpu(3072, 128, 2048, 768, 8, "fp8_block128", seed=11)
+    _check_gpu(2048, 16, 2880, 2880, 4, "fp8_block128", "gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0",
+               bias=True, bad_ids=True, seed=12)
 
 
 @pytest.mark.gpu
