@@ -47,8 +47,8 @@ linear_weight_format: Optional[str] = Config(default=None, env_name_force="INDUC
 # (lowering/moe_plan.py: mxfp4_dot_scaled).
 mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
 
-# MoE FP4 weights decoded in registers (NVFP4, and MXFP4 on the "decode" path) and fp8 block-128
-# weights, bf16 activations, H and I multiples of 64: "on" computes each tile transposed, the decoded
+# MoE FP4 weights decoded in registers (NVFP4, and MXFP4 on the "decode" path; bf16 or fp8_mx32
+# activations) and fp8 block-128 weights (bf16 activations), H and I multiples of 64: "on" computes each tile transposed, the decoded
 # weight rows as wgmma's register operand and the tokens as its small side, with the activations' K
 # permuted to match (templates/moe_common.py: to_mma_k_order); "off" keeps tokens as rows; "auto"
 # swaps (lowering/moe_plan.py: choose_moe_config): FP4 everywhere (1.2-1.8x faster on H100 at every

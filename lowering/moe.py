@@ -5,9 +5,9 @@ Pipeline (templates/): align (route + pad per expert) -> L1 (dispatch x w13, Swi
 writes the one [N, I] intermediate) -> L2 (x w2, routing weight, writes [N, H] per-(token, slot)
 rows) -> combine (fixed-order fp32 sum over slots).  Chained with PDL on sm_90+.  Where
 ``moe_mega.choose_mega`` says so (small decode calls), L1 and L2 run as one persistent launch.
-FP4 experts with bf16 activations (fp8 experts from 192 rows per expert) run swapped tiles
-(``MoEKernelConfig.swap_ab``): x's K is permuted once first (``moe_kperm_kernel``) and L1 writes the
-intermediate in the same order.
+FP4 experts with bf16 or fp8_mx32 activations (fp8 experts from 192 rows per expert) run swapped
+tiles (``MoEKernelConfig.swap_ab``): x's K is permuted once first (``moe_kperm_kernel``) and L1
+writes the intermediate in the same order; fp8_mx32 activations are rounded there and kept in bf16.
 
 ``register()`` installs the CUDA kernel of the op; anything the kernels do not cover runs the
 reference op, with the reason recorded in the report, never a wrong result.  No per-call host
@@ -210,11 +210,12 @@ def split_launch_options(const: dict) -> dict:
 
 def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scaled: bool, has_bias: bool,
                      hidden: int, use_pdl: bool, swap_ab: bool = False, gate_up_gscales: bool = False,
-                     scales_ahead: bool = False, intermediate: int = 0) -> dict:
+                     scales_ahead: bool = False, intermediate: int = 0, round_inter_mx32: bool = False) -> dict:
     """Compile-time arguments (and launch options) of L1; shared by the launcher and the ISA listing.
     ``gate_up_gscales``: NVFP4 w13 global scales are [E, 2] (gate's, up's), not [E].  ``scales_ahead``:
     moe_plan.fp4_scales_ahead (the swapped one-dot tiles only).  ``intermediate``: I, for
-    moe_plan.fp8_weight_scales_uniform (0: unknown, so per-column fp8 weight scales)."""
+    moe_plan.fp8_weight_scales_uniform (0: unknown, so per-column fp8 weight scales).  ``round_inter_mx32``:
+    the intermediate rounded to fp8_mx32 and kept in bf16 (fp8_mx32 activations on the swapped tiles)."""
     from ..templates.moe_common import ACT_FORMAT_CODES, ACTIVATION_CODES
     from ..templates.moe_tiles import WEIGHT_FORMAT_CODES
 
@@ -227,7 +228,7 @@ def gemm1_constexprs(spec: MoESpec, cfg: MoEKernelConfig, fmt: str, fp4_dot_scal
                 FP4_DOT_SCALED=fp4_dot_scaled, USE_PDL=use_pdl, ACT_FORMAT=ACT_FORMAT_CODES[spec.act_format],
                 SWAP_AB=swap_ab, GATE_UP_GSCALES=gate_up_gscales,
                 W_SCALE_UNIFORM=fp8_weight_scales_uniform(spec, cfg, fmt, intermediate) and not swap_ab,
-                EXPERT_MAJOR=expert_major_order(fmt),
+                EXPERT_MAJOR=expert_major_order(fmt), ROUND_INTER_MX32=round_inter_mx32,
                 **_tail_constexprs(cfg, half_tail, scales_ahead and swap_ab and cfg.gate_up_one_dot),
                 **_launch_options(g1, cfg.block_m, swap_ab, 1))
 
@@ -368,7 +369,7 @@ class _CallPlan:
     tensors: a plan outlives the inputs it was made for."""
 
     __slots__ = ("cuda_decode", "use_pdl", "cfg", "use_mega", "act", "fp4_dot_scaled", "swap_ab", "ws_l1", "ws_l2",
-                 "tma", "l1_kw", "l2_kw", "mega", "scales_fit", "launches", "fp4_ws")
+                 "tma", "l1_kw", "l2_kw", "mega", "scales_fit", "launches", "fp4_ws", "round_mx32")
 
 
 _PLANS: dict = {}  # call signature (_plan_key) -> _CallPlan
@@ -444,6 +445,7 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     if use_pdl is None:
         use_pdl = pdl_enabled(x.device)
     plan.use_pdl, plan.cuda_decode, plan.mega, plan.scales_fit, plan.fp4_ws = use_pdl, False, None, None, 0
+    plan.round_mx32 = False
     plan.launches = PlannedLaunches()  # the Triton launches, through their compiled kernels after the first
     if use_cuda_decode is not False and x.device.type == "cuda":
         from ..cuda.fp4_moe import moe_decode_fits
@@ -500,14 +502,21 @@ def _make_plan(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         cfg = with_swap_ab(cfg, H, I, fmt)  # forced on (config.fp4_swap_ab) over tiles planned unswapped
     if swap_ab and fmt == "mxfp4":
         w13_scale, w2_scale = mxfp4_scales_16b_rows(w13_scale), mxfp4_scales_16b_rows(w2_scale)
+    # fp8_mx32 activations on the swapped tiles: x and the intermediate rounded as fp8_mx32 carries
+    # them but kept in bf16 (exact), so the GEMMs run the bf16-activation tiles (moe_plan.swap_ab_fits)
+    plan.round_mx32 = swap_ab and spec.act_format == "fp8_mx32"
+    gemm_spec = MoESpec(**{**spec.__dict__, "act_format": "dense"}) if plan.round_mx32 else spec
+    if plan.round_mx32:
+        act = 0
     w13_t, _, _, (_, s13_sn, _) = _gemm_operands(spec, fmt, w13, w13_scale, "w13")
     w2_t, _, _, (_, s2_sn, _) = _gemm_operands(spec, fmt, w2, w2_scale, "w2")
     l1_why, l2_why = _ws_reasons(spec, fmt, x, w13, w13_scale, w2, w2_scale, cfg.block_m, H, I, arch, interpreting,
                                  ws_setting)
     plan.ws_l1, plan.ws_l2 = not use_mega and l1_why is None, not use_mega and l2_why is None
-    plan.l1_kw = gemm1_constexprs(spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab,
-                                  W.gate_up_global_scales(spec, w13_global_scale), fp4_scales_ahead(fmt, s13_sn), I)
-    plan.l2_kw = gemm2_constexprs(spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab,
+    plan.l1_kw = gemm1_constexprs(gemm_spec, cfg, fmt, fp4_dot_scaled, b13 is not None, H, use_pdl, swap_ab,
+                                  W.gate_up_global_scales(spec, w13_global_scale), fp4_scales_ahead(fmt, s13_sn), I,
+                                  plan.round_mx32)
+    plan.l2_kw = gemm2_constexprs(gemm_spec, cfg, fmt, fp4_dot_scaled, b2 is not None, I, use_pdl, swap_ab,
                                   fp4_scales_ahead(fmt, s2_sn))
     plan.tma = not use_mega and weight_tma_reason(spec, fmt, x.dtype, w13_t, w2_t, cfg, arch_major=arch,
                                                   interpreting=interpreting, use_mega=use_mega) is None
@@ -631,7 +640,7 @@ def _run_triton(plan: _CallPlan, x, topk_ids, topk_weights, w13, w2, spec: MoESp
     if swap_ab:  # L1 reads x with K in to_mma_k_order (L1 writes the intermediate so for L2)
         a1 = torch.empty((T, H), dtype=x.dtype, device=x.device)
         launch("kperm", moe_kperm_kernel, (-(-T // 16), -(-H // 256)), (x, a1, T, H, x.stride(0)),
-               dict(BLOCK_T=16, BLOCK_K=256, USE_PDL=use_pdl, num_warps=4, **pdl))
+               dict(BLOCK_T=16, BLOCK_K=256, USE_PDL=use_pdl, ROUND_MX32=plan.round_mx32, num_warps=4, **pdl))
     l1_args = (a1, w13_t, s13, g13, b13 if b13 is not None else x, tw, inter,
                sorted_ids, block_expert, expert_start, expert_count, a1_s, inter_s,
                H, I, k,

@@ -75,6 +75,8 @@ def mega_arguments(gemm1_kernel, gemm1_args: tuple, gemm1_kw: dict, gemm2_kernel
         args.pop("W_DESC_K_MAJOR", True)
         args.pop("W_SCALE_UNIFORM", False)  # a shortcut; its tile loops load fp8 scales per column
         args.pop("EXPERT_MAJOR", False)  # its tile order is its own (blocks' readiness)
+        if args.pop("ROUND_INTER_MX32", False):
+            raise ValueError("the persistent kernel does not run fp8_mx32 activations rounded in bf16 (swapped tiles)")
         if args.pop("w_desc", None) is not None:
             raise ValueError("the persistent kernel loads its weights with pointers (no TMA descriptors: "
                              "lowering/moe_tma.py)")

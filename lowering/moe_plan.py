@@ -233,8 +233,10 @@ def fp4_swap_ab(setting: str, planned: bool, arch_major: int = 9) -> bool:
 
 def swap_ab_fits(weight_format: str, act_format: str, hidden: int, intermediate: int) -> bool:
     """The swapped tiles take FP4 or fp8 weights with bf16 activations and K permuted per 64 (both
-    GEMMs' K)."""
-    return (weight_format in ("mxfp4", "nvfp4", "fp8_block128") and act_format == "dense"
+    GEMMs' K); FP4 weights with fp8_mx32 activations too, which they run rounded to fp8_mx32 but kept
+    in bf16 (exact: 4 significant bits times a power of two; lowering/moe.py, plan.round_mx32)."""
+    acts = ("dense", "fp8_mx32") if weight_format in ("mxfp4", "nvfp4") else ("dense",)
+    return (weight_format in ("mxfp4", "nvfp4", "fp8_block128") and act_format in acts
             and hidden % 64 == 0 and intermediate % 64 == 0)
 
 

@@ -186,6 +186,16 @@ def quantize_fp8_groups(h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT_FOR
 
 
 @triton.jit
+def round_to_fp8_mx32(v, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """fp32 [ROWS, COLS] (masked entries 0) -> the same values rounded as the fp8_mx32 activations
+    carry them (quantize_fp8_groups: e4m3 x an e8m0 scale per 32), in fp32 again: a bf16 tensor holds
+    them exactly, so the swapped bf16 tiles can run fp8_mx32 activations with their numerics."""
+    q, s = quantize_fp8_groups(v, ROWS, COLS, 2)
+    q3 = tl.reshape(q.to(tl.float32), [ROWS, COLS // 32, 32])
+    return tl.reshape(q3 * e8m0_to_fp32(s.to(tl.int32))[:, :, None], [ROWS, COLS])
+
+
+@triton.jit
 def to_mma_k_order(v, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS] in K order -> the K order of the swapped FP4 tiles (COLS a multiple of 64).
 
@@ -203,15 +213,18 @@ def to_mma_k_order(v, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def moe_kperm_kernel(x_ptr, out_ptr, T, K, stride_xt, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     USE_PDL: tl.constexpr, ROUND_MX32: tl.constexpr = False):
     """x [T, K] -> out [T, K] (row stride K) in ``to_mma_k_order`` (K a multiple of 64): the
-    activations of L1 when its tiles run swapped."""
+    activations of L1 when its tiles run swapped.  ROUND_MX32: rounded to fp8_mx32 first
+    (round_to_fp8_mx32), for fp8_mx32 activations on the swapped tiles."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (t[:, None] < T) & (kk[None, :] < K)
     pdl_wait(USE_PDL)
     x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xt + kk[None, :], mask=mask, other=0.0)
     pdl_launch_dependents(USE_PDL)
+    if ROUND_MX32:
+        x = store_cast(round_to_fp8_mx32(x.to(tl.float32), BLOCK_T, BLOCK_K), out_ptr.dtype.element_ty)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * K + kk[None, :], to_mma_k_order(x, BLOCK_T, BLOCK_K), mask=mask)
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .moe_common import (expert_block_of_program, expert_row_end, k_loop_steps, pdl_launch_dependents, quantize_fp8_groups,
-                          store_cast, swiglu_epilogue, to_mma_k_order)
+                          round_to_fp8_mx32, store_cast, swiglu_epilogue, to_mma_k_order)
 from .moe_tiles import (act_weight_tile_dot, desc_dense_dot, fp4_weight_scales, load_act_tile, nvfp4_global_scale,
                         prefetch_fp4_weight_scales)
 
@@ -72,7 +72,7 @@ def gemm1_tile(
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False,
     PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
-    W_SCALE_UNIFORM: tl.constexpr = False,
+    W_SCALE_UNIFORM: tl.constexpr = False, ROUND_INTER_MX32: tl.constexpr = False,
 ):
     """Intermediate columns [pid_n * BLOCK_N, +BLOCK_N) of the BLOCK_M rows from row_start (one
     expert's, e >= 0).
@@ -80,7 +80,10 @@ def gemm1_tile(
     False and triggers on its own).  SWAP_AB: x is in moe_common.to_mma_k_order, the accumulators
     are [columns, rows] in the K loop (moe_tiles._fp4_weight_rows_dot), transposed once after it,
     and h is written in to_mma_k_order for L2's swapped tiles.  ``w_desc``: dense one-dot weights
-    through TMA (moe_tiles.desc_weight_tile; a non-interleaved box holds the gate columns, then up's)."""
+    through TMA (moe_tiles.desc_weight_tile; a non-interleaved box holds the gate columns, then up's).
+    ROUND_INTER_MX32 (dense activations): h rounded as fp8_mx32 would carry it and stored in bf16
+    (moe_common.round_to_fp8_mx32): fp8_mx32 activations on the swapped tiles, whose x is so rounded
+    once before L1 (moe_kperm_kernel)."""
     tl.static_assert(w_desc is None or (GATE_UP_ONE_DOT and WEIGHT_FORMAT == 0 and ACT_FORMAT == 0 and not SWAP_AB),
                      "TMA weight tiles: dense one-dot L1 with dense activations only")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
@@ -89,6 +92,8 @@ def gemm1_tile(
     tl.static_assert(ACT_FORMAT != 1 or 128 % BLOCK_K == 0, "fp8 block-128 activations need BLOCK_K | 128")
     tl.static_assert(ACT_FORMAT != 2 or BLOCK_K % 32 == 0, "fp8 mx32 activations need 32 | BLOCK_K")
     tl.static_assert(not SWAP_AB or BLOCK_N % 64 == 0, "swapped tiles write whole 64-column K-order groups")
+    tl.static_assert(not ROUND_INTER_MX32 or (ACT_FORMAT == 0 and BLOCK_N % 32 == 0),
+                     "ROUND_INTER_MX32: dense activations, whole groups of 32 intermediate columns")
     rows = row_start + tl.arange(0, BLOCK_M)
     row_end = expert_row_end(expert_start_ptr, expert_count_ptr, e)
     row_mask = rows < row_end
@@ -198,6 +203,8 @@ def gemm1_tile(
         h *= tl.load(topk_weights_ptr + entry, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     out = inter_ptr + entry.to(tl.int64)[:, None] * I + n[None, :]
     if ACT_FORMAT == 0:
+        if ROUND_INTER_MX32:  # whole groups of 32 (BLOCK_N % 32 == 0, I % 32 == 0)
+            h = round_to_fp8_mx32(tl.where(row_mask[:, None] & n_mask[None, :], h, 0.0), BLOCK_M, BLOCK_N)
         if SWAP_AB:  # L2's swapped tiles read the intermediate's K in to_mma_k_order (I % 64 == 0)
             h = to_mma_k_order(h, BLOCK_M, BLOCK_N)
         tl.store(out, store_cast(h, inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -226,7 +233,7 @@ def moe_gemm1_kernel(
     ACT_FORMAT: tl.constexpr, SWAP_AB: tl.constexpr = False, GATE_UP_GSCALES: tl.constexpr = False,
     K_HALF_TAIL: tl.constexpr = False, TAIL_BLOCK_M: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
     PREFETCH_SCALES: tl.constexpr = False, W_DESC_K_MAJOR: tl.constexpr = True, w_desc=None,
-    W_SCALE_UNIFORM: tl.constexpr = False, EXPERT_MAJOR: tl.constexpr = False,
+    W_SCALE_UNIFORM: tl.constexpr = False, EXPERT_MAJOR: tl.constexpr = False, ROUND_INTER_MX32: tl.constexpr = False,
 ):
     """TAIL_BLOCK_M > 0: a block holding at most that many rows (an expert's last) runs a tile of
     TAIL_BLOCK_M rows, so its MMA does not spend BLOCK_M rows' work on a few tokens.  ``w_desc``:
@@ -244,7 +251,7 @@ def moe_gemm1_kernel(
                        ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                        ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                       PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
+                       PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM, ROUND_INTER_MX32)
         else:  # the first of TAIL_BLOCK_M, 2 * TAIL_BLOCK_M (below BLOCK_M), BLOCK_M rows that holds the rest
             left = expert_row_end(expert_start_ptr, expert_count_ptr, e) - row_start
             if left <= TAIL_BLOCK_M:
@@ -256,7 +263,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM, ROUND_INTER_MX32)
             elif 2 * TAIL_BLOCK_M == BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -266,7 +273,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM, ROUND_INTER_MX32)
             elif left <= 2 * TAIL_BLOCK_M:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -276,7 +283,7 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            2 * TAIL_BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM, ROUND_INTER_MX32)
             else:
                 gemm1_tile(row_start, pid_n, e, x_ptr, w_ptr, w_scale_ptr, w_gscale_ptr, b_ptr, topk_weights_ptr,
                            inter_ptr, sorted_ids_ptr, expert_start_ptr, expert_count_ptr, x_scale_ptr, inter_scale_ptr,
@@ -286,4 +293,4 @@ def moe_gemm1_kernel(
                            ACTIVATION, HAS_LIMIT, HAS_BIAS, INTERLEAVED, WEIGHT_BEFORE_DOWN, WEIGHT_FORMAT,
                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATE_UP_ONE_DOT, FP4_DOT_SCALED, USE_PDL,
                            ACT_FORMAT, SWAP_AB, GATE_UP_GSCALES, K_HALF_TAIL, SCALES_AHEAD,
-                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM)
+                           PREFETCH_SCALES, W_DESC_K_MAJOR, w_desc, W_SCALE_UNIFORM, ROUND_INTER_MX32)

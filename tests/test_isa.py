@@ -94,16 +94,23 @@ def _moe_gemms_ptx(act: str, fmt: str, tokens: int, layer: str = "qwen3", **conf
                    **(dict(gate_up="interleaved", limit=7.0) if layer == "gpt-oss" else {}))
     prefix = "bf16" if dense_act else act
     specs = {label: spec for name, group in isa_specs().items() for (label, *spec) in group}
+    # fp8_mx32 activations on the swapped tiles run the bf16-activation kernels, the intermediate
+    # rounded in L1 (lowering/moe.py: plan.round_mx32)
+    round_mx32 = act == "fp8_mx32" and cfg.swap_ab
+    gemm_spec = MoESpec(**(dict(gate_up="interleaved", limit=7.0) if layer == "gpt-oss" else {})) if round_mx32 else spec
     found = {}
     for label, build, k_dim in ((f"moe_gemm1[{prefix} x {fmt}]", gemm1_constexprs, H),
                                 (f"moe_gemm2[{prefix} x {fmt}]", gemm2_constexprs, I)):
         dot_scaled = cfg.fp4_dot_scaled and fmt == "mxfp4" and mxfp4_dot_scaled("auto", 9)
-        swap = cfg.swap_ab and dense_act and not dot_scaled
+        swap = cfg.swap_ab and (dense_act or round_mx32) and not dot_scaled
         scale_row = k_dim // 16 if fmt == "nvfp4" else 16  # MXFP4's: padded to 16 bytes
-        const = build(spec, cfg, fmt, dot_scaled, False, k_dim, True, swap,
-                      scales_ahead=fp4_scales_ahead(fmt, scale_row))
+        const = build(gemm_spec, cfg, fmt, dot_scaled, False, k_dim, True, swap,
+                      scales_ahead=fp4_scales_ahead(fmt, scale_row),
+                      **({"round_inter_mx32": True} if round_mx32 and build is gemm1_constexprs else {}))
         options = split_launch_options(const)
-        if label in specs:
+        if round_mx32:  # the bf16-activation kernels' signature
+            kernel, signature = specs[label.replace(f"[{prefix} x", "[bf16 x")][:2]
+        elif label in specs:
             kernel, signature = specs[label][:2]
         else:  # a pair not in the ISA listing: same signature but for the weight pointers
             kernel, signature = specs[label.split("[")[0] + "[fp8_mx32 x mxfp4]"][:2]

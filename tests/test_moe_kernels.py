@@ -25,18 +25,21 @@ TOL = {"dense": 1e-2, "fp8_block128": 2e-2, "mxfp4": 2e-2, "nvfp4": 2e-2}
 
 def _case(name, T=5, E=8, H=64, I=32, k=2, dtype="bfloat16", spec="", bias=False, bad_ids=False,
           overrides=None, weight_format="dense", act="dense", settings=None, gate_up_gscales=False, swapped=None,
-          big_expert=False, block_m=None, tma=None):
+          big_expert=False, block_m=None, tma=None, tol=None):
     """``settings``: inductor_moe.config keys patched for the call.  ``gate_up_gscales``: NVFP4 gate and
     up quantised on their own (w13 global scales [E, 2]).  ``swapped``: whether the call must run the
     swapped FP4 tiles (None: not checked).  ``big_expert``: expert 0's weights 256x larger (MXFP4
     scales above 2).  ``block_m``: the rows per M-block the rule must pick (None: not checked).
-    ``tma``: whether the expert GEMMs must read their weights through TMA descriptors (None: not checked)."""
+    ``tma``: whether the expert GEMMs must read their weights through TMA descriptors (None: not checked).
+    ``tol``: a tighter error bound than the format's (cases whose numerics a slip would move less)."""
     return dict(block_m=block_m, name=name, T=T, E=E, H=H, I=I, k=k, dtype=dtype, spec=spec, bias=bias, bad_ids=bad_ids,
                 overrides=overrides or {}, weight_format=weight_format, act=act, settings=settings or {},
-                gate_up_gscales=gate_up_gscales, swapped=swapped, big_expert=big_expert, tma=tma)
+                gate_up_gscales=gate_up_gscales, swapped=swapped, big_expert=big_expert, tma=tma, tol=tol)
 
 
 def _tol(case):
+    if case.get("tol"):
+        return case["tol"]
     return TOL[case["weight_format"]] if case["act"] == "dense" else 2e-2
 
 
@@ -183,6 +186,14 @@ CASES = [
           spec="alpha=1.702,limit=7.0,up_offset=1.0,gate_up=interleaved"),
     _case("mx32_mxfp4_in_registers_t33_k1", T=33, k=1, I=64, act="fp8_mx32", weight_format="mxfp4",
           overrides={"fp4_dot_scaled": False}),
+    # fp8_mx32 activations on the swapped FP4 tiles: x and the intermediate rounded to fp8_mx32 but
+    # kept in bf16 (exact); the error bound is tight enough that skipping either rounding fails it
+    _case("mx32_mxfp4_swap_ab", T=33, k=2, I=64, H=128, act="fp8_mx32", weight_format="mxfp4", bad_ids=True,
+          swapped=True, tol=5e-3),
+    _case("mx32_nvfp4_swap_ab_256_rows", T=512, E=4, k=2, I=128, H=256, act="fp8_mx32", weight_format="nvfp4",
+          swapped=True, block_m=256, tol=5e-3),
+    _case("mx32_nvfp4_swap_ab_off", T=33, k=2, I=64, H=128, act="fp8_mx32", weight_format="nvfp4",
+          settings={"fp4_swap_ab": "off"}, swapped=False, tol=5e-3),
 ]
 
 
@@ -410,14 +421,16 @@ def test_plan_mid_block_rows_and_fp4_prefill_tiles():
     prefill = {fmt: choose_moe_config(4096, 8, 128, 2048, 768, fmt, allow_swap_ab=False) for fmt in ("mxfp4", "nvfp4")}
     assert (prefill["mxfp4"].gemm1, prefill["mxfp4"].gemm2) == (GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4))
     assert (prefill["nvfp4"].gemm1, prefill["nvfp4"].gemm2) == (GemmTiles(32, 64, 8, 3), GemmTiles(64, 64, 8, 3))
-    assert choose_moe_config(4096, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").gemm1.block_k == 32
+    # fp8 activations' own tiles (unswapped: sm_100, or config.fp4_swap_ab off)
+    assert choose_moe_config(4096, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32",
+                             allow_swap_ab=False).gemm1.block_k == 32
     for fmt in ("dense", "fp8_block128"):  # the same rows for weights read as they are stored
         assert [choose_moe_config(T, 8, 128, 2048, 768, fmt).block_m for T in (448, 449, 1536)] == [32, 64, 64]
     fp8_mid = choose_moe_config(512, 8, 128, 2048, 768, "fp8_block128")
     assert fp8_mid.gemm1.block_k == fp8_mid.gemm2.block_k == 128, fp8_mid  # 128-deep steps up to 48 rows
     assert choose_moe_config(1024, 8, 128, 2048, 768, "fp8_block128").gemm1.block_k == 64
     for fmt in ("dense", "mxfp4"):  # fp8 activations: 32 rows up to 48
-        assert choose_moe_config(512, 8, 128, 2048, 768, fmt, act_format="fp8_mx32").block_m == 32, fmt
+        assert choose_moe_config(512, 8, 128, 2048, 768, fmt, act_format="fp8_mx32", allow_swap_ab=False).block_m == 32
 
 
 def test_plan_swapped_fp4_tiles():
@@ -459,7 +472,12 @@ def test_plan_swapped_fp4_tiles():
     assert (cfg.gemm1, cfg.gemm2, cfg.tail_block_m) == (GemmTiles(64, 128, 8, 3), GemmTiles(128, 64, 8, 3), 64)
     gpt_oss = choose_moe_config(4096, 4, 128, 2880, 2880, "nvfp4")  # gpt-oss: slower at 256 rows
     assert gpt_oss.block_m == 128 and (gpt_oss.gemm1, gpt_oss.gemm2) == (GemmTiles(64, 64, 8, 4), GemmTiles(128, 64, 4, 4))
-    assert not choose_moe_config(1024, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32").swap_ab
+    # fp8_mx32 activations (rounded, kept in bf16) take the bf16 activations' swapped tiles; per-128 ones do not
+    for T in (16, 1024, 16384):
+        mx32 = choose_moe_config(T, 8, 128, 2048, 768, "mxfp4", act_format="fp8_mx32")
+        bf16 = choose_moe_config(T, 8, 128, 2048, 768, "mxfp4")
+        assert mx32.swap_ab and (mx32.block_m, mx32.gemm1, mx32.gemm2) == (bf16.block_m, bf16.gemm1, bf16.gemm2), T
+    assert not choose_moe_config(1024, 8, 128, 2048, 768, "mxfp4", act_format="fp8_block128").swap_ab
     assert not choose_moe_config(1024, 8, 128, 96, 768, "nvfp4").swap_ab
     assert not choose_moe_config(1024, 8, 128, 2048, 768, "dense").swap_ab
 
@@ -649,7 +667,12 @@ def _aot_compile(fn, pointer_types, constexprs, arch):
 
     from inductor_moe.isa import optional_arguments
 
-    constexprs = {**optional_arguments(fn), **constexprs}  # w_desc: None (the pointer loads)
+    import inspect
+
+    # as a launch compiles them: w_desc None (the pointer loads), constexprs left out at their defaults
+    defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
+                if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **optional_arguments(fn), **constexprs}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:

@@ -187,7 +187,7 @@ def test_mega_arguments_cover_the_kernel_exactly():
     for a in (l1, l2):  # the persistent kernel has neither (whole K steps, whole blocks)
         a.update(K_HALF_TAIL=False, TAIL_BLOCK_M=0, SCALES_AHEAD=False, PREFETCH_SCALES=False, W_DESC_K_MAJOR=True,
                  w_desc=None)
-    l1.update(num_warps=4, num_stages=4)
+    l1.update(num_warps=4, num_stages=4, ROUND_INTER_MX32=False)  # fp8_mx32 rounded in bf16: swapped tiles only
     l2.update(num_warps=8, num_stages=3)
     out = mega_arguments(moe_gemm1_kernel, (), l1, moe_gemm2_kernel, (), l2)
     assert (out.pop("num_warps"), out.pop("num_stages")) == (8, 3)
@@ -199,6 +199,8 @@ def test_mega_arguments_cover_the_kernel_exactly():
         mega_arguments(moe_gemm1_kernel, (), l1, moe_gemm2_kernel, (), {**l2, "WEIGHT_AFTER_DOWN": False})
     with pytest.raises(ValueError, match="smaller tail blocks"):
         mega_arguments(moe_gemm1_kernel, (), {**l1, "TAIL_BLOCK_M": 16}, moe_gemm2_kernel, (), l2)
+    with pytest.raises(ValueError, match="fp8_mx32"):
+        mega_arguments(moe_gemm1_kernel, (), {**l1, "ROUND_INTER_MX32": True}, moe_gemm2_kernel, (), l2)
     with pytest.raises(ValueError, match="TMA descriptors"):
         mega_arguments(moe_gemm1_kernel, (), l1, moe_gemm2_kernel, (), {**l2, "w_desc": "a descriptor"})
 
