@@ -48,11 +48,12 @@ linear_weight_format: Optional[str] = Config(default=None, env_name_force="INDUC
 mxfp4_mma: str = Config(default="auto", env_name_force="INDUCTOR_MOE_MXFP4_MMA")
 
 # MoE FP4 weights decoded in registers (NVFP4, and MXFP4 on the "decode" path; bf16 or fp8_mx32
-# activations) and fp8 block-128 weights (bf16 activations), H and I multiples of 64: "on" computes each tile transposed, the decoded
-# weight rows as wgmma's register operand and the tokens as its small side, with the activations' K
-# permuted to match (templates/moe_common.py: to_mma_k_order); "off" keeps tokens as rows; "auto"
-# swaps (lowering/moe_plan.py: choose_moe_config): FP4 everywhere (1.2-1.8x faster on H100 at every
-# size measured), fp8 from 192 rows per expert (0.74-0.91x the unswapped tiles' layer time there).
+# activations) and fp8 block-128 weights (bf16 activations), H and I multiples of 64: "on" computes
+# each tile transposed, the decoded weight rows as wgmma's register operand and the tokens as its
+# small side, with the activations' K permuted to match (templates/moe_common.py: to_mma_k_order);
+# "off" keeps tokens as rows; "auto" swaps (lowering/moe_plan.py: choose_moe_config): FP4 everywhere
+# (1.2-1.8x faster on H100 at every size measured), fp8 from 192 rows per expert (0.74-0.91x the
+# unswapped tiles' layer time there).
 fp4_swap_ab: str = Config(default="auto", env_name_force="INDUCTOR_MOE_FP4_SWAP_AB")
 
 # Run decode calls on the CUDA kernels (cuda/, built by NVRTC at run time) where they fit: FP4

@@ -249,8 +249,9 @@ FP8_SWAP_AB_MIN_ROWS_PER_EXPERT = 192
 
 
 def with_swap_ab(cfg: "MoEKernelConfig", hidden: int, intermediate: int, weight_format: str) -> "MoEKernelConfig":
-    """``cfg`` with the swapped tiles at its block_m (fp8 weights: 256-row blocks, else what the FP4
-    rules below give MXFP4, but 64-deep steps at 128 rows and below).  Up to 128 rows: 4 warps (one warpgroup:
+    """``cfg`` with the swapped tiles at its block_m (fp8 weights: at 256 rows as MXFP4; at 128 rows
+    and below, where only config.fp4_swap_ab "on" swaps them, 64-deep steps with 4 stages).  Up to
+    128 rows: 4 warps (one warpgroup:
     64 weight rows per wgmma), 128 weight rows per program (L1: 64 intermediate columns, gate and
     up), 128 of K per step with 3 stages where both GEMMs' K are multiples of 128, else (NVFP4) 64
     with 4: on gpt-oss (K = 2880) 128-deep steps ending in one 64-deep step (K_HALF_TAIL) measured

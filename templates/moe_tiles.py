@@ -152,6 +152,8 @@ def _fp8_weight_rows_dot(acc, a, w_ptr, s_ptr, n, n_mask, k0, K, stride_wn, stri
     else:
         b = tl.load(w_ptrs, mask=n_mask[:, None] & (k[None, :] < K), other=0.0)
     s = _fp8_tile_scale(s_ptr, n, n_mask, k0, stride_sn, stride_sk)[:, None]
+    # scaled as even / odd bytes, then joined (the FP4 decode's shape): so Triton gives the loaded bytes
+    # the MMA operand's layout; scaled as one [BN, BK] tile, the bf16 tile went through shared memory
     even, odd = tl.split(tl.reshape(b, [BN, BLOCK_K // 2, 2]))
     w = tl.join(store_cast(even.to(tl.float32) * s, tl.bfloat16), store_cast(odd.to(tl.float32) * s, tl.bfloat16))
     w = to_mma_k_order(tl.reshape(w, [BN, BLOCK_K]), BN, BLOCK_K)

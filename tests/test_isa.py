@@ -97,7 +97,7 @@ def _moe_gemms_ptx(act: str, fmt: str, tokens: int, layer: str = "qwen3", **conf
     # fp8_mx32 activations on the swapped tiles run the bf16-activation kernels, the intermediate
     # rounded in L1 (lowering/moe.py: plan.round_mx32)
     round_mx32 = act == "fp8_mx32" and cfg.swap_ab
-    gemm_spec = MoESpec(**(dict(gate_up="interleaved", limit=7.0) if layer == "gpt-oss" else {})) if round_mx32 else spec
+    gemm_spec = MoESpec(**{**spec.__dict__, "act_format": "dense"}) if round_mx32 else spec
     found = {}
     for label, build, k_dim in ((f"moe_gemm1[{prefix} x {fmt}]", gemm1_constexprs, H),
                                 (f"moe_gemm2[{prefix} x {fmt}]", gemm2_constexprs, I)):
