@@ -1,7 +1,7 @@
 """Host side of the CUDA MoE decode kernels (``fp4_moe_decode.cu``): fit checks, tiles, launches.
 
 # T: tokens, H: hidden, E: experts, k: experts per token, I: expert intermediate size, N = T*k
-For FP4 experts (MXFP4 / NVFP4) with bf16 activations at up to ``MAX_PAIRS_PER_EXPERT[format]``
+For FP4 experts (MXFP4 / NVFP4) with bf16 (or fp8_mx32, rounded in bf16) activations at up to ``MAX_PAIRS_PER_EXPERT[format]``
 pairs per expert on average (decode and mid sizes, where the weights' bytes dominate): L1 (gate/up GEMM +
 GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H] per-pair
 rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  Up to
@@ -107,8 +107,8 @@ def moe_decode_fits(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale
     fmt = spec.effective_weight_format
     if fmt not in ("mxfp4", "nvfp4") or spec.quantize_weights is not None:
         return f"{fmt} weights (the CUDA decode takes stored MXFP4 / NVFP4)"
-    if spec.act_format != "dense" or x.dtype != torch.bfloat16:
-        return "activations are not bf16"
+    if spec.act_format not in ("dense", "fp8_mx32") or x.dtype != torch.bfloat16:
+        return "activations are not bf16 (nor fp8_mx32, which these kernels take rounded in bf16)"
     T, k = topk_ids.shape
     E = w13.shape[0]
     if T * k > MAX_PAIRS_PER_EXPERT[fmt] * E:
@@ -142,6 +142,18 @@ def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, pipe, 
             ("WEIGHT_BEFORE_DOWN", int(spec.weight_position == "before_down"))) + routing
 
 
+def _round_mx32(x: torch.Tensor, out: torch.Tensor, use_pdl: bool) -> torch.Tensor:
+    """``out`` (bf16) = x rounded to fp8_mx32 (moe_common.moe_round_mx32_kernel; x bf16 or fp32)."""
+    from ..templates.moe_common import moe_round_mx32_kernel
+
+    rows, cols = x.shape
+    block_k = min(256, 1 << (cols - 1).bit_length())
+    moe_round_mx32_kernel[(-(-rows // 16), -(-cols // block_k))](
+        x, out, rows, cols, x.stride(0), out.stride(0), BLOCK_T=16, BLOCK_K=block_k, USE_PDL=use_pdl, num_warps=4,
+        **({"launch_pdl": True} if use_pdl else {}))
+    return out
+
+
 def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_scale, b13, b2,
                w13_global_scale, w2_global_scale, out, *, config: Optional[MoEDecodeConfig] = None,
                use_pdl: bool = False) -> torch.Tensor:
@@ -171,20 +183,30 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
     else:  # each CTA scans the ids (one grid row per pair)
         route, grid_rows = ids, N
     gate_up_gscales = w13_global_scale is not None and w13_global_scale.dim() == 2
+    # fp8_mx32 activations: x and the intermediate rounded as fp8_mx32 carries them, kept in bf16 (exact),
+    # each right before the kernel that reads it (each launch waits on the one before: PDL); gate_up
+    # then stores its fp32 values, as the reference rounds them (a bf16 step first would round twice)
+    round_mx32 = spec.act_format == "fp8_mx32"
+    gate_up_out = inter
+    if round_mx32:
+        x = _round_mx32(x, torch.empty((T, H), dtype=x.dtype, device=x.device), use_pdl)
+        gate_up_out = torch.empty((N, I), dtype=torch.float32, device=x.device)
 
     l1 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_gate_up", _common_defines(
         spec, fmt, ids, tw, b13, cfg.gate_up_warps, 2 * cfg.gate_up_col_groups, cfg.gate_up_pipe, cfg) + (
         ("STAGE", 1), ("COL_GROUPS", cfg.gate_up_col_groups), ("GLU", _GLU_CODES[spec.activation]),
         ("HAS_LIMIT", int(spec.limit is not None)),
         ("INTERLEAVED", int(spec.gate_up == "interleaved")), ("HAS_GSCALE", int(w13_global_scale is not None)),
-        ("GATE_UP_GSCALES", int(gate_up_gscales)),
+        ("GATE_UP_GSCALES", int(gate_up_gscales)), ("INTER_F32", int(round_mx32)),
         ("MIN_CTAS", nvrtc.min_ctas(cfg.gate_up_max_registers, cfg.gate_up_warps))))
     l1_grid = (-(-I // (16 * cfg.gate_up_col_groups)), grid_rows, 1)
     nvrtc.launch(l1, l1_grid, (32 * cfg.gate_up_warps, 1, 1), stream=stream, pdl=use_pdl, args=[
         x, ids, tw, w13, s13, w13_global_scale if w13_global_scale is not None else tw,
-        b13 if b13 is not None else x, inter, N, k, E, H, I, x.stride(0),
+        b13 if b13 is not None else x, gate_up_out, N, k, E, H, I, x.stride(0),
         w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), b13.stride(0) if b13 is not None else 0,
         float(spec.alpha), float(spec.limit or 0.0), float(spec.up_offset), route, grid_rows])
+    if round_mx32:
+        _round_mx32(gate_up_out, inter, use_pdl)
 
     l2 = nvrtc.build(dev, "fp4_moe_decode.cu", "fp4_moe_down", _common_defines(
         spec, fmt, ids, tw, b2, cfg.down_warps, cfg.down_row_groups, cfg.down_pipe, cfg) + (

@@ -45,6 +45,9 @@
 #ifndef INTERLEAVED
 #define INTERLEAVED 0   // W13 rows: 0 [gate | up], 1 gate even / up odd
 #endif
+#ifndef INTER_F32  // gate_up stores the intermediate in fp32 (for a rounding pass before down: fp8_mx32)
+#define INTER_F32 0
+#endif
 #ifndef WEIGHT_BEFORE_DOWN
 #define WEIGHT_BEFORE_DOWN 0
 #endif
@@ -251,7 +254,11 @@ __device__ __forceinline__ void gate_up_tile(float* partial, const int* members,
 #if WEIGHT_BEFORE_DOWN
       y *= routing_weight(tw, q);
 #endif
+#if INTER_F32
+      reinterpret_cast<float*>(inter)[(long long)q * I + col] = y;
+#else
       inter[(long long)q * I + col] = float_bf16(y);
+#endif
     }
     __syncthreads();  // partial is reused by the next group of pairs
   }

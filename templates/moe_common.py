@@ -165,9 +165,13 @@ def quantize_fp8_groups(h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT_FOR
     tl.static_assert(BLOCK_N % G == 0, "fp8 activation groups must not straddle tiles")
     hg = tl.reshape(h, [BLOCK_M, BLOCK_N // G, G])
     amax = tl.max(tl.abs(hg), axis=2)
+    # a NaN makes its group's scale NaN (e8m0: 255), as the reference quantiser's amax does: the max
+    # reduction and the clamp below would otherwise drop it and leave finite values
+    nan_group = tl.max((hg != hg).to(tl.int32), axis=2) > 0
     if ACT_FORMAT == 1:
         scale = amax / 448.0
         scale = tl.where(scale == 0.0, 1.0, scale)
+        scale = tl.where(nan_group, float("nan"), scale)
         stored = scale
     else:
         r = amax / 448.0
@@ -177,7 +181,7 @@ def quantize_fp8_groups(h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT_FOR
         # smallest power of two >= r, read off the bits (exact powers of two are not bumped)
         byte = tl.where(ex == 0, tl.where(mant > 0x400000, 1, 0), ex + (mant != 0).to(tl.int32))
         byte = tl.minimum(byte, 254)
-        byte = tl.where(r != r, 255, byte)
+        byte = tl.where(nan_group | (r != r), 255, byte)
         scale = e8m0_to_fp32(byte)
         stored = byte.to(tl.uint8)
     q = tl.minimum(tl.maximum(hg / scale[:, :, None], -448.0), 448.0)
@@ -226,6 +230,21 @@ def moe_kperm_kernel(x_ptr, out_ptr, T, K, stride_xt, BLOCK_T: tl.constexpr, BLO
     if ROUND_MX32:
         x = store_cast(round_to_fp8_mx32(x.to(tl.float32), BLOCK_T, BLOCK_K), out_ptr.dtype.element_ty)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * K + kk[None, :], to_mma_k_order(x, BLOCK_T, BLOCK_K), mask=mask)
+
+
+@triton.jit
+def moe_round_mx32_kernel(x_ptr, out_ptr, T, K, stride_xt, stride_ot, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    """x [T, K] -> out [T, K] rounded to fp8_mx32 and kept in bf16 (round_to_fp8_mx32; K a multiple
+    of 32; out may be x): fp8_mx32 activations for the CUDA decode kernels, which take bf16."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (t[:, None] < T) & (kk[None, :] < K)
+    pdl_wait(USE_PDL)
+    x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xt + kk[None, :], mask=mask, other=0.0)
+    pdl_launch_dependents(USE_PDL)
+    x = store_cast(round_to_fp8_mx32(x.to(tl.float32), BLOCK_T, BLOCK_K), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * stride_ot + kk[None, :], x, mask=mask)
 
 
 @triton.jit

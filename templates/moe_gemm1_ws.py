@@ -200,6 +200,7 @@ if HAS_GLUON:
                 # moe_common.quantize_fp8_groups for one 128-column group
                 scale = gl.max(gl.abs(h), axis=1) / 448.0
                 scale = gl.where(scale == 0.0, 1.0, scale)
+                scale = gl.where(gl.max((h != h).to(gl.int32), axis=1) > 0, float("nan"), scale)  # NaN stays NaN
                 q = gl.minimum(gl.maximum(h / scale[:, None], -448.0), 448.0).to(gl.float8e4nv)
                 q = gl.convert_layout(q, store_l)
                 out_ids = gl.convert_layout(ids, gl.SliceLayout(1, store_l))

@@ -53,7 +53,8 @@ def test_fit_check_reasons():
     assert "per expert" not in _why_on_cpu(why, dict(T=10, k=8))
     assert "more than 5 per expert" in why(dict(T=11, k=8, fmt="nvfp4"))
     assert "not bf16" in why(dict(x_dtype=torch.float16))
-    assert "not bf16" in why(dict(spec_extra="act_format=fp8_mx32"))
+    assert "not bf16" in why(dict(spec_extra="act_format=fp8_block128"))
+    assert "not bf16" not in _why_on_cpu(why, dict(spec_extra="act_format=fp8_mx32"))  # taken rounded in bf16
     assert "not a multiple of 32" in why(dict(fmt="nvfp4", I=144))
     base = _meta_call()
     assert "16-byte aligned" in why(x=torch.zeros(1, 260, dtype=torch.bfloat16)[:, 4:])
@@ -163,6 +164,25 @@ def _check(x, ids, tw, w13, w2, spec, kw, fmt, label):
     assert not out.isnan().any(), label
     assert torch.equal(out, again), f"two runs differ bitwise: {label}"
     assert err <= TOL[fmt], f"rel err {err:.3g}: {label}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_gpu_fp8_mx32_activations(fmt, T):
+    """fp8_mx32 activations: x and the intermediate rounded to fp8_mx32 in bf16 around the kernels,
+    against the reference's quantised activations at 5e-3 (an unrounded x or intermediate reads
+    2.7e-2 and more: test_moe_kernels.py's mx32 cases), a gpt-oss-like layer with bad ids too."""
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(T, 128, 2048, 768, 8, fmt, seed=T, spec_extra="act_format=fp8_mx32")
+    with _Poison():
+        out = _run_cuda(x, ids, tw, w13, w2, spec, kw)
+    ref = _reference(x, ids, tw, w13, w2, spec, kw)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert not out.isnan().any() and err <= 5e-3, err
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(3, 32, 2880, 2880, 4, fmt, seed=T, bad_ids=True, bias=True,
+                                               spec_extra="act_format=fp8_mx32,gate_up=interleaved,limit=7.0")
+    _check(x, ids, tw, w13, w2, spec, kw, fmt, f"{fmt} T=3 gpt-oss-like fp8_mx32")
 
 
 @pytest.mark.gpu

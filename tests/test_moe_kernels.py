@@ -349,8 +349,58 @@ def interpreted_results(script: str) -> dict:
     return results
 
 
+ROUND_CASE = dict(name="round_mx32_kernel")
+
+
+def run_round_case(case) -> dict:
+    """moe_round_mx32_kernel (the CUDA decode kernels' fp8_mx32 activations, rounded in bf16) against
+    formats.quantize_fp8_mx32 -> dequantize: rows of magnitudes 1e-6 to 1e4, a zero row, a NaN."""
+    from inductor_moe import formats as F
+    from inductor_moe.templates.moe_common import moe_round_mx32_kernel
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(19, 96, generator=g) * torch.logspace(-6, 4, 19).unsqueeze(1)).bfloat16()
+    x[4] = 0.0
+    x[7, 40] = float("nan")
+    q, scales = F.quantize_fp8_mx32(x.float())
+    want = F.dequantize_fp8_groups(q, scales, 32).bfloat16()
+    out = torch.full_like(x, 7.0)
+    moe_round_mx32_kernel[(2, 2)](x, out, 19, 96, x.stride(0), out.stride(0), BLOCK_T=16, BLOCK_K=64, USE_PDL=False)
+    inplace = x.clone()
+    moe_round_mx32_kernel[(2, 2)](inplace, inplace, 19, 96, 96, 96, BLOCK_T=16, BLOCK_K=64, USE_PDL=False)
+    same = lambda a, b: bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))  # noqa
+    return dict(name=case["name"], equal=same(out, want), inplace_equal=same(inplace, want),
+                nan_group=bool(out[7, 32:64].isnan().all() and not out[7, :32].isnan().any()),
+                changed=not torch.equal(out, x))
+
+
+NAN_CASES = [_case("nan_token_a128", T=9, k=2, I=64, H=128, act="fp8_block128"),
+             _case("nan_token_mx32_swapped", T=9, k=2, I=64, H=128, act="fp8_mx32", weight_format="mxfp4",
+                   swapped=True)]
+
+
+def run_nan_case(case) -> dict:
+    """One NaN in token 2's activations, fp8 activations: its row of the output is NaN, every other
+    row finite and as the reference's."""
+    from inductor_moe.lowering.moe import fused_moe_experts
+    from inductor_moe.ops.moe_experts import moe_experts_reference
+
+    (s, spec, x, ids, tw, w13, w2, extra, b13, b2), cfg = case_inputs_and_config(case)
+    x = x.clone()
+    x[2, 5] = float("nan")
+    out = fused_moe_experts(x, ids, tw, w13, w2, s, b13=b13, b2=b2, kernel_config=cfg, use_pdl=False, **extra)
+    f64 = lambda t: None if t is None else (t.double() if t.dtype in (torch.bfloat16, torch.float16) else t)  # noqa
+    ref = moe_experts_reference(x.double(), ids, tw.double(), f64(w13), f64(w2), spec, b13=f64(b13), b2=f64(b2),
+                                **extra)
+    keep = torch.arange(out.shape[0]) != 2
+    err = ((out[keep].double() - ref[keep]).norm() / ref[keep].norm()).item()
+    return dict(name=case["name"], nan_row=bool(out[2].isnan().all()), others_finite=bool(out[keep].isfinite().all()),
+                ref_nan_row=bool(ref[2].isnan().all()), err=err)
+
+
 def _main():
-    report_cases([(c, run_case) for c in CASES])
+    report_cases([(c, run_case) for c in CASES] + [(ROUND_CASE, run_round_case)] +
+                 [(c, run_nan_case) for c in NAN_CASES])
 
 
 # ----------------------------------------------------------------------------- pytest side
@@ -380,6 +430,24 @@ def check_interpreted_case(r, case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_interpreted_kernels_match_reference(interpreted, case):
     check_interpreted_case(interpreted.get(case["name"]), case)
+
+
+def test_round_mx32_kernel_rounds_as_the_reference(interpreted):
+    """The rounding the CUDA decode kernels' fp8_mx32 calls run (x and the intermediate) is bitwise
+    the reference quantiser's round trip, in place too; a NaN spoils its group of 32 only."""
+    r = interpreted[ROUND_CASE["name"]]
+    assert "error" not in r, r
+    assert r["equal"] and r["inplace_equal"] and r["nan_group"] and r["changed"], r
+
+
+@pytest.mark.parametrize("case", NAN_CASES, ids=[c["name"] for c in NAN_CASES])
+def test_interpreted_nan_activation_stays_in_its_token(interpreted, case):
+    """fp8 activations: a NaN in one token's x makes that token's output NaN (its group's scale is
+    NaN, as the reference's) and leaves the other tokens as the reference computes them."""
+    r = interpreted[case["name"]]
+    assert "error" not in r, r
+    assert r["nan_row"] and r["ref_nan_row"] and r["others_finite"], r
+    assert r["err"] <= 5e-3, r
 
 
 def test_plan_regimes_and_overrides():
@@ -819,6 +887,24 @@ def test_gpu_fp8_activations_gpt_oss_like(act):
     """Biases, clamp, interleaved gate/up, K not a multiple of 128 (fp8 groups with tails)."""
     _check_gpu(33, 16, 2880, 2880, 4, "mxfp4", bias=True, bad_ids=True, seed=3,
                spec_extra=f"act_format={act},gate_up=interleaved,alpha=1.702,limit=7.0,up_offset=1.0")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("act,fmt", [("fp8_block128", "fp8_block128"), ("fp8_block128", "dense"),
+                                     ("fp8_mx32", "mxfp4")])
+def test_gpu_nan_activation_stays_in_its_token_fp8(act, fmt):
+    """fp8 activations at prefill (fp8 x fp8: the warp-specialised GEMMs; mx32 x MXFP4: the swapped
+    tiles): a NaN in one token's x makes that token's output NaN and no other's."""
+    from inductor_moe.lowering import moe
+
+    moe.register()
+    spec, x, ids, tw, w13, w2, kw = _gpu_inputs(4096, 128, 2048, 768, 8, fmt, spec_extra=f"act_format={act}", seed=5)
+    x = x.clone()
+    x[17, 300] = float("nan")
+    out = torch.ops.inductor_moe.moe_experts(x, ids, tw, w13, w2, spec, **kw)
+    nan_rows = out.isnan().any(dim=1)
+    assert bool(out[17].isnan().all()) and int(nan_rows.sum()) == 1, nan_rows.nonzero().flatten()[:8]
 
 
 @pytest.mark.gpu
