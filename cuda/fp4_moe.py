@@ -1,8 +1,8 @@
 """Host side of the CUDA MoE decode kernels (``fp4_moe_decode.cu``): fit checks, tiles, launches.
 
 # T: tokens, H: hidden, E: experts, k: experts per token, I: expert intermediate size, N = T*k
-For FP4 experts (MXFP4 / NVFP4) with bf16 (or fp8_mx32, rounded in bf16) activations at up to ``MAX_PAIRS_PER_EXPERT[format]``
-pairs per expert on average (decode and mid sizes, where the weights' bytes dominate): L1 (gate/up GEMM +
+For FP4 experts (MXFP4 / NVFP4) with bf16 (or fp8_mx32, rounded in bf16) activations at up to
+``MAX_PAIRS_PER_EXPERT[format]`` pairs per expert on average (decode and mid sizes, where the weights' bytes dominate): L1 (gate/up GEMM +
 GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H] per-pair
 rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  Up to
 ``SCAN_MAX_TOKENS`` tokens no routing pass runs: each CTA finds the pairs routed to its expert itself

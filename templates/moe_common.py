@@ -235,8 +235,9 @@ def moe_kperm_kernel(x_ptr, out_ptr, T, K, stride_xt, BLOCK_T: tl.constexpr, BLO
 @triton.jit
 def moe_round_mx32_kernel(x_ptr, out_ptr, T, K, stride_xt, stride_ot, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                           USE_PDL: tl.constexpr):
-    """x [T, K] -> out [T, K] rounded to fp8_mx32 and kept in bf16 (round_to_fp8_mx32; K a multiple
-    of 32; out may be x): fp8_mx32 activations for the CUDA decode kernels, which take bf16."""
+    """x [T, K] (bf16, or gate_up's fp32) -> out [T, K] rounded to fp8_mx32 and kept in bf16
+    (round_to_fp8_mx32; K a multiple of 32; out may be x): fp8_mx32 activations for the CUDA decode
+    kernels, which take bf16."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (t[:, None] < T) & (kk[None, :] < K)
