@@ -2,13 +2,14 @@
 
 # T: tokens, H: hidden, E: experts, k: experts per token, I: expert intermediate size, N = T*k
 For FP4 experts (MXFP4 / NVFP4) with bf16 (or fp8_mx32, rounded in bf16) activations at up to
-``MAX_PAIRS_PER_EXPERT[format]`` pairs per expert on average (decode and mid sizes, where the weights' bytes dominate): L1 (gate/up GEMM +
-GLU, writes the [N, I] intermediate) and L2 (down GEMM + routing weight, writes [N, H] per-pair
-rows) are the CUDA decode MMA kernels, then the Triton deterministic combine.  Up to
-``SCAN_MAX_TOKENS`` tokens no routing pass runs: each CTA finds the pairs routed to its expert itself
-(see the .cu); above, the Triton align kernel groups the pairs into blocks first.  Three or four
-launches chained with PDL, no host syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take
-this path; the caller then runs the Triton pipeline.
+``MAX_PAIRS_PER_EXPERT[format]`` pairs per expert on average (decode and mid sizes, where the
+weights' bytes dominate): L1 (gate/up GEMM + GLU, writes the [N, I] intermediate) and L2 (down GEMM
++ routing weight, writes [N, H] per-pair rows) are the CUDA decode MMA kernels, then the Triton
+deterministic combine.  Up to ``SCAN_MAX_TOKENS`` tokens no routing pass runs: each CTA finds the
+pairs routed to its expert itself (see the .cu); above, the Triton align kernel groups the pairs
+into blocks first.  Three or four launches chained with PDL (two more rounding ones for fp8_mx32),
+no host syncs, CUDA-graph capturable.  ``moe_decode_fits`` says why a call cannot take this path;
+the caller then runs the Triton pipeline.
 """
 
 from __future__ import annotations
