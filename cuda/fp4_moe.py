@@ -144,14 +144,15 @@ def _common_defines(spec: MoESpec, fmt, ids, tw, bias, warps, row_groups, pipe, 
 
 
 def _round_mx32(x: torch.Tensor, out: torch.Tensor, use_pdl: bool) -> torch.Tensor:
-    """``out`` (bf16) = x rounded to fp8_mx32 (moe_common.moe_round_mx32_kernel; x bf16 or fp32)."""
-    from ..templates.moe_common import moe_round_mx32_kernel
+    """``out`` (bf16, contiguous) = x rounded to fp8_mx32 (moe_common.moe_kperm_kernel with K_ORDER
+    off; x bf16 or fp32)."""
+    from ..templates.moe_common import moe_kperm_kernel
 
     rows, cols = x.shape
     block_k = min(256, 1 << (cols - 1).bit_length())
-    moe_round_mx32_kernel[(-(-rows // 16), -(-cols // block_k))](
-        x, out, rows, cols, x.stride(0), out.stride(0), BLOCK_T=16, BLOCK_K=block_k, USE_PDL=use_pdl, num_warps=4,
-        **({"launch_pdl": True} if use_pdl else {}))
+    moe_kperm_kernel[(-(-rows // 16), -(-cols // block_k))](
+        x, out, rows, cols, x.stride(0), BLOCK_T=16, BLOCK_K=block_k, USE_PDL=use_pdl, ROUND_MX32=True,
+        K_ORDER=False, num_warps=4, **({"launch_pdl": True} if use_pdl else {}))
     return out
 
 

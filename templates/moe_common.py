@@ -190,13 +190,20 @@ def quantize_fp8_groups(h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT_FOR
 
 
 @triton.jit
+def dequant_mx32_tile(a, a_s, BLOCK_K: tl.constexpr):
+    """e4m3 [BM, BK] x e8m0 bytes [BM, BK // 32] -> bf16 (exact: 4 significant bits x a power of two)."""
+    BM: tl.constexpr = a.shape[0]
+    a3 = tl.reshape(a.to(tl.float32), [BM, BLOCK_K // 32, 32])
+    return tl.reshape(a3 * e8m0_to_fp32(a_s.to(tl.int32))[:, :, None], [BM, BLOCK_K]).to(tl.bfloat16)
+
+
+@triton.jit
 def round_to_fp8_mx32(v, ROWS: tl.constexpr, COLS: tl.constexpr):
     """fp32 [ROWS, COLS] (masked entries 0) -> the same values rounded as the fp8_mx32 activations
-    carry them (quantize_fp8_groups: e4m3 x an e8m0 scale per 32), in fp32 again: a bf16 tensor holds
-    them exactly, so the swapped bf16 tiles can run fp8_mx32 activations with their numerics."""
+    carry them (quantize_fp8_groups, then dequant_mx32_tile), in fp32 again: a bf16 tensor holds
+    them exactly, so the bf16-activation kernels can run fp8_mx32 activations with their numerics."""
     q, s = quantize_fp8_groups(v, ROWS, COLS, 2)
-    q3 = tl.reshape(q.to(tl.float32), [ROWS, COLS // 32, 32])
-    return tl.reshape(q3 * e8m0_to_fp32(s.to(tl.int32))[:, :, None], [ROWS, COLS])
+    return dequant_mx32_tile(q, s, COLS).to(tl.float32)
 
 
 @triton.jit
@@ -217,10 +224,12 @@ def to_mma_k_order(v, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def moe_kperm_kernel(x_ptr, out_ptr, T, K, stride_xt, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_PDL: tl.constexpr, ROUND_MX32: tl.constexpr = False):
+                     USE_PDL: tl.constexpr, ROUND_MX32: tl.constexpr = False, K_ORDER: tl.constexpr = True):
     """x [T, K] -> out [T, K] (row stride K) in ``to_mma_k_order`` (K a multiple of 64): the
     activations of L1 when its tiles run swapped.  ROUND_MX32: rounded to fp8_mx32 first
-    (round_to_fp8_mx32), for fp8_mx32 activations on the swapped tiles."""
+    (round_to_fp8_mx32; x bf16, or the CUDA gate_up's fp32), for fp8_mx32 activations on the swapped
+    tiles; with K_ORDER off only rounded (K a multiple of 32; out may be x), for the CUDA decode
+    kernels (cuda/fp4_moe.py), which take bf16."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (t[:, None] < T) & (kk[None, :] < K)
@@ -229,23 +238,9 @@ def moe_kperm_kernel(x_ptr, out_ptr, T, K, stride_xt, BLOCK_T: tl.constexpr, BLO
     pdl_launch_dependents(USE_PDL)
     if ROUND_MX32:
         x = store_cast(round_to_fp8_mx32(x.to(tl.float32), BLOCK_T, BLOCK_K), out_ptr.dtype.element_ty)
-    tl.store(out_ptr + t.to(tl.int64)[:, None] * K + kk[None, :], to_mma_k_order(x, BLOCK_T, BLOCK_K), mask=mask)
-
-
-@triton.jit
-def moe_round_mx32_kernel(x_ptr, out_ptr, T, K, stride_xt, stride_ot, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                          USE_PDL: tl.constexpr):
-    """x [T, K] (bf16, or gate_up's fp32) -> out [T, K] rounded to fp8_mx32 and kept in bf16
-    (round_to_fp8_mx32; K a multiple of 32; out may be x): fp8_mx32 activations for the CUDA decode
-    kernels, which take bf16."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (t[:, None] < T) & (kk[None, :] < K)
-    pdl_wait(USE_PDL)
-    x = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_xt + kk[None, :], mask=mask, other=0.0)
-    pdl_launch_dependents(USE_PDL)
-    x = store_cast(round_to_fp8_mx32(x.to(tl.float32), BLOCK_T, BLOCK_K), out_ptr.dtype.element_ty)
-    tl.store(out_ptr + t.to(tl.int64)[:, None] * stride_ot + kk[None, :], x, mask=mask)
+    if K_ORDER:
+        x = to_mma_k_order(x, BLOCK_T, BLOCK_K)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * K + kk[None, :], x, mask=mask)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._details.fp_codes import (E4M3_DECODE_SHIFT, e2m1_pairs_to_bf16, e2m1_pairs_to_scaled_bf16, e4m3_decode_factor,
                                e8m0_decode_factor, e8m0_to_bf16, mul_bf16)
-from .moe_common import INTERPRET, e8m0_to_fp32, store_cast, to_mma_k_order
+from .moe_common import INTERPRET, dequant_mx32_tile, store_cast, to_mma_k_order
 
 DENSE, FP8_BLOCK128, MXFP4, NVFP4 = 0, 1, 2, 3
 WEIGHT_FORMAT_CODES = {"dense": DENSE, "fp8_block128": FP8_BLOCK128, "mxfp4": MXFP4, "nvfp4": NVFP4}
@@ -309,14 +309,6 @@ def load_act_tile(a_rows, s_rows, row_mask, k0, K, BLOCK_K: tl.constexpr, ACT_FO
     else:
         a_s = 0.0
     return a, a_s
-
-
-@triton.jit
-def dequant_mx32_tile(a, a_s, BLOCK_K: tl.constexpr):
-    """e4m3 [BM, BK] x e8m0 bytes [BM, BK // 32] -> bf16 (exact: 4 significant bits x a power of two)."""
-    BM: tl.constexpr = a.shape[0]
-    a3 = tl.reshape(a.to(tl.float32), [BM, BLOCK_K // 32, 32])
-    return tl.reshape(a3 * e8m0_to_fp32(a_s.to(tl.int32))[:, :, None], [BM, BLOCK_K]).to(tl.bfloat16)
 
 
 @triton.jit

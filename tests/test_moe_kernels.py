@@ -353,10 +353,10 @@ ROUND_CASE = dict(name="round_mx32_kernel")
 
 
 def run_round_case(case) -> dict:
-    """moe_round_mx32_kernel (the CUDA decode kernels' fp8_mx32 activations, rounded in bf16) against
+    """moe_kperm_kernel rounding only (the CUDA decode kernels' fp8_mx32 activations, in bf16) against
     formats.quantize_fp8_mx32 -> dequantize: rows of magnitudes 1e-6 to 1e4, a zero row, a NaN."""
     from inductor_moe import formats as F
-    from inductor_moe.templates.moe_common import moe_round_mx32_kernel
+    from inductor_moe.templates.moe_common import moe_kperm_kernel
 
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(19, 96, generator=g) * torch.logspace(-6, 4, 19).unsqueeze(1)).bfloat16()
@@ -365,9 +365,10 @@ def run_round_case(case) -> dict:
     q, scales = F.quantize_fp8_mx32(x.float())
     want = F.dequantize_fp8_groups(q, scales, 32).bfloat16()
     out = torch.full_like(x, 7.0)
-    moe_round_mx32_kernel[(2, 2)](x, out, 19, 96, x.stride(0), out.stride(0), BLOCK_T=16, BLOCK_K=64, USE_PDL=False)
+    kw = dict(BLOCK_T=16, BLOCK_K=64, USE_PDL=False, ROUND_MX32=True, K_ORDER=False)
+    moe_kperm_kernel[(2, 2)](x, out, 19, 96, x.stride(0), **kw)
     inplace = x.clone()
-    moe_round_mx32_kernel[(2, 2)](inplace, inplace, 19, 96, 96, 96, BLOCK_T=16, BLOCK_K=64, USE_PDL=False)
+    moe_kperm_kernel[(2, 2)](inplace, inplace, 19, 96, 96, **kw)
     same = lambda a, b: bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))  # noqa
     return dict(name=case["name"], equal=same(out, want), inplace_equal=same(inplace, want),
                 nan_group=bool(out[7, 32:64].isnan().all() and not out[7, :32].isnan().any()),
