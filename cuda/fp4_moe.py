@@ -180,7 +180,7 @@ def moe_decode(x, topk_ids, topk_weights, w13, w2, spec: MoESpec, w13_scale, w2_
         from ..templates.moe_align import align_blocks
 
         blocks = align_blocks(ids, E, cfg.block_m, one_launch=N <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
-                              chunk=align_chunk(N, E), use_pdl=use_pdl)
+                              chunk=align_chunk(N), use_pdl=use_pdl)
         route, grid_rows = blocks.scratch, blocks.max_blocks
     else:  # each CTA scans the ids (one grid row per pair)
         route, grid_rows = ids, N

@@ -12,7 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-ALIGN_ONE_LAUNCH_MAX_ENTRIES = 8192  # up to this many (token, slot) entries one align launch takes them all
+# up to this many (token, slot) entries one align launch takes them all; above, count then place
+# (templates/moe_align.py; H100: 4.2 against 4.7 µs at 1024 entries, 6.7 against 4.8 at 4096)
+ALIGN_ONE_LAUNCH_MAX_ENTRIES = 1024
 CONFIG_SOURCES = ("heuristic", "tuned", "tuned-cache", "tuned-shipped")  # MoEKernelConfig.source
 
 
@@ -40,7 +42,7 @@ class MoEKernelConfig:
     gemm1: GemmTiles  # L1: x @ w13 with the SwiGLU epilogue
     gemm2: GemmTiles  # L2: intermediate @ w2
     align_chunk: int  # entries per align step (a power of two)
-    align_one_launch: bool  # one align launch (moe_align_fused) or count / offsets / scatter
+    align_one_launch: bool  # one align launch (moe_align_fused) or count, then place
     combine_block_t: int  # tokens per combine program
     combine_block_h: int  # hidden columns per combine program
     regime: str  # "decode", "mid" or "prefill", for people and the report
@@ -358,9 +360,11 @@ def swap_ab_block_m(rows_per_expert: float, weight_format: str, regime: str, hid
     return 128
 
 
-def align_chunk(n_entries: int, num_experts: int) -> int:
-    """Entries per align step: a [chunk, E] one-hot of at most 16K elements."""
-    return max(16, min(256, 16384 // _pow2_at_least(num_experts), _pow2_at_least(n_entries)))
+def align_chunk(n_entries: int) -> int:
+    """Entries per program of the two-launch align: 256, more from 32K entries so the table of
+    per-chunk counts every program sums stays at 128 rows, at most 1024 (each program sorts its
+    chunk: 24 µs a launch at 2048, against 10-12 at 1024; H100, benchmarks/NOTES.md, "align")."""
+    return max(16, min(_pow2_at_least(n_entries), max(256, min(1024, _pow2_at_least(n_entries) // 128))))
 
 
 def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
@@ -447,7 +451,7 @@ def choose_moe_config(num_tokens: int, top_k: int, num_experts: int, hidden: int
         one_dot, block_m, g1, g2 = _fp8_x_fp8_tiles(rows_per_expert, intermediate, gate_up_interleaved, g1, g2)
 
     cfg = MoEKernelConfig(
-        block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk(n_entries, num_experts),
+        block_m=block_m, gemm1=g1, gemm2=g2, align_chunk=align_chunk(n_entries),
         align_one_launch=n_entries <= ALIGN_ONE_LAUNCH_MAX_ENTRIES,
         combine_block_t=4 if num_tokens >= 4 else 1,
         combine_block_h=min(1024, _pow2_at_least(hidden)), regime=regime, gate_up_one_dot=one_dot)

@@ -16,12 +16,11 @@
 # Within an expert, entries keep their flat order (stable), so the layout is deterministic.
 
 Two forms: ``moe_align_fused`` (one launch: every program counts all entries, then places its own
-chunk; up to a few thousand entries, where it takes 3-15 µs on an H100 against 12-23 µs for the three
-launches) and ``moe_align_count`` -> ``moe_align_prefix`` -> ``moe_align_scatter`` (one program per
-chunk for the histogram and the scatter, one per expert for the prefix over chunks; prefill sizes,
-where counting everything in every program would cost more).  The per-chunk counts are stored
-expert-major, so each expert's prefix is one program's 1-D scan: a single program scanning the
-[chunks, experts] table row block by row block took 42 µs of qwen3-30b-a3b's 68 at 16384 tokens.
+chunk; 3-4 µs on an H100 up to 1024 entries) and ``moe_align_chunk_counts`` -> ``moe_align_place``
+(one program per chunk counts it; then one per chunk sums the table of per-chunk counts -- 128 rows
+at most up to 131K entries -- and places its chunk: 4.7 µs at 8192 entries against 11.9 for the one
+launch, 12 at 131K against 43 for the count / prefix-per-expert / scatter launches it replaced;
+benchmarks/NOTES.md, "align").  Both place a chunk by one sort of its (expert, entry) keys.
 """
 
 import torch
@@ -29,15 +28,6 @@ import triton
 import triton.language as tl
 
 from .moe_common import pdl_launch_dependents, pdl_wait
-
-
-@triton.jit
-def _chunk_onehot(ids_ptr, c0, N, E, CHUNK: tl.constexpr, E_P2: tl.constexpr):
-    offs = c0 + tl.arange(0, CHUNK)
-    e = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
-    valid = (e >= 0) & (e < E) & (offs < N)
-    onehot = (e[:, None] == tl.arange(0, E_P2)[None, :]) & valid[:, None]
-    return offs, valid, onehot
 
 
 @triton.jit
@@ -63,22 +53,37 @@ def _write_block_experts(start, padded, pid, grid, max_blocks, block_expert_ptr,
 
 
 @triton.jit
-def _scatter_chunk(ids_ptr, sorted_ids_ptr, c0, N, E, base,
-                   CHUNK: tl.constexpr, E_P2: tl.constexpr):
-    """Write the chunk's entries at base[e] + rank among the chunk's entries of expert e."""
-    offs, valid, onehot = _chunk_onehot(ids_ptr, c0, N, E, CHUNK, E_P2)
-    oh = onehot.to(tl.int32)
-    rank = tl.cumsum(oh, axis=0) - 1  # [CHUNK, E_P2] inclusive count - 1
-    pos = tl.sum(tl.where(onehot, rank + base[None, :], 0), axis=1)
-    tl.store(sorted_ids_ptr + pos, offs, mask=valid)
-    return tl.sum(oh, axis=0)
-
-
-@triton.jit
 def _valid_histogram(e, valid, E_P2: tl.constexpr):
     """Entries per expert among the valid ones (the invalid ones are counted in bin 0, then removed)."""
     counts = tl.histogram(tl.where(valid, e, 0), E_P2)
     return counts - tl.where(tl.arange(0, E_P2) == 0, tl.sum((~valid).to(tl.int32), axis=0), 0)
+
+
+@triton.jit
+def _chunk_ids(ids_ptr, chunk0, N, E, CHUNK: tl.constexpr):
+    """The chunk's expert ids as int32 and which are in [0, E) (checked before the cast: an int64 id
+    past 2^31 must not wrap into range)."""
+    offs = chunk0 + tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
+    valid = (e >= 0) & (e < E)
+    return e.to(tl.int32), valid
+
+
+@triton.jit
+def _place_chunk(ids_ptr, sorted_ids_ptr, chunk0, N, E, first_row,
+                 CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr, E_P2: tl.constexpr):
+    """Write entries [chunk0, chunk0 + CHUNK) at their rows: expert e's first one at first_row[e]
+    (its expert's start plus the entries of e before the chunk), the rest in flat order after it.
+    One sort of (expert, entry) keys orders the chunk: the key at sorted position i is entry
+    first_row[e] + i - (chunk entries of experts below e) of expert e."""
+    local = tl.arange(0, CHUNK)
+    e, valid = _chunk_ids(ids_ptr, chunk0, N, E, CHUNK)
+    chunk_counts = _valid_histogram(e, valid, E_P2)
+    keys = tl.sort((tl.where(valid, e, E_P2) << LOG_CHUNK) | local)
+    key_expert = keys >> LOG_CHUNK
+    base = first_row - (tl.cumsum(chunk_counts, axis=0) - chunk_counts)
+    pos = tl.gather(base, tl.minimum(key_expert, E_P2 - 1), 0) + local
+    tl.store(sorted_ids_ptr + pos, chunk0 + (keys & (CHUNK - 1)), mask=key_expert < E)
 
 
 @triton.jit
@@ -103,8 +108,11 @@ def moe_align_fused(ids_ptr, N, E, max_blocks,
         e = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
         valid = (e >= 0) & (e < E)  # before the cast: an int64 id past 2^31 must not wrap into range
         e = e.to(tl.int32)
-        total += _valid_histogram(e, valid, E_P2)
-        if s0 < chunk0:
+        counts = _valid_histogram(e, valid, E_P2)
+        total += counts
+        if s0 + SCAN <= chunk0:  # the whole step is before this chunk: the same counts
+            before += counts
+        elif s0 < chunk0:
             before += _valid_histogram(e, valid & (offs < chunk0), E_P2)
     experts = tl.arange(0, E_P2)
     padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -113,73 +121,50 @@ def moe_align_fused(ids_ptr, N, E, max_blocks,
         tl.store(expert_count_ptr + experts, total, mask=experts < E)
         tl.store(expert_start_ptr + experts, start, mask=experts < E)
 
-    # this chunk's entries: sorted by (expert, entry), the one at sorted position i is rank
-    # before[e] + i - (chunk entries of experts below e) within expert e
-    local = tl.arange(0, CHUNK)
-    e = tl.load(ids_ptr + chunk0 + local, mask=chunk0 + local < N, other=-1)
-    valid = (e >= 0) & (e < E)
-    e = e.to(tl.int32)
-    chunk_counts = _valid_histogram(e, valid, E_P2)
-    keys = tl.sort((tl.where(valid, e, E_P2) << LOG_CHUNK) | local)
-    key_expert = keys >> LOG_CHUNK
-    base = start + before - (tl.cumsum(chunk_counts, axis=0) - chunk_counts)
-    pos = tl.gather(base, tl.minimum(key_expert, E_P2 - 1), 0) + local
-    tl.store(sorted_ids_ptr + pos, chunk0 + (keys & (CHUNK - 1)), mask=key_expert < E)
-
+    _place_chunk(ids_ptr, sorted_ids_ptr, chunk0, N, E, start + before, CHUNK, LOG_CHUNK, E_P2)
     _write_block_experts(start, padded, pid, grid, max_blocks, block_expert_ptr, ready_ptr, BLOCK_M, E_P2, NB_CHUNK,
                          ZERO_READY)
     pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit
-def moe_align_count(ids_ptr, N, E, chunk_counts_ptr, num_chunks,
-                    E_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
-    """chunk_counts[e, pid] (expert-major): entries of expert e in chunk pid."""
+def moe_align_chunk_counts(ids_ptr, N, E, chunk_counts_ptr,
+                           E_P2: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    """chunk_counts[pid, e]: entries of expert e among entries [pid * CHUNK, (pid + 1) * CHUNK)."""
     pid = tl.program_id(0)
     pdl_wait(USE_PDL)
-    _, _, onehot = _chunk_onehot(ids_ptr, pid * CHUNK, N, E, CHUNK, E_P2)
-    tl.store(chunk_counts_ptr + tl.arange(0, E_P2) * num_chunks + pid, tl.sum(onehot.to(tl.int32), axis=0))
+    e, valid = _chunk_ids(ids_ptr, pid * CHUNK, N, E, CHUNK)
+    tl.store(chunk_counts_ptr + pid * E_P2 + tl.arange(0, E_P2), _valid_histogram(e, valid, E_P2))
     pdl_launch_dependents(USE_PDL)
 
 
 @triton.jit
-def moe_align_prefix(chunk_counts_ptr, num_chunks, E, expert_count_ptr,
-                     BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program e: expert e's row of chunk_counts -> its exclusive prefix over chunks (in place),
-    and its total -> expert_count[e]."""
-    e = tl.program_id(0)
-    pdl_wait(USE_PDL)
-    row = chunk_counts_ptr + e * num_chunks
-    carry = 0
-    for c0 in range(0, num_chunks, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        counts = tl.load(row + c, mask=c < num_chunks, other=0)
-        tl.store(row + c, tl.cumsum(counts, axis=0) - counts + carry, mask=c < num_chunks)
-        carry += tl.sum(counts, axis=0)
-    if e < E:
-        tl.store(expert_count_ptr + e, carry)
-    pdl_launch_dependents(USE_PDL)
-
-
-@triton.jit
-def moe_align_scatter(ids_ptr, N, E, max_blocks, num_chunks, chunk_prefix_ptr, expert_count_ptr, expert_start_ptr,
-                      sorted_ids_ptr, block_expert_ptr, ready_ptr,
-                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, NB_CHUNK: tl.constexpr,
-                      USE_PDL: tl.constexpr, ZERO_READY: tl.constexpr = False):
-    """Every program derives the experts' padded starts from the totals (E_P2 values); program 0
-    stores them, each places its chunk and writes its share of block_expert (and ready).  With no
-    entries the grid is one program and no chunk."""
+def moe_align_place(ids_ptr, N, E, max_blocks, num_chunks, chunk_counts_ptr, expert_count_ptr, expert_start_ptr,
+                    sorted_ids_ptr, block_expert_ptr, ready_ptr,
+                    BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr,
+                    TABLE_ROWS: tl.constexpr, NB_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
+                    ZERO_READY: tl.constexpr = False):
+    """Program p places chunk p as ``moe_align_fused`` does, its counts summed from the per-chunk
+    table (all chunks: each expert's rows; chunks before p: the rank its entries start from), so
+    no program reads every id.  Program 0 writes the counts and starts."""
+    tl.static_assert(CHUNK == 1 << LOG_CHUNK, "CHUNK is 2 ** LOG_CHUNK")
     pid = tl.program_id(0)
     pdl_wait(USE_PDL)
     experts = tl.arange(0, E_P2)
-    counts = tl.load(expert_count_ptr + experts, mask=experts < E, other=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    total = tl.zeros([E_P2], dtype=tl.int32)
+    before = tl.zeros([E_P2], dtype=tl.int32)
+    for c0 in range(0, num_chunks, TABLE_ROWS):
+        c = c0 + tl.arange(0, TABLE_ROWS)
+        rows = tl.load(chunk_counts_ptr + c[:, None] * E_P2 + experts[None, :], mask=c[:, None] < num_chunks,
+                       other=0)
+        total += tl.sum(rows, axis=0)
+        before += tl.sum(tl.where(c[:, None] < pid, rows, 0), axis=0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     start = tl.cumsum(padded, axis=0) - padded
     if pid == 0:
+        tl.store(expert_count_ptr + experts, total, mask=experts < E)
         tl.store(expert_start_ptr + experts, start, mask=experts < E)
-    has_chunk = experts * 0 + pid < num_chunks  # no entries: one program, no chunk
-    base = start + tl.load(chunk_prefix_ptr + experts * num_chunks + pid, mask=has_chunk, other=0)
-    _scatter_chunk(ids_ptr, sorted_ids_ptr, pid * CHUNK, N, E, base, CHUNK, E_P2)
+    _place_chunk(ids_ptr, sorted_ids_ptr, pid * CHUNK, N, E, start + before, CHUNK, LOG_CHUNK, E_P2)
     _write_block_experts(start, padded, pid, tl.num_programs(0), max_blocks, block_expert_ptr, ready_ptr, BLOCK_M,
                          E_P2, NB_CHUNK, ZERO_READY)
     pdl_launch_dependents(USE_PDL)
@@ -190,7 +175,7 @@ def moe_align_scatter(ids_ptr, N, E, max_blocks, num_chunks, chunk_prefix_ptr, e
 class AlignedBlocks:
     """The align kernels' outputs for one call, as views of one int32 ``scratch`` laid out
     expert_count [E] | expert_start [E] | sorted_ids [max_blocks * block_m] | block_expert [max_blocks]
-    | ready [n_ready] (| per-chunk counts, expert-major): kernels that take the whole layout get ``scratch``."""
+    | ready [n_ready] (| per-chunk counts [chunks, E_P2]): kernels that take the whole layout get ``scratch``."""
 
     def __init__(self, scratch: torch.Tensor, E: int, block_m: int, max_blocks: int, n_ready: int):
         self.scratch, self.max_blocks = scratch, max_blocks
@@ -205,22 +190,26 @@ class AlignedBlocks:
 def _fused_tiles(n_entries: int) -> tuple:
     """(entries per program, entries counted per step, warps) of ``moe_align_fused``: H100, graph
     medians at E = 32-256 (benchmarks/NOTES.md, "align"): 128 / 1024 / 4 up to 1024 entries (3-4 µs),
-    256 / 2048 / 8 above (8192 entries: 11 µs against 15 for the small tiles)."""
+    256 / 2048 / 8 above (where the plan takes it only by an override)."""
     return (128, 1024, 4) if n_entries <= 1024 else (256, 2048, 8)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use_pdl: bool,
                  zero_ready: bool = False, launch=None) -> AlignedBlocks:
     """Launch the align kernels on ``ids`` ([T, k] expert ids, contiguous) for ``block_m``-pair
-    blocks: ``moe_align_fused`` (one launch) or count -> offsets -> scatter (one program per
-    ``chunk`` entries).  ``zero_ready``: also zero one counter per block (the persistent kernel's).
+    blocks: ``moe_align_fused`` (one launch) or counts -> place (one program per ``chunk`` entries,
+    a power of two).  ``zero_ready``: also zero one counter per block (the persistent kernel's).
     ``launch(site, kernel, grid, args, kwargs)``: a call plan's launcher (lowering/launch.py)."""
     N = ids.numel()
     max_blocks = (N + min(E, N) * (block_m - 1)) // block_m
     e_p2 = max(16, 1 << (E - 1).bit_length())
     num_chunks = -(-N // chunk)
     n_ready = max_blocks if zero_ready else 0
-    chunk_counts = 0 if one_launch else num_chunks * e_p2
+    chunk_counts = 0 if one_launch else max(1, num_chunks) * e_p2
     scratch = torch.empty(2 * E + max_blocks * block_m + max_blocks + n_ready + chunk_counts, dtype=torch.int32,
                           device=ids.device)
     out = AlignedBlocks(scratch, E, block_m, max_blocks, n_ready)
@@ -236,13 +225,13 @@ def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use
             BLOCK_M=block_m, E_P2=e_p2, CHUNK=fused_chunk, LOG_CHUNK=fused_chunk.bit_length() - 1, SCAN=scan,
             NB_CHUNK=nb_chunk, USE_PDL=use_pdl, num_warps=warps, **ready, **pdl))
     else:
-        launch("align_count", moe_align_count, (num_chunks,), (ids, N, E, out.chunk_counts, num_chunks),
-               dict(E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl, num_warps=4, **pdl))
-        launch("align_prefix", moe_align_prefix, (e_p2,), (out.chunk_counts, num_chunks, E, out.expert_count),
-               dict(BLOCK_C=min(1024, max(16, 1 << (num_chunks - 1).bit_length())), USE_PDL=use_pdl, num_warps=4,
-                    **pdl))
-        launch("align_scatter", moe_align_scatter, (max(1, num_chunks),), (  # no entries: one program still writes
-            ids, N, E, max_blocks, num_chunks, out.chunk_counts, out.expert_count, out.expert_start,  # starts, blocks
-            out.sorted_ids, out.block_expert), dict(BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, NB_CHUNK=nb_chunk,
-                                                    USE_PDL=use_pdl, num_warps=4, **ready, **pdl))
+        rows = max(1, num_chunks)  # no entries: one program still writes the starts and blocks
+        warps = 8 if chunk >= 1024 else 4
+        launch("align_counts", moe_align_chunk_counts, (rows,), (ids, N, E, out.chunk_counts),
+               dict(E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl, num_warps=warps, **pdl))
+        launch("align_place", moe_align_place, (rows,), (
+            ids, N, E, max_blocks, rows, out.chunk_counts, out.expert_count, out.expert_start, out.sorted_ids,
+            out.block_expert), dict(BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1,
+                                    TABLE_ROWS=max(1, min(_pow2_at_least(rows), 8192 // e_p2)), NB_CHUNK=nb_chunk,
+                                    USE_PDL=use_pdl, num_warps=warps, **ready, **pdl))
     return out

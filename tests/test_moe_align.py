@@ -2,7 +2,7 @@
 order in which the expert GEMMs' programs take the blocks it makes (moe_common.expert_block_of_program).
 
 Both forms -- one launch (``moe_align_fused``: every program counts all entries, then places its
-own chunk) and count -> prefix -> scatter -- must give every expert's entries in flat order from
+own chunk) and per-chunk counts -> place -- must give every expert's entries in flat order from
 its BLOCK_M-aligned start, each block's expert (-1 past the used ones), and zeroed readiness
 counters when asked; ids outside [0, E) are dropped.  The kernels run under TRITON_INTERPRET=1 in
 a subprocess (see test_moe_kernels.py for why); int scratch starts at -7.
@@ -35,11 +35,11 @@ CASES = [
     _case("several_count_steps", T=650, k=4, E=16, block_m=16, routing="bad_ids"),  # 2600: 2 steps of 2048
     _case("skewed_many_blocks", T=300, k=2, E=8, block_m=8, routing="skewed"),
     _case("zero_tokens", T=0, k=2, E=8, block_m=16),
-    _case("three_launches", T=75, k=4, E=33, block_m=8, routing="bad_ids", one_launch=False),
-    _case("three_launches_skewed", T=300, k=2, E=8, block_m=8, routing="skewed", one_launch=False, chunk=64),
-    _case("three_launches_zero_tokens", T=0, k=2, E=8, block_m=16, one_launch=False),
-    # 1050 chunks: each expert's prefix takes two steps of 1024 chunks (the carry between them)
-    _case("three_launches_many_chunks", T=2100, k=8, E=16, block_m=16, routing="bad_ids", one_launch=False),
+    _case("two_launches", T=75, k=4, E=33, block_m=8, routing="bad_ids", one_launch=False),
+    _case("two_launches_skewed", T=300, k=2, E=8, block_m=8, routing="skewed", one_launch=False, chunk=64),
+    _case("two_launches_zero_tokens", T=0, k=2, E=8, block_m=16, one_launch=False),
+    # 1050 chunks: each program sums the table of per-chunk counts in three steps of 512 rows
+    _case("two_launches_many_chunks", T=2100, k=8, E=16, block_m=16, routing="bad_ids", one_launch=False),
 ]
 
 
@@ -173,14 +173,18 @@ def test_expert_gemm_program_order(interpreted, case):
     assert r["max_experts_blocks"] >= 2, r  # some expert has several blocks: the orders differ
 
 
-def test_one_launch_covers_the_mid_sizes():
-    """The CUDA MoE kernels' mid sizes (<= 32 pairs per expert at qwen3 / gpt-oss / dsv4 shapes) take
-    one align launch; prefill sizes the three launches."""
-    from inductor_moe.lowering.moe_plan import ALIGN_ONE_LAUNCH_MAX_ENTRIES, choose_moe_config
+def test_align_form_and_chunk_follow_the_entries():
+    """One align launch up to 1024 entries (decode and the CUDA kernels' small mid sizes), counts then
+    place above; 256 entries a program until the table of per-chunk counts would pass 128 rows, at
+    most 1024 (each program sorts its chunk)."""
+    from inductor_moe.lowering.moe_plan import ALIGN_ONE_LAUNCH_MAX_ENTRIES, align_chunk, choose_moe_config
 
-    assert ALIGN_ONE_LAUNCH_MAX_ENTRIES >= 32 * 256
-    assert choose_moe_config(256, 8, 128, 2048, 768).align_one_launch
-    assert not choose_moe_config(4096, 8, 128, 2048, 768).align_one_launch
+    assert ALIGN_ONE_LAUNCH_MAX_ENTRIES == 1024
+    assert choose_moe_config(128, 8, 128, 2048, 768).align_one_launch
+    assert not choose_moe_config(1024, 8, 128, 2048, 768).align_one_launch
+    assert [align_chunk(n) for n in (1, 100, 1024, 32768, 65536, 131072, 1 << 20)] == [16, 128, 256, 256, 512, 1024,
+                                                                                        1024]
+    assert choose_moe_config(16384, 8, 128, 2048, 768).align_chunk == 1024
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

@@ -267,7 +267,7 @@ def test_gpu_mid_sizes_routed_by_align_blocks(fmt, case, monkeypatch):
     block span several), and, by an explicit config, 16-pair blocks with two token tiles (MXFP4's
     gate_up with two column groups); the gpt-oss variant with biases and a K tail step, in both;
     out-of-range ids; all pairs on three experts; several programs of the one-launch align; more
-    pairs than it takes (the count / offsets / scatter kernels)."""
+    pairs than it takes (the counts / place kernels)."""
     if case == "qwen3_like":
         spec, x, ids, tw, w13, w2, kw = _gpu_inputs(40, 64, 512, 256, 8, fmt, seed=3)  # 5 pairs per expert
     elif case == "many_pairs":
