@@ -26,7 +26,8 @@ def moe_combine_kernel(rows_ptr, topk_ids_ptr, out_ptr, T, H, E, stride_ot,
         ids = tl.load(topk_ids_ptr + t * TOP_K + j, mask=t_mask, other=-1)
         live = (ids >= 0) & (ids < E)
         entry = (t * TOP_K + j).to(tl.int64)
-        y = tl.load(rows_ptr + entry[:, None] * H + h[None, :], mask=mask & live[:, None], other=0.0)
+        y = tl.load(rows_ptr + entry[:, None] * H + h[None, :], mask=mask & live[:, None], other=0.0,
+                    eviction_policy="evict_first")  # each row is read once
         total += y.to(tl.float32)
     pdl_launch_dependents(USE_PDL)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * stride_ot + h[None, :], store_cast(total, out_ptr.dtype.element_ty),

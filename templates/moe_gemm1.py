@@ -207,7 +207,11 @@ def gemm1_tile(
             h = round_to_fp8_mx32(tl.where(row_mask[:, None] & n_mask[None, :], h, 0.0), BLOCK_M, BLOCK_N)
         if SWAP_AB:  # L2's swapped tiles read the intermediate's K in to_mma_k_order (I % 64 == 0)
             h = to_mma_k_order(h, BLOCK_M, BLOCK_N)
-        tl.store(out, store_cast(h, inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        if WEIGHT_FORMAT == 0:  # kept in the L2 cache for L2, as L2 keeps its rows for the combine
+            tl.store(out, store_cast(h, inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :],
+                     eviction_policy="evict_last")
+        else:
+            tl.store(out, store_cast(h, inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
     else:  # fp8 intermediate: e4m3 + one scale per row per group of I (BLOCK_N holds whole groups)
         G: tl.constexpr = 128 if ACT_FORMAT == 1 else 32
         h = tl.where(row_mask[:, None] & n_mask[None, :], h, 0.0)
