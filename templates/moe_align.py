@@ -194,10 +194,6 @@ def _fused_tiles(n_entries: int) -> tuple:
     return (128, 1024, 4) if n_entries <= 1024 else (256, 2048, 8)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use_pdl: bool,
                  zero_ready: bool = False, launch=None) -> AlignedBlocks:
     """Launch the align kernels on ``ids`` ([T, k] expert ids, contiguous) for ``block_m``-pair
@@ -229,9 +225,10 @@ def align_blocks(ids, E: int, block_m: int, *, one_launch: bool, chunk: int, use
         warps = 8 if chunk >= 1024 else 4
         launch("align_counts", moe_align_chunk_counts, (rows,), (ids, N, E, out.chunk_counts),
                dict(E_P2=e_p2, CHUNK=chunk, USE_PDL=use_pdl, num_warps=warps, **pdl))
+        table_rows = max(1, min(triton.next_power_of_2(rows), 8192 // e_p2))  # a [rows, E_P2] load of <= 8K ints
         launch("align_place", moe_align_place, (rows,), (
             ids, N, E, max_blocks, rows, out.chunk_counts, out.expert_count, out.expert_start, out.sorted_ids,
             out.block_expert), dict(BLOCK_M=block_m, E_P2=e_p2, CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1,
-                                    TABLE_ROWS=max(1, min(_pow2_at_least(rows), 8192 // e_p2)), NB_CHUNK=nb_chunk,
-                                    USE_PDL=use_pdl, num_warps=warps, **ready, **pdl))
+                                    TABLE_ROWS=table_rows, NB_CHUNK=nb_chunk, USE_PDL=use_pdl, num_warps=warps,
+                                    **ready, **pdl))
     return out
